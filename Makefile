@@ -1,0 +1,114 @@
+# nsdprep: NSD + COCO decoding dataset, rebuilt reproducibly with DataLad.
+# Every target first makes sure the pinned environment in $(VENV) exists (idempotent, quick).
+# `make help` lists the targets.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+# Two `datalad run` at once in one dataset corrupt its history: never run targets in parallel.
+.NOTPARALLEL:
+
+PYTHON_BOOT ?= python3
+VENV ?= $(CURDIR)/.venv
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+# The dataset's own code is what runs (also inside `datalad run` and `datalad rerun`).
+export PYTHONPATH := $(CURDIR)/code
+# Deterministic outputs: one BLAS/OpenMP thread per process, workers are explicit (JOBS).
+export OMP_NUM_THREADS := 1
+export OPENBLAS_NUM_THREADS := 1
+export MKL_NUM_THREADS := 1
+export PYTHONHASHSEED := 0
+
+PY := $(abspath $(VENV))/bin/python
+NSDPREP := $(PY) -m nsdprep
+STAMP := $(abspath $(VENV))/.nsdprep-installed
+
+# ---- site settings (real public locations by default; the demo and tests point at a mirror) ----
+NSD_URL ?= https://natural-scenes-dataset.s3.amazonaws.com
+COCO_URL ?= http://images.cocodataset.org/annotations/annotations_trainval2017.zip
+# Subjects to process, e.g. SUBJECTS="01 02"; empty = every subject registered in inputs/nsd.
+SUBJECTS ?=
+JOBS ?= 2
+DROP ?= 0
+LABELS ?= default
+FORCE ?= 0
+# Experiment layout (real NSD: 12 runs of 63/62 trials). Smaller synthetic layouts are passed here.
+RUNS_PER_SESSION ?= 12
+TRIALS_PER_RUN ?= 63,62
+# Decoding: trials per subject for a quick look (0 = all).
+SUBSAMPLE ?= 0
+REV ?= HEAD
+
+STEP_OPTS = $(if $(strip $(SUBJECTS)),--subjects $(SUBJECTS)) --jobs $(JOBS) \
+	$(if $(filter 1 yes true,$(DROP)),--drop) $(if $(filter 1 yes true,$(FORCE)),--force) \
+	--labels $(LABELS) --runs-per-session $(RUNS_PER_SESSION) --trials-per-run $(TRIALS_PER_RUN) \
+	--subsample $(SUBSAMPLE)
+
+.PHONY: help venv demo test test-slow lint format inputs get drop 3mm coco-labels curated decode \
+	bench rerun check-identity all
+
+help: ## list the targets
+	@echo "nsdprep: NSD + COCO decoding dataset (DataLad). Targets:"
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' \
+		| expand -t 16
+	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 LABELS=legacy FORCE=1 NSD_URL=... COCO_URL=..."
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+venv: $(STAMP) ## create/update the pinned environment in .venv (datalad, git-annex, nibabel, ...)
+
+check-identity: venv
+	@git config user.name >/dev/null && git config user.email >/dev/null || { \
+	  echo "git has no identity; set one first, e.g.:"; \
+	  echo "  git config --global user.name 'Your Name'"; \
+	  echo "  git config --global user.email you@example.org"; exit 1; }
+
+demo: venv ## offline end-to-end run on synthetic data in a scratch clone (.demo/)
+	$(PY) -m nsdprep.demo --venv $(abspath $(VENV))
+
+test: venv ## run the test suite (unit + end-to-end in temporary clones)
+	@rc=0; $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) || rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is an error here"; fi; exit $$rc
+
+test-slow: venv ## run the heavy tests too (full-geometry data)
+	$(PY) -m pytest -q
+
+lint: venv ## ruff check + format check
+	$(PY) -m ruff check code tests bench
+	$(PY) -m ruff format --check code tests bench
+
+format: venv ## format the code with ruff
+	$(PY) -m ruff format code tests bench
+	$(PY) -m ruff check --fix code tests bench
+
+inputs: check-identity ## create/update inputs/nsd and inputs/coco, registered by URL (no download)
+	$(NSDPREP) inputs --nsd-url $(NSD_URL) --coco-url $(COCO_URL)
+
+get: venv ## fetch the betas of SUBJECTS (e.g. make get SUBJECTS=01) and the experiment files
+	$(NSDPREP) run get $(STEP_OPTS)
+
+drop: venv ## drop the betas content of SUBJECTS again (frees disk; still registered)
+	$(NSDPREP) run drop $(STEP_OPTS)
+
+3mm: check-identity ## resample 1 mm betas to 3 mm + GM mask -> derivatives/3mm (datalad run per subject)
+	$(NSDPREP) run 3mm $(STEP_OPTS)
+
+coco-labels: check-identity ## COCO labels per NSD image -> derivatives/coco_categories.pkl (datalad run)
+	$(NSDPREP) run coco-labels $(STEP_OPTS)
+
+curated: check-identity ## equalized trials per subject -> derivatives/curated_3mm (datalad run)
+	$(NSDPREP) run curated $(STEP_OPTS)
+
+decode: check-identity ## run-grouped decoding baseline + report -> derivatives/decoding (datalad run)
+	$(NSDPREP) run decode $(STEP_OPTS)
+
+all: 3mm coco-labels curated decode ## every derivative, in order
+
+rerun: check-identity ## re-execute a recorded run (REV=<commit>, default HEAD) with datalad rerun
+	datalad rerun $(REV)
+
+bench: venv ## benchmark the 3 mm resample on a full-geometry synthetic session (bench/results/)
+	$(PY) bench/bench_resample.py

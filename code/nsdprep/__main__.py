@@ -1,0 +1,5 @@
+"""Allow ``python -m nsdprep``."""
+
+from nsdprep.cli import main
+
+raise SystemExit(main())
