@@ -1,0 +1,83 @@
+"""Shared fixtures: isolated git identity/HOME, one seeded synthetic dataset, a loopback mirror.
+
+Synthetic data is generated once per test session (small default layout, see ``nsdprep.synth``)
+and served read-only; tests that need to modify data copy it first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+#: Small synthetic layout used throughout the tests (documented in nsdprep.synth).
+RUNS_PER_SESSION = 4
+TRIALS_PER_RUN = (8, 7)
+
+
+@pytest.fixture(scope="session")
+def git_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment with a throw-away HOME, a git identity and the venv's tools on PATH.
+
+    Also sets it for this process so datalad/git-annex calls made in-process see it; the
+    loopback address is allowed for git-annex in the isolated global git config only.
+    """
+    home = tmp_path_factory.mktemp("home")
+    env = {
+        "HOME": str(home),
+        "GIT_AUTHOR_NAME": "nsdprep tests",
+        "GIT_AUTHOR_EMAIL": "tests@nsdprep.invalid",
+        "GIT_COMMITTER_NAME": "nsdprep tests",
+        "GIT_COMMITTER_EMAIL": "tests@nsdprep.invalid",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(REPO_ROOT / "code"),
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+    }
+    os.environ.update(env)
+    for key, value in [
+        ("user.name", "nsdprep tests"),
+        ("user.email", "tests@nsdprep.invalid"),
+        ("annex.security.allowed-ip-addresses", "127.0.0.1"),
+        ("init.defaultBranch", "main"),
+        ("protocol.file.allow", "always"),
+    ]:
+        subprocess.run(["git", "config", "--global", key, value], check=True, env={**os.environ})
+    return dict(os.environ)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One seeded synthetic NSD + COCO tree (``nsd/`` bucket layout, ``coco/``), made once."""
+    from nsdprep.synth import SynthSpec, make_synthetic
+
+    out = tmp_path_factory.mktemp("synth")
+    make_synthetic(
+        out, SynthSpec(seed=0, runs_per_session=RUNS_PER_SESSION, trials_per_run=TRIALS_PER_RUN)
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def mirror(synth_root: Path):
+    """The synthetic tree served on 127.0.0.1 like the real bucket (see ``nsdprep.serve``)."""
+    from nsdprep.serve import Mirror
+
+    with Mirror(synth_root) as m:
+        yield m
+
+
+@pytest.fixture
+def synth_copy(synth_root: Path, tmp_path: Path) -> Path:
+    """A private, modifiable copy of the synthetic tree."""
+    dst = tmp_path / "synth"
+    shutil.copytree(synth_root, dst)
+    return dst
