@@ -17,8 +17,14 @@ from nsdprep.errors import NsdPrepError
 STAGES: dict[str, tuple[str, str]] = {
     "synth": ("nsdprep.synth", "write synthetic NSD + COCO data in the real formats and layout"),
     "serve": ("nsdprep.serve", "serve a directory on 127.0.0.1 as a minimal S3-like HTTP mirror"),
-    "inputs": ("nsdprep.inputs", "create/update inputs/nsd and inputs/coco by URL (datalad addurls)"),
-    "coco": ("nsdprep.coco", "merge COCO train+val (ids kept) and write derivatives/coco_categories.pkl"),
+    "inputs": (
+        "nsdprep.inputs",
+        "create/update inputs/nsd and inputs/coco by URL (datalad addurls)",
+    ),
+    "coco": (
+        "nsdprep.coco",
+        "merge COCO train+val (ids kept) and write derivatives/coco_categories.pkl",
+    ),
     "resample": ("nsdprep.resample", "resample 1 mm betas to 3 mm + grey-matter mask, streaming"),
     "curate": ("nsdprep.curate", "build derivatives/curated_3mm (equalized trials, labels, runs)"),
     "decode": ("nsdprep.decode", "run-grouped cross-validated decoding baseline and report"),
