@@ -61,7 +61,8 @@ $(STAMP): requirements.txt
 venv: $(STAMP) ## create/update the pinned environment in .venv (datalad, git-annex, nibabel, ...)
 
 check-identity: venv
-	@git config user.name >/dev/null && git config user.email >/dev/null || { \
+	@{ [ -n "$${GIT_AUTHOR_NAME:-}" ] || git config user.name >/dev/null; } && \
+	 { [ -n "$${GIT_AUTHOR_EMAIL:-}" ] || git config user.email >/dev/null; } || { \
 	  echo "git has no identity; set one first, e.g.:"; \
 	  echo "  git config --global user.name 'Your Name'"; \
 	  echo "  git config --global user.email you@example.org"; exit 1; }

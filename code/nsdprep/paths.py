@@ -88,3 +88,11 @@ COCO_MERGED = "derivatives/coco/merged_instances_train_val_2017.json"
 CURATED_DIR = "derivatives/curated_3mm"
 CURATED_LEGACY_DIR = "derivatives/curated_3mm_legacy"
 DECODING_DIR = "derivatives/decoding"
+COCO_MERGED_LEGACY = "derivatives/coco/legacy_merged_instances_train_val_2017.json"
+
+
+def summary_path(labels_pkl: str) -> str:
+    """Human-readable summary written next to a labels table (``x.pkl`` -> ``x_summary.tsv``)."""
+    if not labels_pkl.endswith(".pkl"):
+        raise NsdPrepError(f"labels table must be a .pkl file, got {labels_pkl!r}")
+    return labels_pkl[: -len(".pkl")] + "_summary.tsv"

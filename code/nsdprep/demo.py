@@ -1,0 +1,192 @@
+"""``make demo``: the whole pipeline, offline, on synthetic data, in a scratch clone.
+
+Generates synthetic NSD + COCO data in the real formats, serves it on 127.0.0.1 like the real
+buckets, clones this dataset into a scratch folder (the user's checkout is never touched), and runs
+``make inputs``, ``make coco-labels``, ``make 3mm``, ``make curated`` and ``make decode`` there with the
+mirror's URLs. The same function drives the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: Demo layout: smaller than NSD's 12 runs x 63/62 trials, passed explicitly to every stage.
+DEMO_RUNS_PER_SESSION = 6
+DEMO_TRIALS_PER_RUN = (8, 7)
+DEMO_SESSIONS = (3, 3, 2, 2)
+PIPELINE = ("coco-labels", "3mm", "curated", "decode")
+
+
+@dataclass(frozen=True)
+class DemoLayout:
+    """Synthetic layout of a demo or end-to-end test run."""
+
+    sessions: tuple[int, ...] = DEMO_SESSIONS
+    runs_per_session: int = DEMO_RUNS_PER_SESSION
+    trials_per_run: tuple[int, int] = DEMO_TRIALS_PER_RUN
+    seed: int = 0
+
+    def make_vars(self) -> list[str]:
+        """The make variables that pass this layout to the stages."""
+        return [
+            f"RUNS_PER_SESSION={self.runs_per_session}",
+            f"TRIALS_PER_RUN={','.join(map(str, self.trials_per_run))}",
+        ]
+
+
+def loopback_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment allowing git-annex to download from 127.0.0.1, for every repo, without config edits.
+
+    git-annex refuses private addresses by default; the setting is passed through git's
+    ``GIT_CONFIG_COUNT`` variables so neither the user's nor the dataset's configuration changes.
+    """
+    env = dict(os.environ if base is None else base)
+    n = int(env.get("GIT_CONFIG_COUNT", "0"))
+    env[f"GIT_CONFIG_KEY_{n}"] = "annex.security.allowed-ip-addresses"
+    env[f"GIT_CONFIG_VALUE_{n}"] = "127.0.0.1"
+    env["GIT_CONFIG_COUNT"] = str(n + 1)
+    return env
+
+
+def ensure_identity(env: dict[str, str]) -> None:
+    """Use the user's git identity if there is one, else a demo identity for this run only."""
+    for var, key in (("GIT_AUTHOR_NAME", "user.name"), ("GIT_AUTHOR_EMAIL", "user.email")):
+        if env.get(var):
+            continue
+        got = subprocess.run(["git", "config", key], capture_output=True, text=True, env=env)
+        if got.returncode != 0 or not got.stdout.strip():
+            value = "nsdprep demo" if key == "user.name" else "demo@nsdprep.invalid"
+            env[var] = env[var.replace("AUTHOR", "COMMITTER")] = value
+
+
+def clone_dataset(source: Path, dest: Path, env: Mapping[str, str], overlay: bool) -> Path:
+    """Clone ``source`` into ``dest``; with ``overlay``, carry over uncommitted code (for tests)."""
+    subprocess.run(["datalad", "clone", str(source), str(dest)], check=True, env=env)
+    if overlay:
+        for rel in ("code", "Makefile", "requirements.txt", "pyproject.toml"):
+            src, dst = source / rel, dest / rel
+            if src.is_dir():
+                shutil.copytree(src, dst, dirs_exist_ok=True, ignore=_ignore_caches)
+            else:
+                shutil.copy2(src, dst)
+        status = subprocess.run(
+            ["git", "-C", str(dest), "status", "--porcelain"], capture_output=True, text=True
+        ).stdout
+        if status.strip():
+            subprocess.run(
+                ["datalad", "save", "-d", str(dest), "-m", "Working-tree code under test"],
+                check=True,
+                env=env,
+            )
+    return dest
+
+
+def _ignore_caches(_dir: str, names: list[str]) -> list[str]:
+    return [n for n in names if n in ("__pycache__",) or n.endswith((".pyc", ".egg-info"))]
+
+
+def make(
+    ds: Path, target: str, env: Mapping[str, str], venv: Path, args: Sequence[str] = ()
+) -> None:
+    """Run one make target in ``ds`` with the given environment."""
+    cmd = ["make", "--no-print-directory", "-C", str(ds), target, f"VENV={venv}", *args]
+    log.info("$ %s", " ".join(cmd))
+    subprocess.run(cmd, check=True, env=env)
+
+
+def build_demo(
+    workdir: Path,
+    venv: Path,
+    layout: DemoLayout = DemoLayout(),
+    *,
+    targets: Sequence[str] = PIPELINE,
+    overlay: bool = False,
+    env: Mapping[str, str] | None = None,
+    jobs: int = 2,
+) -> Path:
+    """Synthesize, serve, clone, register inputs and make ``targets``; return the clone's path."""
+    from nsdprep.serve import Mirror
+    from nsdprep.synth import SynthSpec, make_synthetic
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    run_env = loopback_env(env)
+    run_env["PATH"] = f"{venv / 'bin'}{os.pathsep}{run_env.get('PATH', '')}"
+    ensure_identity(run_env)
+    synth = workdir / "synth"
+    if synth.exists():
+        shutil.rmtree(synth)
+    spec = SynthSpec(
+        seed=layout.seed,
+        sessions=layout.sessions,
+        runs_per_session=layout.runs_per_session,
+        trials_per_run=layout.trials_per_run,
+    )
+    make_synthetic(synth, spec)
+    ds = workdir / "dataset"
+    if ds.exists():
+        _rmtree_annex(ds)
+    clone_dataset(REPO_ROOT, ds, run_env, overlay)
+    with Mirror(synth) as mirror:
+        nsd_url = f"{mirror.url}/nsd"
+        coco_url = f"{mirror.url}/coco/annotations/annotations_trainval2017.zip"
+        make(ds, "inputs", run_env, venv, [f"NSD_URL={nsd_url}", f"COCO_URL={coco_url}"])
+        for target in targets:
+            make(ds, target, run_env, venv, [*layout.make_vars(), f"JOBS={jobs}"])
+    return ds
+
+
+def _rmtree_annex(path: Path) -> None:
+    """Remove a scratch dataset (annexed objects are read-only, so make them writable first)."""
+    subprocess.run(["chmod", "-R", "u+w", str(path)], check=False)
+    shutil.rmtree(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``make demo``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--venv", type=Path, default=REPO_ROOT / ".venv")
+    parser.add_argument("--workdir", type=Path, default=REPO_ROOT / ".demo")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s demo: %(message)s")
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "code", "Makefile"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    if dirty.strip():
+        log.warning("uncommitted changes in code/ or Makefile are NOT part of the demo clone")
+    start = time.monotonic()
+    ds = build_demo(args.workdir.resolve(), args.venv.resolve(), jobs=args.jobs)
+    minutes = (time.monotonic() - start) / 60
+    print(f"\nDemo finished in {minutes:.1f} min. Results in the scratch dataset {ds}:")
+    for rel in (
+        "inputs/nsd",
+        "inputs/coco",
+        "derivatives/3mm",
+        "derivatives/coco_categories.pkl",
+        "derivatives/curated_3mm",
+        "derivatives/decoding/report.md",
+    ):
+        print(f"  {ds / rel}")
+    print(
+        f"History: git -C {ds} log --oneline ; reproduce one step: cd {ds} && make rerun REV=<commit>"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
