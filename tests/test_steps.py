@@ -1,0 +1,124 @@
+"""The datalad-run driver: lock, clean-state checks, leftovers, up-to-date detection, rerun."""
+
+from __future__ import annotations
+
+import fcntl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nsdprep import steps
+from nsdprep.errors import DatasetStateError, NsdPrepError
+
+
+def _git(ds: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(ds), *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+@pytest.fixture
+def ds(git_env, tmp_path: Path) -> Path:
+    """A fresh dataset with one committed input file."""
+    root = tmp_path / "ds"
+    subprocess.run(["datalad", "create", "-c", "text2git", str(root)], check=True, env=git_env)
+    (root / "in.txt").write_text("1\n2\n3\n")
+    subprocess.run(["datalad", "save", "-d", str(root), "-m", "input"], check=True, env=git_env)
+    return root
+
+
+def _step(code: str = "", name: str = "sum") -> steps.Step:
+    script = (
+        "import pathlib,sys;"
+        "n=sum(int(x) for x in pathlib.Path('in.txt').read_text().split());"
+        f"{code}"
+        "pathlib.Path('out').mkdir(exist_ok=True);"
+        "pathlib.Path('out/sum.txt').write_text(str(n))"
+    )
+    return steps.Step("test", name, (sys.executable, "-c", script), ("in.txt",), ("out",))
+
+
+def _n_commits(ds: Path) -> int:
+    return int(_git(ds, "rev-list", "--count", "HEAD"))
+
+
+def test_run_records_and_second_call_does_nothing(ds: Path) -> None:
+    step = _step()
+    assert steps.execute(ds, step) == "ran"
+    assert (ds / "out/sum.txt").read_text() == "6"
+    msg = _git(ds, "log", "-1", "--format=%B")
+    assert "[DATALAD RUNCMD]" in msg and "[nsdprep] sum (inputs " in msg
+    n = _n_commits(ds)
+    assert steps.execute(ds, step) == "up-to-date"
+    assert _n_commits(ds) == n
+
+
+def test_changed_inputs_need_force(ds: Path, git_env) -> None:
+    step = _step()
+    steps.execute(ds, step)
+    (ds / "in.txt").write_text("10\n")
+    subprocess.run(["datalad", "save", "-d", str(ds), "-m", "new input"], check=True, env=git_env)
+    with pytest.raises(DatasetStateError, match="inputs changed since .* FORCE=1"):
+        steps.execute(ds, step)
+    assert (ds / "out/sum.txt").read_text() == "6"
+    assert steps.execute(ds, step, force=True) == "ran"
+    assert (ds / "out/sum.txt").read_text() == "10"
+
+
+def test_dirty_dataset_is_refused_with_what_to_do(ds: Path) -> None:
+    (ds / "notes.txt").write_text("mine")
+    with pytest.raises(
+        DatasetStateError, match=r"(?s)uncommitted changes.*notes\.txt.*datalad save"
+    ):
+        steps.execute(ds, _step())
+    assert (ds / "notes.txt").read_text() == "mine"  # the user's file is never touched
+    assert not (ds / "out").exists()
+
+
+def test_failed_run_leaves_last_recorded_state(ds: Path) -> None:
+    steps.execute(ds, _step())
+    before = _git(ds, "rev-parse", "HEAD")
+    # writes a partial output, then fails
+    bad = _step(
+        "pathlib.Path('out').mkdir(exist_ok=True);pathlib.Path('out/half.txt').write_text('x');"
+        "sys.exit('boom');"
+    )
+    with pytest.raises(NsdPrepError, match="failed .* nothing was recorded"):
+        steps.execute(ds, bad, force=True)
+    assert _git(ds, "rev-parse", "HEAD") == before
+    assert not (ds / "out/half.txt").exists()
+    assert (ds / "out/sum.txt").read_text() == "6"
+    assert steps.dirty_paths(ds) == []
+
+
+def test_leftovers_of_an_interrupted_run_are_removed(ds: Path) -> None:
+    step = _step()
+    (ds / "out").mkdir()
+    (ds / "out" / "sum.txt").write_text("partial")  # as if killed before datalad saved
+    assert steps.execute(ds, step) == "ran"
+    assert (ds / "out/sum.txt").read_text() == "6"
+
+
+def test_concurrent_run_is_refused(ds: Path) -> None:
+    lock = Path(_git(ds, "rev-parse", "--absolute-git-dir").strip()) / "nsdprep-run.lock"
+    with open(lock, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(DatasetStateError, match="another nsdprep run is in progress"):
+            with steps.dataset_lock(ds, "test"):
+                pass
+
+
+def test_rerun_reproduces_identical_output(ds: Path, git_env) -> None:
+    steps.execute(ds, _step())
+    key_before = _git(ds, "ls-files", "-s", "out")
+    subprocess.run(["datalad", "rerun"], cwd=ds, check=True, env=git_env)
+    assert _git(ds, "ls-files", "-s", "out") == key_before
+    assert steps.dirty_paths(ds) == []
+
+
+def test_unregistered_input_is_a_clear_error(ds: Path) -> None:
+    step = steps.Step("test", "x", ("true",), ("missing.txt",), ("out",))
+    with pytest.raises(DatasetStateError, match="missing.txt is not registered"):
+        steps.execute(ds, step)
