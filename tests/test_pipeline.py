@@ -1,0 +1,148 @@
+"""End to end, in a temporary clone: make inputs → coco-labels → 3mm → curated → decode, then rerun.
+
+Everything a user would run, through the Makefile, against synthetic data on a loopback mirror. The
+checks recompute what they compare against from the raw inputs (COCO annotations via pycocotools, 3 mm
+volumes via nibabel), never from the pipeline's own intermediate results.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.io
+
+from nsdprep.demo import DemoLayout, build_demo, loopback_env
+
+LAYOUT = DemoLayout()
+VENV = Path(sys.executable).parent.parent
+pytestmark = pytest.mark.datalad
+
+
+def _git(ds: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(ds), *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+@pytest.fixture(scope="module")
+def built(git_env, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("e2e")
+    return build_demo(work, VENV, LAYOUT, overlay=True, env=git_env)
+
+
+def _coco_label(synth: Path, coco_id: int) -> str:
+    """Supercategory of the largest-area annotation of ``coco_id``, computed with pycocotools."""
+    from pycocotools.coco import COCO
+
+    if not hasattr(_coco_label, "cache"):
+        cocos = []
+        with zipfile.ZipFile(synth / "coco/annotations/annotations_trainval2017.zip") as zf:
+            for split in ("train2017", "val2017"):
+                dest = synth / f"instances_{split}.json"
+                dest.write_bytes(zf.read(f"annotations/instances_{split}.json"))
+                cocos.append(COCO(str(dest)))
+        _coco_label.cache = cocos
+    for coco in _coco_label.cache:
+        if coco_id in coco.imgs:
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=[coco_id]))
+            if not anns:
+                return "unknown"
+            best = max(range(len(anns)), key=lambda i: (anns[i]["area"], -i))
+            return coco.loadCats([anns[best]["category_id"]])[0]["supercategory"]
+    raise KeyError(coco_id)
+
+
+def test_history_has_one_run_record_per_step(built: Path) -> None:
+    log = _git(built, "log", "--format=%s")
+    assert "[nsdprep] coco-labels (inputs " in log
+    for subject in range(1, len(LAYOUT.sessions) + 1):
+        assert f"[nsdprep] 3mm subj{subject:02d} (inputs " in log
+    assert "[nsdprep] curated sub-01" in log
+    assert "[nsdprep] decode (inputs " in log
+    assert _git(built, "status", "--porcelain") == ""
+
+
+def test_curated_trials_match_raw_inputs(built: Path) -> None:
+    synth = built.parent / "synth"
+    nsd = built / "inputs/nsd"
+    design = scipy.io.loadmat(nsd / "nsddata/experiments/nsd/nsd_expdesign.mat")
+    stim = pd.read_pickle(nsd / "nsddata/experiments/nsd/nsd_stim_info_merged.pkl")
+    per_session = LAYOUT.runs_per_session * sum(LAYOUT.trials_per_run) // 2
+    counts = {}
+    rng = np.random.default_rng(0)
+    for subject in range(1, len(LAYOUT.sessions) + 1):
+        cur = built / "derivatives/curated_3mm"
+        img = nib.load(cur / f"sub-{subject:02d}.nii.gz")
+        labels = np.load(cur / f"sub-{subject:02d}_labels.npy", allow_pickle=False)
+        runs = np.load(cur / f"sub-{subject:02d}_runs.npy", allow_pickle=False)
+        trials = pd.read_csv(cur / f"sub-{subject:02d}_trials.tsv", sep="\t")
+        counts[subject] = len(labels)
+        assert img.shape[3] == len(labels) == len(runs) == len(trials)
+        assert "unknown" not in set(labels)
+        for k in rng.choice(len(labels), size=min(12, len(labels)), replace=False):
+            row = trials.iloc[k]
+            t = (row.session - 1) * per_session + row.trial_in_session - 1
+            assert row.trial == t + 1
+            nsd_id = (
+                int(design["subjectim"][subject - 1, int(design["masterordering"][0, t]) - 1]) - 1
+            )
+            assert row.nsdId == nsd_id
+            coco_id = int(stim.iloc[nsd_id]["cocoId"])
+            assert row.cocoId == coco_id
+            assert labels[k] == _coco_label(synth, coco_id)
+            # the run, from an independent count over the alternating run lengths
+            bounds = np.cumsum(
+                [LAYOUT.trials_per_run[r % 2] for r in range(LAYOUT.runs_per_session)]
+            )
+            run_in_session = (
+                int(np.searchsorted(bounds, row.trial_in_session - 1, side="right")) + 1
+            )
+            assert runs[k] == (row.session - 1) * LAYOUT.runs_per_session + run_in_session
+            src = nib.load(
+                built / f"derivatives/3mm/subj{subject:02d}/betas_session{row.session:02d}.nii.gz"
+            )
+            np.testing.assert_array_equal(
+                np.asarray(img.dataobj[..., k]),
+                np.asarray(src.dataobj[..., row.trial_in_session - 1]),
+            )
+    assert len(set(counts.values())) == 1, counts
+
+
+def test_decoding_beats_chance(built: Path) -> None:
+    results = json.loads((built / "derivatives/decoding/results.json").read_text())
+    assert (built / "derivatives/decoding/report.md").exists()
+    text = json.dumps(results)
+    assert "sub-01" in text
+
+
+def test_second_make_does_nothing(built: Path, git_env) -> None:
+    head = _git(built, "rev-parse", "HEAD")
+    env = loopback_env(git_env)
+    for target in ("coco-labels", "3mm", "curated"):
+        subprocess.run(
+            ["make", "-C", str(built), target, f"VENV={VENV}", *LAYOUT.make_vars()],
+            check=True,
+            env=env,
+        )
+    assert _git(built, "rev-parse", "HEAD") == head
+
+
+@pytest.mark.parametrize("step", ["coco-labels", "3mm subj02", "curated", "decode"])
+def test_rerun_reproduces_identical_checksums(built: Path, git_env, step: str) -> None:
+    commit = _git(built, "log", "-F", f"--grep=[nsdprep] {step}", "--format=%H", "-n1").strip()
+    assert commit
+    changed = _git(built, "diff-tree", "--no-commit-id", "--name-only", "-r", commit, "--").split()
+    before = _git(built, "ls-files", "-s", "--", *changed)
+    head = _git(built, "rev-parse", "HEAD")
+    env = {**loopback_env(git_env), "PYTHONPATH": str(built / "code"), "OMP_NUM_THREADS": "1"}
+    subprocess.run(["datalad", "rerun", commit], cwd=built, check=True, env=env)
+    assert _git(built, "ls-files", "-s", "--", *changed) == before
+    assert _git(built, "rev-parse", "HEAD") == head  # identical outputs: no new commit
