@@ -1,0 +1,510 @@
+"""A loopback-only, read-only HTTP server that answers like S3 for a directory of buckets.
+
+``root/<bucket>/<key>`` is served at ``http://127.0.0.1:PORT/<bucket>/<key>`` (path-style S3 URLs):
+object ``GET``/``HEAD`` with ``Content-Length``, ``Last-Modified``, ``ETag``, ``Accept-Ranges`` and
+single byte ranges (``206``), ``404 NoSuchKey`` XML for missing keys, and ``ListObjectsV2``
+(``GET /<bucket>/?list-type=2&prefix=P&delimiter=D&continuation-token=T&max-keys=N``) with the real XML
+schema, keys sorted by their UTF-8 bytes and pages of at most 1000 keys, as S3 does. That is what
+``nsdprep.inputs``, ``git-annex``'s web remote and ``curl`` need, so the demo and the tests run the same
+client code against this mirror as against the public NSD bucket, offline.
+
+Why a server of our own and not ``moto``: moto (``moto[server]``) would do as well and emulates far more of
+S3; this one is ~250 lines on the standard library (no extra dependency in the pinned environment), gives
+exact control of the faults the tests need (``403 AccessDenied`` for chosen keys, a download cut short
+after N bytes) and its listing answers are the documented ListObjectsV2 XML, so nothing in the client is
+written for the mirror. ETags are the content MD5 for files up to 16 MiB (as S3 for single-part uploads)
+and a size/mtime fingerprint in S3's multipart form (``"<hex>-1"``) above that, which clients must not
+read as an MD5 anyway.
+
+Only loopback addresses are accepted: this is a test and demo tool, never a public server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import email.utils
+import fnmatch
+import hashlib
+import http.server
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+from xml.sax.saxutils import escape
+
+from nsdprep import paths
+from nsdprep.errors import NsdPrepError
+
+logger = logging.getLogger(__name__)
+
+S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
+MAX_KEYS = 1000
+_MD5_LIMIT = 16 * 1024 * 1024
+_CHUNK = 1024 * 1024
+
+
+class Mirror:
+    """Serve ``root`` on a loopback address in a background thread, like a set of S3 buckets.
+
+    Parameters
+    ----------
+    root
+        Directory whose subdirectories are the buckets (``root/nsd``, ``root/coco``).
+    host
+        A loopback address (``127.0.0.1`` by default; ``localhost`` means ``127.0.0.1``).
+    port
+        TCP port; 0 picks a free one (read it back from :attr:`url`).
+    deny
+        Glob patterns (``fnmatch``, matched against ``"<bucket>/<key>"``) answered with
+        ``403 AccessDenied``, also in listings of a denied prefix.
+    truncate
+        ``{pattern: n_bytes}``: object downloads matching ``pattern`` send the full ``Content-Length``
+        header, then only ``n_bytes`` of the body, then close the connection.
+
+    Faults can also be changed while serving with :meth:`deny` / :meth:`truncate` / :meth:`clear_faults`.
+    Use as a context manager (``with Mirror(root) as m: ... m.url``) or call :meth:`start`/:meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        deny: Iterable[str] = (),
+        truncate: dict[str, int] | None = None,
+    ) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise NsdPrepError(f"cannot serve {self.root}: expected a directory of buckets")
+        self.host = _check_loopback(host)
+        self.port = port
+        self._lock = threading.Lock()
+        self._deny: list[str] = list(deny)
+        self._truncate: dict[str, int] = dict(truncate or {})
+        self._etags: dict[tuple[str, int, int], str] = {}
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- fault control --------------------------------------------------------------------------
+    def deny(self, pattern: str) -> None:
+        """Answer ``403 AccessDenied`` for ``"<bucket>/<key>"`` matching ``pattern`` from now on."""
+        with self._lock:
+            self._deny.append(pattern)
+
+    def truncate(self, pattern: str, n_bytes: int) -> None:
+        """Cut downloads of objects matching ``pattern`` after ``n_bytes`` of body from now on."""
+        with self._lock:
+            self._truncate[pattern] = int(n_bytes)
+
+    def clear_faults(self) -> None:
+        """Serve everything normally again."""
+        with self._lock:
+            self._deny.clear()
+            self._truncate.clear()
+
+    def _denied(self, path: str) -> bool:
+        with self._lock:
+            return any(fnmatch.fnmatchcase(path, p) for p in self._deny)
+
+    def _cut_after(self, path: str) -> int | None:
+        with self._lock:
+            for pattern, n in self._truncate.items():
+                if fnmatch.fnmatchcase(path, pattern):
+                    return n
+        return None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """Base URL, ``http://127.0.0.1:PORT`` (bucket URLs are ``{url}/<bucket>``)."""
+        if self._server is None:
+            raise NsdPrepError("the mirror is not running: use it as a context manager or start()")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self._server.server_address[1]}"
+
+    def start(self) -> Mirror:
+        """Bind the port and serve in a daemon thread."""
+        if self._server is not None:
+            return self
+        handler = type("_BoundHandler", (_Handler,), {"mirror": self})
+        server_cls = _IPv6Server if ":" in self.host else http.server.ThreadingHTTPServer
+        self._server = server_cls((self.host, self.port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name=f"mirror:{self.root.name}", daemon=True
+        )
+        self._thread.start()
+        logger.debug("serving %s at %s", self.root, self.url)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and release the port."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> Mirror:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- storage --------------------------------------------------------------------------------
+    def object_path(self, bucket: str, key: str) -> Path | None:
+        """Local file of ``bucket/key``, or ``None`` if absent (or outside the root)."""
+        if not bucket or bucket.startswith(".") or "/" in bucket or not key:
+            return None
+        parts = key.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            return None
+        path = self.root / bucket / Path(*parts)
+        return path if path.is_file() and not path.is_symlink() else None
+
+    def bucket_dir(self, bucket: str) -> Path | None:
+        """Directory of ``bucket``, or ``None`` if there is no such bucket."""
+        if not bucket or bucket.startswith(".") or "/" in bucket:
+            return None
+        path = self.root / bucket
+        return path if path.is_dir() else None
+
+    def iter_keys(self, bucket: str, prefix: str) -> list[tuple[str, Path]]:
+        """All ``(key, path)`` of ``bucket`` starting with ``prefix``, sorted like S3 (UTF-8 bytes)."""
+        bdir = self.bucket_dir(bucket)
+        if bdir is None:
+            return []
+        # Walk only the directory part of the prefix (a large tree stays cheap to list).
+        head = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = bdir / head if head else bdir
+        found = []
+        if start.is_dir():
+            for dirpath, dirnames, filenames in os.walk(start):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                for name in filenames:
+                    full = Path(dirpath) / name
+                    key = full.relative_to(bdir).as_posix()
+                    if key.startswith(prefix) and not full.is_symlink():
+                        found.append((key, full))
+        found.sort(key=lambda kp: kp[0].encode("utf-8"))
+        return found
+
+    def etag(self, path: Path) -> str:
+        """Quoted ETag: content MD5 up to 16 MiB (cached by size+mtime), else a fingerprint."""
+        st = path.stat()
+        cache_key = (str(path), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            cached = self._etags.get(cache_key)
+        if cached is not None:
+            return cached
+        if st.st_size <= _MD5_LIMIT:
+            md5 = hashlib.md5(usedforsecurity=False)
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(_CHUNK), b""):
+                    md5.update(block)
+            tag = f'"{md5.hexdigest()}"'
+        else:
+            fp = hashlib.md5(f"{st.st_size}:{st.st_mtime_ns}".encode(), usedforsecurity=False)
+            tag = f'"{fp.hexdigest()}-1"'
+        with self._lock:
+            self._etags[cache_key] = tag
+        return tag
+
+
+class _IPv6Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def _check_loopback(host: str) -> str:
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        addr = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        addr = None
+    if addr is None or not addr.is_loopback:
+        raise NsdPrepError(
+            f"refusing to serve on {host!r}: the mirror only listens on a loopback address "
+            "(127.0.0.1, ::1); it is a test and demo tool, not a public server"
+        )
+    return str(addr)
+
+
+def _http_date(ts: float) -> str:
+    return email.utils.formatdate(ts, usegmt=True)
+
+
+def _iso_date(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(ts))
+
+
+def _error_xml(code: str, message: str, resource: str) -> bytes:
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{escape(code)}</Code><Message>{escape(message)}</Message>"
+        f"<Resource>{escape(resource)}</Resource><RequestId>0</RequestId></Error>"
+    ).encode()
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None | str:
+    """``(start, end)`` inclusive for one ``bytes=`` range; None = ignore (serve all); "bad" = 416."""
+    unit, _, spec = header.partition("=")
+    if unit.strip() != "bytes" or "," in spec:
+        return None  # S3 serves the whole object for unsupported or multiple ranges
+    first, _, last = spec.strip().partition("-")
+    try:
+        if first == "":
+            n = int(last)
+            if n <= 0:
+                return "bad"
+            return max(size - n, 0), size - 1
+        start = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if start >= size or end < start:
+        return "bad"
+    return start, min(end, size - 1)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    mirror: Mirror
+    protocol_version = "HTTP/1.1"
+    server_version = "nsdprep-mirror"
+    sys_version = ""
+
+    def version_string(self) -> str:
+        """``Server`` header value."""
+        return self.server_version
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
+        """Route the access log to ``logging`` (debug) instead of stderr."""
+        logger.debug("%s " + format, self.address_string(), *args)
+
+    def do_HEAD(self) -> None:  # noqa: N802 (stdlib naming)
+        """Object metadata (no body)."""
+        self._dispatch(head=True)
+
+    def do_GET(self) -> None:  # noqa: N802 (stdlib naming)
+        """Object download or bucket listing."""
+        self._dispatch(head=False)
+
+    # -- responses ------------------------------------------------------------------------------
+    def _send(
+        self, status: int, body: bytes, head: bool, ctype: str = "application/xml", **headers: str
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def _error(self, status: int, code: str, message: str, resource: str, head: bool) -> None:
+        self._send(status, _error_xml(code, message, resource), head)
+
+    def _dispatch(self, head: bool) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+        path = urllib.parse.unquote(url.path)
+        bucket, _, key = path.lstrip("/").partition("/")
+        if not bucket:
+            self._list_buckets(head)
+        elif self.mirror.bucket_dir(bucket) is None:
+            self._error(404, "NoSuchBucket", "The specified bucket does not exist", path, head)
+        elif not key:
+            self._list_objects(bucket, query, head)
+        elif self.mirror._denied(f"{bucket}/{key}"):
+            self._error(403, "AccessDenied", "Access Denied", path, head)
+        else:
+            self._object(bucket, key, head)
+
+    def _list_buckets(self, head: bool) -> None:
+        names = sorted(
+            p.name for p in self.mirror.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+        items = "".join(f"<Bucket><Name>{escape(n)}</Name></Bucket>" for n in names)
+        body = (
+            f'<?xml version="1.0" encoding="UTF-8"?>\n<ListAllMyBucketsResult xmlns="{S3_XMLNS}">'
+            f"<Buckets>{items}</Buckets></ListAllMyBucketsResult>"
+        ).encode()
+        self._send(200, body, head)
+
+    def _list_objects(self, bucket: str, query: dict[str, list[str]], head: bool) -> None:
+        def arg(name: str, default: str = "") -> str:
+            return query.get(name, [default])[0]
+
+        resource = f"/{bucket}/"
+        if arg("list-type") != "2":
+            self._error(
+                501,
+                "NotImplemented",
+                "only ListObjectsV2 (list-type=2) is implemented",
+                resource,
+                head,
+            )
+            return
+        prefix, delimiter = arg("prefix"), arg("delimiter")
+        try:
+            max_keys = min(int(arg("max-keys", str(MAX_KEYS))), MAX_KEYS)
+            if max_keys < 0:
+                raise ValueError
+        except ValueError:
+            self._error(
+                400, "InvalidArgument", "max-keys must be a non-negative integer", resource, head
+            )
+            return
+        token = arg("continuation-token")
+        after = arg("start-after")
+        if token:
+            try:
+                after = base64.urlsafe_b64decode(token.encode()).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                self._error(400, "InvalidArgument", "invalid continuation token", resource, head)
+                return
+        if self.mirror._denied(f"{bucket}/{prefix}"):
+            self._error(403, "AccessDenied", "Access Denied", resource, head)
+            return
+
+        # Entries in S3 order: keys and (with a delimiter) rolled-up common prefixes.
+        entries: list[tuple[str, Path | None]] = []
+        seen_prefixes: set[str] = set()
+        for key, p in self.mirror.iter_keys(bucket, prefix):
+            if delimiter:
+                cut = key.find(delimiter, len(prefix))
+                if cut >= 0:
+                    common = key[: cut + len(delimiter)]
+                    if common not in seen_prefixes:
+                        seen_prefixes.add(common)
+                        entries.append((common, None))
+                    continue
+            entries.append((key, p))
+        after_b = after.encode("utf-8")
+        entries = [e for e in entries if e[0].encode("utf-8") > after_b]
+        page, truncated = entries[:max_keys], len(entries) > max_keys
+
+        parts = [
+            f'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="{S3_XMLNS}">',
+            f"<Name>{escape(bucket)}</Name><Prefix>{escape(prefix)}</Prefix>",
+            f"<KeyCount>{len(page)}</KeyCount><MaxKeys>{max_keys}</MaxKeys>",
+        ]
+        if delimiter:
+            parts.append(f"<Delimiter>{escape(delimiter)}</Delimiter>")
+        parts.append(f"<IsTruncated>{'true' if truncated else 'false'}</IsTruncated>")
+        if token:
+            parts.append(f"<ContinuationToken>{escape(token)}</ContinuationToken>")
+        if arg("start-after"):
+            parts.append(f"<StartAfter>{escape(arg('start-after'))}</StartAfter>")
+        if truncated:
+            nxt = base64.urlsafe_b64encode(page[-1][0].encode("utf-8")).decode()
+            parts.append(f"<NextContinuationToken>{nxt}</NextContinuationToken>")
+        for name, p in page:
+            if p is None:
+                parts.append(f"<CommonPrefixes><Prefix>{escape(name)}</Prefix></CommonPrefixes>")
+                continue
+            st = p.stat()
+            parts.append(
+                f"<Contents><Key>{escape(name)}</Key>"
+                f"<LastModified>{_iso_date(st.st_mtime)}</LastModified>"
+                f"<ETag>{escape(self.mirror.etag(p))}</ETag><Size>{st.st_size}</Size>"
+                "<StorageClass>STANDARD</StorageClass></Contents>"
+            )
+        parts.append("</ListBucketResult>")
+        self._send(200, "".join(parts).encode("utf-8"), head)
+
+    def _object(self, bucket: str, key: str, head: bool) -> None:
+        resource = f"/{bucket}/{key}"
+        path = self.mirror.object_path(bucket, key)
+        if path is None:
+            self._error(404, "NoSuchKey", "The specified key does not exist.", resource, head)
+            return
+        st = path.stat()
+        size = st.st_size
+        start, end, status = 0, size - 1, 200
+        range_header = self.headers.get("Range")
+        if range_header and size > 0:
+            rng = _parse_range(range_header, size)
+            if rng == "bad":
+                self._send(
+                    416,
+                    _error_xml("InvalidRange", "The requested range is not satisfiable", resource),
+                    head,
+                    Content_Range=f"bytes */{size}",
+                )
+                return
+            if isinstance(rng, tuple):
+                start, end, status = rng[0], rng[1], 206
+        length = end - start + 1 if size else 0
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(length))
+        self.send_header("Last-Modified", _http_date(st.st_mtime))
+        self.send_header("ETag", self.mirror.etag(path))
+        self.send_header("Accept-Ranges", "bytes")
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        cut = None if head else self.mirror._cut_after(f"{bucket}/{key}")
+        if cut is not None:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if head:
+            return
+        remaining = length if cut is None else min(length, cut)
+        with path.open("rb") as f:
+            f.seek(start)
+            while remaining > 0:
+                block = f.read(min(_CHUNK, remaining))
+                if not block:
+                    break
+                self.wfile.write(block)
+                remaining -= len(block)
+        if cut is not None and cut < length:
+            logger.debug("cut %s short after %d of %d bytes", resource, cut, length)
+            self.wfile.flush()
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``python -m nsdprep serve DIR [--port 0] [--host 127.0.0.1]``."""
+    parser.add_argument(
+        "root", metavar="DIR", help="directory of buckets (e.g. synth output: nsd/, coco/)"
+    )
+    parser.add_argument("--port", type=int, default=0, help="TCP port (default 0: a free one)")
+    parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted, after printing the NSD and COCO base URLs."""
+    with Mirror(args.root, host=args.host, port=args.port) as mirror:
+        print(f"NSD_URL={mirror.url}/nsd", flush=True)
+        print(f"COCO_URL={mirror.url}/coco/{paths.COCO_ZIP_KEY}", flush=True)
+        print("serving; Ctrl-C to stop", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
