@@ -1,0 +1,791 @@
+"""Build ``derivatives/curated_3mm``: equalized single trials per subject, labels, runs, trial table.
+
+Per subject ``sub-XX`` (mapped from ``subjXX`` by number) the output directory holds
+
+- ``sub-XX.nii.gz``: the kept trials' 3 mm volumes as one 4D image, in trial order, streamed volume by
+  volume (memory does not grow with the number of trials);
+- ``sub-XX_labels.npy``: COCO supercategory of each kept trial (plain unicode array);
+- ``sub-XX_runs.npy``: run of each kept trial numbered across the experiment,
+  ``(session - 1) * R + run_in_session`` (1-based);
+- ``sub-XX_trials.tsv``: one row per kept trial (subject, session, run_in_session, run, trial,
+  trial_in_session, nsdId, cocoId, supercat, cat);
+
+plus ``README.md`` and ``dataset_description.json``. Selection rules (all computed from the inputs):
+
+1. ``N`` = (fewest sessions registered in ``inputs/nsd`` over all registered subjects) x (trials per
+   session); the first ``N`` trials of every subject are candidates;
+2. trials whose picture is labelled ``"unknown"`` are dropped;
+3. every subject keeps the same number of trials: subjects with more drop their earliest ``"person"``
+   trials.
+
+Rules 1-3 use only the registry, the experiment design and the labels, over *all* registered subjects,
+so processing a subset of subjects gives byte-identical files for those subjects. Outputs are
+deterministic: same inputs, same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from nsdprep import __version__, paths, registry
+from nsdprep._io import atomic_path
+from nsdprep.errors import FormatError, MissingInputError, NsdPrepError
+
+log = logging.getLogger(__name__)
+
+UNKNOWN = "unknown"
+PERSON = "person"
+
+#: Columns of ``sub-XX_trials.tsv``, in order.
+TRIAL_COLUMNS = (
+    "subject",
+    "session",
+    "run_in_session",
+    "run",
+    "trial",
+    "trial_in_session",
+    "nsdId",
+    "cocoId",
+    "supercat",
+    "cat",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Experiment layout: runs per session and trials per run (odd runs, even runs).
+
+    Real NSD: 12 runs of 63 (odd) / 62 (even) trials = 750 trials per session.
+    """
+
+    runs_per_session: int = paths.RUNS_PER_SESSION
+    trials_per_run: tuple[int, int] = paths.TRIALS_PER_RUN
+
+    def __post_init__(self) -> None:
+        r, (a, b) = self.runs_per_session, self.trials_per_run
+        if not all(isinstance(v, int) and v >= 1 for v in (r, a, b)):
+            raise NsdPrepError(
+                "experiment layout needs positive integers: runs per session and trials per run "
+                f"A,B; got runs_per_session={r!r}, trials_per_run={self.trials_per_run!r}"
+            )
+
+    @property
+    def trials_per_session(self) -> int:
+        """Trials per session ``S`` (sum over runs; odd runs A trials, even runs B)."""
+        return int(self.run_in_session().size)
+
+    def run_in_session(self) -> np.ndarray:
+        """1-based run of each trial of a session, indexed by ``trial_in_session - 1``."""
+        a, b = self.trials_per_run
+        counts = [a if run % 2 == 1 else b for run in range(1, self.runs_per_session + 1)]
+        return np.repeat(np.arange(1, self.runs_per_session + 1), counts)
+
+
+@dataclass
+class Selection:
+    """Which trials every registered subject keeps, and why (all subjects, before any I/O of betas).
+
+    ``trials`` maps subject -> trial table of the kept trials (columns ``TRIAL_COLUMNS``, trial order).
+    """
+
+    layout: Layout
+    registered_sessions: dict[int, list[int]]
+    n_sessions: int
+    n_trials: int
+    n_unknown: dict[int, int]
+    n_person_dropped: dict[int, int]
+    trials: dict[int, pd.DataFrame] = field(repr=False)
+
+    @property
+    def trials_per_subject(self) -> int:
+        """Number of trials every subject keeps (identical across subjects)."""
+        return int(next(iter(self.trials.values())).shape[0]) if self.trials else 0
+
+
+def parse_trials_per_run(text: str) -> tuple[int, int]:
+    """Parse ``"63,62"`` (odd runs, even runs) into ``(63, 62)``."""
+    try:
+        parts = tuple(int(p) for p in str(text).split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 2 or min(parts) < 1:
+        raise NsdPrepError(
+            f"--trials-per-run expects two positive integers 'A,B' (odd runs, even runs), "
+            f"e.g. 63,62; got {text!r}"
+        )
+    return parts  # type: ignore[return-value]
+
+
+def load_expdesign(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``masterordering`` (1D, 1-based) and ``subjectim`` (2D, 1-based 73k ids) as int64."""
+    import scipy.io
+
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(
+            f"experiment design {path} is absent (content not fetched?); "
+            f"run `datalad get {path}` or `make get`."
+        )
+    try:
+        mat = scipy.io.loadmat(path, variable_names=["masterordering", "subjectim"])
+    except (NotImplementedError, ValueError, OSError, TypeError) as exc:
+        raise FormatError(f"cannot read {path} as a MATLAB v5 file: {exc}") from exc
+    out = []
+    for name, ndim in (("masterordering", 1), ("subjectim", 2)):
+        if name not in mat:
+            raise FormatError(
+                f"{path}: field {name!r} missing; expected NSD's nsd_expdesign.mat with "
+                "masterordering (1x30000) and subjectim (8x10000)"
+            )
+        arr = np.asarray(mat[name])
+        if ndim == 1:
+            if arr.ndim != 2 or 1 not in arr.shape:
+                raise FormatError(f"{path}: field 'masterordering' must be 1xT, found {arr.shape}")
+            arr = arr.reshape(-1)
+        elif arr.ndim != 2:
+            raise FormatError(
+                f"{path}: field 'subjectim' must be 2D (subjects x 10000), found {arr.shape}"
+            )
+        if arr.size and (
+            not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)) or np.any(arr < 1)
+        ):
+            raise FormatError(f"{path}: field {name!r} must hold 1-based integers")
+        out.append(arr.astype(np.int64))
+    return out[0], out[1]
+
+
+def trial_images(
+    masterordering: np.ndarray,
+    subjectim: np.ndarray,
+    subject: int,
+    n_trials: int,
+    source: str | os.PathLike[str] = "nsd_expdesign.mat",
+) -> np.ndarray:
+    """1-based 73k ids of the first ``n_trials`` trials of ``subject`` (1-based).
+
+    Trial ``t`` (0-based across the experiment) shows ``subjectim[subject-1, masterordering[t]-1]``.
+    """
+    if masterordering.size < n_trials:
+        raise FormatError(
+            f"{source}: field 'masterordering' has {masterordering.size} entries, "
+            f"{n_trials} trials needed"
+        )
+    if subjectim.shape[0] < subject:
+        raise FormatError(
+            f"{source}: field 'subjectim' has {subjectim.shape[0]} rows, subject {subject} needs "
+            f"row {subject}"
+        )
+    order = masterordering[:n_trials]
+    if order.size and order.max() > subjectim.shape[1]:
+        raise FormatError(
+            f"{source}: field 'masterordering' refers to image {order.max()} but field "
+            f"'subjectim' has only {subjectim.shape[1]} columns"
+        )
+    return subjectim[subject - 1, order - 1]
+
+
+def load_labels(path: str | os.PathLike[str], legacy: bool = False) -> pd.DataFrame:
+    """Read a labels table and index it by the id it is keyed on.
+
+    Default table: keyed by ``nsdId`` (0-based). Legacy table: keyed by ``id`` (1-based 73k id).
+    Returns a frame indexed by that key with columns ``cocoId`` (``<NA>`` if the table has none),
+    ``supercat``, ``cat``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(
+            f"labels table {path} is absent; run `make coco-labels`"
+            + (" LABELS=legacy" if legacy else "")
+            + " first."
+        )
+    try:
+        table = pd.read_pickle(path)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a format problem here
+        raise FormatError(f"cannot read {path} as a pickled pandas DataFrame: {exc}") from exc
+    if not isinstance(table, pd.DataFrame):
+        raise FormatError(f"{path}: expected a pandas DataFrame, found {type(table).__name__}")
+    key = "id" if legacy else "nsdId"
+    needed = [key, "supercat", "cat"]
+    missing = [c for c in needed if c not in table.columns]
+    if missing:
+        kind = "legacy labels table (column 'id' = 1-based 73k id)" if legacy else "labels table"
+        hint = "" if legacy else " (is it the legacy table? then pass --legacy-labels)"
+        raise FormatError(
+            f"{path}: {kind} lacks column(s) {missing}; found {list(table.columns)}{hint}"
+        )
+    if table[key].duplicated().any():
+        dup = table.loc[table[key].duplicated(), key].iloc[0]
+        raise FormatError(f"{path}: column {key!r} must be unique, {dup!r} appears twice")
+    coco = table["cocoId"] if "cocoId" in table.columns else pd.Series(pd.NA, index=table.index)
+    out = pd.DataFrame(
+        {
+            "cocoId": pd.array(coco, dtype="Int64"),
+            "supercat": table["supercat"].astype(str).to_numpy(),
+            "cat": table["cat"].astype(str).to_numpy(),
+        },
+        index=pd.Index(table[key].astype(np.int64).to_numpy(), name=key),
+    )
+    return out
+
+
+def lookup_labels(
+    labels: pd.DataFrame, ids73k: np.ndarray, legacy: bool, source: str | os.PathLike[str]
+) -> pd.DataFrame:
+    """Label rows (``cocoId``, ``supercat``, ``cat``) of 1-based 73k ids, in the given order."""
+    keys = ids73k if legacy else ids73k - 1
+    missing = np.setdiff1d(keys, labels.index.to_numpy())
+    if missing.size:
+        kind = "id (1-based 73k id)" if legacy else "nsdId"
+        raise FormatError(
+            f"{source}: labels table lacks {missing.size} {kind}(s) used by the trials, e.g. "
+            f"{missing[:5].tolist()}; rebuild it with `make coco-labels`"
+        )
+    return labels.loc[keys].reset_index(drop=True)
+
+
+def equalize(supercats: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+    """Apply rules 2-3: drop "unknown", then the earliest "person" trials until counts are equal.
+
+    Parameters
+    ----------
+    supercats
+        subject -> supercategory of each candidate trial (trial order).
+
+    Returns
+    -------
+    kept, person_dropped
+        subject -> 0-based indices of kept candidate trials (sorted); subject -> person trials dropped.
+    """
+    known = {s: np.flatnonzero(lab != UNKNOWN) for s, lab in supercats.items()}
+    if not known:
+        return {}, {}
+    target = min(idx.size for idx in known.values())
+    kept, dropped = {}, {}
+    for s, idx in known.items():
+        excess = idx.size - target
+        person = idx[supercats[s][idx] == PERSON]
+        if person.size < excess:
+            raise NsdPrepError(
+                f"cannot equalize trials: {paths.subject_label(s)} has {idx.size} labelled trials, "
+                f"{excess} more than the target {target}, but only {person.size} 'person' trials "
+                "to drop (rule: drop the earliest 'person' trials)"
+            )
+        drop = person[:excess]
+        kept[s] = np.setdiff1d(idx, drop)
+        dropped[s] = int(excess)
+    return kept, dropped
+
+
+def plan(
+    nsd: str | os.PathLike[str],
+    expdesign: str | os.PathLike[str],
+    labels_path: str | os.PathLike[str],
+    layout: Layout,
+    legacy: bool = False,
+) -> Selection:
+    """Compute the selection for every subject registered in ``nsd`` (no betas are read)."""
+    subjects = registry.registered_subjects(nsd)
+    if not subjects:
+        raise MissingInputError(f"no betas registered in {nsd}; run `make inputs` first.")
+    sessions = {s: registry.registered_sessions(nsd, s) for s in subjects}
+    n_sessions = min(len(v) for v in sessions.values())
+    S = layout.trials_per_session
+    n_trials = n_sessions * S
+    fewest = [paths.subject_label(s) for s, v in sessions.items() if len(v) == n_sessions]
+    log.info(
+        "N = %d sessions (fewest registered: %s) x %d trials = %d trials per subject",
+        n_sessions,
+        ", ".join(fewest),
+        S,
+        n_trials,
+    )
+    masterordering, subjectim = load_expdesign(expdesign)
+    table = load_labels(labels_path, legacy=legacy)
+
+    rows: dict[int, pd.DataFrame] = {}
+    for s in subjects:
+        ids = trial_images(masterordering, subjectim, s, n_trials, expdesign)
+        lab = lookup_labels(table, ids, legacy, labels_path)
+        t = np.arange(n_trials)
+        k = t % S
+        session = t // S + 1
+        run_in_session = layout.run_in_session()[k]
+        rows[s] = pd.DataFrame(
+            {
+                "subject": np.full(n_trials, s, dtype=np.int64),
+                "session": session.astype(np.int64),
+                "run_in_session": run_in_session.astype(np.int64),
+                "run": ((session - 1) * layout.runs_per_session + run_in_session).astype(np.int64),
+                "trial": (t + 1).astype(np.int64),
+                "trial_in_session": (k + 1).astype(np.int64),
+                "nsdId": (ids - 1).astype(np.int64),
+                "cocoId": lab["cocoId"].to_numpy(),
+                "supercat": lab["supercat"].to_numpy(dtype=str),
+                "cat": lab["cat"].to_numpy(dtype=str),
+            },
+            columns=list(TRIAL_COLUMNS),
+        )
+    supercats = {s: df["supercat"].to_numpy(dtype=str) for s, df in rows.items()}
+    kept, dropped = equalize(supercats)
+    return Selection(
+        layout=layout,
+        registered_sessions=sessions,
+        n_sessions=n_sessions,
+        n_trials=n_trials,
+        n_unknown={s: int(np.sum(v == UNKNOWN)) for s, v in supercats.items()},
+        n_person_dropped=dropped,
+        trials={s: rows[s].iloc[kept[s]].reset_index(drop=True) for s in subjects},
+    )
+
+
+def resampled_file(resampled: str | os.PathLike[str], subject: int, session: int) -> Path:
+    """Path of one 3 mm session under the ``derivatives/3mm`` directory ``resampled``."""
+    return (
+        Path(resampled)
+        / paths.subject_label(subject)
+        / Path(paths.resampled_path(subject, session)).name
+    )
+
+
+@dataclass(frozen=True)
+class Grid:
+    """3D grid shared by every 3 mm file: shape, affine, on-disk dtype, and a template header."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    dtype: np.dtype
+    header: object
+
+
+def check_resampled(
+    resampled: str | os.PathLike[str],
+    subjects: Sequence[int],
+    n_sessions: int,
+    layout: Layout,
+) -> Grid:
+    """Check the 3 mm files before any heavy work and return their common grid.
+
+    Sessions ``1..n_sessions`` of every subject must exist, each with exactly ``S`` volumes (the
+    layout), all on one grid and dtype. Only headers are read.
+    """
+    from nsdprep import nifti
+
+    missing: dict[int, list[int]] = {}
+    absent_content: list[Path] = []
+    for s in subjects:
+        for ses in range(1, n_sessions + 1):
+            f = resampled_file(resampled, s, ses)
+            if not f.exists():
+                if f.is_symlink():
+                    absent_content.append(f)
+                else:
+                    missing.setdefault(s, []).append(ses)
+    if missing:
+        listing = "; ".join(
+            f"{paths.subject_label(s)} session(s) {', '.join(f'{x:02d}' for x in v)}"
+            for s, v in missing.items()
+        )
+        subj = " ".join(f"{s:02d}" for s in missing)
+        raise MissingInputError(
+            f"3 mm betas missing under {resampled}: {listing} (sessions 1..{n_sessions} are needed). "
+            f'Run `make 3mm SUBJECTS="{subj}"` first.'
+        )
+    if absent_content:
+        raise MissingInputError(
+            f"3 mm betas registered but content absent: {', '.join(map(str, absent_content[:5]))}"
+            + (" ..." if len(absent_content) > 5 else "")
+            + "; run `datalad get` on them."
+        )
+    S = layout.trials_per_session
+    grid: Grid | None = None
+    first: Path | None = None
+    for s in subjects:
+        for ses in range(1, n_sessions + 1):
+            f = resampled_file(resampled, s, ses)
+            hdr = nifti.check_betas_header(
+                f,
+                dtype=None if grid is None else grid.dtype,
+                ndim=4,
+                shape3d=None if grid is None else grid.shape,
+                affine=None if grid is None else grid.affine,
+                atol=1e-5,
+            )
+            n_vol = nifti.volume_count(hdr)
+            if n_vol != S:
+                raise FormatError(
+                    f"{f}: expected {S} volumes (layout: {layout.runs_per_session} runs of "
+                    f"{layout.trials_per_run[0]}/{layout.trials_per_run[1]} trials), found {n_vol}. "
+                    "Check --runs-per-session/--trials-per-run, or rebuild it with "
+                    f'`make 3mm SUBJECTS="{s:02d}"`.'
+                )
+            if grid is None:
+                first = f
+                grid = Grid(
+                    tuple(int(d) for d in hdr.get_data_shape()[:3]),
+                    nifti.header_affine(hdr),
+                    np.dtype(hdr.get_data_dtype()).newbyteorder("="),
+                    hdr,
+                )
+    log.info("3 mm grid %s (from %s), %d volumes per session", grid and grid.shape, first, S)
+    if grid is None:
+        raise NsdPrepError("no 3 mm files to check (no subjects or no sessions)")
+    return grid
+
+
+def write_subject(
+    out: str | os.PathLike[str],
+    resampled: str | os.PathLike[str],
+    subject: int,
+    trials: pd.DataFrame,
+    grid: Grid,
+) -> dict[str, Path]:
+    """Write ``sub-XX.nii.gz`` (streamed), ``_labels.npy``, ``_runs.npy``, ``_trials.tsv``."""
+    from tqdm import tqdm
+
+    from nsdprep.nifti import NiftiStreamWriter, iter_volumes
+
+    out = Path(out)
+    name = paths.bids_subject_label(subject)
+    files = {
+        "bold": out / f"{name}.nii.gz",
+        "labels": out / f"{name}_labels.npy",
+        "runs": out / f"{name}_runs.npy",
+        "trials": out / f"{name}_trials.tsv",
+    }
+    n = int(trials.shape[0])
+    by_session = {
+        int(ses): set((grp["trial_in_session"] - 1).tolist())
+        for ses, grp in trials.groupby("session", sort=True)
+    }
+    with (
+        NiftiStreamWriter(
+            files["bold"], grid.shape, grid.affine, grid.dtype, n, header=grid.header
+        ) as writer,
+        tqdm(total=n, desc=name, unit="vol", disable=None) as bar,
+    ):
+        for ses in sorted(by_session):
+            wanted = by_session[ses]
+            # Read every volume (not only up to the last kept one) so the gzip CRC is verified.
+            for k, vol in enumerate(iter_volumes(resampled_file(resampled, subject, ses))):
+                if k in wanted:
+                    writer.write(vol)
+                    bar.update(1)
+    with atomic_path(files["labels"]) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.asarray(trials["supercat"].to_numpy(dtype=str), dtype=str))
+    with atomic_path(files["runs"]) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, trials["run"].to_numpy(dtype=np.int64))
+    with atomic_path(files["trials"]) as tmp:
+        trials.loc[:, list(TRIAL_COLUMNS)].to_csv(
+            tmp, sep="\t", index=False, lineterminator="\n", na_rep="n/a"
+        )
+    return files
+
+
+def curate(
+    nsd: str | os.PathLike[str],
+    resampled: str | os.PathLike[str],
+    labels: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    subjects: Iterable[int] | None = None,
+    layout: Layout | None = None,
+    expdesign: str | os.PathLike[str] | None = None,
+    legacy: bool = False,
+    command: str = "",
+) -> Selection:
+    """Build the curated derivative for ``subjects`` (default: all registered) into ``out``.
+
+    Checks every input (registry, design, labels, 3 mm files and grids) before writing anything.
+    """
+    layout = layout or Layout()
+    expdesign = Path(expdesign) if expdesign else Path(nsd) / paths.EXPDESIGN_KEY
+    chosen = registry.select_subjects(nsd, list(subjects) if subjects else None)
+    selection = plan(nsd, expdesign, labels, layout, legacy=legacy)
+    grid = check_resampled(resampled, chosen, selection.n_sessions, layout)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_parts(out)
+    for s in chosen:
+        log.info(
+            "%s: writing %d trials from %d sessions",
+            paths.bids_subject_label(s),
+            selection.trials[s].shape[0],
+            selection.n_sessions,
+        )
+        write_subject(out, resampled, s, selection.trials[s], grid)
+
+    description = _description(selection, grid, labels, expdesign, legacy, command)
+    with atomic_path(out / "dataset_description.json") as tmp:
+        tmp.write_text(json.dumps(description, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with atomic_path(out / "README.md") as tmp:
+        tmp.write_text(_readme(selection, description, out), encoding="utf-8")
+    return selection
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``curate`` stage's arguments."""
+    parser.add_argument("--nsd", required=True, help="NSD subdataset (inputs/nsd)")
+    parser.add_argument("--resampled", required=True, help="3 mm betas directory (derivatives/3mm)")
+    parser.add_argument(
+        "--labels", required=True, help="labels table (derivatives/coco_categories.pkl)"
+    )
+    parser.add_argument(
+        "--expdesign",
+        default=None,
+        help=f"experiment design (default: NSD/{paths.EXPDESIGN_KEY})",
+    )
+    parser.add_argument("--out", required=True, help="output directory (derivatives/curated_3mm)")
+    parser.add_argument(
+        "--subjects", nargs="*", type=int, default=None, help="subjects (default: all registered)"
+    )
+    parser.add_argument("--runs-per-session", type=int, default=paths.RUNS_PER_SESSION)
+    parser.add_argument(
+        "--trials-per-run",
+        default=",".join(map(str, paths.TRIALS_PER_RUN)),
+        help="trials per run A,B: odd runs A, even runs B (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--legacy-labels",
+        action="store_true",
+        help="labels table is the legacy one (keyed by 1-based 73k 'id')",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry: ``python -m nsdprep curate ...``."""
+    layout = Layout(args.runs_per_session, parse_trials_per_run(args.trials_per_run))
+    selection = curate(
+        nsd=args.nsd,
+        resampled=args.resampled,
+        labels=args.labels,
+        out=args.out,
+        subjects=args.subjects,
+        layout=layout,
+        expdesign=args.expdesign,
+        legacy=args.legacy_labels,
+        command=_command(args),
+    )
+    print(
+        f"curated: {selection.trials_per_subject} trials per subject "
+        f"(N = {selection.n_trials} candidates) -> {args.out}"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _remove_stale_parts(out: Path) -> None:
+    for entry in sorted(os.listdir(out)):
+        if entry.endswith(".part") and (out / entry).is_file():
+            log.info("removing stale temporary %s", out / entry)
+            (out / entry).unlink()
+
+
+def _command(args: argparse.Namespace) -> str:
+    argv = ["python", "-m", "nsdprep", "curate", "--nsd", str(args.nsd)]
+    argv += ["--resampled", str(args.resampled), "--labels", str(args.labels)]
+    if args.expdesign:
+        argv += ["--expdesign", str(args.expdesign)]
+    argv += ["--out", str(args.out)]
+    if args.subjects:
+        argv += ["--subjects", *[str(s) for s in args.subjects]]
+    argv += ["--runs-per-session", str(args.runs_per_session)]
+    argv += ["--trials-per-run", str(args.trials_per_run)]
+    if args.legacy_labels:
+        argv.append("--legacy-labels")
+    return shlex.join(argv)
+
+
+def _sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import nibabel
+    import scipy
+
+    return {
+        "nsdprep": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "nibabel": nibabel.__version__,
+        "scipy": scipy.__version__,
+    }
+
+
+def _description(
+    sel: Selection,
+    grid: Grid,
+    labels: str | os.PathLike[str],
+    expdesign: str | os.PathLike[str],
+    legacy: bool,
+    command: str,
+) -> dict:
+    label_counts = {
+        paths.bids_subject_label(s): {
+            str(k): int(v) for k, v in df["supercat"].value_counts().sort_index().items()
+        }
+        for s, df in sorted(sel.trials.items())
+    }
+    lay = sel.layout
+    return {
+        "Name": "NSD single-trial betas, 3 mm, equalized trials with COCO supercategory labels"
+        + (" (legacy labels)" if legacy else ""),
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [
+            {
+                "Name": "nsdprep curate",
+                "Version": __version__,
+                "Command": command,
+                "Dependencies": _versions(),
+            }
+        ],
+        "SourceDatasets": [
+            {"Path": "inputs/nsd", "Description": "Natural Scenes Dataset (registered files)"},
+            {
+                "Path": "derivatives/3mm",
+                "Description": "3 mm grey-matter masked single-trial betas",
+            },
+            {
+                "Path": Path(labels).name,
+                "Sha256": _sha256(labels),
+                "Description": "legacy labels table (keyed by 1-based 73k id)"
+                if legacy
+                else "labels table (keyed by nsdId)",
+            },
+            {"Path": Path(expdesign).name, "Sha256": _sha256(expdesign)},
+        ],
+        "Layout": {
+            "RunsPerSession": lay.runs_per_session,
+            "TrialsPerRun": list(lay.trials_per_run),
+            "TrialsPerSession": lay.trials_per_session,
+        },
+        "Grid": {
+            "Shape": list(grid.shape),
+            "Affine": [[float(x) for x in row] for row in np.asarray(grid.affine)],
+            "Dtype": str(grid.dtype),
+        },
+        "Selection": {
+            "Rules": [
+                "N = fewest sessions registered in inputs/nsd (over all registered subjects) x "
+                "trials per session; keep the first N trials of every subject",
+                "drop trials whose picture is labelled 'unknown'",
+                "equalize: subjects with more trials drop their earliest 'person' trials",
+            ],
+            "RegisteredSessions": {
+                paths.subject_label(s): len(v) for s, v in sorted(sel.registered_sessions.items())
+            },
+            "SessionsUsed": sel.n_sessions,
+            "CandidateTrialsPerSubject": sel.n_trials,
+            "UnknownDropped": {
+                paths.bids_subject_label(s): v for s, v in sorted(sel.n_unknown.items())
+            },
+            "PersonDropped": {
+                paths.bids_subject_label(s): v for s, v in sorted(sel.n_person_dropped.items())
+            },
+            "TrialsPerSubject": sel.trials_per_subject,
+        },
+        "Counts": {
+            "Trials": {
+                paths.bids_subject_label(s): int(df.shape[0])
+                for s, df in sorted(sel.trials.items())
+            },
+            "Labels": label_counts,
+        },
+    }
+
+
+def _readme(sel: Selection, desc: dict, out: Path) -> str:
+    subs = [paths.bids_subject_label(s) for s in sorted(sel.trials)]
+    present = sorted(p.name[: -len(".nii.gz")] for p in out.glob("sub-*.nii.gz"))
+    labels = sorted({k for counts in desc["Counts"]["Labels"].values() for k in counts})
+    lay = sel.layout
+    lines = [
+        f"# {desc['Name']}",
+        "",
+        "Made by `nsdprep curate` (recorded with `datalad run`; reproduce with `datalad rerun`):",
+        "",
+        "```",
+        desc["GeneratedBy"][0]["Command"],
+        "```",
+        "",
+        "## Files (per subject `sub-XX`, mapped from NSD's `subjXX` by number)",
+        "",
+        "- `sub-XX.nii.gz`: kept trials' 3 mm single-trial betas (int16, beta x 300), one volume per "
+        "trial, in trial order (sessions ascending, trials in file order).",
+        "- `sub-XX_labels.npy`: COCO supercategory of each kept trial (unicode array; "
+        "`np.load(f)` with no pickle).",
+        f"- `sub-XX_runs.npy`: run of each kept trial across the experiment, "
+        f"`(session - 1) * {lay.runs_per_session} + run_in_session` (1-based).",
+        "- `sub-XX_trials.tsv`: one row per kept trial: "
+        + ", ".join(f"`{c}`" for c in TRIAL_COLUMNS)
+        + " (`trial`, `trial_in_session`, `session`, runs: 1-based; `nsdId`: 0-based).",
+        "- `dataset_description.json`: provenance, selection and counts (machine readable).",
+        "",
+        f"Subjects with files in this directory: {', '.join(present) if present else 'none'}.",
+        "",
+        "## Selection",
+        "",
+        f"Layout: {lay.runs_per_session} runs per session, {lay.trials_per_run[0]} trials in odd runs, "
+        f"{lay.trials_per_run[1]} in even runs = {lay.trials_per_session} trials per session.",
+        "",
+        f"1. N = {sel.n_sessions} sessions (fewest registered over all registered subjects) x "
+        f"{lay.trials_per_session} = {sel.n_trials} candidate trials per subject.",
+        "2. Trials whose picture is labelled `unknown` are dropped.",
+        "3. Subjects with more trials drop their earliest `person` trials, so that every subject "
+        f"keeps {sel.trials_per_subject} trials.",
+        "",
+        "Rules use all registered subjects, so a run on a subset of subjects writes the same files.",
+        "",
+        "## Counts",
+        "",
+        "| subject | registered sessions | unknown dropped | person dropped | kept | "
+        + " | ".join(labels)
+        + " |",
+        "|" + "---|" * (5 + len(labels)),
+    ]
+    for s, bids in zip(sorted(sel.trials), subs, strict=True):
+        counts = desc["Counts"]["Labels"][bids]
+        lines.append(
+            f"| {bids} | {len(sel.registered_sessions[s])} | {sel.n_unknown[s]} | "
+            f"{sel.n_person_dropped[s]} | {sel.trials[s].shape[0]} | "
+            + " | ".join(str(counts.get(k, 0)) for k in labels)
+            + " |"
+        )
+    lines += [
+        "",
+        "## Versions",
+        "",
+        ", ".join(f"{k} {v}" for k, v in sorted(desc["GeneratedBy"][0]["Dependencies"].items())),
+        "",
+    ]
+    return "\n".join(lines)
