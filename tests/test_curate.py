@@ -562,3 +562,64 @@ def test_peak_rss_does_not_grow_with_trials(tmp_path: Path, git_env):
     print(f"peak RSS: {rss}")
     growth = rss["10 sessions"] - rss["2 sessions"]
     assert growth < 50, f"peak RSS grew by {growth:.1f} MB with 5x the volumes: {rss}"
+
+
+def test_on_synthetic_tree(synth_root: Path, tmp_path: Path, git_env):
+    """The shared synthetic tree: registered as symlinks (like annexed files), 3 mm stand-ins made
+    here by taking every third 1 mm voxel, labels from the manifest."""
+    manifest = json.loads((synth_root / "synth_manifest.json").read_text())
+    lay = manifest["layout"]
+    s_per = lay["trials_per_session"]
+    nsd = tmp_path / "inputs" / "nsd"
+    nsd.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(nsd)], check=True)
+    for f in sorted((synth_root / "nsd").rglob("*")):
+        if f.is_file():
+            link = nsd / f.relative_to(synth_root / "nsd")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(f)
+    _git(nsd, "add", ".")
+    _git(nsd, "commit", "-q", "-m", "register")
+    resampled = tmp_path / "3mm"
+    for subj, n in enumerate(lay["sessions"], start=1):
+        for ses in range(1, n + 1):
+            src = nib.load(
+                synth_root
+                / f"nsd/nsddata_betas/ppdata/subj{subj:02d}/MNI/betas_fithrf/betas_session{ses:02d}.nii.gz"
+            )
+            data = np.asanyarray(src.dataobj)[::3, ::3, ::3]
+            out = resampled / f"subj{subj:02d}" / f"betas_session{ses:02d}.nii.gz"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(data, src.affine @ np.diag([3.0, 3, 3, 1])), out)
+    labels = tmp_path / "labels.pkl"
+    sc = np.array(manifest["labels"])
+    pd.DataFrame(
+        {"nsdId": np.arange(sc.size), "cocoId": np.arange(sc.size), "supercat": sc, "cat": sc}
+    ).to_pickle(labels)
+    cur = tmp_path / "curated"
+    sel = curate.curate(
+        nsd,
+        resampled,
+        labels,
+        cur,
+        layout=curate.Layout(lay["runs_per_session"], tuple(lay["trials_per_run"])),
+    )
+    n_trials = min(lay["sessions"]) * s_per
+    assert sel.n_trials == n_trials
+    mat = scipy.io.loadmat(nsd / "nsddata/experiments/nsd/nsd_expdesign.mat")
+    mo, sim = mat["masterordering"][0].astype(int), mat["subjectim"].astype(int)
+    sizes = set()
+    for subj in range(1, len(lay["sessions"]) + 1):
+        tsv = pd.read_csv(cur / f"sub-{subj:02d}_trials.tsv", sep="\t")
+        got = np.load(cur / f"sub-{subj:02d}_labels.npy")
+        sizes.add(got.size)
+        t0 = tsv["trial"].to_numpy() - 1
+        assert t0.max() < n_trials
+        nsd_ids = sim[subj - 1, mo[t0] - 1] - 1
+        assert got.tolist() == sc[nsd_ids].tolist()
+        img = nib.load(cur / f"sub-{subj:02d}.nii.gz")
+        for k in (0, got.size // 2, got.size - 1):
+            ses, tis = int(tsv["session"][k]), int(tsv["trial_in_session"][k])
+            src = nib.load(resampled / f"subj{subj:02d}" / f"betas_session{ses:02d}.nii.gz")
+            np.testing.assert_array_equal(img.dataobj[..., k], src.dataobj[..., tis - 1])
+    assert len(sizes) == 1
