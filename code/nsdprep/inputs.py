@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import ipaddress
+import json
 import logging
 import shlex
 import subprocess
@@ -413,7 +414,19 @@ def get_subjects(ds_root: str | Path, subjects: Iterable[int] | None) -> list[in
         dataset=str(ds_root),
         **_QUIET,
     )
-    _raise_on_failure(results, "datalad get", remote=True)
+    get_error: RemoteError | None = None
+    try:
+        _raise_on_failure(results, "datalad get", remote=True)
+    except RemoteError as exc:
+        get_error = exc
+    try:  # also after a failed get: what did arrive must not stay if it is wrong
+        _verify_sizes(nsd, [Path(t).relative_to(nsd).as_posix() for t in targets])
+    except RemoteError as exc:
+        if get_error is not None:
+            raise RemoteError(f"{get_error}\n{exc}") from exc
+        raise
+    if get_error is not None:
+        raise get_error
     return chosen
 
 
@@ -477,23 +490,61 @@ def _allow_loopback(sub: Path, url: str) -> None:
     )
 
 
+def _verify_sizes(nsd: Path, rel_paths: Sequence[str]) -> None:
+    """Check the size of present content against its key (``git annex fsck --fast``).
+
+    ``git annex get`` of a VURL key whose checksum is not yet recorded accepts content of any size
+    (checked with git-annex 10.20261026), so a changed or truncated file on the server would be kept.
+    ``fsck --fast`` compares sizes without checksumming and moves wrong content to ``.git/annex/bad``.
+    """
+    proc = subprocess.run(
+        ["git", "-C", str(nsd), "annex", "fsck", "--fast", "--json", "--json-error-messages",
+         "--", *rel_paths],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    bad = []
+    for line in proc.stdout.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not rec.get("success", True):
+            bad.append(f"  {rec.get('file')}: {' '.join(rec.get('error-messages', []))}".rstrip())
+    if bad or proc.returncode != 0:
+        detail = "\n".join(bad) or proc.stderr.strip()
+        raise RemoteError(
+            f"downloaded content in {nsd} does not match the registered size; it was moved to "
+            f".git/annex/bad and is not used:\n{detail}\nThe file on the server changed since it "
+            "was registered: check the source, then re-register (`make inputs`) or report it."
+        )
+
+
 def _raise_on_failure(results: Sequence[dict[str, Any]], what: str, remote: bool = False) -> None:
     bad = [r for r in results if r.get("status") in ("error", "impossible")]
     if not bad:
         return
-    lines = []
-    for r in bad[:10]:
+    files = [r for r in bad if r.get("type") == "file"] or bad
+    lines: list[str] = []
+    for r in files[:10]:
         msg = r.get("message")
         if isinstance(msg, tuple):
             try:
                 msg = msg[0] % msg[1:]
             except (TypeError, ValueError):
                 msg = " ".join(map(str, msg))
-        errors = r.get("error_message")
-        lines.append(f"  {r.get('path', '?')}: {msg or ''} {errors or ''}".rstrip())
-    more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-    cls = RemoteError if remote else NsdPrepError
-    raise cls(f"{what} failed for {len(bad)} item(s):\n" + "\n".join(lines) + more)
+        text = " ".join(str(x) for x in (msg, r.get("error_message")) if x)
+        unique = list(dict.fromkeys(t.strip() for t in text.splitlines() if t.strip()))
+        lines.append(f"  {r.get('path', '?')}: {' / '.join(unique[-3:])}")
+    more = f"\n  ... and {len(files) - 10} more" if len(files) > 10 else ""
+    message = f"{what} failed for {len(files)} item(s):\n" + "\n".join(lines) + more
+    if remote:
+        if any(s in message for s in ("403", "Forbidden", "AccessDenied")):
+            message += "\n" + NSD_TERMS_HINT
+        else:
+            message += "\nRun it again to retry (partial downloads resume)."
+        raise RemoteError(message)
+    raise NsdPrepError(message)
 
 
 # -- CLI ------------------------------------------------------------------------------------------
