@@ -1,0 +1,561 @@
+"""The 3 mm stage: resample 1 mm betas to a 3 mm grid and zero voxels outside grey matter, streaming.
+
+Reference semantics (the original processing, kept as the test oracle)::
+
+    img3 = nilearn.image.resample_img(img, target_affine=np.diag((3, 3, 3)))      # continuous
+    gm = nilearn.image.resample_to_img(load_mni152_gm_mask(), img3, interpolation="nearest")
+    out = NiftiMasker(gm).inverse_transform(NiftiMasker(gm).fit_transform(img3))  # 0 outside GM
+
+(``force_resample=True`` and ``copy_header=True``, nilearn 0.14's defaults, are passed explicitly.)
+nilearn loads the whole session (10.8 GB as int16, twice that as float32). Here each volume is
+streamed from the gzip file (:func:`nsdprep.nifti.iter_volumes`) and written at once
+(:class:`nsdprep.nifti.NiftiStreamWriter`), so memory stays at a few volumes whatever the session size.
+
+Two paths, chosen from the affines (never from the data):
+
+* **fast** -- the 3 mm grid samples the 1 mm grid exactly (the voxel-to-voxel map is diagonal with
+  integer steps and integer offsets, e.g. NSD's x-flipped MNI grid: source ``i = 181 - 3 I``,
+  ``j = 3 J``, ``k = 3 K``). Cubic-spline interpolation at the knots returns the input samples (up to
+  ~1e-12 of floating-point noise), so the resample is a strided subsample; target voxels whose source
+  lies outside the input are 0, as nilearn's ``cval``. Output dtype = input dtype (int16 for NSD:
+  NSD units, beta x 300): nilearn's float32 values round (``np.rint``) to exactly these integers. Do
+  not truncate nilearn's floats (``astype``) -- 299.99998 would become 299 -- and do not save them
+  through nibabel with the copied int16 header, which rescales them with a lossy ``scl_slope``.
+* **general** -- any other grid: per-volume ``scipy.ndimage.affine_transform`` with the same matrix,
+  offset, spline order 3, ``cval=0`` and float output as nilearn, then nilearn's clip to
+  ``[min(data, 0), max(data, 0)]`` over the whole 4D input (found in a first streaming pass).
+  Output is float32 (nilearn's dtype for int16 input), bit-identical to nilearn.
+
+Not reproduced: nilearn's NaN handling for float input with non-finite values (NSD betas are int16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import logging
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nsdprep import paths
+from nsdprep.errors import FormatError, MissingInputError, NsdPrepError
+from nsdprep.nifti import (
+    MNI_XFORM_CODE,
+    NiftiStreamWriter,
+    check_betas_header,
+    header_affine,
+    iter_volumes,
+    volume_count,
+)
+
+log = logging.getLogger(__name__)
+
+#: Target voxel axes (mm) of the original processing: ``target_affine=np.diag((3, 3, 3))``.
+TARGET_AXES = np.diag((3.0, 3.0, 3.0))
+#: How far (in source voxels) a target voxel centre may be from a source voxel centre and still
+#: count as sampling it exactly. The spline error this allows is far below int16 rounding.
+GRID_TOL = 1e-6
+#: nilearn's spline order for ``interpolation="continuous"``.
+SPLINE_ORDER = 3
+
+
+@dataclass(frozen=True)
+class ResamplePlan:
+    """Target grid and voxel map of one resample, computed from the input grid only.
+
+    ``matrix``/``offset`` map target voxel indices to source voxel indices (nilearn's ``A``, ``b``);
+    ``slices`` is set on the fast path: ``out[target] = vol[source]`` (tuples of slices).
+    """
+
+    in_shape: tuple[int, int, int]
+    in_affine: np.ndarray
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    matrix: np.ndarray
+    offset: np.ndarray
+    target_slices: tuple[slice, slice, slice] | None
+    source_slices: tuple[slice, slice, slice] | None
+
+    @property
+    def fast(self) -> bool:
+        """True when the target grid samples the source grid exactly (strided subsample)."""
+        return self.target_slices is not None
+
+
+def plan_resample(
+    in_shape: Sequence[int],
+    in_affine: np.ndarray,
+    target_axes: np.ndarray = TARGET_AXES,
+    tol: float = GRID_TOL,
+) -> ResamplePlan:
+    """Reproduce nilearn's target grid for a 3x3 ``target_affine`` and derive the voxel map.
+
+    Same arithmetic as ``nilearn.image.resample_img`` (0.14.1): the bounding box of the input's
+    corners in target voxel units gives the offset (``axes @ mins``) and the shape
+    (``ceil(max - min) + 1``); ``A, b`` = ``inv(in_affine) @ target_affine``.
+    """
+    from nilearn.image.resampling import get_bounds
+    from scipy import linalg
+
+    in_shape = tuple(int(s) for s in in_shape[:3])
+    affine = np.asarray(in_affine, dtype=np.float64)
+    target = np.eye(4)
+    target[:3, :3] = np.asarray(target_axes, dtype=np.float64)
+    transform = np.linalg.inv(target).dot(affine)
+    (xmin, xmax), (ymin, ymax), (zmin, zmax) = get_bounds(in_shape, transform)
+    target[:3, 3] = target[:3, :3].dot([xmin, ymin, zmin])
+    xmax, ymax, zmax = xmax - xmin, ymax - ymin, zmax - zmin
+    shape = (int(np.ceil(xmax)) + 1, int(np.ceil(ymax)) + 1, int(np.ceil(zmax)) + 1)
+    if np.all(target == affine):
+        vox = np.eye(4)
+    else:
+        vox = np.dot(linalg.inv(affine), target)
+    matrix, offset = vox[:3, :3].copy(), vox[:3, 3].copy()
+    tslices, sslices = _strided_map(in_shape, shape, matrix, offset, tol)
+    return ResamplePlan(
+        in_shape=in_shape,
+        in_affine=affine,
+        shape=shape,
+        affine=target,
+        matrix=matrix,
+        offset=offset,
+        target_slices=tslices,
+        source_slices=sslices,
+    )
+
+
+def gm_mask(plan: ResamplePlan) -> np.ndarray:
+    """MNI152 grey-matter mask (nilearn's, threshold 0.2) on the target grid, nearest neighbour.
+
+    Cached per grid within a process (every session of a subject shares it); read-only array.
+    """
+    return _gm_mask_cached(plan.shape, plan.affine.tobytes())
+
+
+@functools.lru_cache(maxsize=4)
+def _gm_mask_cached(shape: tuple[int, int, int], affine_bytes: bytes) -> np.ndarray:
+    import nibabel as nib
+    from nilearn.datasets import load_mni152_gm_mask
+    from nilearn.image import resample_to_img
+
+    affine = np.frombuffer(affine_bytes, dtype=np.float64).reshape(4, 4)
+    target = nib.Nifti1Image(np.zeros(shape, np.int8), affine)
+    mask = resample_to_img(
+        load_mni152_gm_mask(),
+        target,
+        interpolation="nearest",
+        force_resample=True,
+        copy_header=True,
+    )
+    out = np.asarray(mask.dataobj) != 0
+    out.flags.writeable = False
+    return out
+
+
+def output_dtype(plan: ResamplePlan, in_dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """Output data type: the input's on the fast path for integer data; else nilearn's float.
+
+    nilearn resamples integer data ``intN`` into ``floatN`` (float32 at least) and keeps float data
+    as is; on the fast path every output value is an input sample or 0, so the integer type is exact.
+    """
+    in_dtype = np.dtype(in_dtype).newbyteorder("=")
+    if plan.fast and in_dtype.kind in "iu":
+        return in_dtype
+    if in_dtype.kind == "i":
+        return np.dtype(np.float32) if in_dtype.itemsize <= 4 else np.dtype(np.float64)
+    if in_dtype.kind == "f":
+        return in_dtype
+    raise FormatError(
+        f"cannot resample data of type {in_dtype} (expected signed integers or float)"
+    )
+
+
+def resample_volume(
+    vol: np.ndarray,
+    plan: ResamplePlan,
+    mask: np.ndarray,
+    dtype: np.dtype[Any],
+    clip: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Resample one 3D volume to ``plan``'s grid and zero it outside ``mask`` (Fortran order)."""
+    out = np.zeros(plan.shape, dtype=dtype, order="F")
+    if plan.fast:
+        out[plan.target_slices] = vol[plan.source_slices]
+    else:
+        from scipy.ndimage import affine_transform
+
+        matrix = plan.matrix
+        if np.all(np.diag(np.diag(matrix)) == matrix):
+            matrix = np.diag(matrix)  # same call as nilearn (scipy's faster diagonal branch)
+        affine_transform(
+            vol,
+            matrix,
+            offset=plan.offset,
+            output_shape=plan.shape,
+            output=out,
+            cval=0.0,
+            order=SPLINE_ORDER,
+        )
+        if clip is not None:
+            out.clip(clip[0], clip[1], out=out)
+    out[~mask] = 0
+    return out
+
+
+@dataclass(frozen=True)
+class SessionResult:
+    """What :func:`resample_session` wrote."""
+
+    src: Path
+    dst: Path
+    n_volumes: int
+    fast: bool
+    dtype: str
+    seconds: float
+
+
+def resample_session(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    expect_dtype: np.dtype[Any] | type | None = np.int16,
+    progress: Callable[[int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    compresslevel: int = 6,
+) -> SessionResult:
+    """Resample one 4D betas file to 3 mm + GM mask and write ``dst`` atomically.
+
+    ``progress(n)`` is called after every ``n`` volumes; ``cancelled()`` is polled per volume and
+    aborts (no output) when true. Any read error leaves no ``dst``.
+    """
+    src, dst = Path(src), Path(dst)
+    t0 = time.perf_counter()
+    hdr = check_betas_header(src, dtype=expect_dtype)
+    plan = plan_resample(hdr.get_data_shape()[:3], header_affine(hdr))
+    n_vol = volume_count(hdr)
+    probe = next(iter_volumes(src, stop=1, header=hdr))  # dtype after nibabel-style scaling
+    dtype = output_dtype(plan, probe.dtype)
+    del probe
+    mask = gm_mask(plan)
+    clip = None if plan.fast else _value_range(src, hdr, cancelled)
+    code = int(hdr["sform_code"]) or int(hdr["qform_code"]) or MNI_XFORM_CODE
+    log.debug("%s -> %s: %s path, %s, %d volumes", src, dst, _path_name(plan), dtype, n_vol)
+    with NiftiStreamWriter(
+        dst,
+        plan.shape,
+        plan.affine,
+        dtype,
+        n_vol,
+        header=hdr,
+        xform_code=code,
+        compresslevel=compresslevel,
+    ) as writer:
+        for vol in iter_volumes(src, header=hdr):
+            if cancelled is not None and cancelled():
+                raise _Cancelled(str(src))
+            writer.write(resample_volume(vol, plan, mask, dtype, clip))
+            if progress is not None:
+                progress(1)
+    return SessionResult(src, dst, n_vol, plan.fast, str(dtype), time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m nsdprep resample``."""
+    parser.add_argument("--nsd", required=True, type=Path, help="NSD dataset (inputs/nsd)")
+    parser.add_argument("--subject", required=True, type=int, help="subject number (1-based)")
+    parser.add_argument("--out", required=True, type=Path, help="e.g. derivatives/3mm/subj01")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument(
+        "--drop",
+        action="store_true",
+        help="per session: `datalad get` the input, process it, `datalad drop` it again",
+    )
+    parser.add_argument(
+        "--sessions", type=int, nargs="+", help="only these sessions (1-based; default: all)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resample every registered (or selected) session of one subject; see module docstring."""
+    results = resample_subject(
+        args.nsd,
+        args.subject,
+        args.out,
+        jobs=args.jobs,
+        drop=args.drop,
+        sessions=args.sessions,
+        progress=not args.no_progress,
+    )
+    n = sum(r.n_volumes for r in results)
+    print(
+        f"resample: {paths.subject_label(args.subject)}: {len(results)} sessions, "
+        f"{n} volumes -> {args.out}"
+    )
+    return 0
+
+
+def resample_subject(
+    nsd: str | os.PathLike[str],
+    subject: int,
+    out: str | os.PathLike[str],
+    *,
+    jobs: int = 2,
+    drop: bool = False,
+    sessions: Sequence[int] | None = None,
+    progress: bool = True,
+) -> list[SessionResult]:
+    """Resample the registered sessions of ``subject`` from ``nsd`` into ``out`` with ``jobs`` workers.
+
+    All headers are checked first (without ``drop``); a failing session stops the run with its file
+    named, leaves no output for it and keeps the outputs of sessions already finished.
+    """
+    from nsdprep.registry import registered_sessions
+
+    nsd, out = Path(nsd), Path(out)
+    if jobs < 1:
+        raise NsdPrepError(f"--jobs must be >= 1, got {jobs}")
+    registered = registered_sessions(nsd, subject)
+    if not registered:
+        raise MissingInputError(
+            f"no betas of {paths.subject_label(subject)} registered in {nsd} "
+            f"(expected {paths.subject_dir_key(subject)}/betas_sessionNN.nii.gz); run `make inputs`."
+        )
+    if sessions:
+        unknown = sorted(set(sessions) - set(registered))
+        if unknown:
+            raise MissingInputError(
+                f"session(s) {unknown} of {paths.subject_label(subject)} not registered in {nsd}; "
+                f"registered: {registered}"
+            )
+        todo = sorted(set(sessions))
+    else:
+        todo = registered
+    srcs = {s: nsd / paths.betas_key(subject, s) for s in todo}
+    dsts = {s: out / f"betas_session{s:02d}.nii.gz" for s in todo}
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_parts(out)
+
+    n_volumes: dict[int, int] = {}
+    if not drop:
+        missing = [s for s in todo if not srcs[s].exists()]
+        if missing:
+            listed = "\n  ".join(str(srcs[s]) for s in missing)
+            raise MissingInputError(
+                f"content of {len(missing)} betas file(s) absent (registered, not fetched):\n  "
+                f"{listed}\nFetch them with `datalad get <path>` (e.g. `datalad get -d {nsd} "
+                f"{srcs[missing[0]].relative_to(nsd)}`) or "
+                f"`make get SUBJECTS={subject:02d}`, or pass --drop to fetch/drop one at a time."
+            )
+        for s in todo:
+            hdr = check_betas_header(srcs[s])
+            plan = plan_resample(hdr.get_data_shape()[:3], header_affine(hdr))
+            log.info(
+                "%s: %d volumes, grid %s -> %s (%s path)",
+                srcs[s],
+                volume_count(hdr),
+                plan.in_shape,
+                plan.shape,
+                _path_name(plan),
+            )
+            n_volumes[s] = volume_count(hdr)
+
+    ctx = mp.get_context("fork")
+    events = ctx.Queue()
+    stop = ctx.Event()
+    results: list[SessionResult] = []
+    failure: BaseException | None = None
+    futures: dict[Future[SessionResult], int] = {}
+    bars = _Bars(len(todo), sum(n_volumes.values()) or None, enabled=progress)
+    try:
+        with ProcessPoolExecutor(
+            max_workers=min(jobs, len(todo)),
+            mp_context=ctx,
+            initializer=_worker_init,
+            initargs=(events, stop),
+        ) as pool:
+            futures = {
+                pool.submit(_worker_session, str(nsd), str(srcs[s]), str(dsts[s]), drop): s
+                for s in todo
+            }
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+                bars.drain(events)
+                for fut in done:
+                    exc = fut.exception()
+                    if exc is None:
+                        results.append(fut.result())
+                        bars.session_done()
+                    elif failure is None and not isinstance(exc, _Cancelled):
+                        failure = exc
+                if failure is not None and not stop.is_set():
+                    stop.set()
+                    for fut in pending:
+                        fut.cancel()
+            bars.drain(events)
+    finally:
+        bars.close()
+    if failure is not None:
+        kept = sorted(
+            futures[f] for f in futures if f.done() and not f.cancelled() and f.exception() is None
+        )
+        log.error("stopped; outputs of finished sessions kept: %s", kept or "none")
+        if isinstance(failure, NsdPrepError):
+            raise failure
+        raise NsdPrepError(f"resampling failed: {type(failure).__name__}: {failure}") from failure
+    return sorted(results, key=lambda r: str(r.dst))
+
+
+def remove_stale_parts(out: Path) -> list[Path]:
+    """Remove ``*.part`` temporaries left in ``out`` by an interrupted run; return them."""
+    removed = []
+    with os.scandir(out) as it:
+        for entry in it:
+            if entry.name.endswith(".part") and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink()
+                removed.append(Path(entry.path))
+    if removed:
+        log.info("removed %d stale temporaries in %s", len(removed), out)
+    return removed
+
+
+# ---------------------------------------------------------------- internals
+
+
+class _Cancelled(NsdPrepError):
+    """Another session failed; this one stopped without output."""
+
+
+def _path_name(plan: ResamplePlan) -> str:
+    return "fast (strided subsample)" if plan.fast else "general (spline)"
+
+
+def _strided_map(
+    in_shape: tuple[int, int, int],
+    out_shape: tuple[int, int, int],
+    matrix: np.ndarray,
+    offset: np.ndarray,
+    tol: float,
+) -> tuple[tuple[slice, slice, slice] | None, tuple[slice, slice, slice] | None]:
+    """Slices with ``out[t] = vol[s]`` if target voxels land exactly on source voxels, else None."""
+    if not np.allclose(matrix, np.diag(np.diag(matrix)), rtol=0, atol=tol):
+        return None, None
+    tsl, ssl = [], []
+    for axis in range(3):
+        step_f, off_f = matrix[axis, axis], offset[axis]
+        step, off = int(round(step_f)), int(round(off_f))
+        if step == 0 or abs(step_f - step) > tol or abs(off_f - off) > tol:
+            return None, None
+        n_in, n_out = in_shape[axis], out_shape[axis]
+        src = off + step * np.arange(n_out)
+        inside = np.flatnonzero((src >= 0) & (src <= n_in - 1))
+        if inside.size == 0:  # no overlap on this axis: output all zeros
+            tsl.append(slice(0, 0))
+            ssl.append(slice(0, 0))
+            continue
+        t0, t1 = int(inside[0]), int(inside[-1]) + 1
+        s0, s_last = int(src[t0]), int(src[t1 - 1])
+        stop = s_last + (1 if step > 0 else -1)
+        tsl.append(slice(t0, t1))
+        ssl.append(slice(s0, None if stop < 0 else stop, step))
+    return (tsl[0], tsl[1], tsl[2]), (ssl[0], ssl[1], ssl[2])
+
+
+def _value_range(src: Path, hdr: Any, cancelled: Callable[[], bool] | None) -> tuple[float, float]:
+    """The clip range of nilearn over the whole 4D input: ``(min(data, 0), max(data, 0))``."""
+    lo, hi = 0, 0
+    for vol in iter_volumes(src, header=hdr):
+        if cancelled is not None and cancelled():
+            raise _Cancelled(str(src))
+        lo, hi = min(lo, np.nanmin(vol)), max(hi, np.nanmax(vol))
+    return lo, hi
+
+
+_EVENTS: Any = None
+_STOP: Any = None
+
+
+def _worker_init(events: Any, stop: Any) -> None:
+    global _EVENTS, _STOP
+    _EVENTS, _STOP = events, stop
+
+
+def _worker_session(nsd: str, src: str, dst: str, drop: bool) -> SessionResult:
+    """One session in a worker process: optional get, resample, optional drop."""
+    src_p = Path(src)
+    fetched = False
+    if drop and not src_p.exists():
+        _datalad(nsd, "get", src_p)
+        fetched = True
+    pending = [0]
+    last = [time.monotonic()]
+
+    def progress(n: int) -> None:
+        pending[0] += n
+        now = time.monotonic()
+        if now - last[0] > 0.2:
+            _EVENTS.put(("vol", pending[0]))
+            pending[0], last[0] = 0, now
+
+    try:
+        hdr_total = volume_count(check_betas_header(src_p))
+        _EVENTS.put(("total", hdr_total if drop else 0))
+        result = resample_session(src_p, dst, progress=progress, cancelled=_STOP.is_set)
+        _EVENTS.put(("vol", pending[0]))
+    finally:
+        if fetched:
+            _datalad(nsd, "drop", src_p)
+    return result
+
+
+def _datalad(nsd: str, action: str, path: Path) -> None:
+    rel = os.path.relpath(path, nsd)
+    cmd = ["datalad", action, "-d", nsd, rel]
+    log.info("%s", " ".join(cmd))
+    proc = subprocess.run(cmd, cwd=nsd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise MissingInputError(
+            f"`{' '.join(cmd)}` (in {nsd}) failed for {path}:\n{proc.stderr.strip() or proc.stdout}"
+        )
+
+
+class _Bars:
+    """tqdm bars over sessions and volumes, fed by worker events."""
+
+    def __init__(self, n_sessions: int, n_volumes: int | None, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.sessions = tqdm(total=n_sessions, unit="session", disable=not enabled, position=0)
+        self.volumes = tqdm(total=n_volumes, unit="vol", disable=not enabled, position=1)
+
+    def drain(self, events: Any) -> None:
+        with contextlib.suppress(queue_mod.Empty):
+            while True:
+                kind, n = events.get_nowait()
+                if kind == "vol":
+                    self.volumes.update(n)
+                elif kind == "total" and n:
+                    self.volumes.total = (self.volumes.total or 0) + n
+                    self.volumes.refresh()
+
+    def session_done(self) -> None:
+        self.sessions.update(1)
+
+    def close(self) -> None:
+        self.volumes.close()
+        self.sessions.close()
