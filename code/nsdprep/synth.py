@@ -50,14 +50,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import io
 import json
 import logging
 import math
 import zipfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,8 +78,6 @@ NONFLIPPED_AFFINE = np.array(
 )
 #: Beta scale of NSD's int16 betas: stored value = % signal change x 300.
 BETA_SCALE = 300
-#: NIfTI xform code for MNI152 space.
-MNI_XFORM_CODE = 4
 #: Image size of NSD's stimulus brick.
 STIM_SIZE = 425
 #: Real COCO 2017 id ranges (images; non-crowd annotations).
@@ -639,16 +635,8 @@ def _largest_label(anns: list[dict[str, Any]], super_of: dict[int, str]) -> str:
 # ----------------------------------------------------------------------------------- writers
 
 
-@contextmanager
-def _atomic(target: Path) -> Iterator[Path]:
-    """``atomic_path`` with world-readable permissions (the files are served and shared)."""
-    with atomic_path(target) as tmp:
-        tmp.chmod(0o644)
-        yield tmp
-
-
 def _write_bytes(target: Path, data: bytes) -> None:
-    with _atomic(target) as tmp:
+    with atomic_path(target) as tmp:
         tmp.write_bytes(data)
 
 
@@ -708,7 +696,7 @@ def _write_stim_info(
 def _write_stimuli(target: Path, spec: SynthSpec) -> None:
     import h5py
 
-    with _atomic(target) as tmp:
+    with atomic_path(target) as tmp:
         with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
             dset = f.create_dataset(
                 "imgBrick",
@@ -731,7 +719,7 @@ def _write_stimuli(target: Path, spec: SynthSpec) -> None:
 
 
 def _write_coco_zip(target: Path, coco: dict[str, Any]) -> None:
-    with _atomic(target) as tmp:
+    with atomic_path(target) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for split in ("train2017", "val2017"):
                 data = coco["splits"][split]
@@ -826,12 +814,18 @@ def _session_valid(spec: SynthSpec, liberal: np.ndarray, session: int) -> np.nda
 
 
 def _write_betas(nsd: Path, spec: SynthSpec, design: dict[str, Any], labels: list[str]) -> None:
+    """Write every subject's betas and valid files, one trial volume at a time."""
+    from tqdm import tqdm
+
+    from nsdprep.nifti import NiftiStreamWriter
+
     affine = spec.affine()
     liberal = _liberal_mask(spec)
     ijk = np.argwhere(liberal)
     xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
     label_index = {s: i for i, s in enumerate(SUPERCATEGORIES)}
     tps = spec.trials_per_session
+    vol = np.zeros(spec.shape, dtype=np.int16)
     for subject in range(1, spec.n_subjects + 1):
         patterns = _patterns(spec, subject, xyz)
         nsd_ids = trial_nsd_ids(design, spec, subject)
@@ -839,22 +833,24 @@ def _write_betas(nsd: Path, spec: SynthSpec, design: dict[str, Any], labels: lis
         for session in range(1, spec.sessions[subject - 1] + 1):
             rng = _rng(spec, 5, subject, session)
             valid = _session_valid(spec, liberal, session)
+            with NiftiStreamWriter(
+                subj_dir / f"valid_session{session:02d}.nii.gz", spec.shape, affine, np.uint8, None
+            ) as writer:
+                writer.write(valid.astype(np.uint8))
             keep = valid[liberal]  # which liberal-mask voxels are valid this session
             trial_ids = nsd_ids[(session - 1) * tps : session * tps]
-            _write_nifti(
-                subj_dir / f"valid_session{session:02d}.nii.gz",
-                valid.astype(np.uint8),
-                affine,
-            )
             volumes = _trial_volumes(spec, rng, patterns, trial_ids, labels, label_index, keep)
             target = subj_dir / f"betas_session{session:02d}.nii.gz"
-            if spec.full:
-                _stream_betas(target, spec, affine, liberal, volumes, tps)
-            else:
-                data = np.zeros((*spec.shape, tps), dtype=np.int16)
-                for t, vals in enumerate(volumes):
-                    data[..., t][liberal] = vals
-                _write_nifti(target, data, affine)
+            # Volume by volume: the full grid never holds a 4D array in memory.
+            with NiftiStreamWriter(target, spec.shape, affine, np.int16, tps) as writer:
+                for vals in tqdm(
+                    volumes,
+                    total=tps,
+                    desc=f"subj{subject:02d} {target.name}",
+                    disable=not spec.full,
+                ):
+                    vol[liberal] = vals
+                    writer.write(vol)
             log.debug("wrote subj%02d session %02d", subject, session)
 
 
@@ -877,80 +873,3 @@ def _trial_volumes(
         vals = np.clip(np.rint(beta * BETA_SCALE), -32768, 32767).astype(np.int16)
         vals[~keep] = 0
         yield vals
-
-
-def _header(affine: np.ndarray, data_shape: tuple[int, ...], dtype: Any):
-    import nibabel as nib
-
-    hdr = nib.Nifti1Header()
-    hdr.set_data_dtype(dtype)
-    hdr.set_data_shape(data_shape)
-    hdr.set_qform(affine, code=MNI_XFORM_CODE)
-    hdr.set_sform(affine, code=MNI_XFORM_CODE)
-    hdr.set_xyzt_units("mm", "sec")
-    zooms = [1.0] * len(data_shape)
-    zooms[:3] = np.sqrt((affine[:3, :3] ** 2).sum(axis=0)).tolist()
-    hdr.set_zooms(zooms)
-    return hdr
-
-
-def _write_nifti(target: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    """Write a .nii.gz with MNI codes and a deterministic gzip stream (mtime 0, no name)."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(data, affine, header=_header(affine, data.shape, data.dtype))
-    img.header.set_qform(affine, code=MNI_XFORM_CODE)
-    img.header.set_sform(affine, code=MNI_XFORM_CODE)
-    raw = img.to_bytes()
-    with _atomic(target) as tmp, open(tmp, "wb") as fh:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=fh, mtime=0, compresslevel=6) as gz:
-            gz.write(raw)
-
-
-def _stream_betas(
-    target: Path,
-    spec: SynthSpec,
-    affine: np.ndarray,
-    liberal: np.ndarray,
-    volumes: Iterator[np.ndarray],
-    n_volumes: int,
-) -> None:
-    """Write a 4D int16 NIfTI volume by volume (never the whole 4D array in memory)."""
-    from tqdm import tqdm
-
-    vol = np.zeros(spec.shape, dtype=np.int16)
-    with _nifti_stream(target, spec.shape, affine, np.int16, n_volumes) as writer:
-        for vals in tqdm(volumes, total=n_volumes, desc=target.name, leave=False):
-            vol[liberal] = vals
-            writer.write(vol)
-
-
-@contextmanager
-def _nifti_stream(
-    target: Path, shape3d: tuple[int, int, int], affine: np.ndarray, dtype: Any, n_volumes: int
-) -> Iterator[Any]:
-    """A streaming NIfTI writer: header, then volumes in order, into a deterministic gzip."""
-    hdr = _header(affine, (*shape3d, n_volumes), dtype)
-    hdr.set_data_offset(352)
-    with _atomic(target) as tmp, open(tmp, "wb") as fh:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=fh, mtime=0, compresslevel=6) as gz:
-            gz.write(hdr.binaryblock)
-            gz.write(b"\0" * (352 - len(hdr.binaryblock)))  # no extensions
-            writer = _VolumeWriter(gz, shape3d, np.dtype(dtype), n_volumes)
-            yield writer
-            if writer.written != n_volumes:
-                raise NsdPrepError(
-                    f"{target}: wrote {writer.written} volumes, header says {n_volumes}"
-                )
-
-
-class _VolumeWriter:
-    def __init__(self, fh: Any, shape3d: tuple[int, int, int], dtype: np.dtype, n: int) -> None:
-        self.fh, self.shape3d, self.dtype, self.n, self.written = fh, shape3d, dtype, n, 0
-
-    def write(self, vol: np.ndarray) -> None:
-        if vol.shape != self.shape3d or self.written >= self.n:
-            raise NsdPrepError(f"volume {self.written}: shape {vol.shape}, expected {self.shape3d}")
-        # NIfTI is column-major: a 3D volume in Fortran order is one contiguous block of the 4D data.
-        self.fh.write(np.asarray(vol, dtype=self.dtype.newbyteorder("<")).tobytes(order="F"))
-        self.written += 1
