@@ -392,7 +392,8 @@ def _readinto_full(f: Any, buf: bytearray) -> int:
     view = memoryview(buf)
     got = 0
     while got < len(buf):
-        n = f.readinto(view[got:])
+        # moderate chunks: the decoder's temporaries stay small and cache-resident
+        n = f.readinto(view[got : got + READ_BUFFER])
         if not n:
             break
         got += n

@@ -232,11 +232,13 @@ def resample_session(
     expect_dtype: np.dtype[Any] | type | None = np.int16,
     progress: Callable[[int], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
-    compresslevel: int = 6,
+    compresslevel: int = 1,
 ) -> SessionResult:
     """Resample one 4D betas file to 3 mm + GM mask and write ``dst`` atomically.
 
-    ``progress(n)`` is called after every ``n`` volumes; ``cancelled()`` is polled per volume and
+    Written with zlib level ``compresslevel`` (1, nibabel's default for ``.nii.gz``: the output is
+    mostly zeros and level 6 would cost more time than it saves space). ``progress(n)`` is called
+    after every ``n`` volumes; ``cancelled()`` is polled per volume and
     aborts (no output) when true. Any read error leaves no ``dst``.
     """
     src, dst = Path(src), Path(dst)
