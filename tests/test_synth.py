@@ -372,6 +372,7 @@ def test_cli_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert man["grid"]["affine"][0][0] == 1.0
     assert nib.load(_betas(out, 2, 2)).shape == (16, 18, 20, 5)
     assert "trials/session" in capsys.readouterr().out
+    assert SynthSpec().trials_per_session == 750  # NSD's layout is the default
     with pytest.raises(NsdPrepError, match="n_images=100 too small"):
         make_synthetic(tmp_path / "bad", SynthSpec(n_images=100))
     assert cli_main(["synth", str(tmp_path / "bad2"), "--sessions", "0,1"]) == 2

@@ -28,13 +28,25 @@ file should say, and readers must not depend on it.
 Betas are int16, value = beta (% signal change) x 300, one volume per trial in chronological order.
 Voxels outside a liberal brain mask (the MNI152 brain mask dilated by 4 mm), or outside a session's
 field of view (``k = session % 3`` top slices of the written grid, so sessions differ), are 0 in every
-trial; ``valid_sessionNN.nii.gz`` (uint8 0/1; the real dtype is unconfirmed) marks the others.
+trial; ``valid_sessionNN.nii.gz`` (uint8 0/1; the real dtype is unconfirmed) marks the others. All
+NIfTI files are written volume by volume with :class:`nsdprep.nifti.NiftiStreamWriter`, so even the
+full grid never holds a 4D array in memory.
 
 Planted signal. The label of an NSD image is the supercategory of the largest-area annotation of its
 TRUE COCO image (``cocoId``; ties -> first in annotation order; "unknown" if none). Each subject has one
 smooth spatial pattern per supercategory (a sum of plane waves with wavelengths 16-40 mm, unit variance,
 so it survives a 3 mm resample and a grey-matter mask); a trial is
 ``amplitude * pattern[label] + noise_sd * N(0, 1)`` ("unknown" has no pattern), x300, rounded.
+
+Design (``nsd_expdesign.mat``, all double, all 1-based as in NSD). ``subjectim`` rows start with the
+``n_shared`` shared images (= ``sharedix``, sorted), then each subject's own images, all distinct;
+``masterordering`` (one row, ``max(sessions) x trials_per_session`` entries) indexes columns of
+``subjectim``; each image appears at least 3 times in the design (more when the design has more trials
+than 3x ``images_per_subject``). ``stimpattern`` has ``max(trials_per_run) + 12`` trial slots per run
+(NSD: 75) with 1 where a stimulus was shown; ``basiccnt[k, s]`` counts the trials of design session s
+that are the (k+1)-th presentation of their image (row 3: 3rd or later; the real definition is
+unconfirmed). ``nsd_stim_info_merged.pkl`` has NSD's columns, starting with the saved-CSV leftover
+``Unnamed: 0``; ``subjectN_repK`` hold the 1-based trial number of the K-th presentation (0 = none).
 
 COCO. The real 80 categories (ids 1..90 with gaps, 12 supercategories). Image ids are drawn from the
 real range, train and val interleaved and disjoint; extra COCO images are not used by NSD; some NSD
