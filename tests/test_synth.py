@@ -262,6 +262,18 @@ def test_coco_ids_and_special_images(synth_root: Path, coco: dict[str, COCO]) ->
         n_multi += len(set(areas)) > 1
         n_tie += len(areas) > 1 and areas[0] == areas[1]
     assert n_empty >= 2 and n_multi > 100 and n_tie >= 2
+    man = json.loads((synth_root / "synth_manifest.json").read_text())
+    for nsd_id in man["unannotated_nsd_ids"]:
+        split, coco_id = df.loc[nsd_id, ["cocoSplit", "cocoId"]]
+        assert not coco[split].getAnnIds(imgIds=[int(coco_id)])
+        assert man["labels"][nsd_id] == "unknown"
+    for nsd_id in man["area_tie_nsd_ids"]:
+        split, coco_id = df.loc[nsd_id, ["cocoSplit", "cocoId"]]
+        areas = sorted(
+            (a["area"] for a in coco[split].loadAnns(coco[split].getAnnIds(imgIds=[int(coco_id)]))),
+            reverse=True,
+        )
+        assert areas[0] == areas[1]
 
 
 def test_planted_labels_match_independent_lookup(synth_root: Path, coco: dict[str, COCO]) -> None:

@@ -308,7 +308,7 @@ def make_synthetic(outdir: Path, spec: SynthSpec = SynthSpec()) -> Path:  # noqa
     _write_stimuli(nsd / paths.STIMULI_KEY, spec)
     _write_coco_zip(outdir / "coco" / "annotations" / paths.COCO_ZIP_NAME, coco)
     _write_betas(nsd, spec, design, labels)
-    _write_manifest(outdir / "synth_manifest.json", spec, design, labels)
+    _write_manifest(outdir / "synth_manifest.json", spec, design, coco)
     log.info("synthetic NSD + COCO written to %s", outdir)
     return outdir
 
@@ -755,7 +755,7 @@ def _write_coco_zip(target: Path, coco: dict[str, Any]) -> None:
 
 
 def _write_manifest(
-    target: Path, spec: SynthSpec, design: dict[str, Any], labels: list[str]
+    target: Path, spec: SynthSpec, design: dict[str, Any], coco: dict[str, Any]
 ) -> None:
     manifest = {
         "spec": dataclasses.asdict(spec),
@@ -770,7 +770,10 @@ def _write_manifest(
         "grid": {"shape": list(spec.shape), "affine": spec.affine().tolist()},
         "beta_scale": BETA_SCALE,
         "supercategories": list(SUPERCATEGORIES),
-        "labels": labels,
+        "labels": coco["labels"],
+        "unannotated_nsd_ids": coco["empty"],
+        "area_tie_nsd_ids": coco["ties"],
+        "coco_images": {k: len(v["images"]) for k, v in coco["splits"].items()},
     }
     _write_bytes(target, (json.dumps(manifest, indent=1) + "\n").encode())
 
