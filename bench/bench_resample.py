@@ -83,7 +83,7 @@ def child_reference(src: str, n: int, out_npy: str) -> dict:
     from nilearn.image import resample_img, resample_to_img
     from nilearn.maskers import NiftiMasker
 
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # after the imports (ours is timed the same way)
     img = nib.load(src)
     img = nib.Nifti1Image(np.asanyarray(img.dataobj[..., :n]), img.affine, img.header)
     with warnings.catch_warnings():
@@ -110,6 +110,9 @@ def child_reference(src: str, n: int, out_npy: str) -> dict:
 
 
 def child_ours(src: str, dst: str) -> dict:
+    import nilearn.datasets  # noqa: F401  (imports outside the timing, as for the reference)
+    import nilearn.image  # noqa: F401
+
     from nsdprep.resample import resample_session
 
     stamps: list[float] = []

@@ -235,3 +235,12 @@ def test_check_betas_header(tmp_path: Path) -> None:
         dangling = tmp_path / "absent.nii.gz"
         dangling.symlink_to(tmp_path / ".git" / "annex" / "objects" / "nope")
         read_header(dangling)
+
+
+def test_reuse_buffer_yields_same_values(tmp_path: Path) -> None:
+    data = _data(4, seed=5)
+    path = _write(tmp_path / "r.nii.gz", data)
+    copies = [v.copy() for v in iter_volumes(path, reuse_buffer=True)]
+    assert len(copies) == 4
+    for t, v in enumerate(copies):
+        np.testing.assert_array_equal(v, data[..., t])

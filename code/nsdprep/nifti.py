@@ -137,11 +137,14 @@ def iter_volumes(
     *,
     scaled: bool = True,
     header: nib.Nifti1Header | None = None,
+    reuse_buffer: bool = False,
 ) -> Iterator[np.ndarray]:
     """Yield the 3D volumes ``start:stop`` of a gzip 4D NIfTI-1 file, one at a time.
 
     Each yielded array is a fresh Fortran-ordered array (native byte order) that the caller may keep;
-    the generator itself holds one volume at a time. Volumes before ``start`` are decompressed and
+    the generator itself holds one volume at a time. With ``reuse_buffer=True`` every volume is
+    decoded into the same buffer (no per-volume allocation and page faults): a yielded array is
+    then only valid until the next one is requested. Volumes before ``start`` are decompressed and
     discarded (gzip is sequential). When reading up to the last volume, the rest of the stream is
     drained so the gzip CRC and length are verified; with an earlier ``stop`` they are not.
 
@@ -176,8 +179,10 @@ def iter_volumes(
     try:
         with open(path, "rb", buffering=READ_BUFFER) as raw, igzip.GzipFile(fileobj=raw) as f:
             _skip(f, offset)
+            buf = bytearray(nbytes) if reuse_buffer else bytearray()
             for index in range(stop):
-                buf = bytearray(nbytes)
+                if not reuse_buffer:
+                    buf = bytearray(nbytes)
                 got = _readinto_full(f, buf)
                 if got != nbytes:
                     raise FormatError(

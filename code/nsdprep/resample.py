@@ -263,7 +263,7 @@ def resample_session(
         xform_code=code,
         compresslevel=compresslevel,
     ) as writer:
-        for vol in iter_volumes(src, header=hdr):
+        for vol in iter_volumes(src, header=hdr, reuse_buffer=True):
             if cancelled is not None and cancelled():
                 raise _Cancelled(str(src))
             writer.write(resample_volume(vol, plan, mask, dtype, clip))
@@ -481,7 +481,7 @@ def _strided_map(
 def _value_range(src: Path, hdr: Any, cancelled: Callable[[], bool] | None) -> tuple[float, float]:
     """The clip range of nilearn over the whole 4D input: ``(min(data, 0), max(data, 0))``."""
     lo, hi = 0, 0
-    for vol in iter_volumes(src, header=hdr):
+    for vol in iter_volumes(src, header=hdr, reuse_buffer=True):
         if cancelled is not None and cancelled():
             raise _Cancelled(str(src))
         lo, hi = min(lo, np.nanmin(vol)), max(hi, np.nanmax(vol))
