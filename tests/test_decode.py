@@ -18,11 +18,26 @@ CLASSES4 = ("animal", "food", "person", "vehicle")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: Fields results.json documents per subject.
 SUBJECT_FIELDS = {
-    "subject", "n_trials", "n_voxels", "n_classes", "classes", "class_counts", "n_runs", "n_folds",
-    "fold_balanced_accuracy", "mean_balanced_accuracy", "std_balanced_accuracy",
-    "chance_theoretical", "dummy_chance", "permutation_means", "permutation_mean",
-    "permutation_p_value", "confusion_matrix", "seconds", "peak_rss_bytes",
-}  # fmt: skip
+    "subject",
+    "n_trials",
+    "n_voxels",
+    "n_classes",
+    "classes",
+    "class_counts",
+    "n_runs",
+    "n_folds",
+    "fold_balanced_accuracy",
+    "mean_balanced_accuracy",
+    "std_balanced_accuracy",
+    "chance_theoretical",
+    "dummy_chance",
+    "permutation_means",
+    "permutation_mean",
+    "permutation_p_value",
+    "confusion_matrix",
+    "seconds",
+    "peak_rss_bytes",
+}
 
 
 def make_curated(
@@ -81,7 +96,7 @@ def decoded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict,
         1: make_curated(root, 1, seed=1),
         3: make_curated(
             root, 3, classes=("food", "kitchen", "sports"), n_runs=6, first_run=41, seed=3
-        ),  # fmt: skip
+        ),
     }
     out = root.parent / "decoding"
     cfg = dec.DecodeConfig(n_folds=4, n_permutations=3, seed=0, jobs=2)
@@ -203,8 +218,23 @@ def test_select_trials_stratified_and_deterministic() -> None:
 def test_subsample_and_cli(decoded, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root, _, _, truth = decoded
     out = tmp_path / "dec"
-    argv = ["decode", "--curated", str(root), "--out", str(out), "--subjects", "1",
-            "--subsample", "60", "--jobs", "1", "--n-permutations", "1", "--n-folds", "3"]  # fmt: skip
+    argv = [
+        "decode",
+        "--curated",
+        str(root),
+        "--out",
+        str(out),
+        "--subjects",
+        "1",
+        "--subsample",
+        "60",
+        "--jobs",
+        "1",
+        "--n-permutations",
+        "1",
+        "--n-folds",
+        "3",
+    ]
     assert main(argv) == 0
     assert "sub-01: balanced accuracy" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
@@ -252,3 +282,34 @@ def test_bad_curated_files_raise_format_error(tmp_path: Path) -> None:
     np.save(root / "sub-01_runs.npy", truth["runs"][:-1])
     with pytest.raises(FormatError, match=r"shape \(48,\); found shape \(47,\)"):
         dec.decode(root, tmp_path / "o")
+
+
+def test_blockwise_scaler_matches_standard_scaler() -> None:
+    from sklearn.base import clone
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(40, 11)) * rng.uniform(1, 300, 11) + 50).astype(np.float32)
+    X[:, 3] = 7.0  # constant column -> scale 1, like scikit-learn
+    scaler = dec.BlockwiseStandardScaler(copy=True)
+    scaler.BLOCK = 4  # several blocks, the last one partial
+    ours = scaler.fit(X)
+    ref = StandardScaler().fit(X)
+    np.testing.assert_allclose(ours.mean_, ref.mean_, rtol=1e-12)
+    np.testing.assert_allclose(ours.scale_, ref.scale_, rtol=1e-9)
+    assert ours.scale_[3] == 1.0 and ours.n_features_in_ == 11
+    np.testing.assert_allclose(ours.transform(X), ref.transform(X), rtol=1e-5, atol=1e-5)
+    assert isinstance(clone(dec.make_classifier())[0], dec.BlockwiseStandardScaler)
+    with pytest.raises(ValueError, match="only the default"):
+        dec.BlockwiseStandardScaler(with_mean=False).fit(X)
+
+
+def test_fold_jobs_respects_memory_budget() -> None:
+    X = np.zeros((1000, 2000), dtype=np.float32)  # 8 MB
+    splits = dec.run_grouped_splits(np.repeat(np.arange(10), 100), 5)
+    assert dec.fold_jobs(X, splits, 12, 2, memory_gb=16) == 2
+    # one fold: train+test copies 8 MB, scaler block 12.8 MB, lbfgs 4.8 MB, probabilities 0.1 MB
+    per_fold = 8e6 + 800 * 2000 * 8 + 25 * 12 * 2001 * 8 + 1000 * 12 * 8
+    assert dec.fold_jobs(X, splits, 12, 2, memory_gb=(0.5e9 + 8e6 + 1.9 * per_fold) / 1e9) == 1
+    assert dec.fold_jobs(X, splits, 12, 2, memory_gb=(0.5e9 + 8e6 + 2.1 * per_fold) / 1e9) == 2
+    assert dec.fold_jobs(X, splits, 12, 2, memory_gb=0.1) == 1  # too small: still runs, warns

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.preprocessing import StandardScaler
 
 from nsdprep import paths
 from nsdprep._io import atomic_path
@@ -55,6 +56,8 @@ DEFAULT_N_PERMUTATIONS = 5
 #: a stable baseline (and makes lbfgs converge in few iterations).
 DEFAULT_C = 0.01
 DEFAULT_MAX_ITER = 500
+#: Memory budget used to cap the number of folds fitted at once (the machine has 24 GB, shared).
+DEFAULT_MEMORY_GB = 16.0
 MASK_RULE = "voxels nonzero in at least one selected trial (grey-matter mask as written by curate)"
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.md"
@@ -75,6 +78,7 @@ class DecodeConfig:
     jobs: int = 1
     C: float = DEFAULT_C
     max_iter: int = DEFAULT_MAX_ITER
+    memory_gb: float = DEFAULT_MEMORY_GB
 
     def __post_init__(self) -> None:
         if self.n_folds < 2:
@@ -85,6 +89,8 @@ class DecodeConfig:
             raise NsdPrepError(f"--subsample must be >= 0 (0 = all trials), got {self.subsample}")
         if self.jobs < 1:
             raise NsdPrepError(f"--jobs must be >= 1, got {self.jobs}")
+        if not self.memory_gb > 0:
+            raise NsdPrepError(f"--memory-gb must be > 0, got {self.memory_gb}")
         if not self.C > 0:
             raise NsdPrepError(f"--C must be > 0, got {self.C}")
 
@@ -280,17 +286,54 @@ def check_splits_disjoint(
 def make_classifier(seed: int = 0, C: float = DEFAULT_C, max_iter: int = DEFAULT_MAX_ITER) -> Any:
     """``StandardScaler`` → L2 ``LogisticRegression`` (lbfgs, multinomial), fixed random state.
 
-    The scaler works in place (``copy=False``): :func:`cross_validate_grouped` always hands it a
-    fresh training/test copy, so the caller's matrix is never modified and a full-size copy is saved.
+    The scaler (:class:`BlockwiseStandardScaler`) works in place (``copy=False``):
+    :func:`cross_validate_grouped` always hands it a fresh training/test copy, so the caller's
+    matrix is never modified and a full-size copy is saved. The lbfgs workspace depends on
+    ``n_classes x n_voxels`` only (~25 x 8 bytes each), not on the number of trials.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     return make_pipeline(
-        StandardScaler(copy=False),
+        BlockwiseStandardScaler(copy=False),
         LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, random_state=seed),
     )
+
+
+class BlockwiseStandardScaler(StandardScaler):
+    """``StandardScaler`` whose ``fit`` works on blocks of columns.
+
+    scikit-learn's ``fit`` upcasts to float64 and builds temporaries ~2.3 times the size of a
+    float32 input (9+ GB for 18k trials x 64k voxels). Here the mean and variance are computed in
+    float64 on ``BLOCK`` columns at a time (``n_samples x BLOCK`` doubles of extra memory); the
+    results match ``StandardScaler`` to float64 round-off, ``transform`` is inherited. Constant
+    columns get a scale of 1, as in scikit-learn. Only the default ``with_mean``/``with_std`` are
+    supported and ``sample_weight`` is not.
+    """
+
+    #: Columns per block.
+    BLOCK = 2048
+
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> BlockwiseStandardScaler:
+        """Compute ``mean_``, ``var_`` and ``scale_`` per column, block by block."""
+        from sklearn.utils.validation import validate_data
+
+        if sample_weight is not None or not (self.with_mean and self.with_std):
+            raise ValueError("BlockwiseStandardScaler supports only the default, unweighted fit")
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=True)
+        n, p = X.shape
+        mean = np.empty(p, dtype=np.float64)
+        var = np.empty(p, dtype=np.float64)
+        for a in range(0, p, self.BLOCK):
+            block = X[:, a : a + self.BLOCK].astype(np.float64)
+            mean[a : a + self.BLOCK] = block.mean(axis=0)
+            var[a : a + self.BLOCK] = block.var(axis=0)
+        scale = np.sqrt(var)
+        constant = var <= 10 * np.finfo(np.float64).eps * np.maximum(mean**2, 1.0)
+        scale[constant] = 1.0
+        self.mean_, self.var_, self.scale_ = mean, var, scale
+        self.n_samples_seen_ = n
+        return self
 
 
 def cross_validate_grouped(
@@ -306,7 +349,8 @@ def cross_validate_grouped(
     """Fit/score each (estimator, label set) pair in every split, folds in parallel threads.
 
     ``estimators[i]`` is fit on ``label_sets[i]`` (default: ``y`` for all). Returns one dict per pair:
-    ``fold_scores`` (balanced accuracy per split) and ``y_pred`` (out-of-fold predictions).
+    ``fold_scores`` (balanced accuracy per split), ``y_pred`` (out-of-fold predictions) and
+    ``n_iter`` (solver iterations per split, 0 for estimators without).
     Threads share ``X`` (numpy/BLAS release the GIL), so no worker copies the whole matrix.
     """
     from joblib import Parallel, delayed
@@ -318,17 +362,59 @@ def cross_validate_grouped(
         delayed(_fit_score)(X, label_sets[i], splits[k], estimators[i]) for i, k in tasks
     )
     out = [
-        {"fold_scores": [0.0] * len(splits), "y_pred": np.empty(len(y), dtype=y.dtype)}
+        {
+            "fold_scores": [0.0] * len(splits),
+            "y_pred": np.empty(len(y), dtype=y.dtype),
+            "n_iter": [0] * len(splits),
+        }
         for _ in estimators
     ]
-    for (i, k), (score, pred) in zip(
+    for (i, k), (score, pred, n_iter) in zip(
         tasks,
         tqdm(results, total=len(tasks), desc=f"{desc} fits", leave=False, disable=None),
         strict=True,
     ):
         out[i]["fold_scores"][k] = score
         out[i]["y_pred"][splits[k][1]] = pred
+        out[i]["n_iter"][k] = n_iter
     return out
+
+
+def fold_jobs(
+    X: np.ndarray,
+    splits: Sequence[tuple[np.ndarray, np.ndarray]],
+    n_classes: int,
+    jobs: int,
+    memory_gb: float,
+) -> int:
+    """Folds to fit at once: ``jobs``, lowered so the estimated peak memory stays in ``memory_gb``.
+
+    Estimate per fold: the training and test copies of ``X`` (float32), the scaler's float64
+    column block, the lbfgs workspace (~25 doubles per coefficient) and the class probabilities;
+    plus ``X`` itself and ~0.5 GB of interpreter and libraries once.
+    """
+    n, p = X.shape
+    n_train = max(len(train) for train, _ in splits)
+    n_test = max(len(test) for _, test in splits)
+    per_fold = (
+        (n_train + n_test) * p * X.itemsize
+        + n_train * min(p, BlockwiseStandardScaler.BLOCK) * 8
+        + 25 * n_classes * (p + 1) * 8
+        + n * n_classes * 8
+    )
+    avail = memory_gb * 1e9 - X.nbytes - 0.5e9
+    fit = int(avail // per_fold)
+    if fit < 1:
+        log.warning(
+            "estimated memory for one fold (%.1f GB + data %.1f GB) exceeds --memory-gb %.1f; "
+            "running one fold at a time anyway (use --subsample to reduce)",
+            per_fold / 1e9,
+            X.nbytes / 1e9,
+            memory_gb,
+        )
+    if fit < jobs:
+        log.info("fitting %d fold(s) at a time instead of %d (memory budget)", max(fit, 1), jobs)
+    return max(1, min(jobs, fit))
 
 
 def permute_within_runs(y: np.ndarray, runs: np.ndarray, seed: Sequence[int] | int) -> np.ndarray:
@@ -343,7 +429,7 @@ def permute_within_runs(y: np.ndarray, runs: np.ndarray, seed: Sequence[int] | i
 
 def _fit_score(
     X: np.ndarray, y: np.ndarray, split: tuple[np.ndarray, np.ndarray], estimator: Any
-) -> tuple[float, np.ndarray]:
+) -> tuple[float, np.ndarray, int]:
     from sklearn.base import clone
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import balanced_accuracy_score
@@ -354,12 +440,13 @@ def _fit_score(
         warnings.simplefilter("always", ConvergenceWarning)
         est.fit(X[train], y[train])  # fancy indexing: a fresh copy the pipeline may modify
     if any(issubclass(w.category, ConvergenceWarning) for w in caught):
-        log.warning("%s did not converge in one fold; raise --max-iter", type(est[-1]).__name__)
+        log.warning("the classifier did not converge in one fold; raise --max-iter")
+    n_iter = int(np.max(getattr(est[-1] if hasattr(est, "steps") else est, "n_iter_", 0)))
     pred = est.predict(X[test])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "y_pred contains classes not in y_true"
         score = float(balanced_accuracy_score(y[test], pred))
-    return score, pred
+    return score, pred, n_iter
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,8 +469,14 @@ def decode_subject(files: SubjectFiles, config: DecodeConfig) -> dict[str, Any]:
     classes, counts = np.unique(y, return_counts=True)
     if classes.size < 2:
         raise FormatError(f"{files.labels}: need >= 2 classes to decode, found {classes.tolist()}")
-    log.info("%s: %d of %d trials, %d classes, %d runs", label, len(trials), n_volumes,
-             classes.size, np.unique(runs).size)  # fmt: skip
+    log.info(
+        "%s: %d of %d trials, %d classes, %d runs",
+        label,
+        len(trials),
+        n_volumes,
+        classes.size,
+        np.unique(runs).size,
+    )
     X, mask, _ = load_masked(files.betas, trials, desc=label)
     splits = run_grouped_splits(runs, config.n_folds)
 
@@ -399,7 +492,7 @@ def decode_subject(files: SubjectFiles, config: DecodeConfig) -> dict[str, Any]:
         splits,
         [clf, dummy] + [clf] * len(perms),
         [y, y, *perms],
-        jobs=config.jobs,
+        jobs=fold_jobs(X, splits, classes.size, config.jobs, config.memory_gb),
         desc=label,
     )
     true_fit, dummy_fit, perm_fits = fits[0], fits[1], fits[2:]
@@ -430,6 +523,9 @@ def decode_subject(files: SubjectFiles, config: DecodeConfig) -> dict[str, Any]:
         "dummy_fold_balanced_accuracy": _r(dummy_fit["fold_scores"]),
         "dummy_chance": _r(float(np.mean(dummy_fit["fold_scores"]))),
         "permutation_means": _r(perm_means),
+        "max_solver_iterations": int(
+            max(true_fit["n_iter"] + [n for f in perm_fits for n in f["n_iter"]])
+        ),
         "permutation_mean": _r(float(np.mean(perm_means))) if perm_means else None,
         "permutation_p_value": _r(p_value) if p_value is not None else None,
         "confusion_matrix": _r(cm.tolist()),
@@ -475,9 +571,13 @@ def decode(
         results["subjects"][res["subject"]] = res
         log.info(
             "%s: balanced accuracy %.3f (dummy %.3f, permutation %s, chance %.3f) in %.0f s",
-            res["subject"], res["mean_balanced_accuracy"], res["dummy_chance"],
-            res["permutation_mean"], res["chance_theoretical"], res["seconds"],
-        )  # fmt: skip
+            res["subject"],
+            res["mean_balanced_accuracy"],
+            res["dummy_chance"],
+            res["permutation_mean"],
+            res["chance_theoretical"],
+            res["seconds"],
+        )
     write_outputs(results, out_dir)
     return results
 
@@ -572,8 +672,15 @@ def plot_confusion(res: dict[str, Any], target: str | Path) -> None:
     if n <= 15:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, f"{cm[i, j]:.2f}", ha="center", va="center", fontsize=9,
-                        color="black" if cm[i, j] > 0.6 else "white")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{cm[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    color="black" if cm[i, j] > 0.6 else "white",
+                )
     fig.colorbar(im, ax=ax, label="fraction of true-class trials")
     fig.tight_layout()
     _save_png(fig, target)
@@ -588,19 +695,45 @@ def plot_accuracy_vs_chance(subjects: dict[str, dict[str, Any]], target: str | P
         r = subjects[name]
         folds = np.asarray(r["fold_balanced_accuracy"])
         jitter = np.linspace(-0.12, 0.12, folds.size) if folds.size > 1 else np.zeros(1)
-        ax.scatter(x + jitter, folds, s=14, color="tab:blue", alpha=0.5,
-                   label="fold" if x == 0 else None)  # fmt: skip
-        ax.errorbar(x, r["mean_balanced_accuracy"], yerr=r["std_balanced_accuracy"], fmt="o",
-                    color="tab:blue", ms=8, capsize=5, label="mean ± sd" if x == 0 else None)  # fmt: skip
-        ax.hlines(r["chance_theoretical"], x - 0.35, x + 0.35, colors="black", linestyles=":",
-                  label="1 / n_classes" if x == 0 else None)  # fmt: skip
-        ax.scatter(x + 0.25, r["dummy_chance"], marker="s", color="tab:gray",
-                   label="dummy (stratified)" if x == 0 else None)  # fmt: skip
+        ax.scatter(
+            x + jitter, folds, s=14, color="tab:blue", alpha=0.5, label="fold" if x == 0 else None
+        )
+        ax.errorbar(
+            x,
+            r["mean_balanced_accuracy"],
+            yerr=r["std_balanced_accuracy"],
+            fmt="o",
+            color="tab:blue",
+            ms=8,
+            capsize=5,
+            label="mean ± sd" if x == 0 else None,
+        )
+        ax.hlines(
+            r["chance_theoretical"],
+            x - 0.35,
+            x + 0.35,
+            colors="black",
+            linestyles=":",
+            label="1 / n_classes" if x == 0 else None,
+        )
+        ax.scatter(
+            x + 0.25,
+            r["dummy_chance"],
+            marker="s",
+            color="tab:gray",
+            label="dummy (stratified)" if x == 0 else None,
+        )
         if r["permutation_means"]:
             perm = np.asarray(r["permutation_means"])
-            ax.errorbar(x - 0.25, perm.mean(), yerr=[[perm.mean() - perm.min()],
-                        [perm.max() - perm.mean()]], fmt="D", color="tab:orange", capsize=4,
-                        label="permutation mean (min–max)" if x == 0 else None)  # fmt: skip
+            ax.errorbar(
+                x - 0.25,
+                perm.mean(),
+                yerr=[[perm.mean() - perm.min()], [perm.max() - perm.mean()]],
+                fmt="D",
+                color="tab:orange",
+                capsize=4,
+                label="permutation mean (min–max)" if x == 0 else None,
+            )
     ax.set_xticks(range(len(names)), names)
     ax.set_xlim(-0.7, len(names) - 0.3)
     ax.set_ylim(0.0, 1.04)
@@ -624,32 +757,67 @@ def peak_rss_bytes() -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m nsdprep decode``."""
-    parser.add_argument("--curated", type=Path, default=Path(paths.CURATED_DIR),
-                        help="curated folder with sub-XX.nii.gz, sub-XX_labels.npy, sub-XX_runs.npy")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path(paths.DECODING_DIR),
-                        help="output folder (results.json, report.md, PNG plots)")  # fmt: skip
-    parser.add_argument("--subjects", type=int, nargs="+", metavar="N",
-                        help="subject numbers (default: every sub-XX.nii.gz in --curated)")  # fmt: skip
-    parser.add_argument("--subsample", type=int, default=0, metavar="N",
-                        help="keep N trials per subject, stratified and evenly spaced (0 = all)")  # fmt: skip
+    parser.add_argument(
+        "--curated",
+        type=Path,
+        default=Path(paths.CURATED_DIR),
+        help="curated folder with sub-XX.nii.gz, sub-XX_labels.npy, sub-XX_runs.npy",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(paths.DECODING_DIR),
+        help="output folder (results.json, report.md, PNG plots)",
+    )
+    parser.add_argument(
+        "--subjects",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="subject numbers (default: every sub-XX.nii.gz in --curated)",
+    )
+    parser.add_argument(
+        "--subsample",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep N trials per subject, stratified and evenly spaced (0 = all)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="folds fitted in parallel (threads)")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of classifier, dummy, permutations"
     )
-    parser.add_argument("--n-permutations", type=int, default=DEFAULT_N_PERMUTATIONS,
-                        help="label permutations (within runs) for the chance level; 0 = none")  # fmt: skip
-    parser.add_argument("--n-folds", type=int, default=DEFAULT_N_FOLDS,
-                        help="run-grouped cross-validation folds")  # fmt: skip
+    parser.add_argument(
+        "--n-permutations",
+        type=int,
+        default=DEFAULT_N_PERMUTATIONS,
+        help="label permutations (within runs) for the chance level; 0 = none",
+    )
+    parser.add_argument(
+        "--n-folds", type=int, default=DEFAULT_N_FOLDS, help="run-grouped cross-validation folds"
+    )
     parser.add_argument("--C", type=float, default=DEFAULT_C, help="inverse L2 strength")
     parser.add_argument("--max-iter", type=int, default=DEFAULT_MAX_ITER, help="lbfgs iterations")
+    parser.add_argument(
+        "--memory-gb",
+        type=float,
+        default=DEFAULT_MEMORY_GB,
+        help="memory budget; fewer folds run at once when --jobs would exceed it",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the decoding stage from parsed arguments; print a one-line summary per subject."""
     config = DecodeConfig(
-        n_folds=args.n_folds, n_permutations=args.n_permutations, seed=args.seed,
-        subsample=args.subsample, jobs=args.jobs, C=args.C, max_iter=args.max_iter,
-    )  # fmt: skip
+        n_folds=args.n_folds,
+        n_permutations=args.n_permutations,
+        seed=args.seed,
+        subsample=args.subsample,
+        jobs=args.jobs,
+        C=args.C,
+        max_iter=args.max_iter,
+        memory_gb=args.memory_gb,
+    )
     results = decode(args.curated, args.out, args.subjects, config)
     for r in results["subjects"].values():
         print(
