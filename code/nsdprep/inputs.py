@@ -541,6 +541,11 @@ def _raise_on_failure(results: Sequence[dict[str, Any]], what: str, remote: bool
     if remote:
         if any(s in message for s in ("403", "Forbidden", "AccessDenied")):
             message += "\n" + NSD_TERMS_HINT
+        elif "Verification of content failed" in message:
+            message += (
+                "\nThe file on the server differs from the one whose checksum was recorded at its "
+                "first download: nothing was kept. Check the source before using it."
+            )
         else:
             message += "\nRun it again to retry (partial downloads resume)."
         raise RemoteError(message)
