@@ -463,8 +463,14 @@ def test_synthetic_labels_match_pycocotools(request, tmp_path):
     info = pd.read_pickle(stim)
     assert len(table) == len(info)
     assert_matches_pycocotools(table, extract(zp, tmp_path), info)
-    planted = json.loads((synth_root / "synth_manifest.json").read_text())["labels"]
-    assert table["supercat"].tolist() == planted
+    manifest = json.loads((synth_root / "synth_manifest.json").read_text())
+    assert table["supercat"].tolist() == manifest["labels"]
+    empty = manifest.get("unannotated_nsd_ids", [])
+    assert (table.loc[empty, "cat"] == "unknown").all()
+    assert all(table.loc[empty, "areas"].map(len) == 0)
+    for i in manifest.get("area_tie_nsd_ids", []):  # the planted ties really are ties
+        areas = table.at[i, "areas"]
+        assert areas.count(max(areas)) > 1
     legacy = coco.build(
         zp, stim, tmp_path / "ml.json", tmp_path / "legacy.pkl", legacy=True, expdesign=exp
     )

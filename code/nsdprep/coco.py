@@ -548,7 +548,9 @@ def build(
 def default_summary_path(out: str | Path) -> Path:
     """``derivatives/coco_categories.pkl`` -> ``derivatives/coco_categories_summary.tsv``."""
     out = Path(out)
-    return out.with_name(f"{out.stem}_summary.tsv")
+    if out.suffix == ".pkl":
+        return Path(paths.summary_path(str(out)))
+    return out.with_name(f"{out.name}_summary.tsv")
 
 
 # ----------------------------------------------------------------------------------------------
