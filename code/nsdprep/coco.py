@@ -412,38 +412,29 @@ def legacy_label_table(merged_legacy: dict[str, Any], ids: np.ndarray) -> pd.Dat
     if not np.all(np.mod(ids, 1) == 0):
         raise FormatError("legacy labels: the 73k ids of subjectim must be integers.")
     groups = _group_by_image(image_id, ids.astype(np.int64))
-    rows = []
+    cols: dict[str, list[Any]] = {c: [] for c in LEGACY_COLUMNS[1:]}
     for idx in groups:
         sel = [anns[i] for i in idx.tolist()]
         supercats = [sup_of[a["category_id"]] for a in sel]
         cats = [name_of[a["category_id"]] for a in sel]
         areas = [a["area"] for a in sel]
-        if areas:
-            j = int(np.argmax(areas))
-            top = (supercats[j], cats[j])
-        else:
-            top = (UNKNOWN, UNKNOWN)
-        rows.append(
-            {
-                "supercats": supercats,
-                "cats": cats,
-                "areas": areas,
-                "supercat": top[0],
-                "cat": top[1],
-            }
-        )
-    df = pd.DataFrame(
+        j = int(np.argmax(areas)) if areas else None  # first of the largest, as np.argmax
+        cols["supercats"].append(supercats)
+        cols["cats"].append(cats)
+        cols["areas"].append(areas)
+        cols["supercat"].append(UNKNOWN if j is None else supercats[j])
+        cols["cat"].append(UNKNOWN if j is None else cats[j])
+    return pd.DataFrame(
         {
             "id": ids,
-            "supercats": _object_column([r["supercats"] for r in rows]),
-            "cats": _object_column([r["cats"] for r in rows]),
-            "areas": _object_column([r["areas"] for r in rows]),
-            "supercat": pd.array([r["supercat"] for r in rows], dtype=object),
-            "cat": pd.array([r["cat"] for r in rows], dtype=object),
+            "supercats": _object_column(cols["supercats"]),
+            "cats": _object_column(cols["cats"]),
+            "areas": _object_column(cols["areas"]),
+            "supercat": pd.array(cols["supercat"], dtype=object),
+            "cat": pd.array(cols["cat"], dtype=object),
         },
         columns=list(LEGACY_COLUMNS),
     )
-    return df
 
 
 def read_expdesign(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
