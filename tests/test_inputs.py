@@ -247,12 +247,12 @@ def test_changed_source_after_first_get_fails_and_keeps_nothing(setup: Setup) ->
     inputs.drop_subjects(setup.ds, [1])
 
 
-def test_before_first_get_only_the_size_is_checked(setup: Setup) -> None:
-    """A never-fetched VURL key has no checksum yet: git-annex accepts any content for it.
+def test_changed_on_server_before_first_get(setup: Setup) -> None:
+    """A never-fetched VURL key has no checksum yet, only a size.
 
-    Our size check (``fsck --fast`` after the get) rejects content of the wrong size; content of the
-    right size cannot be told apart (known limit: nothing but the size is known before a first
-    download), and from then on its checksum is the recorded one.
+    A size change on the server is caught before anything is downloaded (git-annex would otherwise
+    record the wrong content's checksum for the key). Same size, other bytes cannot be told apart
+    (known limit) and from then on that content's checksum is the recorded one.
     """
     rng = random.Random(9)
     d = setup.bucket / BETAS_DIR.format(s=3)  # a subject that appears later, used only here
@@ -268,22 +268,46 @@ def test_before_first_get_only_the_size_is_checked(setup: Setup) -> None:
     (setup.bucket / "nsd" / bigger).write_bytes(originals[bigger] + b"extra")
     (setup.bucket / "nsd" / same).write_bytes(originals[same][::-1])
     try:
-        with pytest.raises(RemoteError, match="does not match the registered size"):
+        with pytest.raises(RemoteError, match=r"registered 2044 bytes, .* has 2049"):
             inputs.get_subjects(setup.ds, [3])
-        assert bigger not in present(setup.nsd)
-        assert not (setup.nsd / bigger).exists()
+        assert not [k for k in present(setup.nsd) if "/subj03/" in k]
+        (setup.bucket / "nsd" / bigger).write_bytes(originals[bigger])
+        inputs.get_subjects(setup.ds, [3])
         # Same size, other bytes: accepted, and fsck agrees (the checksum was recorded from it).
+        assert (setup.nsd / bigger).read_bytes() == originals[bigger]
         assert (setup.nsd / same).read_bytes() == originals[same][::-1]
         assert git(setup.nsd, "annex", "fsck", same, check=False).returncode == 0
     finally:
         for k, data in originals.items():
             (setup.bucket / "nsd" / k).write_bytes(data)
     inputs.drop_subjects(setup.ds, [3])
-    # The real file now fails verification against the checksum recorded from the wrong one
-    # (for both: git-annex recorded the checksum of the bigger download too before our check).
+    # The real file now fails verification against the checksum recorded from the wrong one.
     with pytest.raises(RemoteError, match="Verification of content failed"):
         inputs.get_subjects(setup.ds, [3])
-    assert not [k for k in present(setup.nsd) if "/subj03/" in k]
+    assert same not in present(setup.nsd)
+    inputs.drop_subjects(setup.ds, [3])
+
+
+def test_size_check_after_get_moves_wrong_content_away(setup: Setup) -> None:
+    """Safety net if the server changes between the check and the download."""
+    key = "nsddata_betas/ppdata/subj02/MNI/betas_fithrf/valid_session01.nii.gz"
+    obj = git(
+        setup.nsd,
+        "annex",
+        "contentlocation",
+        git(setup.nsd, "annex", "lookupkey", key).stdout.strip(),
+        check=False,
+    )
+    assert obj.returncode != 0  # not present
+    inputs.get_subjects(setup.ds, [2])
+    # Make the local content the wrong size behind git-annex's back, as a bad download would.
+    path = (setup.nsd / key).resolve()
+    path.chmod(0o644)
+    path.write_bytes(path.read_bytes() + b"x")
+    with pytest.raises(RemoteError, match="does not match the registered size"):
+        inputs._verify_sizes(setup.nsd, [key])
+    assert key not in present(setup.nsd)
+    inputs.drop_subjects(setup.ds, [2])
 
 
 def test_download_cut_short_fails_and_keeps_nothing(setup: Setup) -> None:

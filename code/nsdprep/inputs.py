@@ -18,6 +18,7 @@ import csv
 import ipaddress
 import json
 import logging
+import re
 import shlex
 import subprocess
 import urllib.error
@@ -49,6 +50,7 @@ NSD_TERMS_HINT = (
     "https://natural-scenes-dataset.s3.amazonaws.com/index.html), then run `make inputs` again."
 )
 _TIMEOUT = 60.0
+_KEY_SIZE_RE = re.compile(r"^[A-Z0-9]+-s(?P<size>\d+)--")
 #: datalad.api keyword arguments: plain result records, no rendering, failures checked by us.
 _QUIET: dict[str, Any] = dict(
     result_renderer="disabled", on_failure="ignore", return_type="list", result_xfm=None
@@ -399,7 +401,10 @@ def get_subjects(ds_root: str | Path, subjects: Iterable[int] | None) -> list[in
     """``datalad get`` the betas of ``subjects`` (1-based; empty = all) and the experiment files.
 
     Installs ``inputs/nsd`` first if needed; raises :class:`DatasetStateError` naming subjects that are
-    not registered and :class:`RemoteError` if a download fails or does not verify.
+    not registered and :class:`RemoteError` if a download fails or does not verify. Integrity: before
+    downloading, the server's sizes are compared with the registered ones (``HEAD``); git-annex checks
+    the checksum recorded at a file's first download; afterwards ``fsck --fast`` checks sizes again.
+    Content that fails is never left in place (partial downloads stay in ``.git/annex/tmp`` to resume).
     """
     import datalad.api as dl
 
@@ -409,6 +414,13 @@ def get_subjects(ds_root: str | Path, subjects: Iterable[int] | None) -> list[in
     targets = [str(nsd / _subject_folder(s)) for s in chosen]
     targets += [str(nsd / k) for k in NSD_EXPERIMENT_KEYS if (nsd / k).is_symlink()]
     logger.info("getting %s", ", ".join(paths.subject_label(s) for s in chosen))
+    changed = _changed_on_server(nsd, [Path(t).relative_to(nsd).as_posix() for t in targets])
+    if changed:
+        raise RemoteError(
+            f"{len(changed)} file(s) on the server differ in size from the ones registered in "
+            f"{nsd}; nothing was fetched:\n" + "\n".join(changed) + "\nCheck the source. If the "
+            "change is legitimate, `git rm` those files in inputs/nsd and run `make inputs` again."
+        )
     results = dl.get(
         path=targets,
         dataset=str(ds_root),
@@ -488,6 +500,36 @@ def _allow_loopback(sub: Path, url: str) -> None:
     subprocess.run(
         ["git", "-C", str(sub), "config", "--local", key, " ".join([*current, addr])], check=True
     )
+
+
+def _changed_on_server(nsd: Path, rel_paths: Sequence[str]) -> list[str]:
+    """Absent files whose size on the server (``HEAD``) differs from the size in their key.
+
+    Checked before downloading because git-annex records a VURL key's checksum from whatever the
+    first download brings, even content of the wrong size: fetching it would poison the key.
+    """
+    proc = subprocess.run(
+        ["git", "-C", str(nsd), "annex", "whereis", "--json", "--not", "--in", "here",
+         "--", *rel_paths],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    changed = []
+    for line in proc.stdout.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        m = _KEY_SIZE_RE.match(rec.get("key", ""))
+        urls = [u for w in rec.get("whereis", []) for u in w.get("urls", [])]
+        if m is None or not urls:
+            continue
+        size = remote_size(urls[0], hint=NSD_TERMS_HINT)
+        if size != int(m["size"]):
+            changed.append(
+                f"  {rec.get('file')}: registered {m['size']} bytes, {urls[0]} has {size}"
+            )
+    return changed
 
 
 def _verify_sizes(nsd: Path, rel_paths: Sequence[str]) -> None:
