@@ -9,7 +9,7 @@ schema, keys sorted by their UTF-8 bytes and pages of at most 1000 keys, as S3 d
 client code against this mirror as against the public NSD bucket, offline.
 
 Why a server of our own and not ``moto``: moto (``moto[server]``) would do as well and emulates far more of
-S3; this one is ~250 lines on the standard library (no extra dependency in the pinned environment), gives
+S3; this one is a few hundred lines of standard library (no extra dependency in the pinned environment), gives
 exact control of the faults the tests need (``403 AccessDenied`` for chosen keys, a download cut short
 after N bytes) and its listing answers are the documented ListObjectsV2 XML, so nothing in the client is
 written for the mirror. ETags are the content MD5 for files up to 16 MiB (as S3 for single-part uploads)
