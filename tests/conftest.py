@@ -17,6 +17,11 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
+# Subprocesses (stage CLIs) import the package from this checkout, as the Makefile arranges.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO_ROOT / "code"), *filter(None, [os.environ.get("PYTHONPATH")])]
+)
+
 #: Small synthetic layout used throughout the tests (documented in nsdprep.synth).
 RUNS_PER_SESSION = 4
 TRIALS_PER_RUN = (8, 7)
