@@ -244,7 +244,7 @@ class SynthSpec:
     full: bool = False
     flip_x: bool = True
     crop_shape: tuple[int, int, int] = (36, 42, 36)
-    amplitude: float = 0.5
+    amplitude: float = 0.45
     noise_sd: float = 2.0
     n_extra_coco: int | None = None
     val_fraction: float = 0.2
@@ -800,23 +800,28 @@ def _liberal_mask(spec: SynthSpec) -> np.ndarray:
 
 
 def _patterns(spec: SynthSpec, subject: int, xyz: np.ndarray) -> np.ndarray:
-    """(n_supercategories, n_voxels) float32 smooth unit-variance patterns at world coords ``xyz``."""
+    """(n_supercategories, n_voxels) float32 smooth unit-variance patterns at world coords ``xyz``.
+
+    Each pattern is a sum of 8 plane waves (wavelengths 16-40 mm, random directions and phases);
+    the set is then made orthonormal by symmetric (Loewdin) orthogonalisation, which keeps the
+    patterns smooth (linear combinations of smooth fields) and makes every class equally separable.
+    """
     rng = _rng(spec, 4, subject)
     n_waves = 8
+    xyz32 = xyz.astype(np.float32)
     out = np.empty((len(SUPERCATEGORIES), xyz.shape[0]), dtype=np.float32)
     for c in range(len(SUPERCATEGORIES)):
         direction = rng.normal(size=(3, n_waves))
         direction /= np.linalg.norm(direction, axis=0, keepdims=True)
         k = direction * (2 * np.pi / rng.uniform(16.0, 40.0, size=n_waves))
         phase = rng.uniform(0, 2 * np.pi, size=n_waves)
-        acc = np.zeros(xyz.shape[0], dtype=np.float64)
-        for w in range(n_waves):
-            acc += np.cos(xyz @ k[:, w] + phase[w])
-        out[c] = acc
-    # Orthogonalise (linear combinations of smooth fields stay smooth) so that every class is
-    # equally separable in every subject; then unit variance per voxel on average.
-    q, _ = np.linalg.qr(out.T.astype(np.float64))
-    return (q.T * np.sqrt(xyz.shape[0])).astype(np.float32)
+        arg = xyz32 @ k.astype(np.float32)
+        arg += phase.astype(np.float32)
+        out[c] = np.cos(arg, out=arg).sum(axis=1)
+    gram = (out.astype(np.float64) @ out.T.astype(np.float64)) / xyz.shape[0]
+    evals, evecs = np.linalg.eigh(gram)
+    whiten = (evecs / np.sqrt(evals)) @ evecs.T  # gram^(-1/2)
+    return (whiten.astype(np.float32) @ out).astype(np.float32)
 
 
 def _session_valid(spec: SynthSpec, liberal: np.ndarray, session: int) -> np.ndarray:
