@@ -308,8 +308,8 @@ def test_fold_jobs_respects_memory_budget() -> None:
     X = np.zeros((1000, 2000), dtype=np.float32)  # 8 MB
     splits = dec.run_grouped_splits(np.repeat(np.arange(10), 100), 5)
     assert dec.fold_jobs(X, splits, 12, 2, memory_gb=16) == 2
-    # one fold: train+test copies 8 MB, scaler block 12.8 MB, lbfgs 4.8 MB, probabilities 0.1 MB
-    per_fold = 8e6 + 800 * 2000 * 8 + 25 * 12 * 2001 * 8 + 1000 * 12 * 8
+    # one fold: training copy 6.4 MB, scaler block 12.8 MB, lbfgs 4.8 MB, probabilities 0.1 MB
+    per_fold = 800 * 2000 * 4 + 800 * 2000 * 8 + 25 * 12 * 2001 * 8 + 1000 * 12 * 8
     assert dec.fold_jobs(X, splits, 12, 2, memory_gb=(0.5e9 + 8e6 + 1.9 * per_fold) / 1e9) == 1
     assert dec.fold_jobs(X, splits, 12, 2, memory_gb=(0.5e9 + 8e6 + 2.1 * per_fold) / 1e9) == 2
     assert dec.fold_jobs(X, splits, 12, 2, memory_gb=0.1) == 1  # too small: still runs, warns

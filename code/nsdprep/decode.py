@@ -3,7 +3,7 @@
 Per subject, the curated 4D betas (``sub-XX.nii.gz``, int16 x300, zero outside the grey-matter mask)
 are streamed volume by volume into a ``(n_trials, n_voxels)`` float32 matrix of the voxels in the
 *analysis mask*, and a linear classifier (``StandardScaler`` → ``LogisticRegression``) predicts the
-supercategory label of each trial (``sub-XX_labels.npy``).
+supercategory label of each trial (``sub-XX_labels.npy``). ``sub-XX_trials.tsv`` is not needed.
 
 Design choices
 --------------
@@ -13,7 +13,10 @@ Design choices
   resampling and works on any grid. It takes one extra streaming pass over the file.
 - **Memory**: the 4D file is never loaded whole; the matrix is preallocated as float32 and filled
   one volume at a time (:func:`nsdprep.nifti.iter_volumes`). Folds run in threads over the same
-  matrix (no copy per worker); each fold holds its own training copy.
+  matrix (no copy per worker); each fold holds its own training copy, scaled in place by a
+  blockwise scaler (scikit-learn's would add a float64 copy). ``--memory-gb`` caps how many folds
+  run at once. For a real subject (22.5k trials x ~64k voxels) that is ~5.8 GB of data plus
+  ~5 GB per fold.
 - **Cross-validation** is grouped by run (``sub-XX_runs.npy``, :class:`~sklearn.model_selection.GroupKFold`):
   trials of one run are never in training and test at once, checked for every split at run time
   (adjacent trials of a run share slow drifts, which would inflate accuracy).
@@ -389,15 +392,15 @@ def fold_jobs(
 ) -> int:
     """Folds to fit at once: ``jobs``, lowered so the estimated peak memory stays in ``memory_gb``.
 
-    Estimate per fold: the training and test copies of ``X`` (float32), the scaler's float64
-    column block, the lbfgs workspace (~25 doubles per coefficient) and the class probabilities;
-    plus ``X`` itself and ~0.5 GB of interpreter and libraries once.
+    Estimate per fold: the training copy of ``X`` (freed before the test copy is made), the
+    scaler's float64 column block, the lbfgs workspace (~25 doubles per coefficient) and the class
+    probabilities; plus ``X`` itself and ~0.5 GB of interpreter and libraries once.
     """
     n, p = X.shape
     n_train = max(len(train) for train, _ in splits)
     n_test = max(len(test) for _, test in splits)
     per_fold = (
-        (n_train + n_test) * p * X.itemsize
+        max(n_train, n_test) * p * X.itemsize
         + n_train * min(p, BlockwiseStandardScaler.BLOCK) * 8
         + 25 * n_classes * (p + 1) * 8
         + n * n_classes * 8
