@@ -227,7 +227,7 @@ def load_masked(
     wanted[trials] = True
 
     mask = np.zeros(shape[:3], dtype=bool)
-    vols = iter_volumes(betas, 0, stop, header=hdr)
+    vols = iter_volumes(betas, 0, stop, header=hdr, reuse_buffer=True)
     for i, vol in enumerate(
         tqdm(vols, total=stop, desc=f"{desc} mask", unit="vol", leave=False, disable=None)
     ):
@@ -240,7 +240,7 @@ def load_masked(
     row_of = np.full(stop, -1, dtype=np.int64)
     row_of[trials] = np.arange(trials.size)
     X = np.empty((trials.size, n_voxels), dtype=np.float32)
-    vols = iter_volumes(betas, 0, stop, header=hdr)
+    vols = iter_volumes(betas, 0, stop, header=hdr, reuse_buffer=True)
     for i, vol in enumerate(
         tqdm(vols, total=stop, desc=f"{desc} load", unit="vol", leave=False, disable=None)
     ):
