@@ -236,7 +236,7 @@ def resample_session(
 ) -> SessionResult:
     """Resample one 4D betas file to 3 mm + GM mask and write ``dst`` atomically.
 
-    Written with zlib level ``compresslevel`` (1, nibabel's default for ``.nii.gz``: the output is
+    Written with ISA-L gzip level ``compresslevel`` (1: fast; the output is
     mostly zeros and level 6 would cost more time than it saves space). ``progress(n)`` is called
     after every ``n`` volumes; ``cancelled()`` is polled per volume and
     aborts (no output) when true. Any read error leaves no ``dst``.
