@@ -119,8 +119,12 @@ def test_curated_trials_match_raw_inputs(built: Path) -> None:
 def test_decoding_beats_chance(built: Path) -> None:
     results = json.loads((built / "derivatives/decoding/results.json").read_text())
     assert (built / "derivatives/decoding/report.md").exists()
-    text = json.dumps(results)
-    assert "sub-01" in text
+    subjects = results["subjects"]
+    assert sorted(subjects) == [f"sub-{s:02d}" for s in range(1, len(LAYOUT.sessions) + 1)]
+    for res in subjects.values():
+        # planted signal, run-grouped CV: well above 1/n_classes on every subject
+        assert res["mean_balanced_accuracy"] > res["chance_theoretical"] + 0.1, res
+        assert res["mean_balanced_accuracy"] > res["dummy_chance"] + 0.1, res
 
 
 def test_second_make_does_nothing(built: Path, git_env) -> None:
@@ -140,9 +144,13 @@ def test_rerun_reproduces_identical_checksums(built: Path, git_env, step: str) -
     commit = _git(built, "log", "-F", f"--grep=[nsdprep] {step}", "--format=%H", "-n1").strip()
     assert commit
     changed = _git(built, "diff-tree", "--no-commit-id", "--name-only", "-r", commit, "--").split()
-    before = _git(built, "ls-files", "-s", "--", *changed)
+    # decoding's resources.json (seconds, peak RSS) is the one output documented to vary
+    compared = [p for p in changed if not p.endswith("resources.json")]
+    assert compared
+    before = _git(built, "ls-files", "-s", "--", *compared)
     head = _git(built, "rev-parse", "HEAD")
     env = {**loopback_env(git_env), "PYTHONPATH": str(built / "code"), "OMP_NUM_THREADS": "1"}
     subprocess.run(["datalad", "rerun", commit], cwd=built, check=True, env=env)
-    assert _git(built, "ls-files", "-s", "--", *changed) == before
-    assert _git(built, "rev-parse", "HEAD") == head  # identical outputs: no new commit
+    assert _git(built, "ls-files", "-s", "--", *compared) == before
+    if compared == changed:
+        assert _git(built, "rev-parse", "HEAD") == head  # identical outputs: no new commit

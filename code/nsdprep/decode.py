@@ -26,12 +26,14 @@ Design choices
   ``(1 + #{perm >= observed}) / (1 + n_permutations)``.
 - **Determinism**: fixed seeds everywhere, ``GroupKFold`` without shuffling, the lbfgs solver,
   floats in ``results.json`` rounded to 6 decimals, PNGs written without software/time metadata.
-  ``seconds`` and ``peak_rss_bytes`` are the only fields expected to differ between reruns.
+  ``seconds`` and ``peak_rss_bytes`` go to ``resources.json``, the only output expected to differ
+  between reruns (``results.json``, ``report.md`` and the PNGs are byte-identical).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import re
@@ -64,6 +66,8 @@ DEFAULT_MEMORY_GB = 16.0
 MASK_RULE = "voxels nonzero in at least one selected trial (grey-matter mask as written by curate)"
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.md"
+RESOURCES_NAME = "resources.json"
+RESOURCE_KEYS = ("seconds", "peak_rss_bytes")
 ACCURACY_PLOT_NAME = "accuracy_vs_chance.png"
 _SUBJECT_FILE_RE = re.compile(r"^sub-(\d{2})\.nii\.gz$")
 #: PNG metadata: no software/version string, so the bytes depend only on the figure.
@@ -589,8 +593,15 @@ def write_outputs(results: dict[str, Any], out_dir: str | Path) -> None:
     """Write ``results.json``, one confusion PNG per subject, the accuracy PNG and ``report.md``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    results = copy.deepcopy(results)
+    resources = {
+        name: {key: res.pop(key) for key in RESOURCE_KEYS if key in res}
+        for name, res in results["subjects"].items()
+    }
     with atomic_path(out_dir / RESULTS_NAME) as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    with atomic_path(out_dir / RESOURCES_NAME) as tmp:
+        tmp.write_text(json.dumps(resources, indent=2) + "\n", encoding="utf-8")
     for res in results["subjects"].values():
         plot_confusion(res, out_dir / f"confusion_{res['subject']}.png")
     plot_accuracy_vs_chance(results["subjects"], out_dir / ACCURACY_PLOT_NAME)
@@ -619,8 +630,8 @@ def render_report(results: dict[str, Any]) -> str:
         "p = (1 + #perm >= observed) / (1 + n_permutations).",
         "",
         "| subject | trials | voxels | classes | runs | folds | balanced accuracy (mean ± sd) "
-        "| 1/n_classes | dummy | permutation mean | p | seconds | peak RSS (GB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| 1/n_classes | dummy | permutation mean | p |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in subs.values():
         perm = "–" if r["permutation_mean"] is None else f"{r['permutation_mean']:.3f}"
@@ -629,14 +640,12 @@ def render_report(results: dict[str, Any]) -> str:
             f"| {r['subject']} | {r['n_trials']} | {r['n_voxels']} | {r['n_classes']} "
             f"| {r['n_runs']} | {r['n_folds']} "
             f"| {r['mean_balanced_accuracy']:.3f} ± {r['std_balanced_accuracy']:.3f} "
-            f"| {r['chance_theoretical']:.3f} | {r['dummy_chance']:.3f} | {perm} | {p} "
-            f"| {r['seconds']:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} |"
+            f"| {r['chance_theoretical']:.3f} | {r['dummy_chance']:.3f} | {perm} | {p} |"
         )
     lines += [
         "",
-        "Peak RSS is the process's maximum resident memory up to the end of that subject. "
-        "Seconds and peak RSS are the only values expected to change between reruns; the PNG "
-        "files carry no time or software metadata.",
+        f"Time and peak RSS per subject are in `{RESOURCES_NAME}` (the only file that differs "
+        "between reruns); this report, `results.json` and the PNGs are deterministic.",
         "",
         "## Accuracy versus chance",
         "",
