@@ -224,6 +224,14 @@ def restore_outputs(ds: Path, step: Step) -> list[str]:
         else:
             _git(ds, "checkout", "HEAD", "--", rel)
         cleaned.append(rel)
+    # A never-recorded output directory holding only ignored temporaries (``*.part`` of a killed
+    # run) or nothing: `datalad run -o` fails on it ("File unknown to git"), so remove it too.
+    for pattern in step.outputs:
+        for target in sorted(ds.glob(pattern)):
+            rel = target.relative_to(ds).as_posix()
+            if target.is_dir() and not target.is_symlink() and not _git(ds, "ls-files", "--", rel):
+                shutil.rmtree(target)
+                cleaned.append(rel)
     return cleaned
 
 
