@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(stage).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s nsdprep.%(module)s: %(message)s",
+        format="%(levelname)s %(name)s: %(message)s",
     )
     module = importlib.import_module(STAGES[args.stage][0])
     try:
