@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nsdprep.demo import DemoLayout, build_demo, loopback_env
+from nsdprep.demo import REPO_ROOT, DemoLayout, build_demo, clone_dataset, loopback_env
 from nsdprep.serve import Mirror
 
 VENV = Path(sys.executable).parent.parent
@@ -166,7 +166,6 @@ def test_interrupted_3mm_recovers_to_identical_outputs(
     assert all(_readable(p) for p in finals), left
     leftovers = _status(clone).splitlines()
     assert all(line.startswith("?? derivatives/3mm/subj01/") for line in leftovers), leftovers
-    print(f"after SIGKILL: files {left}; git status {leftovers}")
 
     rc, text = make(clone, env, "3mm", "SUBJECTS=01")
     assert rc == 0, text
@@ -185,3 +184,179 @@ def test_interrupted_3mm_recovers_to_identical_outputs(
     assert rc == 0, text
     assert _git(other, "ls-files", "-s", "derivatives/3mm") == got
     assert got.count("betas_session") == LAYOUT.sessions[0]
+
+
+def _outputs(ds: Path, subject: int) -> list[str]:
+    out = ds / f"derivatives/3mm/subj{subject:02d}"
+    return sorted(p.name for p in out.rglob("*")) if out.exists() else []
+
+
+def _assert_untouched(ds: Path, head: str) -> None:
+    assert _head(ds) == head
+    assert _status(ds) == ""
+    assert not _parts(ds)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. corrupted input content
+
+
+def test_corrupted_betas_fail_naming_the_file(clone: Path, served: Mirror, env) -> None:
+    """Same-size damage on the server is accepted by the first download (a VURL key knows only the
+    size); reading the gzip stream must then fail with the file named and nothing recorded."""
+    src = served.root / "nsd" / _key(2, 1)
+    original = src.read_bytes()
+    damaged = bytearray(original)
+    mid = len(damaged) // 2
+    damaged[mid : mid + 64] = bytes(b ^ 0xFF for b in damaged[mid : mid + 64])
+    head = _head(clone)
+    try:
+        src.write_bytes(bytes(damaged))
+        rc, text = make(clone, env, "3mm", "SUBJECTS=02")
+    finally:
+        src.write_bytes(original)
+    assert rc != 0
+    assert (clone / BETAS.format(s=2, n=1)).read_bytes() == bytes(damaged)  # it was fetched
+    line = next(x for x in text.splitlines() if "nsdprep resample: error:" in x)
+    assert "betas_session01.nii.gz" in line, text
+    assert "3mm subj02 failed" in text and "nothing was recorded" in text, text
+    assert _outputs(clone, 2) == []
+    _assert_untouched(clone, head)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. dirty dataset
+
+
+def test_dirty_dataset_is_refused_and_left_alone(clone: Path, env) -> None:
+    head = _head(clone)
+    notes = clone / "my notes.txt"
+    notes.write_text("work in progress\n")
+    rc, text = make(clone, env, "3mm", "SUBJECTS=02")
+    assert rc != 0
+    assert "has uncommitted changes" in text and "?? my notes.txt" in text, text
+    assert "datalad save" in text
+    assert notes.read_text() == "work in progress\n"
+    assert _head(clone) == head
+    assert _status(clone) == '?? "my notes.txt"\n'
+    assert _outputs(clone, 2) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. input content missing
+
+
+def test_missing_content_named_by_stage_fetched_by_make(clone: Path, env) -> None:
+    betas = BETAS.format(s=2, n=1)
+    for action in ("get", "drop"):
+        subprocess.run(["datalad", action, betas], cwd=clone, env=env, check=True,
+                       capture_output=True)  # fmt: skip
+    assert not (clone / betas).exists()  # a dangling annex symlink
+    head = _head(clone)
+    cmd = [sys.executable, "-m", "nsdprep", "resample", "--nsd", "inputs/nsd", "--subject", "2"]
+    cmd += ["--out", "derivatives/3mm/subj02"]
+    proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "content of 1 betas file(s) absent" in proc.stderr, proc.stderr
+    assert "datalad get" in proc.stderr and "make get SUBJECTS=02" in proc.stderr
+    assert _outputs(clone, 2) == []
+    _assert_untouched(clone, head)
+
+    rc, text = make(clone, env, "3mm", "SUBJECTS=02")  # datalad run fetches declared inputs
+    assert rc == 0, text
+    assert f"get(ok): {betas}" in text, text
+    assert _outputs(clone, 2) == ["betas_session01.nii.gz"]
+    assert _readable(clone / "derivatives/3mm/subj02/betas_session01.nii.gz")
+    assert _status(clone) == ""
+    assert _git(clone, "log", "-1", "--format=%s").startswith(
+        "[DATALAD RUNCMD] [nsdprep] 3mm subj02"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. two invocations at once
+
+
+def test_concurrent_make_is_refused(origin: Path, clone: Path, env, tmp_path: Path) -> None:
+    lock = clone / ".git/nsdprep-run.lock"
+    start = _head(clone)
+    with popen_make(clone, env, tmp_path / "first.log", "3mm") as first:
+        while first.poll() is None and not (lock.exists() and lock.read_text().strip()):
+            time.sleep(0.01)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()
+        holder = lock.read_text()
+        # hold the first run still while the second one starts (as if suspended with Ctrl-Z)
+        os.killpg(first.pid, signal.SIGSTOP)
+        try:
+            rc, text = make(clone, env, "curated")
+        finally:
+            os.killpg(first.pid, signal.SIGCONT)
+        first_rc = first.wait()
+    assert "make 3mm" in holder
+    assert rc != 0
+    line = next(x for x in text.splitlines() if "another nsdprep run is in progress" in x)
+    assert holder in line
+    assert first_rc == 0, (tmp_path / "first.log").read_text()
+    subprocess.run(["git", "-C", str(clone), "fsck", "--no-progress"], check=True,
+                   capture_output=True)  # fmt: skip
+    assert _status(clone) == ""
+    assert _git(clone, "rev-list", "--merges", f"{start}..HEAD") == ""
+    subjects = _git(clone, "log", "--format=%s", f"{start}..HEAD").splitlines()
+    # one run record per step, nothing from the refused invocation
+    assert sorted(re.sub(r" \(inputs [0-9a-f]+\)$", "", x) for x in subjects) == [
+        "[DATALAD RUNCMD] [nsdprep] 3mm subj01",
+        "[DATALAD RUNCMD] [nsdprep] 3mm subj02",
+    ]
+    assert not _parts(clone)
+    assert lock.read_text() == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. the bucket refuses access
+
+
+def test_access_denied_at_inputs_mentions_the_terms(origin: Path, env, tmp_path: Path) -> None:
+    fresh = clone_dataset(REPO_ROOT, tmp_path / "fresh", env, overlay=True)
+    _skip_pip(fresh)
+    head = _head(fresh)
+    with Mirror(origin.parent / "synth", deny=["nsd/*"]) as mirror:
+        rc, text = make(fresh, env, "inputs", f"NSD_URL={mirror.url}/nsd",
+                        f"COCO_URL={mirror.url}/coco/annotations/annotations_trainval2017.zip")  # fmt: skip
+    assert rc != 0
+    line = next(x for x in text.splitlines() if "nsdprep inputs: error:" in x)
+    assert "HTTP 403 Forbidden (AccessDenied)" in line and "NSD terms and conditions" in line, text
+    assert not (fresh / "inputs").exists()  # nothing half-made: no subdataset, no registration
+    assert _head(fresh) == head
+    assert _status(fresh) == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. wrong geometry / data type
+
+
+def test_float32_betas_fail_before_work(clone: Path, served: Mirror, env) -> None:
+    """A new session on the server in float32 (NSD betas are int16): registered, then refused."""
+    ref = nib.load(served.root / "nsd" / _key(2, 1))
+    bad = served.root / "nsd" / _key(2, 2)
+    img = nib.Nifti1Image(np.asarray(ref.dataobj).astype(np.float32), ref.affine)
+    try:
+        nib.save(img, bad)
+        rc, text = make(clone, env, "inputs", f"NSD_URL={served.url}/nsd",
+                        f"COCO_URL={served.url}/coco/annotations/annotations_trainval2017.zip")  # fmt: skip
+    finally:
+        bad_bytes = bad.read_bytes()
+        bad.unlink()
+    assert rc == 0, text
+    head = _head(clone)
+    assert _status(clone) == ""
+    try:
+        bad.write_bytes(bad_bytes)
+        rc, text = make(clone, env, "3mm", "SUBJECTS=02")
+    finally:
+        bad.unlink()
+    assert rc != 0
+    line = next(x for x in text.splitlines() if "nsdprep resample: error:" in x)
+    assert "betas_session02.nii.gz" in line and "int16" in line and "float32" in line, text
+    assert "session/s" not in text  # refused at the header checks, before any worker started
+    assert _outputs(clone, 2) == []
+    _assert_untouched(clone, head)
