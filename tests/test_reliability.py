@@ -360,3 +360,43 @@ def test_float32_betas_fail_before_work(clone: Path, served: Mirror, env) -> Non
     assert "session/s" not in text  # refused at the header checks, before any worker started
     assert _outputs(clone, 2) == []
     _assert_untouched(clone, head)
+
+
+def test_interrupted_curated_recovers(clone: Path, env, tmp_path: Path) -> None:
+    rc, text = make(clone, env, "3mm")
+    assert rc == 0, text
+    head = _head(clone)
+    out = clone / "derivatives/curated_3mm"
+    seen: list[str] = []
+    with popen_make(clone, env, tmp_path / "make.log", "curated") as proc:
+        while proc.poll() is None:
+            if out.is_dir():
+                seen = [p.name for p in out.rglob("*") if p.is_file()]
+                if seen:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    break
+            time.sleep(0.002)
+        rc = proc.wait()
+    assert seen, f"make curated finished before any output appeared (rc {rc})"
+    assert rc != 0
+    assert _head(clone) == head
+    left = sorted(p.name for p in out.rglob("*") if p.is_file())
+    finals = [out / p for p in left if not p.endswith(".part")]
+    assert all(_readable(p) for p in finals if p.name.endswith(".nii.gz")), left
+    leftovers = _status(clone).splitlines()
+    assert all(line.startswith("?? derivatives/curated_3mm/") for line in leftovers), leftovers
+
+    rc, text = make(clone, env, "curated")
+    assert rc == 0, text
+    if leftovers:
+        assert "leftover(s) of an interrupted or failed run" in text, text
+    assert _status(clone) == ""
+    assert not _parts(clone)
+    got = _git(clone, "ls-files", "-s", "derivatives/curated_3mm")
+    assert got.count("sub-0") == 2 * 4  # data, labels, runs, trials per subject
+    # an uninterrupted rebuild gives identical content: same keys, no new commit
+    head = _head(clone)
+    rc, text = make(clone, env, "curated", "FORCE=1")
+    assert rc == 0, text
+    assert _git(clone, "ls-files", "-s", "derivatives/curated_3mm") == got
+    assert _head(clone) == head
