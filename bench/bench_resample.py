@@ -20,7 +20,7 @@ reference| is taken over all volumes of the reference's larger session.
 (``--keep-data`` keeps it). Results: a table on stdout, ``bench/results/resample_<stamp>.json`` and
 ``bench/results/resample_latest.json``.
 
-    python bench/bench_resample.py [--counts 40 120] [--ref-counts 4 12] [--repeats 3] [--rss-volumes 750]
+    python bench/bench_resample.py [--counts 40 120] [--ref-counts 4 20] [--repeats 3] [--rss-volumes 750]
 """
 
 from __future__ import annotations
@@ -314,7 +314,7 @@ def versions() -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--counts", type=int, nargs=2, default=[40, 120], help="lengths for ours/floor")
-    p.add_argument("--ref-counts", type=int, nargs=2, default=[4, 12], help="lengths for nilearn")
+    p.add_argument("--ref-counts", type=int, nargs=2, default=[4, 20], help="lengths for nilearn")
     p.add_argument("--repeats", type=int, default=3, help="runs per method and length (median)")
     p.add_argument(
         "--rss-volumes", type=int, default=750, help="ours' RSS on an N-volume session (0: skip)"
