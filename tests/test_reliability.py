@@ -201,27 +201,48 @@ def _assert_untouched(ds: Path, head: str) -> None:
 # 2. corrupted input content
 
 
-def test_corrupted_betas_fail_naming_the_file(clone: Path, served: Mirror, env) -> None:
-    """Same-size damage on the server is accepted by the first download (a VURL key knows only the
-    size); reading the gzip stream must then fail with the file named and nothing recorded."""
+def _make_3mm_from_damaged_server(clone: Path, served: Mirror, env) -> tuple[int, str, bytes]:
+    """``make 3mm SUBJECTS=02`` while the server sends subj02's betas with 64 bytes flipped."""
     src = served.root / "nsd" / _key(2, 1)
     original = src.read_bytes()
     damaged = bytearray(original)
     mid = len(damaged) // 2
     damaged[mid : mid + 64] = bytes(b ^ 0xFF for b in damaged[mid : mid + 64])
-    head = _head(clone)
     try:
         src.write_bytes(bytes(damaged))
         rc, text = make(clone, env, "3mm", "SUBJECTS=02")
     finally:
         src.write_bytes(original)
+    return rc, text, bytes(damaged)
+
+
+def test_corrupted_betas_fail_naming_the_file(clone: Path, served: Mirror, env) -> None:
+    """Same-size damage on the server is accepted by the first download (a VURL key knows only the
+    size); reading the gzip stream must then fail with the file named and nothing recorded."""
+    head = _head(clone)
+    rc, text, damaged = _make_3mm_from_damaged_server(clone, served, env)
     assert rc != 0
-    assert (clone / BETAS.format(s=2, n=1)).read_bytes() == bytes(damaged)  # it was fetched
+    assert (clone / BETAS.format(s=2, n=1)).read_bytes() == damaged  # it was fetched
     line = next(x for x in text.splitlines() if "nsdprep resample: error:" in x)
     assert "betas_session01.nii.gz" in line, text
     assert "3mm subj02 failed" in text and "nothing was recorded" in text, text
     assert _outputs(clone, 2) == []
     _assert_untouched(clone, head)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: git-annex records a VURL key's checksum from the first download, so damaged "
+    "content poisons the key and the good copy then fails with 'Verification of content failed'",
+)
+def test_corrupted_betas_recover_after_drop(clone: Path, served: Mirror, env) -> None:
+    """What the error message advises (drop, get again) once the server is right again."""
+    rc, _, _ = _make_3mm_from_damaged_server(clone, served, env)
+    assert rc != 0
+    subprocess.run(["datalad", "drop", BETAS.format(s=2, n=1)], cwd=clone, env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    rc, text = make(clone, env, "3mm", "SUBJECTS=02")
+    assert rc == 0, text
 
 
 # ------------------------------------------------------------------------------------------------
