@@ -103,37 +103,18 @@ def _timed_imports(modules: list[str]) -> float:
 
 
 def child_reference(src: str, out_npy: str) -> dict:
-    import warnings
 
     imports = _timed_imports(
         ["nibabel", "nilearn.datasets", "nilearn.image", "nilearn.maskers", "scipy.ndimage"]
     )
     import nibabel as nib
-    from nilearn.datasets import load_mni152_gm_mask
-    from nilearn.image import resample_img, resample_to_img
-    from nilearn.maskers import NiftiMasker
+
+    from nsdprep.reference import original_3mm
 
     c0, t0 = time.process_time(), time.perf_counter()
     img = nib.load(src)
     img = nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Casting data from int16 to float32")
-        img3 = resample_img(
-            img,
-            target_affine=np.diag((3, 3, 3)),
-            interpolation="continuous",
-            force_resample=True,
-            copy_header=True,
-        )
-    gm = resample_to_img(
-        load_mni152_gm_mask(),
-        img3,
-        interpolation="nearest",
-        force_resample=True,
-        copy_header=True,
-    )
-    masker = NiftiMasker(mask_img=gm, standardize=None).fit()
-    out = masker.inverse_transform(masker.transform(img3))
+    out, _ = original_3mm(img)
     data = np.asarray(out.dataobj)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     if out_npy != "-":

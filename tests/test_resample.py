@@ -6,7 +6,6 @@ import gzip
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -52,30 +51,10 @@ def _betas(path: Path, affine: np.ndarray, n: int = 3, seed: int = 0, shape=SHAP
 
 
 def nilearn_reference(path: Path, unmasked: bool = False):
-    """The original processing: resample_img to diag(3,3,3), GM mask (nearest), masker round trip."""
-    from nilearn.datasets import load_mni152_gm_mask
-    from nilearn.image import resample_img, resample_to_img
-    from nilearn.maskers import NiftiMasker
+    """The original processing (the oracle), see :mod:`nsdprep.reference`."""
+    from nsdprep.reference import original_3mm
 
-    img = nib.load(path)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Casting data from int16 to float32")
-        img3 = resample_img(
-            img,
-            target_affine=np.diag((3, 3, 3)),
-            interpolation="continuous",
-            force_resample=True,
-            copy_header=True,
-        )
-    gm = resample_to_img(
-        load_mni152_gm_mask(),
-        img3,
-        interpolation="nearest",
-        force_resample=True,
-        copy_header=True,
-    )
-    masker = NiftiMasker(mask_img=gm, standardize=None).fit()  # None: no standardizing (default)
-    out = masker.inverse_transform(masker.transform(img3))
+    out, img3 = original_3mm(nib.load(path))
     return (out, img3) if unmasked else out
 
 
