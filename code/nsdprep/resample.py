@@ -527,8 +527,8 @@ def _worker_session(nsd: str, src: str, dst: str, drop: bool) -> SessionResult:
 
 def _datalad(nsd: str, action: str, path: Path) -> None:
     rel = os.path.relpath(path, nsd)
-    cmd = ["datalad", action, "-d", nsd, rel]
-    log.info("%s", " ".join(cmd))
+    cmd = ["datalad", action, "-d", ".", rel]  # run inside the subdataset: paths relative to it
+    log.info("%s (in %s)", " ".join(cmd), nsd)
     proc = subprocess.run(cmd, cwd=nsd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise MissingInputError(
