@@ -294,6 +294,27 @@ def test_missing_content_named_by_stage_fetched_by_make(clone: Path, env) -> Non
     )
 
 
+def test_bounded_disk_mode_gets_processes_and_drops(clone: Path, env) -> None:
+    """make 3mm DROP=1: each session is fetched, processed and dropped; nothing stays in the annex."""
+    nsd = clone / "inputs/nsd"
+    subj01 = "nsddata_betas/ppdata/subj01"
+    assert _git(nsd, "annex", "find", "--in", "here", subj01).strip() == ""
+    rc, text = make(clone, env, "3mm", "SUBJECTS=01", "DROP=1")
+    assert rc == 0, text
+    assert "datalad drop" in text, text
+    assert _git(nsd, "annex", "find", "--in", "here", subj01).strip() == ""  # dropped again
+    outputs = _outputs(clone, 1)
+    assert outputs == [f"betas_session{s:02d}.nii.gz" for s in range(1, LAYOUT.sessions[0] + 1)]
+    for name in outputs:
+        assert _readable(clone / "derivatives/3mm/subj01" / name)
+    assert _status(clone) == ""
+    # the same outputs as the ordinary mode (inputs fetched up front), byte for byte
+    keys = _git(clone, "ls-files", "-s", "derivatives/3mm/subj01")
+    rc, text = make(clone, env, "3mm", "SUBJECTS=01", "FORCE=1")
+    assert rc == 0, text
+    assert _git(clone, "ls-files", "-s", "derivatives/3mm/subj01") == keys
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. two invocations at once
 
