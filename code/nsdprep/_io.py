@@ -1,4 +1,4 @@
-"""Small I/O helpers shared by the stages: atomic writes and deterministic gzip."""
+"""Small I/O helpers shared by the stages: input presence checks and atomic writes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,24 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from nsdprep.errors import MissingInputError
+
+
+def require_content(path: Path, what: str, if_missing: str) -> None:
+    """Raise :class:`MissingInputError` unless ``path`` is a file whose content is here.
+
+    An annexed file that is registered but not fetched is a dangling symlink: the message then says
+    to ``datalad get`` it; otherwise it names what is missing and ``if_missing`` says what to do.
+    """
+    if path.is_file():
+        return
+    if path.is_symlink():
+        raise MissingInputError(
+            f"{path}: {what} is registered but its content is absent: `datalad get` it "
+            f"(`datalad get {path}`)."
+        )
+    raise MissingInputError(f"{path}: missing {what}; {if_missing}")
 
 
 @contextlib.contextmanager

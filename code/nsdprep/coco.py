@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from nsdprep import paths
-from nsdprep._io import atomic_path
+from nsdprep._io import atomic_path, require_content
 from nsdprep.errors import FormatError, MissingInputError
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def instances_members(zip_path: str | Path) -> dict[str, str]:
     in the archive is accepted too.
     """
     zip_path = Path(zip_path)
-    _check_file(zip_path, "the COCO annotations zip (annotations_trainval2017.zip)")
+    _require(zip_path, "the COCO annotations zip (annotations_trainval2017.zip)")
     try:
         with zipfile.ZipFile(zip_path) as zf:
             names = zf.namelist()
@@ -273,7 +273,7 @@ def read_stim_info(path: str | Path) -> pd.DataFrame:
     ``nsdId`` column exists, row position must equal it (the table is indexed by 0-based nsdId).
     """
     path = Path(path)
-    _check_file(path, "nsd_stim_info_merged.pkl")
+    _require(path, "nsd_stim_info_merged.pkl")
     try:
         df = pd.read_pickle(path)
     except Exception as exc:  # unpickling can raise about anything
@@ -442,7 +442,7 @@ def read_expdesign(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     import scipy.io
 
     path = Path(path)
-    _check_file(path, "nsd_expdesign.mat")
+    _require(path, "nsd_expdesign.mat")
     try:
         mat = scipy.io.loadmat(path)
     except Exception as exc:  # scipy raises several types for a bad file
@@ -612,16 +612,8 @@ def run(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_file(path: Path, what: str) -> None:
-    if path.is_symlink() and not path.exists():
-        raise MissingInputError(
-            f"{path} ({what}) is registered but its content is not present: run "
-            f"`datalad get {path}` first."
-        )
-    if not path.is_file():
-        raise MissingInputError(
-            f"{path} ({what}) does not exist; run `make inputs` / check the path."
-        )
+def _require(path: Path, what: str) -> None:
+    require_content(path, what, "it does not exist; run `make inputs` / check the path.")
 
 
 def _check_instances_dict(data: Any, source: str) -> None:

@@ -49,7 +49,7 @@ import numpy as np
 from sklearn.preprocessing import StandardScaler
 
 from nsdprep import paths
-from nsdprep._io import atomic_path
+from nsdprep._io import atomic_path, require_content
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError
 
 log = logging.getLogger(__name__)
@@ -145,13 +145,11 @@ def subject_files(curated_dir: str | Path, subject: int) -> SubjectFiles:
         curated_dir / f"{label}_runs.npy",
     )
     for path in (files.betas, files.labels, files.runs):
-        if not path.exists():
-            hint = (
-                "registered but its content is absent: `datalad get` it"
-                if path.is_symlink()
-                else "build it with `make curated` (or pick other --subjects)"
-            )
-            raise MissingInputError(f"{path}: missing curated file of {label}; {hint}")
+        require_content(
+            path,
+            f"curated file of {label}",
+            "build it with `make curated` (or pick other --subjects)",
+        )
     return files
 
 

@@ -27,8 +27,8 @@ import numpy as np
 from isal import igzip, isal_zlib
 from nibabel.volumeutils import apply_read_scaling
 
-from nsdprep._io import atomic_path
-from nsdprep.errors import FormatError, MissingInputError
+from nsdprep._io import atomic_path, require_content
+from nsdprep.errors import FormatError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def read_header(path: str | os.PathLike[str]) -> nib.Nifti1Header:
     NIfTI-1 single file.
     """
     path = Path(path)
-    _check_present(path)
+    require_content(path, "NIfTI file", "check the path.")
     with open(path, "rb") as raw:
         magic = raw.read(2)
     if magic != GZIP_MAGIC:
@@ -365,16 +365,6 @@ class NiftiStreamWriter:
             return bool(stack.__exit__(exc_type, exc, tb))
         finally:
             self._gz = None
-
-
-def _check_present(path: Path) -> None:
-    if not path.exists():
-        hint = (
-            " (the file is registered but its content is absent: `datalad get` it)"
-            if path.is_symlink()
-            else ""
-        )
-        raise MissingInputError(f"{path}: no such file{hint}")
 
 
 def _parse_header(path: Path, block: bytes) -> nib.Nifti1Header:
