@@ -508,18 +508,9 @@ def _changed_on_server(nsd: Path, rel_paths: Sequence[str]) -> list[str]:
     Checked before downloading because git-annex records a VURL key's checksum from whatever the
     first download brings, even content of the wrong size: fetching it would poison the key.
     """
-    proc = subprocess.run(
-        ["git", "-C", str(nsd), "annex", "whereis", "--json", "--not", "--in", "here",
-         "--", *rel_paths],
-        capture_output=True,
-        text=True,
-    )  # fmt: skip
+    records, _ = _annex_json(nsd, "whereis", "--json", "--not", "--in", "here", "--", *rel_paths)
     changed = []
-    for line in proc.stdout.splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for rec in records:
         m = _KEY_SIZE_RE.match(rec.get("key", ""))
         urls = [u for w in rec.get("whereis", []) for u in w.get("urls", [])]
         if m is None or not urls:
@@ -539,18 +530,11 @@ def _verify_sizes(nsd: Path, rel_paths: Sequence[str]) -> None:
     (checked with git-annex 10.20261026), so a changed or truncated file on the server would be kept.
     ``fsck --fast`` compares sizes without checksumming and moves wrong content to ``.git/annex/bad``.
     """
-    proc = subprocess.run(
-        ["git", "-C", str(nsd), "annex", "fsck", "--fast", "--json", "--json-error-messages",
-         "--", *rel_paths],
-        capture_output=True,
-        text=True,
-    )  # fmt: skip
+    records, proc = _annex_json(
+        nsd, "fsck", "--fast", "--json", "--json-error-messages", "--", *rel_paths
+    )
     bad = []
-    for line in proc.stdout.splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for rec in records:
         if not rec.get("success", True):
             bad.append(f"  {rec.get('file')}: {' '.join(rec.get('error-messages', []))}".rstrip())
     if bad or proc.returncode != 0:
@@ -560,6 +544,20 @@ def _verify_sizes(nsd: Path, rel_paths: Sequence[str]) -> None:
             f".git/annex/bad and is not used:\n{detail}\nThe file on the server changed since it "
             "was registered: check the source, then re-register (`make inputs`) or report it."
         )
+
+
+def _annex_json(
+    nsd: Path, *args: str
+) -> tuple[list[dict[str, Any]], subprocess.CompletedProcess[str]]:
+    """Run ``git annex <args>`` (with ``--json``) in ``nsd``; return its JSON records and the process."""
+    proc = subprocess.run(["git", "-C", str(nsd), "annex", *args], capture_output=True, text=True)
+    records = []
+    for line in proc.stdout.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records, proc
 
 
 def _raise_on_failure(results: Sequence[dict[str, Any]], what: str, remote: bool = False) -> None:
