@@ -128,6 +128,22 @@ def popen_make(ds: Path, env, log: Path, *args: str) -> Iterator[subprocess.Pope
                 proc.wait()
 
 
+def kill_at_first_output(ds: Path, env, log: Path, out: Path, *args: str) -> None:
+    """Run ``make *args`` and SIGKILL its whole process group as soon as a file appears in ``out``."""
+    seen: list[str] = []
+    with popen_make(ds, env, log, *args) as proc:
+        while proc.poll() is None:
+            if out.is_dir():
+                seen = [p.name for p in out.rglob("*") if p.is_file()]
+                if seen:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    break
+            time.sleep(0.002)
+        rc = proc.wait()
+    assert seen, f"make {' '.join(args)} finished before any output appeared (rc {rc})"
+    assert rc != 0
+
+
 def _readable(path: Path) -> bool:
     try:
         img = nib.load(path)
@@ -146,18 +162,7 @@ def test_interrupted_3mm_recovers_to_identical_outputs(
 ) -> None:
     head = _head(clone)
     out = clone / "derivatives/3mm"
-    seen: list[str] = []
-    with popen_make(clone, env, tmp_path / "make.log", "3mm", "SUBJECTS=01") as proc:
-        while proc.poll() is None:
-            if out.is_dir():
-                seen = [p.name for p in out.rglob("*") if p.is_file()]
-                if seen:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    break
-            time.sleep(0.002)
-        rc = proc.wait()
-    assert seen, f"make 3mm finished before any output appeared (rc {rc})"
-    assert rc != 0
+    kill_at_first_output(clone, env, tmp_path / "make.log", out, "3mm", "SUBJECTS=01")
     # killed before datalad recorded anything
     assert _head(clone) == head
     # nothing unreadable under a final name; only the step's own leftovers are uncommitted
@@ -409,18 +414,7 @@ def test_interrupted_curated_recovers(clone: Path, env, tmp_path: Path) -> None:
     assert rc == 0, text
     head = _head(clone)
     out = clone / "derivatives/curated_3mm"
-    seen: list[str] = []
-    with popen_make(clone, env, tmp_path / "make.log", "curated") as proc:
-        while proc.poll() is None:
-            if out.is_dir():
-                seen = [p.name for p in out.rglob("*") if p.is_file()]
-                if seen:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    break
-            time.sleep(0.002)
-        rc = proc.wait()
-    assert seen, f"make curated finished before any output appeared (rc {rc})"
-    assert rc != 0
+    kill_at_first_output(clone, env, tmp_path / "make.log", out, "curated")
     assert _head(clone) == head
     left = sorted(p.name for p in out.rglob("*") if p.is_file())
     finals = [out / p for p in left if not p.endswith(".part")]
