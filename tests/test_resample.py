@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from nsdprep import paths
+from nsdprep._io import remove_stale_parts
 from nsdprep.errors import FormatError, MissingInputError
 from nsdprep.nifti import NiftiStreamWriter
-from nsdprep.resample import plan_resample, remove_stale_parts, resample_session, resample_subject
+from nsdprep.resample import plan_resample, resample_session, resample_subject
 
 SHAPE = (23, 27, 21)  # unequal sizes: axis mix-ups fail
 

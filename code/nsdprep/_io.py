@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from nsdprep.errors import MissingInputError
+
+log = logging.getLogger(__name__)
+
+#: Suffix of the temporaries of :func:`atomic_path` (ignored by git; see ``.gitignore``).
+PART_SUFFIX = ".part"
 
 
 def require_content(path: Path, what: str, if_missing: str) -> None:
@@ -38,7 +44,7 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=(suffix or "") + ".part", dir=target.parent
+        prefix=f".{target.name}.", suffix=(suffix or "") + PART_SUFFIX, dir=target.parent
     )
     os.close(fd)
     tmp_path = Path(tmp)
@@ -57,3 +63,16 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def remove_stale_parts(out: Path) -> list[Path]:
+    """Remove the temporaries a killed run left in ``out`` (a crash skips their clean-up); return them."""
+    removed = []
+    with os.scandir(out) as it:
+        for entry in it:
+            if entry.name.endswith(PART_SUFFIX) and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink()
+                removed.append(Path(entry.path))
+    if removed:
+        log.info("removed %d stale temporaries in %s", len(removed), out)
+    return removed

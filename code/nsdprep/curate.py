@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from nsdprep import __version__, paths, registry
-from nsdprep._io import atomic_path
+from nsdprep._io import atomic_path, remove_stale_parts
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError
 
 log = logging.getLogger(__name__)
@@ -522,7 +522,7 @@ def curate(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_parts(out)
+    remove_stale_parts(out)
     for s in chosen:
         log.info(
             "%s: writing %d trials from %d sessions",
@@ -593,13 +593,6 @@ def run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def _remove_stale_parts(out: Path) -> None:
-    for entry in sorted(os.listdir(out)):
-        if entry.endswith(".part") and (out / entry).is_file():
-            log.info("removing stale temporary %s", out / entry)
-            (out / entry).unlink()
 
 
 def _command(args: argparse.Namespace) -> str:

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from nsdprep import paths
+from nsdprep._io import remove_stale_parts
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError
 from nsdprep.nifti import (
     MNI_XFORM_CODE,
@@ -421,19 +422,6 @@ def resample_subject(
             raise failure
         raise NsdPrepError(f"resampling failed: {type(failure).__name__}: {failure}") from failure
     return sorted(results, key=lambda r: str(r.dst))
-
-
-def remove_stale_parts(out: Path) -> list[Path]:
-    """Remove ``*.part`` temporaries left in ``out`` by an interrupted run; return them."""
-    removed = []
-    with os.scandir(out) as it:
-        for entry in it:
-            if entry.name.endswith(".part") and entry.is_file(follow_symlinks=False):
-                Path(entry.path).unlink()
-                removed.append(Path(entry.path))
-    if removed:
-        log.info("removed %d stale temporaries in %s", len(removed), out)
-    return removed
 
 
 # ---------------------------------------------------------------- internals
