@@ -26,6 +26,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Literal
 
@@ -190,8 +191,6 @@ def dirty_paths(ds: Path) -> list[tuple[str, str]]:
 
 
 def _matches(path: str, patterns: Sequence[str]) -> bool:
-    from fnmatch import fnmatch
-
     for pat in patterns:
         pat = pat.rstrip("/")
         if path == pat or path.startswith(pat + "/") or fnmatch(path, pat):
@@ -322,10 +321,11 @@ def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-
             + (f", and {len(cleaned)} unrecorded output(s) were removed" if cleaned else "")
             + f". Outputs are as at the last commit. Command: {shlex.join(step.command)}"
         )
-    if dirty_paths(ds):
+    left = dirty_paths(ds)
+    if left:
         raise DatasetStateError(
             f"{step.name}: the run finished but left uncommitted changes in {ds}: "
-            f"{dirty_paths(ds)[:5]}; check `datalad status`."
+            f"{left[:5]}; check `datalad status`."
         )
     return "ran"
 
