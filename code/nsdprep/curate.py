@@ -92,8 +92,7 @@ class Layout:
 
     def run_in_session(self) -> np.ndarray:
         """1-based run of each trial of a session, indexed by ``trial_in_session - 1``."""
-        a, b = self.trials_per_run
-        counts = [a if run % 2 == 1 else b for run in range(1, self.runs_per_session + 1)]
+        counts = paths.run_lengths(self.runs_per_session, self.trials_per_run)
         return np.repeat(np.arange(1, self.runs_per_session + 1), counts)
 
 

@@ -28,6 +28,12 @@ COCO_DATASET = "inputs/coco"
 RUNS_PER_SESSION = 12
 TRIALS_PER_RUN = (63, 62)  # odd runs, even runs
 
+
+def run_lengths(runs_per_session: int, trials_per_run: tuple[int, ...] | list[int]) -> list[int]:
+    """Trials of each run in a session: odd runs (1st, 3rd, ...) ``[0]``, even runs ``[1]``."""
+    return [int(trials_per_run[r % 2]) for r in range(runs_per_session)]
+
+
 _BETAS_RE = re.compile(
     r"^nsddata_betas/ppdata/subj(?P<subject>\d{2})/MNI/betas_fithrf/"
     r"(?P<kind>betas|valid)_session(?P<session>\d{2})\.nii\.gz$"

@@ -257,7 +257,7 @@ class SynthSpec:
     @property
     def trials_per_session(self) -> int:
         """Trials per session: runs alternate ``trials_per_run[0]`` (odd) and ``[1]`` (even)."""
-        return sum(run_lengths(self.runs_per_session, self.trials_per_run))
+        return sum(paths.run_lengths(self.runs_per_session, self.trials_per_run))
 
     @property
     def n_design_sessions(self) -> int:
@@ -272,11 +272,6 @@ class SynthSpec:
     def affine(self) -> np.ndarray:
         """4x4 affine of the written grid (a whole-voxel translate of the 1 mm MNI grid)."""
         return grid_affine(self.full, self.flip_x, self.crop_shape)
-
-
-def run_lengths(runs_per_session: int, trials_per_run: Sequence[int]) -> list[int]:
-    """Trials of each run in a session: odd runs (1st, 3rd, ...) ``[0]``, even runs ``[1]``."""
-    return [int(trials_per_run[r % 2]) for r in range(runs_per_session)]
 
 
 def grid_affine(full: bool, flip_x: bool, crop_shape: Sequence[int]) -> np.ndarray:
@@ -468,7 +463,7 @@ def _make_design(spec: SynthSpec) -> dict[str, Any]:
 
     # stimpattern: per design session and run, which of the trial slots hold a stimulus
     # (NSD: 75 slots per run of which 63/62 stimuli; 3 leading and 3 trailing slots blank).
-    lengths = run_lengths(spec.runs_per_session, spec.trials_per_run)
+    lengths = paths.run_lengths(spec.runs_per_session, spec.trials_per_run)
     n_slots = max(spec.trials_per_run) + 12
     stimpattern = np.zeros((spec.n_design_sessions, spec.runs_per_session, n_slots))
     for s in range(spec.n_design_sessions):
@@ -762,7 +757,7 @@ def _write_manifest(
         "layout": {
             "runs_per_session": spec.runs_per_session,
             "trials_per_run": list(spec.trials_per_run),
-            "run_lengths": run_lengths(spec.runs_per_session, spec.trials_per_run),
+            "run_lengths": paths.run_lengths(spec.runs_per_session, spec.trials_per_run),
             "trials_per_session": spec.trials_per_session,
             "sessions": list(spec.sessions),
             "n_design_sessions": spec.n_design_sessions,
