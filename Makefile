@@ -38,6 +38,10 @@ TRIALS_PER_RUN ?= 63,62
 # Decoding: trials per subject for a quick look (0 = all).
 SUBSAMPLE ?= 0
 REV ?= HEAD
+# Publishing: a RIA store URL (ria+file:///path or ria+ssh://host/path), the sibling name, the alias.
+RIA ?=
+RIA_SIBLING ?= ria
+ALIAS ?= nsdprep
 
 STEP_OPTS = $(if $(strip $(SUBJECTS)),--subjects $(SUBJECTS)) --jobs $(JOBS) \
 	$(if $(filter 1 yes true,$(DROP)),--drop) $(if $(filter 1 yes true,$(FORCE)),--force) \
@@ -45,13 +49,13 @@ STEP_OPTS = $(if $(strip $(SUBJECTS)),--subjects $(SUBJECTS)) --jobs $(JOBS) \
 	--subsample $(SUBSAMPLE)
 
 .PHONY: help venv demo test test-slow lint format inputs get drop 3mm coco-labels curated decode \
-	bench rerun check-identity all
+	bench rerun publish check-identity all
 
 help: ## list the targets
 	@echo "nsdprep: NSD + COCO decoding dataset (DataLad). Targets:"
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' \
 		| expand -t 16
-	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 LABELS=legacy FORCE=1 NSD_URL=... COCO_URL=..."
+	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 LABELS=legacy FORCE=1 NSD_URL=... COCO_URL=... RIA=..."
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -109,7 +113,11 @@ decode: check-identity ## run-grouped decoding baseline + report -> derivatives/
 all: 3mm coco-labels curated decode ## every derivative, in order
 
 rerun: check-identity ## re-execute a recorded run (REV=<commit>, default HEAD) with datalad rerun
-	datalad rerun $(REV)
+	$(NSDPREP) run rerun --rev $(REV)
+
+publish: check-identity ## publish to a RIA store: make publish RIA=ria+file:///path/store [ALIAS=nsdprep]
+	@[ -n "$(RIA)" ] || { echo "make publish needs RIA=<store URL>, e.g. RIA=ria+file:///data/ria-store"; exit 2; }
+	$(NSDPREP) publish --ria "$(RIA)" --sibling $(RIA_SIBLING) --alias $(ALIAS)
 
 bench: venv ## benchmark the 3 mm resample on a full-geometry synthetic session (bench/results/)
 	$(PY) bench/bench_resample.py

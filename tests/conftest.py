@@ -86,3 +86,16 @@ def synth_copy(synth_root: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "synth"
     shutil.copytree(synth_root, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def demo_built(git_env, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo, once per session: a plain ``git clone`` of this checkout (working-tree code laid
+    over it), the whole pipeline on synthetic data, published to a RIA store and cloned from there
+    by a colleague with their own HOME (``<workdir>/colleague``, facts in ``<workdir>/share.json``).
+    """
+    from nsdprep.demo import DemoLayout, build_demo
+
+    work = tmp_path_factory.mktemp("e2e")
+    venv = Path(sys.executable).parent.parent
+    return build_demo(work, venv, DemoLayout(), overlay=True, env=git_env, share=True)

@@ -326,15 +326,18 @@ def test_download_cut_short_fails_and_keeps_nothing(setup: Setup) -> None:
     inputs.drop_subjects(setup.ds, [1])
 
 
-def test_access_denied_mentions_nsd_terms(setup: Setup) -> None:
+def test_access_denied_names_the_likely_causes(setup: Setup) -> None:
     heads = [head(setup.ds), head(setup.nsd)]
     setup.mirror.deny("nsd/*")
     try:
-        with pytest.raises(RemoteError, match=r"403.*NSD terms.*naturalscenesdataset\.org"):
+        with pytest.raises(
+            RemoteError,
+            match=r"403.*public.*restricted or not yet released object, or a wrong key or URL",
+        ):
             setup.register()
         setup.mirror.clear_faults()
         setup.mirror.deny("nsd/*/subj01/*/betas_session01.nii.gz")
-        with pytest.raises(RemoteError, match=r"NSD terms"):
+        with pytest.raises(RemoteError, match=r"not an S3 permission"):
             inputs.get_subjects(setup.ds, [1])
     finally:
         setup.mirror.clear_faults()

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import scipy.io
 
-from nsdprep.demo import DemoLayout, build_demo, loopback_env
+from nsdprep.demo import DemoLayout, loopback_env
 
 LAYOUT = DemoLayout()
 VENV = Path(sys.executable).parent.parent
@@ -33,9 +33,8 @@ def _git(ds: Path, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def built(git_env, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("e2e")
-    return build_demo(work, VENV, LAYOUT, overlay=True, env=git_env)
+def built(demo_built: Path) -> Path:
+    return demo_built
 
 
 def _coco_label(synth: Path, coco_id: int) -> str:
@@ -154,3 +153,58 @@ def test_rerun_reproduces_identical_checksums(built: Path, git_env, step: str) -
     assert _git(built, "ls-files", "-s", "--", *compared) == before
     if compared == changed:
         assert _git(built, "rev-parse", "HEAD") == head  # identical outputs: no new commit
+
+
+# ------------------------------------------------------------------------------------------------
+# The clone is an annex dataset: derivatives are annexed and locked, never committed into git.
+
+#: Small text that `.gitattributes` keeps in git.
+IN_GIT = ("README.md", "dataset_description.json", "report.md")
+
+
+def _tracked(ds: Path, where: str) -> dict[str, str]:
+    """``path -> git mode`` of every tracked file under ``where``."""
+    out = _git(ds, "ls-files", "-s", "--", where)
+    return {line.split("\t", 1)[1]: line.split()[0] for line in out.splitlines()}
+
+
+def test_user_clone_had_no_annex_branch(built: Path) -> None:
+    # The setting under test: a plain `git clone` of the project, which carries no git-annex branch;
+    # only the make targets can have initialised the annex.
+    origin_refs = _git(built, "for-each-ref", "--format=%(refname)", "refs/remotes/origin")
+    assert "git-annex" not in origin_refs
+    assert _git(built, "config", "--local", "annex.uuid").strip()
+
+
+def test_every_derivative_binary_is_annexed_and_locked(built: Path) -> None:
+    tracked = _tracked(built, "derivatives")
+    binaries = sorted(p for p in tracked if Path(p).name not in IN_GIT)
+    texts = sorted(p for p in tracked if Path(p).name in IN_GIT)
+    assert len(binaries) >= 30 and len(texts) == 3, tracked
+    annexed = set(_git(built, "annex", "find", "--include=*", "derivatives").splitlines())
+    assert annexed == set(binaries)
+    annex_objects = (built / ".git/annex/objects").resolve()
+    for rel in binaries:
+        assert tracked[rel] == "120000", f"{rel} is committed into git (mode {tracked[rel]})"
+        path = built / rel
+        assert path.is_symlink() and path.resolve().is_relative_to(annex_objects), rel
+        assert not path.resolve().stat().st_mode & 0o222, f"{rel}: annexed content is writable"
+    for rel in texts:
+        assert tracked[rel] == "100644" and not (built / rel).is_symlink(), rel
+    found = [p for p in (built / "derivatives").rglob("*") if p.is_file() and not p.is_symlink()]
+    assert sorted(p.name for p in found) == sorted(Path(t).name for t in texts)
+
+
+def test_git_history_grows_by_kilobytes_not_by_the_derivatives(built: Path) -> None:
+    annexed_bytes = sum((built / p).stat().st_size for p in _tracked(built, "derivatives"))
+    # everything the pipeline added to git: history since the clone, plus the git-annex branch
+    first = _git(built, "log", "--reverse", "--format=%H", "--", ".gitmodules").split()[0]
+    listing = _git(built, "rev-list", "--objects", f"{first}^..HEAD", "git-annex")
+    ids = "\n".join(line.split()[0] for line in listing.splitlines()) + "\n"
+    sizes = subprocess.run(
+        ["git", "-C", str(built), "cat-file", "--batch-check=%(objectsize)"],
+        input=ids, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    git_bytes = sum(map(int, sizes))
+    assert git_bytes < 100_000, git_bytes
+    assert git_bytes < annexed_bytes / 20, (git_bytes, annexed_bytes)

@@ -362,7 +362,7 @@ def test_concurrent_make_is_refused(origin: Path, clone: Path, env, tmp_path: Pa
 # 6. the bucket refuses access
 
 
-def test_access_denied_at_inputs_mentions_the_terms(origin: Path, env, tmp_path: Path) -> None:
+def test_access_denied_at_inputs_names_the_likely_causes(origin: Path, env, tmp_path: Path) -> None:
     fresh = clone_dataset(REPO_ROOT, tmp_path / "fresh", env, overlay=True)
     _skip_pip(fresh)
     head = _head(fresh)
@@ -371,7 +371,8 @@ def test_access_denied_at_inputs_mentions_the_terms(origin: Path, env, tmp_path:
                         f"COCO_URL={mirror.url}/coco/annotations/annotations_trainval2017.zip")  # fmt: skip
     assert rc != 0
     line = next(x for x in text.splitlines() if "nsdprep inputs: error:" in x)
-    assert "HTTP 403 Forbidden (AccessDenied)" in line and "NSD terms and conditions" in line, text
+    assert "HTTP 403 Forbidden (AccessDenied)" in line, text
+    assert "restricted or not yet released object, or a wrong key or URL" in line, text
     assert not (fresh / "inputs").exists()  # nothing half-made: no subdataset, no registration
     assert _head(fresh) == head
     assert _status(fresh) == ""

@@ -28,6 +28,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "resample": ("nsdprep.resample", "resample 1 mm betas to 3 mm + grey-matter mask, streaming"),
     "curate": ("nsdprep.curate", "build derivatives/curated_3mm (equalized trials, labels, runs)"),
     "decode": ("nsdprep.decode", "run-grouped cross-validated decoding baseline and report"),
+    "publish": (
+        "nsdprep.publish",
+        "publish the dataset to a RIA store (datalad create-sibling-ria, push)",
+    ),
     "run": ("nsdprep.steps", "make a derivative through `datalad run` (what the Makefile calls)"),
 }
 

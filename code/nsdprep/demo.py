@@ -9,8 +9,10 @@ mirror's URLs. The same function drives the end-to-end tests.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -73,25 +76,49 @@ def ensure_identity(env: dict[str, str]) -> None:
 
 
 def clone_dataset(source: Path, dest: Path, env: Mapping[str, str], overlay: bool) -> Path:
-    """Clone ``source`` into ``dest``; with ``overlay``, carry over uncommitted code (for tests)."""
+    """``datalad clone`` ``source`` into ``dest`` (a collaborator's clone); ``overlay``: see below."""
     subprocess.run(["datalad", "clone", str(source), str(dest)], check=True, env=env)
     if overlay:
-        for rel in ("code", "Makefile", "requirements.txt", "pyproject.toml"):
-            src, dst = source / rel, dest / rel
-            if src.is_dir():
-                shutil.copytree(src, dst, dirs_exist_ok=True, ignore=_ignore_caches)
-            else:
-                shutil.copy2(src, dst)
-        status = subprocess.run(
-            ["git", "-C", str(dest), "status", "--porcelain"], capture_output=True, text=True
-        ).stdout
-        if status.strip():
-            subprocess.run(
-                ["datalad", "save", "-d", str(dest), "-m", "Working-tree code under test"],
-                check=True,
-                env=env,
-            )
+        _overlay_code(source, dest, env)
     return dest
+
+
+def user_clone(source: Path, dest: Path, env: Mapping[str, str], overlay: bool) -> Path:
+    """``git clone`` the project's branch into ``dest``, as a new user does (no ``git-annex`` branch).
+
+    With ``overlay``, uncommitted code of ``source`` is carried over and committed (for tests of the
+    working tree). Nothing here initialises git-annex: the make targets must do it.
+    """
+    subprocess.run(
+        ["git", "clone", "--quiet", "--single-branch", "--no-hardlinks", str(source), str(dest)],
+        check=True,
+        env=env,
+    )
+    if overlay:
+        _overlay_code(source, dest, env)
+    return dest
+
+
+def _overlay_code(source: Path, dest: Path, env: Mapping[str, str]) -> None:
+    for rel in (
+        "code",
+        "tests",
+        "Makefile",
+        "requirements.txt",
+        "pyproject.toml",
+        ".gitattributes",
+    ):
+        src, dst = source / rel, dest / rel
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True, ignore=_ignore_caches)
+        elif src.exists():
+            shutil.copy2(src, dst)
+    git = ["git", "-C", str(dest)]
+    if subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout:
+        subprocess.run([*git, "add", "-A"], check=True, env=env)
+        subprocess.run(
+            [*git, "commit", "-q", "-m", "Working-tree code under test"], check=True, env=env
+        )
 
 
 def _ignore_caches(_dir: str, names: list[str]) -> list[str]:
@@ -116,8 +143,13 @@ def build_demo(
     overlay: bool = False,
     env: Mapping[str, str] | None = None,
     jobs: int = 2,
+    share: bool = False,
 ) -> Path:
-    """Synthesize, serve, clone, register inputs and make ``targets``; return the clone's path."""
+    """Synthesize, serve, clone, register inputs and make ``targets``; return the clone's path.
+
+    With ``share``, then publish to a RIA store in ``workdir`` and play a colleague who clones it
+    (:func:`colleague_flow`); what they saw is written to ``workdir/share.json``.
+    """
     from nsdprep.serve import Mirror
     from nsdprep.synth import SynthSpec, make_synthetic
 
@@ -138,14 +170,101 @@ def build_demo(
     ds = workdir / "dataset"
     if ds.exists():
         _rmtree_annex(ds)
-    clone_dataset(REPO_ROOT, ds, run_env, overlay)
+    user_clone(REPO_ROOT, ds, run_env, overlay)
     with Mirror(synth) as mirror:
         nsd_url = f"{mirror.url}/nsd"
         coco_url = f"{mirror.url}/coco/annotations/annotations_trainval2017.zip"
         make(ds, "inputs", run_env, venv, [f"NSD_URL={nsd_url}", f"COCO_URL={coco_url}"])
         for target in targets:
             make(ds, target, run_env, venv, [*layout.make_vars(), f"JOBS={jobs}"])
+        if share:
+            facts = colleague_flow(ds, workdir, run_env, venv, layout)
+            (workdir / "share.json").write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
     return ds
+
+
+def colleague_flow(
+    ds: Path, workdir: Path, env: Mapping[str, str], venv: Path, layout: DemoLayout
+) -> dict[str, Any]:
+    """Publish ``ds`` to a RIA store in ``workdir``, then clone, get and rerun as a colleague would.
+
+    The colleague has their own folder and HOME. Returns what they saw: commands, seconds, sizes.
+    """
+    store = workdir / "ria-store"
+    for path in (store, workdir / "colleague", workdir / "colleague-home"):
+        if path.exists():
+            _rmtree_annex(path)
+    ria = f"ria+file://{store}"
+    facts: dict[str, Any] = {"ria": ria, "steps": []}
+
+    def step(cmd: Sequence[str], cwd: Path, run_env: Mapping[str, str]) -> str:
+        log.info("$ %s", shlex.join(cmd))
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, cwd=cwd, env=run_env, capture_output=True, text=True)
+        out = proc.stdout + proc.stderr
+        sys.stdout.write(out)
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
+        facts["steps"].append({"cmd": shlex.join(cmd), "seconds": round(time.monotonic() - t0, 2)})
+        return out
+
+    make_cmd = ["make", "--no-print-directory", f"VENV={venv}"]
+    step([*make_cmd, "publish", f"RIA={ria}"], ds, env)
+    home = workdir / "colleague-home"
+    home.mkdir()
+    cenv = {k: v for k, v in env.items() if not k.startswith(("GIT_AUTHOR_", "GIT_COMMITTER_"))}
+    cenv["HOME"] = str(home)
+    ensure_identity(cenv)
+    mate = workdir / "colleague"
+    step(["datalad", "clone", f"{ria}#~nsdprep", str(mate)], workdir, cenv)
+    facts["git_du_before_get"] = _du(mate / ".git")
+    curated = sorted(p.relative_to(mate).as_posix() for p in mate.glob(f"{CURATED_GLOB}"))
+    step(["datalad", "get", *curated], mate, cenv)
+    step(["datalad", "get", "-n", "inputs/nsd"], mate, cenv)
+    step([*make_cmd, "get", "SUBJECTS=01"], mate, cenv)
+    facts["git_du_after_get"] = _du(mate / ".git")
+    facts["nsd_git_du_after_get"] = _du(mate / "inputs/nsd/.git")
+    commit = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(mate),
+            "log",
+            "-F",
+            "--grep=[nsdprep] 3mm subj01 (",
+            "--format=%H",
+            "-n1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    facts["rerun_commit"] = commit
+    head = _head(mate)
+    step([*make_cmd, "rerun", f"REV={commit}"], mate, cenv)
+    facts["rerun_new_commit"] = _head(mate) != head
+    out = step([*make_cmd, "curated", *layout.make_vars()], mate, cenv)
+    facts["curated_up_to_date"] = "nothing to do" in out
+    return facts
+
+
+#: What the colleague fetches of the curated derivatives: one subject.
+CURATED_GLOB = "derivatives/curated_3mm/sub-02*"
+
+
+def _head(ds: Path) -> str:
+    return subprocess.run(
+        ["git", "-C", str(ds), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def _du(path: Path) -> int:
+    """Bytes on disk under ``path`` (symlinks not followed)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
 
 
 def _rmtree_annex(path: Path) -> None:
@@ -170,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if dirty.strip():
         log.warning("uncommitted changes in code/ or Makefile are NOT part of the demo clone")
     start = time.monotonic()
-    ds = build_demo(args.workdir.resolve(), args.venv.resolve(), jobs=args.jobs)
+    ds = build_demo(args.workdir.resolve(), args.venv.resolve(), jobs=args.jobs, share=True)
     minutes = (time.monotonic() - start) / 60
     print(f"\nDemo finished in {minutes:.1f} min. Results in the scratch dataset {ds}:")
     for rel in (
@@ -184,6 +303,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {ds / rel}")
     print(
         f"History: git -C {ds} log --oneline ; reproduce one step: cd {ds} && make rerun REV=<commit>"
+    )
+    facts = json.loads((ds.parent / "share.json").read_text())
+    print(f"\nPublished to {facts['ria']}; a colleague's clone is in {ds.parent / 'colleague'}:")
+    for item in facts["steps"]:
+        print(f"  {item['seconds']:6.2f} s  $ {item['cmd']}")
+    print(
+        f"  colleague's .git: {facts['git_du_before_get'] / 1e6:.1f} MB after clone, "
+        f"{facts['git_du_after_get'] / 1e6:.1f} MB after getting sub-02's curated files; "
+        f"inputs/nsd/.git {facts['nsd_git_du_after_get'] / 1e6:.1f} MB after `make get SUBJECTS=01`"
+    )
+    print(
+        "  rerun of 3mm subj01: "
+        + (
+            "new commit (outputs differ!)"
+            if facts["rerun_new_commit"]
+            else "identical keys, no new commit"
+        )
+        + "; make curated: "
+        + ("nothing to do" if facts["curated_up_to_date"] else "rebuilt")
     )
     return 0
 

@@ -1,7 +1,7 @@
 """Register the NSD and COCO input files by URL in the subdatasets ``inputs/nsd`` and ``inputs/coco``.
 
 Nothing is downloaded here: files are listed in the bucket (S3 ``ListObjectsV2`` over plain https with
-``urllib``; the NSD bucket is anonymous-readable once the NSD terms are accepted) and registered with
+``urllib``; the NSD bucket is an AWS Open Data bucket, readable without credentials) and registered with
 ``datalad addurls --fast``, which records each file's URL and size (git-annex VURL keys; the checksum is
 recorded at the first ``datalad get`` and verified by ``git annex fsck`` from then on). The addurls table is
 kept in each subdataset (``.nsdprep/addurls.csv``, in git) and the exact command lines are in the commit
@@ -31,7 +31,8 @@ from typing import Any
 
 from nsdprep import paths, registry
 from nsdprep._io import atomic_path
-from nsdprep.errors import DatasetStateError, NsdPrepError, RemoteError
+from nsdprep.dataset import QUIET, check_results, ensure_annex
+from nsdprep.errors import DatasetStateError, RemoteError
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +45,14 @@ NSD_EXTRA_KEYS = (paths.EXPDESIGN_KEY, paths.STIM_INFO_KEY, paths.STIMULI_KEY)
 #: Small experiment files fetched together with any subject's betas.
 NSD_EXPERIMENT_KEYS = (paths.EXPDESIGN_KEY, paths.STIM_INFO_KEY)
 
-NSD_TERMS_HINT = (
-    "The NSD bucket can only be read after accepting the NSD terms and conditions: fill in the NSD "
-    "data access form at http://naturalscenesdataset.org/ (see also "
-    "https://natural-scenes-dataset.s3.amazonaws.com/index.html), then run `make inputs` again."
+NSD_403_HINT = (
+    "The NSD bucket is public (AWS Open Data: anonymous reads and listing work), so a 403 means a "
+    "restricted or not yet released object, or a wrong key or URL: check --nsd-url (the NSD base URL "
+    f"is {paths.NSD_BASE_URL}). Accepting the NSD terms (http://naturalscenesdataset.org/) is a legal "
+    "condition of using the data, not an S3 permission."
 )
 _TIMEOUT = 60.0
 _KEY_SIZE_RE = re.compile(r"^[A-Z0-9]+-s(?P<size>\d+)--")
-#: datalad.api keyword arguments: plain result records, no rendering, failures checked by us.
-_QUIET: dict[str, Any] = dict(
-    result_renderer="disabled", on_failure="ignore", return_type="list", result_xfm=None
-)
 
 
 # -- listing the bucket ---------------------------------------------------------------------------
@@ -118,7 +116,7 @@ def _list(
         if token is not None:
             query["continuation-token"] = token
         url = f"{base_url.rstrip('/')}/?{urllib.parse.urlencode(query)}"
-        with _open(url, hint=NSD_TERMS_HINT) as resp:
+        with _open(url, hint=NSD_403_HINT) as resp:
             body = resp.read()
         page_keys, page_prefixes, truncated, token = _parse_listing(body, url)
         keys.extend(page_keys)
@@ -297,6 +295,7 @@ def register_inputs(
 
     ds_root = Path(ds_root).resolve()
     _require_dataset(ds_root)
+    ensure_annex(ds_root)
     subjects = sorted({int(s) for s in subjects}) if subjects else None
     # List first: a remote error must leave the dataset untouched.
     tables = {
@@ -328,9 +327,9 @@ def register_inputs(
             fast=True,
             ifexists="skip",
             save=False,
-            **_QUIET,
+            **QUIET,
         )
-        _raise_on_failure(results, f"registering files in {rel} (datalad addurls)")
+        check_results(results, f"registering files in {rel} (datalad addurls)")
         n_new = sum(
             1 for r in results if r.get("action") == "addurl" and r.get("status") == "ok"
         ) or sum(1 for r in results if r.get("action") == "addurls" and r.get("status") == "ok")
@@ -344,17 +343,17 @@ def register_inputs(
         results = dl.save(
             dataset=str(sub),
             message=message,
-            **_QUIET,
+            **QUIET,
         )
-        _raise_on_failure(results, f"saving {rel}")
+        check_results(results, f"saving {rel}")
         logger.info("%s: %d files listed, %d newly registered", rel, len(rows), n_new)
     results = dl.save(
         dataset=str(ds_root),
         path=[str(ds_root / rel) for rel in tables],
         message=f"Update input subdatasets by URL\n\nCommand: {shlex.join(command)}\n",
-        **_QUIET,
+        **QUIET,
     )
-    _raise_on_failure(results, "saving the superdataset")
+    check_results(results, "saving the superdataset")
     return added
 
 
@@ -368,7 +367,7 @@ def ensure_subdataset(ds_root: str | Path, rel: str) -> Path:
         return sub
     known = dl.subdatasets(
         dataset=str(ds_root),
-        **_QUIET,
+        **QUIET,
     )
     if any(Path(r.get("path", "")) == sub for r in known):
         logger.info("installing subdataset %s (no file content)", rel)
@@ -376,9 +375,9 @@ def ensure_subdataset(ds_root: str | Path, rel: str) -> Path:
             path=str(sub),
             dataset=str(ds_root),
             get_data=False,
-            **_QUIET,
+            **QUIET,
         )
-        _raise_on_failure(results, f"installing {rel} (datalad get -n)")
+        check_results(results, f"installing {rel} (datalad get -n)")
         return sub
     if sub.exists() and any(sub.iterdir()):
         raise DatasetStateError(
@@ -390,9 +389,9 @@ def ensure_subdataset(ds_root: str | Path, rel: str) -> Path:
         path=str(sub),
         dataset=str(ds_root),
         description=f"nsdprep {rel}",
-        **_QUIET,
+        **QUIET,
     )
-    _raise_on_failure(results, f"creating {rel} (datalad create)")
+    check_results(results, f"creating {rel} (datalad create)")
     return sub
 
 
@@ -424,11 +423,11 @@ def get_subjects(ds_root: str | Path, subjects: Iterable[int] | None) -> list[in
     results = dl.get(
         path=targets,
         dataset=str(ds_root),
-        **_QUIET,
+        **QUIET,
     )
     get_error: RemoteError | None = None
     try:
-        _raise_on_failure(results, "datalad get", remote=True)
+        check_results(results, "datalad get", remote=True, hint_403=NSD_403_HINT)
     except RemoteError as exc:
         get_error = exc
     try:  # also after a failed get: what did arrive must not stay if it is wrong
@@ -452,9 +451,9 @@ def drop_subjects(ds_root: str | Path, subjects: Iterable[int] | None) -> list[i
     results = dl.drop(
         path=[str(nsd / _subject_folder(s)) for s in chosen],
         dataset=str(ds_root),
-        **_QUIET,
+        **QUIET,
     )
-    _raise_on_failure(results, "datalad drop")
+    check_results(results, "datalad drop")
     return chosen
 
 
@@ -515,7 +514,7 @@ def _changed_on_server(nsd: Path, rel_paths: Sequence[str]) -> list[str]:
         urls = [u for w in rec.get("whereis", []) for u in w.get("urls", [])]
         if m is None or not urls:
             continue
-        size = remote_size(urls[0], hint=NSD_TERMS_HINT)
+        size = remote_size(urls[0], hint=NSD_403_HINT)
         if size != int(m["size"]):
             changed.append(
                 f"  {rec.get('file')}: registered {m['size']} bytes, {urls[0]} has {size}"
@@ -558,38 +557,6 @@ def _annex_json(
         except json.JSONDecodeError:
             continue
     return records, proc
-
-
-def _raise_on_failure(results: Sequence[dict[str, Any]], what: str, remote: bool = False) -> None:
-    bad = [r for r in results if r.get("status") in ("error", "impossible")]
-    if not bad:
-        return
-    files = [r for r in bad if r.get("type") == "file"] or bad
-    lines: list[str] = []
-    for r in files[:10]:
-        msg = r.get("message")
-        if isinstance(msg, tuple):
-            try:
-                msg = msg[0] % msg[1:]
-            except (TypeError, ValueError):
-                msg = " ".join(map(str, msg))
-        text = " ".join(str(x) for x in (msg, r.get("error_message")) if x)
-        unique = list(dict.fromkeys(t.strip() for t in text.splitlines() if t.strip()))
-        lines.append(f"  {r.get('path', '?')}: {' / '.join(unique[-3:])}")
-    more = f"\n  ... and {len(files) - 10} more" if len(files) > 10 else ""
-    message = f"{what} failed for {len(files)} item(s):\n" + "\n".join(lines) + more
-    if remote:
-        if any(s in message for s in ("403", "Forbidden", "AccessDenied")):
-            message += "\n" + NSD_TERMS_HINT
-        elif "Verification of content failed" in message:
-            message += (
-                "\nThe file on the server differs from the one whose checksum was recorded at its "
-                "first download: nothing was kept. Check the source before using it."
-            )
-        else:
-            message += "\nRun it again to retry (partial downloads resume)."
-        raise RemoteError(message)
-    raise NsdPrepError(message)
 
 
 # -- CLI ------------------------------------------------------------------------------------------

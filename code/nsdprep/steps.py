@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Literal
 
 from nsdprep import paths, registry
+from nsdprep.dataset import ensure_annex
 from nsdprep.errors import DatasetStateError, NsdPrepError
 
 log = logging.getLogger(__name__)
 
-Target = Literal["3mm", "coco-labels", "curated", "decode", "get", "drop"]
-TARGETS: tuple[str, ...] = ("3mm", "coco-labels", "curated", "decode", "get", "drop")
+Target = Literal["3mm", "coco-labels", "curated", "decode", "get", "drop", "rerun"]
+TARGETS: tuple[str, ...] = ("3mm", "coco-labels", "curated", "decode", "get", "drop", "rerun")
 TAG = "[nsdprep]"
 
 
@@ -70,6 +71,7 @@ class Options:
     runs_per_session: int = paths.RUNS_PER_SESSION
     trials_per_run: tuple[int, ...] = paths.TRIALS_PER_RUN
     subsample: int = 0
+    rev: str = "HEAD"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,7 +334,13 @@ def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-
 
 def run_target(target: str, ds: Path, opts: Options) -> int:
     """Plan and execute a make target; ``get``/``drop`` manage input content instead."""
+    ensure_annex(ds)
     with dataset_lock(ds, f"make {target}"):
+        if target == "rerun":
+            proc = subprocess.run(["datalad", "rerun", opts.rev], cwd=ds)
+            if proc.returncode != 0:
+                raise NsdPrepError(f"`datalad rerun {opts.rev}` failed (see the messages above)")
+            return 0
         if target in ("get", "drop"):
             from nsdprep import inputs
 
@@ -365,6 +373,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs-per-session", type=int, default=paths.RUNS_PER_SESSION)
     parser.add_argument("--trials-per-run", type=_int_list, default=paths.TRIALS_PER_RUN)
     parser.add_argument("--subsample", type=int, default=0)
+    parser.add_argument("--rev", default="HEAD", help="rerun: the commit (or range) to re-execute")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -379,6 +388,7 @@ def run(args: argparse.Namespace) -> int:
         runs_per_session=args.runs_per_session,
         trials_per_run=tuple(args.trials_per_run),
         subsample=args.subsample,
+        rev=args.rev,
     )
     ds = args.dataset.resolve()
     if not (ds / ".datalad").is_dir():

@@ -1,0 +1,124 @@
+"""Sharing: ``make publish`` to a RIA store, then a colleague (own folder, own HOME) clones it.
+
+The colleague flow is played once by the demo driver (``demo_built``); these tests check what it left:
+what the colleague has, what the store holds, and that a second publish adds nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nsdprep.demo import loopback_env
+
+VENV = Path(sys.executable).parent.parent
+pytestmark = pytest.mark.datalad
+
+
+def _git(ds: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(ds), *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+@pytest.fixture(scope="module")
+def origin(demo_built: Path) -> Path:
+    return demo_built
+
+
+@pytest.fixture(scope="module")
+def mate(demo_built: Path) -> Path:
+    return demo_built.parent / "colleague"
+
+
+@pytest.fixture(scope="module")
+def facts(demo_built: Path) -> dict:
+    return json.loads((demo_built.parent / "share.json").read_text())
+
+
+def _present(ds: Path, where: str = ".") -> set[str]:
+    return set(_git(ds, "annex", "find", "--", where).splitlines())
+
+
+def test_colleague_got_only_subject_02_curated(mate: Path) -> None:
+    got = _present(mate, "derivatives")
+    assert got == {
+        f"derivatives/curated_3mm/sub-02{suffix}"
+        for suffix in (".nii.gz", "_labels.npy", "_runs.npy", "_trials.tsv")
+    } | {f"derivatives/3mm/subj01/betas_session0{n}.nii.gz" for n in (1, 2, 3)}
+    # the rest is registered, not present
+    assert (mate / "derivatives/curated_3mm/sub-01.nii.gz").is_symlink()
+    assert not (mate / "derivatives/curated_3mm/sub-01.nii.gz").exists()
+
+
+def test_colleague_fetched_subject_01_inputs_from_the_web_urls(mate: Path, origin: Path) -> None:
+    nsd = mate / "inputs/nsd"
+    got = _present(nsd)
+    betas = {p for p in got if p.startswith("nsddata_betas/")}
+    assert betas and all("/subj01/" in p for p in betas), got
+    assert "nsddata/experiments/nsd/nsd_expdesign.mat" in got
+    # the store holds no input content: the subdataset's only source is the web (the mirror)
+    whereis = json.loads(
+        _git(nsd, "annex", "whereis", "--json", "--", sorted(betas)[0]).splitlines()[0]
+    )
+    remotes = {w["description"] for w in whereis["whereis"]}
+    assert "web" in remotes and not any("ria" in r for r in remotes), remotes
+    assert _git(nsd, "config", "remote.origin.url").startswith(str(mate.parent / "ria-store"))
+
+
+def test_colleague_rerun_reproduced_identical_keys(mate: Path, origin: Path, facts: dict) -> None:
+    assert facts["rerun_commit"]
+    assert not facts["rerun_new_commit"]
+    # nothing committed on top of what was cloned from the store
+    assert _git(mate, "rev-parse", "HEAD") == _git(mate, "rev-parse", "@{upstream}")
+    keys = _git(mate, "ls-files", "-s", "--", "derivatives/3mm/subj01")
+    assert keys and keys == _git(origin, "ls-files", "-s", "--", "derivatives/3mm/subj01")
+    assert facts["curated_up_to_date"]
+    assert _git(mate, "status", "--porcelain") == ""
+
+
+def test_clone_is_small_until_content_is_fetched(facts: dict) -> None:
+    # git history only; the fetched curated files of one subject are what grows .git
+    assert facts["git_du_before_get"] < 5_000_000
+    assert facts["git_du_after_get"] > facts["git_du_before_get"]
+
+
+def test_second_publish_pushes_nothing_new(origin: Path, facts: dict, git_env) -> None:
+    store = Path(facts["ria"].removeprefix("ria+file://"))
+
+    def snapshot() -> list[tuple[str, int]]:
+        return sorted(
+            (p.relative_to(store).as_posix(), p.stat().st_size)
+            for p in store.rglob("*")
+            if p.is_file() and "/logs/" not in p.as_posix()
+        )
+
+    env = {**loopback_env(git_env), "PATH": f"{VENV / 'bin'}:{git_env['PATH']}"}
+
+    def publish() -> None:
+        subprocess.run(
+            ["make", "-C", str(origin), "publish", f"VENV={VENV}", f"RIA={facts['ria']}"],
+            check=True, env=env, capture_output=True,
+        )  # fmt: skip
+
+    publish()  # other tests may have added commits to the origin since the demo published it
+    before = snapshot()
+    assert any("/annex/objects/" in p for p, _ in before)  # derivative content is in the store
+    head = _git(origin, "rev-parse", "HEAD").strip()
+    assert head in _git(store / "alias/nsdprep", "rev-parse", "HEAD")  # the store is up to date
+    publish()
+    assert snapshot() == before
+
+
+def test_publish_without_ria_url_says_how(origin: Path, git_env) -> None:
+    env = {**git_env, "PATH": f"{VENV / 'bin'}:{git_env['PATH']}"}
+    proc = subprocess.run(
+        ["make", "-C", str(origin), "publish", f"VENV={VENV}"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "make publish needs RIA=<store URL>" in proc.stdout + proc.stderr
