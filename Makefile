@@ -72,7 +72,7 @@ check-identity: venv
 	  echo "  git config --global user.email you@example.org"; exit 1; }
 
 demo: venv ## offline end-to-end run on synthetic data in a scratch clone (.demo/)
-	$(PY) -m nsdprep.demo --venv $(abspath $(VENV))
+	$(PY) -m nsdprep.testing.demo --source $(CURDIR) --venv $(abspath $(VENV))
 
 test: venv ## run the test suite (unit + end-to-end in temporary clones)
 	@rc=0; $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) || rc=$$?; \
@@ -93,27 +93,27 @@ inputs: check-identity ## create/update inputs/nsd and inputs/coco, registered b
 	$(NSDPREP) inputs --nsd-url $(NSD_URL) --coco-url $(COCO_URL)
 
 get: venv ## fetch the betas of SUBJECTS (e.g. make get SUBJECTS=01) and the experiment files
-	$(NSDPREP) run get $(STEP_OPTS)
+	$(NSDPREP) build get $(STEP_OPTS)
 
 drop: venv ## drop the betas content of SUBJECTS again (frees disk; still registered)
-	$(NSDPREP) run drop $(STEP_OPTS)
+	$(NSDPREP) build drop $(STEP_OPTS)
 
 3mm: check-identity ## resample 1 mm betas to 3 mm + GM mask -> derivatives/3mm (datalad run per subject)
-	$(NSDPREP) run 3mm $(STEP_OPTS)
+	$(NSDPREP) build 3mm $(STEP_OPTS)
 
 coco-labels: check-identity ## COCO labels per NSD image -> derivatives/coco_categories.pkl (datalad run)
-	$(NSDPREP) run coco-labels $(STEP_OPTS)
+	$(NSDPREP) build coco-labels $(STEP_OPTS)
 
 curated: check-identity ## equalized trials per subject -> derivatives/curated_3mm (datalad run)
-	$(NSDPREP) run curated $(STEP_OPTS)
+	$(NSDPREP) build curated $(STEP_OPTS)
 
 decode: check-identity ## run-grouped decoding baseline + report -> derivatives/decoding (datalad run)
-	$(NSDPREP) run decode $(STEP_OPTS)
+	$(NSDPREP) build decode $(STEP_OPTS)
 
 all: 3mm coco-labels curated decode ## every derivative, in order
 
 rerun: check-identity ## re-execute a recorded run (REV=<commit>, default HEAD) with datalad rerun
-	$(NSDPREP) run rerun --rev $(REV)
+	$(NSDPREP) build rerun --rev $(REV)
 
 publish: check-identity ## publish to a RIA store: make publish RIA=ria+file:///path/store [ALIAS=nsdprep]
 	@[ -n "$(RIA)" ] || { echo "make publish needs RIA=<store URL>, e.g. RIA=ria+file:///data/ria-store"; exit 2; }

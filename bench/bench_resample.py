@@ -109,7 +109,7 @@ def child_reference(src: str, out_npy: str) -> dict:
     )
     import nibabel as nib
 
-    from nsdprep.reference import original_3mm
+    from nsdprep.testing.reference import original_3mm
 
     c0, t0 = time.process_time(), time.perf_counter()
     img = nib.load(src)
@@ -180,15 +180,15 @@ def child_setup(src: str) -> dict:
     out["import_nsdprep_resample"] = time.perf_counter() - t
     t = time.perf_counter()
     import nilearn.datasets  # noqa: F401
-    import nilearn.image  # noqa: F401  (what plan_resample / gm_mask import lazily)
+    import nilearn.image  # noqa: F401  (what grid_map / gm_mask import lazily)
 
     out["import_nilearn"] = time.perf_counter() - t
     t = time.perf_counter()
     hdr = r.check_betas_header(src, dtype=np.int16)
     out["check_header"] = time.perf_counter() - t
     t = time.perf_counter()
-    plan = r.plan_resample(hdr.get_data_shape()[:3], r.header_affine(hdr))
-    out["plan_resample"] = time.perf_counter() - t
+    plan = r.grid_map(hdr.get_data_shape()[:3], r.header_affine(hdr))
+    out["grid_map"] = time.perf_counter() - t
     t = time.perf_counter()
     next(r.iter_volumes(src, stop=1, header=hdr))
     out["probe_first_volume"] = time.perf_counter() - t

@@ -1,6 +1,6 @@
 """Shared fixtures: isolated git identity/HOME, one seeded synthetic dataset, a loopback mirror.
 
-Synthetic data is generated once per test session (small default layout, see ``nsdprep.synth``)
+Synthetic data is generated once per test session (small default layout, see ``nsdprep.testing.synth``)
 and served read-only; tests that need to modify data copy it first.
 """
 
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from nsdprep.nsd import Layout
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
@@ -22,7 +24,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(REPO_ROOT / "code"), *filter(None, [os.environ.get("PYTHONPATH")])]
 )
 
-#: Small synthetic layout used throughout the tests (documented in nsdprep.synth).
+#: Small synthetic layout used throughout the tests (documented in nsdprep.testing.synth).
 RUNS_PER_SESSION = 4
 TRIALS_PER_RUN = (8, 7)
 
@@ -62,19 +64,17 @@ def git_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One seeded synthetic NSD + COCO tree (``nsd/`` bucket layout, ``coco/``), made once."""
-    from nsdprep.synth import SynthSpec, make_synthetic
+    from nsdprep.testing.synth import SynthSpec, make_synthetic
 
     out = tmp_path_factory.mktemp("synth")
-    make_synthetic(
-        out, SynthSpec(seed=0, runs_per_session=RUNS_PER_SESSION, trials_per_run=TRIALS_PER_RUN)
-    )
+    make_synthetic(out, SynthSpec(seed=0, layout=Layout(RUNS_PER_SESSION, TRIALS_PER_RUN)))
     return out
 
 
 @pytest.fixture(scope="session")
 def mirror(synth_root: Path):
-    """The synthetic tree served on 127.0.0.1 like the real bucket (see ``nsdprep.serve``)."""
-    from nsdprep.serve import Mirror
+    """The synthetic tree served on 127.0.0.1 like the real bucket (see ``nsdprep.testing.serve``)."""
+    from nsdprep.testing.serve import Mirror
 
     with Mirror(synth_root) as m:
         yield m
@@ -94,8 +94,8 @@ def demo_built(git_env, tmp_path_factory: pytest.TempPathFactory) -> Path:
     over it), the whole pipeline on synthetic data, published to a RIA store and cloned from there
     by a colleague with their own HOME (``<workdir>/colleague``, facts in ``<workdir>/share.json``).
     """
-    from nsdprep.demo import DemoLayout, build_demo
+    from nsdprep.testing.demo import DemoSpec, build_demo
 
     work = tmp_path_factory.mktemp("e2e")
     venv = Path(sys.executable).parent.parent
-    return build_demo(work, venv, DemoLayout(), overlay=True, env=git_env, share=True)
+    return build_demo(work, venv, REPO_ROOT, DemoSpec(), overlay=True, env=git_env, share=True)

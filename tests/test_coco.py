@@ -454,7 +454,7 @@ def test_cli_error_exit_code(inputs, capsys):
 
 
 def test_synthetic_labels_match_pycocotools(request, tmp_path):
-    pytest.importorskip("nsdprep.synth")
+    pytest.importorskip("nsdprep.testing.synth")
     synth_root = request.getfixturevalue("synth_root")
     zp = synth_root / "coco/annotations/annotations_trainval2017.zip"
     stim = synth_root / "nsd/nsddata/experiments/nsd/nsd_stim_info_merged.pkl"

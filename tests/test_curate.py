@@ -23,6 +23,7 @@ import scipy.io
 from nsdprep import curate
 from nsdprep.cli import main
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError
+from nsdprep.nsd import Layout
 
 RUNS = 4
 TPR = (8, 7)
@@ -235,14 +236,14 @@ def big_out(big: Inputs, tmp_path_factory) -> Path:
 
 
 def test_layout_runs():
-    lay = curate.Layout(12, (63, 62))
+    lay = Layout(12, (63, 62))
     assert lay.trials_per_session == 750
     ris = lay.run_in_session()
     assert ris[0] == 1 and ris[62] == 1 and ris[63] == 2 and ris[124] == 2 and ris[125] == 3
     assert ris[-1] == 12 and np.bincount(ris)[1:].tolist() == [63, 62] * 6
-    assert curate.parse_trials_per_run("63,62") == (63, 62)
-    with pytest.raises(NsdPrepError, match="two positive integers"):
-        curate.parse_trials_per_run("63")
+    assert Layout.parse("12", "63,62") == Layout(12, (63, 62))
+    with pytest.raises(NsdPrepError, match="trials per run A,B"):
+        Layout.parse("12", "63")
 
 
 def test_equalize_drops_earliest_person():
@@ -375,7 +376,7 @@ def test_missing_3mm_session_is_named(big: Inputs, tmp_path: Path):
             big.labels,
             tmp_path / "o",
             subjects=[5],
-            layout=curate.Layout(RUNS, TPR),
+            layout=Layout(RUNS, TPR),
             expdesign=big.expdesign,
         )
     assert not (tmp_path / "o").exists()
@@ -413,7 +414,7 @@ def _curate(inp: Inputs, out: Path, **kw):
         inp.resampled,
         kw.pop("labels", inp.labels),
         out,
-        layout=kw.pop("layout", curate.Layout(RUNS, TPR)),
+        layout=kw.pop("layout", Layout(RUNS, TPR)),
         expdesign=kw.pop("expdesign", inp.expdesign),
         **kw,
     )
@@ -426,7 +427,7 @@ def test_wrong_volume_count(small: Inputs, tmp_path: Path):
         _curate(small, tmp_path / "o")
     # and a layout that does not match the files
     with pytest.raises(FormatError, match=r"expected 28 volumes"):
-        _curate(small, tmp_path / "o", subjects=[1], layout=curate.Layout(4, (8, 6)))
+        _curate(small, tmp_path / "o", subjects=[1], layout=Layout(4, (8, 6)))
 
 
 def test_grid_mismatch(small: Inputs, tmp_path: Path):
@@ -602,7 +603,7 @@ def test_on_synthetic_tree(synth_root: Path, tmp_path: Path, git_env):
         resampled,
         labels,
         cur,
-        layout=curate.Layout(lay["runs_per_session"], tuple(lay["trials_per_run"])),
+        layout=Layout(lay["runs_per_session"], tuple(lay["trials_per_run"])),
     )
     n_trials = min(lay["sessions"]) * s_per
     assert sel.n_trials == n_trials

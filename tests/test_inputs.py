@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from nsdprep import inputs, paths, registry
+from nsdprep import inputs, registry
+from nsdprep import nsd as nsdp
 from nsdprep.errors import DatasetStateError, RemoteError
-from nsdprep.serve import Mirror
+from nsdprep.testing.serve import Mirror
 
 pytestmark = pytest.mark.datalad
 
@@ -42,12 +43,12 @@ def build_bucket(root: Path, sessions: dict[int, int] = SESSIONS, seed: int = 0)
         _write(d.parent / "betas_fithrf_GLMdenoise_RR" / "betas_session01.nii.gz", 60, rng)
         _write(d.parent.parent / "func1mm/betas_fithrf/betas_session01.nii.gz", 70, rng)
     for key, size in [
-        (paths.EXPDESIGN_KEY, 500),
-        (paths.STIM_INFO_KEY, 700),
-        (paths.STIMULI_KEY, 900),
+        (nsdp.EXPDESIGN_KEY, 500),
+        (nsdp.STIM_INFO_KEY, 700),
+        (nsdp.STIMULI_KEY, 900),
     ]:
         _write(root / "nsd" / key, size, rng)
-    _write(root / "coco" / paths.COCO_ZIP_KEY, 400, rng)
+    _write(root / "coco" / nsdp.COCO_ZIP_KEY, 400, rng)
     return root
 
 
@@ -86,9 +87,9 @@ class Setup:
     def __init__(self, bucket: Path, mirror: Mirror, ds: Path) -> None:
         self.bucket, self.mirror, self.ds = bucket, mirror, ds
         self.nsd_url = f"{mirror.url}/nsd"
-        self.coco_url = f"{mirror.url}/coco/{paths.COCO_ZIP_KEY}"
-        self.nsd = ds / paths.NSD_DATASET
-        self.coco = ds / paths.COCO_DATASET
+        self.coco_url = f"{mirror.url}/coco/{nsdp.COCO_ZIP_KEY}"
+        self.nsd = ds / nsdp.NSD_DATASET
+        self.coco = ds / nsdp.COCO_DATASET
 
     def register(self, ds: Path | None = None, **kw) -> dict[str, int]:
         return inputs.register_inputs(ds or self.ds, self.nsd_url, self.coco_url, **kw)
@@ -133,18 +134,18 @@ def test_register_matches_bucket_without_download(setup: Setup) -> None:
     for key in inputs.NSD_EXTRA_KEYS:
         assert key in tracked
     assert "nsddata_betas/ppdata/subj01/MNI/betas_fithrf/R2.nii.gz" not in tracked
-    assert git(coco, "ls-files", paths.COCO_ZIP_NAME).stdout.strip() == paths.COCO_ZIP_NAME
-    assert setup.added == {paths.NSD_DATASET: len(registered) + 3, paths.COCO_DATASET: 1}
+    assert git(coco, "ls-files", nsdp.COCO_ZIP_NAME).stdout.strip() == nsdp.COCO_ZIP_NAME
+    assert setup.added == {nsdp.NSD_DATASET: len(registered) + 3, nsdp.COCO_DATASET: 1}
 
     # Nothing downloaded, and each annexed file knows its URL and its size.
     assert present(nsd) == [] and present(coco) == []
-    stimuli = nsd / paths.STIMULI_KEY
+    stimuli = nsd / nsdp.STIMULI_KEY
     assert stimuli.is_symlink() and not stimuli.exists()
-    whereis = git(nsd, "annex", "whereis", paths.STIMULI_KEY).stdout
-    assert f"{setup.nsd_url}/{paths.STIMULI_KEY}" in whereis
-    key = git(nsd, "annex", "lookupkey", paths.STIMULI_KEY).stdout.strip()
+    whereis = git(nsd, "annex", "whereis", nsdp.STIMULI_KEY).stdout
+    assert f"{setup.nsd_url}/{nsdp.STIMULI_KEY}" in whereis
+    key = git(nsd, "annex", "lookupkey", nsdp.STIMULI_KEY).stdout.strip()
     assert key.startswith("VURL-s900--")
-    coco_whereis = git(coco, "annex", "whereis", paths.COCO_ZIP_NAME).stdout
+    coco_whereis = git(coco, "annex", "whereis", nsdp.COCO_ZIP_NAME).stdout
     assert setup.coco_url in coco_whereis
 
     # The table is in git (not annexed) and lists exactly what is registered.
@@ -166,12 +167,12 @@ def test_register_matches_bucket_without_download(setup: Setup) -> None:
     assert "datalad addurls --fast --ifexists skip -d inputs/nsd" in message
     assert git(setup.ds, "status", "--porcelain").stdout == ""
     subs = git(setup.ds, "config", "-f", ".gitmodules", "--get-regexp", "path").stdout
-    assert paths.NSD_DATASET in subs and paths.COCO_DATASET in subs
+    assert nsdp.NSD_DATASET in subs and nsdp.COCO_DATASET in subs
 
 
 def test_register_is_idempotent_and_adds_new_sessions(setup: Setup) -> None:
     heads = [head(setup.ds), head(setup.nsd), head(setup.coco)]
-    assert setup.register() == {paths.NSD_DATASET: 0, paths.COCO_DATASET: 0}
+    assert setup.register() == {nsdp.NSD_DATASET: 0, nsdp.COCO_DATASET: 0}
     assert [head(setup.ds), head(setup.nsd), head(setup.coco)] == heads
 
     # A session appears in the bucket later: it gets registered, nothing else changes.
@@ -180,7 +181,7 @@ def test_register_is_idempotent_and_adds_new_sessions(setup: Setup) -> None:
     _write(d / "betas_session03.nii.gz", 2031, rng)
     _write(d / "valid_session03.nii.gz", 303, rng)
     before = set(git(setup.nsd, "ls-files").stdout.split())
-    assert setup.register() == {paths.NSD_DATASET: 2, paths.COCO_DATASET: 0}
+    assert setup.register() == {nsdp.NSD_DATASET: 2, nsdp.COCO_DATASET: 0}
     after = set(git(setup.nsd, "ls-files").stdout.split())
     assert after - before == {
         "nsddata_betas/ppdata/subj01/MNI/betas_fithrf/betas_session03.nii.gz",
@@ -190,7 +191,7 @@ def test_register_is_idempotent_and_adds_new_sessions(setup: Setup) -> None:
     assert head(setup.coco) == heads[2]
     assert head(setup.nsd) != heads[1] and head(setup.ds) != heads[0]
     # The superdataset records the subdataset's new commit.
-    assert git(setup.ds, "ls-tree", "HEAD", paths.NSD_DATASET).stdout.split()[2] == head(setup.nsd)
+    assert git(setup.ds, "ls-tree", "HEAD", nsdp.NSD_DATASET).stdout.split()[2] == head(setup.nsd)
     assert git(setup.ds, "status", "--porcelain").stdout == ""
     assert present(setup.nsd) == []
 
@@ -258,7 +259,7 @@ def test_changed_on_server_before_first_get(setup: Setup) -> None:
     d = setup.bucket / BETAS_DIR.format(s=3)  # a subject that appears later, used only here
     _write(d / "betas_session01.nii.gz", 2044, rng)
     _write(d / "valid_session01.nii.gz", 304, rng)
-    assert setup.register()[paths.NSD_DATASET] == 2
+    assert setup.register()[nsdp.NSD_DATASET] == 2
     assert registry.registered_subjects(setup.nsd) == [1, 2, 3]
     bigger, same = (
         f"nsddata_betas/ppdata/subj03/MNI/betas_fithrf/{k}_session01.nii.gz"
@@ -358,10 +359,10 @@ def test_empty_listing_and_wrong_bucket(git_env, tmp_path: Path) -> None:
     bucket = tmp_path / "bucket"
     for key in inputs.NSD_EXTRA_KEYS:
         _write(bucket / "nsd" / key, 10, random.Random(1))
-    _write(bucket / "coco" / paths.COCO_ZIP_KEY, 10, random.Random(2))
+    _write(bucket / "coco" / nsdp.COCO_ZIP_KEY, 10, random.Random(2))
     ds = new_dataset(tmp_path / "ds")
     with Mirror(bucket) as m:
-        coco = f"{m.url}/coco/{paths.COCO_ZIP_KEY}"
+        coco = f"{m.url}/coco/{nsdp.COCO_ZIP_KEY}"
         with pytest.raises(RemoteError, match=r"no betas found under .*nsddata_betas/ppdata/"):
             inputs.register_inputs(ds, f"{m.url}/nsd", coco)
         with pytest.raises(RemoteError, match=r"HTTP 404.*NoSuchBucket"):
@@ -377,9 +378,9 @@ def test_get_in_fresh_clone_installs_subdataset(setup: Setup, tmp_path: Path) ->
 
     clone = tmp_path / "clone"
     dl.clone(source=str(setup.ds), path=str(clone), result_renderer="disabled")
-    assert not (clone / paths.NSD_DATASET / ".git").exists()
+    assert not (clone / nsdp.NSD_DATASET / ".git").exists()
     inputs.get_subjects(clone, [1])
-    nsd = clone / paths.NSD_DATASET
+    nsd = clone / nsdp.NSD_DATASET
     assert present(nsd) == sorted(
         [k for k in bucket_betas_keys(setup.bucket) if "/subj01/" in k]
         + list(inputs.NSD_EXPERIMENT_KEYS)
@@ -391,11 +392,11 @@ def test_register_synthetic_mirror(git_env, mirror, synth_root: Path, tmp_path: 
     from nsdprep.cli import main
 
     ds = new_dataset(tmp_path / "ds")
-    nsd_url, coco_url = f"{mirror.url}/nsd", f"{mirror.url}/coco/{paths.COCO_ZIP_KEY}"
+    nsd_url, coco_url = f"{mirror.url}/nsd", f"{mirror.url}/coco/{nsdp.COCO_ZIP_KEY}"
     rc = main(["inputs", "--nsd-url", nsd_url, "--coco-url", coco_url, "--dataset", str(ds)])
     assert rc == 0
-    nsd = ds / paths.NSD_DATASET
+    nsd = ds / nsdp.NSD_DATASET
     assert registry.registered_keys(nsd) == bucket_betas_keys(synth_root)
     tracked = set(git(nsd, "ls-files").stdout.split())
     assert set(inputs.NSD_EXTRA_KEYS) <= tracked
-    assert present(nsd) == [] and present(ds / paths.COCO_DATASET) == []
+    assert present(nsd) == [] and present(ds / nsdp.COCO_DATASET) == []

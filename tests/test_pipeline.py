@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 import scipy.io
 
-from nsdprep.demo import DemoLayout, loopback_env
+from nsdprep.testing.demo import DemoSpec, loopback_env
 
-LAYOUT = DemoLayout()
+LAYOUT = DemoSpec()
 VENV = Path(sys.executable).parent.parent
 pytestmark = pytest.mark.datalad
 
@@ -74,7 +74,7 @@ def test_curated_trials_match_raw_inputs(built: Path) -> None:
     nsd = built / "inputs/nsd"
     design = scipy.io.loadmat(nsd / "nsddata/experiments/nsd/nsd_expdesign.mat")
     stim = pd.read_pickle(nsd / "nsddata/experiments/nsd/nsd_stim_info_merged.pkl")
-    per_session = LAYOUT.runs_per_session * sum(LAYOUT.trials_per_run) // 2
+    per_session = LAYOUT.layout.runs_per_session * sum(LAYOUT.layout.trials_per_run) // 2
     counts = {}
     rng = np.random.default_rng(0)
     for subject in range(1, len(LAYOUT.sessions) + 1):
@@ -99,12 +99,12 @@ def test_curated_trials_match_raw_inputs(built: Path) -> None:
             assert labels[k] == _coco_label(synth, coco_id)
             # the run, from an independent count over the alternating run lengths
             bounds = np.cumsum(
-                [LAYOUT.trials_per_run[r % 2] for r in range(LAYOUT.runs_per_session)]
+                [LAYOUT.layout.trials_per_run[r % 2] for r in range(LAYOUT.layout.runs_per_session)]
             )
             run_in_session = (
                 int(np.searchsorted(bounds, row.trial_in_session - 1, side="right")) + 1
             )
-            assert runs[k] == (row.session - 1) * LAYOUT.runs_per_session + run_in_session
+            assert runs[k] == (row.session - 1) * LAYOUT.layout.runs_per_session + run_in_session
             src = nib.load(
                 built / f"derivatives/3mm/subj{subject:02d}/betas_session{row.session:02d}.nii.gz"
             )

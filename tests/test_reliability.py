@@ -22,12 +22,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nsdprep.demo import REPO_ROOT, DemoLayout, build_demo, clone_dataset, loopback_env
-from nsdprep.serve import Mirror
+from conftest import REPO_ROOT
+from nsdprep.nsd import Layout
+from nsdprep.testing.demo import DemoSpec, build_demo, clone_dataset, loopback_env
+from nsdprep.testing.serve import Mirror
 
 VENV = Path(sys.executable).parent.parent
 #: Smallest layout the stages accept: 2 subjects (2 and 1 sessions), 2 runs of 4/3 trials.
-LAYOUT = DemoLayout(sessions=(2, 1), runs_per_session=2, trials_per_run=(4, 3))
+LAYOUT = DemoSpec(sessions=(2, 1), layout=Layout(2, (4, 3)))
 BETAS = "inputs/nsd/nsddata_betas/ppdata/subj{s:02d}/MNI/betas_fithrf/betas_session{n:02d}.nii.gz"
 pytestmark = pytest.mark.datalad
 
@@ -61,7 +63,9 @@ def env(git_env) -> dict[str, str]:
 def origin(env, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shared dataset: inputs registered, coco-labels made, no betas content fetched."""
     work = tmp_path_factory.mktemp("reliability")
-    return build_demo(work, VENV, LAYOUT, targets=("coco-labels",), overlay=True, env=env)
+    return build_demo(
+        work, VENV, REPO_ROOT, LAYOUT, targets=("coco-labels",), overlay=True, env=env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +329,7 @@ def test_bounded_disk_mode_gets_processes_and_drops(clone: Path, env) -> None:
 
 
 def test_concurrent_make_is_refused(origin: Path, clone: Path, env, tmp_path: Path) -> None:
-    lock = clone / ".git/nsdprep-run.lock"
+    lock = clone / ".git/nsdprep-run.holder"
     start = _head(clone)
     with popen_make(clone, env, tmp_path / "first.log", "3mm") as first:
         while first.poll() is None and not (lock.exists() and lock.read_text().strip()):

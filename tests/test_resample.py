@@ -12,11 +12,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nsdprep import paths
+from nsdprep import nsd as nsdp
 from nsdprep._io import remove_stale_parts
 from nsdprep.errors import FormatError, MissingInputError
 from nsdprep.nifti import NiftiStreamWriter
-from nsdprep.resample import plan_resample, resample_session, resample_subject
+from nsdprep.resample import grid_map, resample_session, resample_subject
 
 SHAPE = (23, 27, 21)  # unequal sizes: axis mix-ups fail
 
@@ -52,8 +52,8 @@ def _betas(path: Path, affine: np.ndarray, n: int = 3, seed: int = 0, shape=SHAP
 
 
 def nilearn_reference(path: Path, unmasked: bool = False):
-    """The original processing (the oracle), see :mod:`nsdprep.reference`."""
-    from nsdprep.reference import original_3mm
+    """The original processing (the oracle), see :mod:`nsdprep.testing.reference`."""
+    from nsdprep.testing.reference import original_3mm
 
     out, img3 = original_3mm(nib.load(path))
     return (out, img3) if unmasked else out
@@ -93,7 +93,7 @@ def test_matches_nilearn_oracle(tmp_path: Path, grid: str) -> None:
 
 def test_nsd_geometry_plan() -> None:
     nsd_affine = np.array([[-1.0, 0, 0, 90], [0, 1, 0, -126], [0, 0, 1, -72], [0, 0, 0, 1]])
-    plan = plan_resample((182, 218, 182), nsd_affine)
+    plan = grid_map((182, 218, 182), nsd_affine)
     assert plan.shape == (62, 74, 62)
     expected = np.diag([3.0, 3.0, 3.0, 1.0])
     expected[:3, 3] = (-91, -126, -72)
@@ -149,7 +149,7 @@ def test_truncated_input_leaves_no_output(tmp_path: Path) -> None:
 def _fake_nsd(root: Path, sessions=(1, 2, 10), n: int = 2) -> Path:
     nsd = root / "inputs" / "nsd"
     for s in sessions:
-        _betas(nsd / paths.betas_key(1, s), _affine(), n=n, seed=s)
+        _betas(nsd / nsdp.betas_key(1, s), _affine(), n=n, seed=s)
     subprocess.run(["git", "init", "-q", str(nsd)], check=True)
     subprocess.run(["git", "-C", str(nsd), "add", "."], check=True)
     return nsd
@@ -160,7 +160,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "nsdprep", "resample", *args, "--no-progress"],
         capture_output=True,
         text=True,
-        env={**__import__("os").environ, "PYTHONPATH": str(Path(paths.__file__).parents[1])},
+        env={**__import__("os").environ, "PYTHONPATH": str(Path(nsdp.__file__).parents[1])},
     )
 
 
@@ -177,12 +177,12 @@ def test_cli_processes_registered_sessions(tmp_path: Path, git_env: dict[str, st
     assert not stale.exists()
     names = sorted(p.name for p in out.iterdir())
     assert names == ["betas_session01.nii.gz", "betas_session02.nii.gz", "betas_session10.nii.gz"]
-    ref = np.rint(np.asarray(nilearn_reference(nsd / paths.betas_key(1, 10)).dataobj))
+    ref = np.rint(np.asarray(nilearn_reference(nsd / nsdp.betas_key(1, 10)).dataobj))
     np.testing.assert_array_equal(np.asarray(nib.load(out / "betas_session10.nii.gz").dataobj), ref)
     # each output is what the (oracle-tested) in-process function writes, byte for byte
     for s in (1, 2):
         again = tmp_path / "again" / f"betas_session{s:02d}.nii.gz"
-        resample_session(nsd / paths.betas_key(1, s), again)
+        resample_session(nsd / nsdp.betas_key(1, s), again)
         assert again.read_bytes() == (out / again.name).read_bytes()
 
 
@@ -190,7 +190,7 @@ def test_cli_missing_content_and_broken_session(tmp_path: Path, git_env: dict[st
     nsd = _fake_nsd(tmp_path, sessions=(1, 2, 3))
     out = tmp_path / "out"
     # registered but absent content (like an annexed file not fetched): clear message, nothing done
-    absent = nsd / paths.betas_key(1, 3)
+    absent = nsd / nsdp.betas_key(1, 3)
     absent.unlink()
     absent.symlink_to("../../../../../.git/annex/objects/xx/yy/SHA256E-s1--0.nii.gz")
     proc = _cli("--nsd", str(nsd), "--subject", "1", "--out", str(out))
@@ -200,8 +200,8 @@ def test_cli_missing_content_and_broken_session(tmp_path: Path, git_env: dict[st
     assert not list(out.glob("*.nii.gz"))
 
     # a corrupted session: error names it, no output for it, other sessions' outputs kept
-    good = nsd / paths.betas_key(1, 1)
-    bad = nsd / paths.betas_key(1, 2)
+    good = nsd / nsdp.betas_key(1, 1)
+    bad = nsd / nsdp.betas_key(1, 2)
     raw = bytearray(bad.read_bytes())
     raw[-8] ^= 0xFF  # CRC
     bad.write_bytes(bytes(raw))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nsdprep.demo import loopback_env
+from nsdprep.testing.demo import loopback_env
 
 VENV = Path(sys.executable).parent.parent
 pytestmark = pytest.mark.datalad

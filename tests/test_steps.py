@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from nsdprep import steps
+from nsdprep import dataset, steps
 from nsdprep.errors import DatasetStateError, NsdPrepError
 
 
@@ -90,7 +89,7 @@ def test_failed_run_leaves_last_recorded_state(ds: Path) -> None:
     assert _git(ds, "rev-parse", "HEAD") == before
     assert not (ds / "out/half.txt").exists()
     assert (ds / "out/sum.txt").read_text() == "6"
-    assert steps.dirty_paths(ds) == []
+    assert dataset.dirty_paths(ds) == []
 
 
 def test_leftovers_of_an_interrupted_run_are_removed(ds: Path) -> None:
@@ -102,12 +101,24 @@ def test_leftovers_of_an_interrupted_run_are_removed(ds: Path) -> None:
 
 
 def test_concurrent_run_is_refused(ds: Path) -> None:
-    lock = Path(_git(ds, "rev-parse", "--absolute-git-dir").strip()) / "nsdprep-run.lock"
-    with open(lock, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(DatasetStateError, match="another nsdprep run is in progress"):
-            with steps.dataset_lock(ds, "test"):
+    # another process holds the dataset's lock (POSIX locks are per process, so not this one)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys,time; from nsdprep import dataset\n"
+         "with dataset.lock(sys.argv[1], 'make 3mm'):\n print('held', flush=True); time.sleep(60)",
+         str(ds)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DatasetStateError, match=r"in progress .*\(pid \d+: make 3mm\)"):
+            with dataset.lock(ds, "test"):
                 pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with dataset.lock(ds, "test"):  # free again once the holder is gone
+        pass
 
 
 def test_rerun_reproduces_identical_output(ds: Path, git_env) -> None:
@@ -115,7 +126,7 @@ def test_rerun_reproduces_identical_output(ds: Path, git_env) -> None:
     key_before = _git(ds, "ls-files", "-s", "out")
     subprocess.run(["datalad", "rerun"], cwd=ds, check=True, env=git_env)
     assert _git(ds, "ls-files", "-s", "out") == key_before
-    assert steps.dirty_paths(ds) == []
+    assert dataset.dirty_paths(ds) == []
 
 
 def test_unregistered_input_is_a_clear_error(ds: Path) -> None:

@@ -16,12 +16,13 @@ import scipy.io
 from pycocotools.coco import COCO
 
 from conftest import RUNS_PER_SESSION, TRIALS_PER_RUN
-from nsdprep import paths
+from nsdprep import nsd
 from nsdprep.cli import main as cli_main
 from nsdprep.errors import NsdPrepError
-from nsdprep.synth import SynthSpec, make_synthetic
+from nsdprep.nsd import Layout
+from nsdprep.testing.synth import SynthSpec, make_synthetic
 
-SPEC = SynthSpec(seed=0, runs_per_session=RUNS_PER_SESSION, trials_per_run=TRIALS_PER_RUN)
+SPEC = SynthSpec(seed=0, layout=Layout(RUNS_PER_SESSION, TRIALS_PER_RUN))
 TPS = sum(TRIALS_PER_RUN[r % 2] for r in range(RUNS_PER_SESSION))  # 30, computed independently
 NSD_AFFINE = np.array([[-1, 0, 0, 90], [0, 1, 0, -126], [0, 0, 1, -72], [0, 0, 0, 1]], float)
 SUPERCATS = {
@@ -41,14 +42,12 @@ SUPERCATS = {
 
 
 def _betas(root: Path, subject: int, session: int, kind: str = "betas") -> Path:
-    key = (
-        paths.betas_key(subject, session) if kind == "betas" else paths.valid_key(subject, session)
-    )
+    key = nsd.betas_key(subject, session) if kind == "betas" else nsd.valid_key(subject, session)
     return root / "nsd" / key
 
 
 def _expdesign(root: Path) -> dict:
-    return scipy.io.loadmat(root / "nsd" / paths.EXPDESIGN_KEY)
+    return scipy.io.loadmat(root / "nsd" / nsd.EXPDESIGN_KEY)
 
 
 def _trial_nsd_ids(design: dict, subject: int, n_trials: int) -> np.ndarray:
@@ -60,9 +59,9 @@ def _trial_nsd_ids(design: dict, subject: int, n_trials: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def coco(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, COCO]:
     out = tmp_path_factory.mktemp("coco")
-    with zipfile.ZipFile(synth_root / "coco" / "annotations" / paths.COCO_ZIP_NAME) as zf:
+    with zipfile.ZipFile(synth_root / "coco" / "annotations" / nsd.COCO_ZIP_NAME) as zf:
         zf.extractall(out)
-    return {s: COCO(str(out / "annotations" / f"instances_{s}.json")) for s in paths.COCO_SPLITS}
+    return {s: COCO(str(out / "annotations" / f"instances_{s}.json")) for s in nsd.COCO_SPLITS}
 
 
 def _label(c: COCO, image_id: int) -> str:
@@ -87,7 +86,7 @@ def test_tree_and_manifest(synth_root: Path) -> None:
             assert _betas(synth_root, subject, session).is_file()
             assert _betas(synth_root, subject, session, "valid").is_file()
         assert not _betas(synth_root, subject, n_sessions + 1).exists()
-    for key in (paths.EXPDESIGN_KEY, paths.STIM_INFO_KEY, paths.STIMULI_KEY):
+    for key in (nsd.EXPDESIGN_KEY, nsd.STIM_INFO_KEY, nsd.STIMULI_KEY):
         assert (synth_root / "nsd" / key).is_file()
     assert len(man["labels"]) == SPEC.n_images
 
@@ -182,7 +181,7 @@ def test_expdesign(synth_root: Path) -> None:
 
 
 def test_stim_info(synth_root: Path) -> None:
-    df = pd.read_pickle(synth_root / "nsd" / paths.STIM_INFO_KEY)
+    df = pd.read_pickle(synth_root / "nsd" / nsd.STIM_INFO_KEY)
     d = _expdesign(synth_root)
     assert isinstance(df, pd.DataFrame) and len(df) == SPEC.n_images
     assert df.columns[0] == "Unnamed: 0"
@@ -207,7 +206,7 @@ def test_stim_info(synth_root: Path) -> None:
 
 
 def test_stimuli_hdf5(synth_root: Path) -> None:
-    path = synth_root / "nsd" / paths.STIMULI_KEY
+    path = synth_root / "nsd" / nsd.STIMULI_KEY
     with h5py.File(path, "r") as f:
         brick = f["imgBrick"]
         assert brick.shape == (SPEC.n_images, 425, 425, 3)
@@ -221,7 +220,7 @@ def test_stimuli_hdf5(synth_root: Path) -> None:
 
 
 def test_coco_zip_and_categories(synth_root: Path, coco: dict[str, COCO]) -> None:
-    with zipfile.ZipFile(synth_root / "coco" / "annotations" / paths.COCO_ZIP_NAME) as zf:
+    with zipfile.ZipFile(synth_root / "coco" / "annotations" / nsd.COCO_ZIP_NAME) as zf:
         names = zf.namelist()
         assert "annotations/instances_train2017.json" in names
         assert "annotations/instances_val2017.json" in names
@@ -245,11 +244,11 @@ def test_coco_zip_and_categories(synth_root: Path, coco: dict[str, COCO]) -> Non
 
 
 def test_coco_ids_and_special_images(synth_root: Path, coco: dict[str, COCO]) -> None:
-    train, val = (set(coco[s].getImgIds()) for s in paths.COCO_SPLITS)
+    train, val = (set(coco[s].getImgIds()) for s in nsd.COCO_SPLITS)
     assert not train & val
     assert min(val) < max(train) and min(train) < max(val), "ids should be interleaved"
     assert max(train | val) <= 581929
-    df = pd.read_pickle(synth_root / "nsd" / paths.STIM_INFO_KEY)
+    df = pd.read_pickle(synth_root / "nsd" / nsd.STIM_INFO_KEY)
     for split, ids in (("train2017", train), ("val2017", val)):
         nsd_ids = set(df.loc[df["cocoSplit"] == split, "cocoId"])
         assert nsd_ids and nsd_ids <= ids
@@ -278,7 +277,7 @@ def test_coco_ids_and_special_images(synth_root: Path, coco: dict[str, COCO]) ->
 
 def test_planted_labels_match_independent_lookup(synth_root: Path, coco: dict[str, COCO]) -> None:
     man = json.loads((synth_root / "synth_manifest.json").read_text())
-    df = pd.read_pickle(synth_root / "nsd" / paths.STIM_INFO_KEY)
+    df = pd.read_pickle(synth_root / "nsd" / nsd.STIM_INFO_KEY)
     d = _expdesign(synth_root)
     for subject, n_sessions in enumerate(SPEC.sessions, start=1):
         for nsd_id in _trial_nsd_ids(d, subject, n_sessions * TPS):
@@ -292,7 +291,7 @@ def test_planted_labels_match_independent_lookup(synth_root: Path, coco: dict[st
 def test_legacy_lookup_gives_other_labels(synth_root: Path, coco: dict[str, COCO]) -> None:
     """The original merge renumbered train images to list positions and looked up nsdId+1."""
     man = json.loads((synth_root / "synth_manifest.json").read_text())
-    with zipfile.ZipFile(synth_root / "coco" / "annotations" / paths.COCO_ZIP_NAME) as zf:
+    with zipfile.ZipFile(synth_root / "coco" / "annotations" / nsd.COCO_ZIP_NAME) as zf:
         raw = json.load(io.TextIOWrapper(zf.open("annotations/instances_train2017.json")))
     position_to_id = [img["id"] for img in raw["images"]]
     d = _expdesign(synth_root)
@@ -339,10 +338,10 @@ def test_deterministic_from_seed(synth_root: Path, tmp_path: Path) -> None:
         assert (again / rel).read_bytes() == (synth_root / rel).read_bytes(), rel
     other = make_synthetic(
         tmp_path / "other",
-        SynthSpec(seed=1, sessions=(1,), runs_per_session=1, trials_per_run=(3, 3), n_images=400),
+        SynthSpec(seed=1, sessions=(1,), layout=Layout(1, (3, 3)), n_images=400),
     )
-    assert (other / "nsd" / paths.STIM_INFO_KEY).read_bytes() != (
-        synth_root / "nsd" / paths.STIM_INFO_KEY
+    assert (other / "nsd" / nsd.STIM_INFO_KEY).read_bytes() != (
+        synth_root / "nsd" / nsd.STIM_INFO_KEY
     ).read_bytes()
 
 
@@ -350,8 +349,7 @@ def test_non_flipped_grid(tmp_path: Path) -> None:
     spec = SynthSpec(
         seed=3,
         sessions=(2, 1),
-        runs_per_session=2,
-        trials_per_run=(4, 3),
+        layout=Layout(2, (4, 3)),
         n_images=300,
         images_per_subject=60,
         n_shared=20,
@@ -370,7 +368,7 @@ def test_non_flipped_grid(tmp_path: Path) -> None:
     assert flipped[0, 0] == -1.0
     d = _expdesign(root)
     assert d["masterordering"].shape == (1, 2 * 7)
-    assert not (root / "nsd" / paths.betas_key(2, 2)).exists()
+    assert not (root / "nsd" / nsd.betas_key(2, 2)).exists()
 
 
 def test_cli_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -393,7 +391,7 @@ def test_cli_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 @pytest.mark.slow
 def test_full_grid_streamed(tmp_path: Path) -> None:
-    spec = SynthSpec(sessions=(1,), runs_per_session=1, trials_per_run=(2, 2), full=True)
+    spec = SynthSpec(sessions=(1,), layout=Layout(1, (2, 2)), full=True)
     root = make_synthetic(tmp_path / "full", spec)
     img = nib.load(_betas(root, 1, 1))
     assert img.shape == (182, 218, 182, 2)

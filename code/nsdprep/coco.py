@@ -39,16 +39,15 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 
-from nsdprep import paths
+from nsdprep import nsd
 from nsdprep._io import atomic_path, require_content
 from nsdprep.errors import FormatError, MissingInputError
+from nsdprep.nsd import UNKNOWN
 
 log = logging.getLogger(__name__)
 
 #: Pickle protocol of the labels tables (fixed so the bytes do not depend on Python defaults).
 PICKLE_PROTOCOL = 5
-#: Label of an image without any instance annotation.
-UNKNOWN = "unknown"
 #: Columns of the default labels table, in order.
 LABEL_COLUMNS = ("nsdId", "cocoId", "cocoSplit", "supercats", "cats", "areas", "supercat", "cat")
 #: Columns of the legacy labels table, in the original's order.
@@ -78,7 +77,7 @@ def instances_members(zip_path: str | Path) -> dict[str, str]:
     except zipfile.BadZipFile as exc:
         raise FormatError(f"{zip_path} is not a valid zip archive ({exc}).") from exc
     members = {}
-    for split in paths.COCO_SPLITS:
+    for split in nsd.COCO_SPLITS:
         base = f"instances_{split}.json"
         exact = f"annotations/{base}"
         if exact in names:
@@ -289,20 +288,20 @@ def read_stim_info(path: str | Path) -> pd.DataFrame:
     if not np.issubdtype(coco_id.dtype, np.number) or not np.all(np.mod(coco_id, 1) == 0):
         raise FormatError(f"{path}: column cocoId must hold integers, found dtype {coco_id.dtype}.")
     splits = df["cocoSplit"].astype(object).to_numpy()
-    bad = ~np.isin(splits, np.array(paths.COCO_SPLITS, dtype=object))
+    bad = ~np.isin(splits, np.array(nsd.COCO_SPLITS, dtype=object))
     if bad.any():
         raise FormatError(
-            f"{path}: cocoSplit must be one of {paths.COCO_SPLITS}; found "
+            f"{path}: cocoSplit must be one of {nsd.COCO_SPLITS}; found "
             f"{sorted({str(x) for x in splits[bad]})[:_MAX_SHOWN]} (rows "
             f"{np.flatnonzero(bad)[:_MAX_SHOWN].tolist()})."
         )
     if "nsdId" in df.columns:
-        nsd = df["nsdId"].to_numpy()
-        wrong = np.flatnonzero(nsd != np.arange(len(df)))
+        nsd_ids = df["nsdId"].to_numpy()
+        wrong = np.flatnonzero(nsd_ids != np.arange(len(df)))
         if wrong.size:
             raise FormatError(
                 f"{path}: row position must equal nsdId (0-based); rows {wrong[:_MAX_SHOWN].tolist()}"
-                f" hold nsdId {nsd[wrong[:_MAX_SHOWN]].tolist()}."
+                f" hold nsdId {nsd_ids[wrong[:_MAX_SHOWN]].tolist()}."
             )
     return df
 
@@ -381,23 +380,6 @@ def label_table(
     )
 
 
-def shown_images(subjectim: np.ndarray, masterordering: np.ndarray) -> np.ndarray:
-    """Sorted unique 1-based 73k ids shown to any subject, in the dtype of ``subjectim``.
-
-    As in the original: ``np.unique(subjectim[:, masterordering - 1])`` (both 1-based, from
-    ``nsd_expdesign.mat``).
-    """
-    mo = np.asarray(masterordering).ravel()
-    if mo.size and (
-        not np.all(np.mod(mo, 1) == 0) or mo.min() < 1 or mo.max() > subjectim.shape[1]
-    ):
-        raise FormatError(
-            f"masterordering must hold 1-based integer indices into subjectim's "
-            f"{subjectim.shape[1]} columns; found values in [{mo.min()}, {mo.max()}]."
-        )
-    return np.unique(subjectim[:, mo.astype(np.int64) - 1].ravel())
-
-
 def legacy_label_table(merged_legacy: dict[str, Any], ids: np.ndarray) -> pd.DataFrame:
     """Reproduce the original labels table from the renumbered merge, looked up by 1-based 73k id.
 
@@ -435,27 +417,6 @@ def legacy_label_table(merged_legacy: dict[str, Any], ids: np.ndarray) -> pd.Dat
         },
         columns=list(LEGACY_COLUMNS),
     )
-
-
-def read_expdesign(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(subjectim, masterordering)`` from ``nsd_expdesign.mat`` as loaded (1-based)."""
-    import scipy.io
-
-    path = Path(path)
-    _require(path, "nsd_expdesign.mat")
-    try:
-        mat = scipy.io.loadmat(path)
-    except Exception as exc:  # scipy raises several types for a bad file
-        raise FormatError(f"{path} could not be read as a MATLAB file: {exc!r}") from exc
-    missing = [k for k in ("subjectim", "masterordering") if k not in mat]
-    if missing:
-        raise FormatError(f"{path}: missing variable(s) {missing}; found {sorted(mat)[:20]}.")
-    subjectim = np.asarray(mat["subjectim"])
-    if subjectim.ndim != 2:
-        raise FormatError(
-            f"{path}: subjectim must be 2-D (subjects x images), is {subjectim.shape}."
-        )
-    return subjectim, np.asarray(mat["masterordering"])
 
 
 def summary_tsv(table: pd.DataFrame) -> str:
@@ -505,8 +466,7 @@ def build(
                 "--legacy needs --expdesign (inputs/nsd/nsddata/experiments/nsd/nsd_expdesign.mat): "
                 "the original table has one row per image shown to any subject."
             )
-        subjectim, masterordering = read_expdesign(expdesign)
-        ids = shown_images(subjectim, masterordering)
+        ids = nsd.read_expdesign(expdesign).shown_images()
     data = read_instances(zip_path)
     validate_splits(data, sources)
     if legacy:
@@ -540,7 +500,7 @@ def default_summary_path(out: str | Path) -> Path:
     """``derivatives/coco_categories.pkl`` -> ``derivatives/coco_categories_summary.tsv``."""
     out = Path(out)
     if out.suffix == ".pkl":
-        return Path(paths.summary_path(str(out)))
+        return Path(nsd.summary_path(str(out)))
     return out.with_name(f"{out.name}_summary.tsv")
 
 
@@ -555,19 +515,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--zip",
         required=True,
         type=Path,
-        help=f"COCO annotations zip (e.g. {paths.COCO_DATASET}/{paths.COCO_ZIP_NAME})",
+        help=f"COCO annotations zip (e.g. {nsd.COCO_DATASET}/{nsd.COCO_ZIP_NAME})",
     )
     parser.add_argument(
         "--stim-info",
         required=True,
         type=Path,
-        help=f"nsd_stim_info_merged.pkl (e.g. {paths.NSD_DATASET}/{paths.STIM_INFO_KEY})",
+        help=f"nsd_stim_info_merged.pkl (e.g. {nsd.NSD_DATASET}/{nsd.STIM_INFO_KEY})",
     )
     parser.add_argument(
-        "--merged-out", required=True, type=Path, help=f"merged JSON (e.g. {paths.COCO_MERGED})"
+        "--merged-out", required=True, type=Path, help=f"merged JSON (e.g. {nsd.COCO_MERGED})"
     )
     parser.add_argument(
-        "--out", required=True, type=Path, help=f"labels table (e.g. {paths.COCO_CATEGORIES})"
+        "--out", required=True, type=Path, help=f"labels table (e.g. {nsd.COCO_CATEGORIES})"
     )
     parser.add_argument(
         "--summary-out",
@@ -584,12 +544,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--expdesign",
         type=Path,
         default=None,
-        help=f"nsd_expdesign.mat, needed with --legacy (e.g. {paths.NSD_DATASET}/"
-        f"{paths.EXPDESIGN_KEY})",
+        help=f"nsd_expdesign.mat, needed with --legacy (e.g. {nsd.NSD_DATASET}/"
+        f"{nsd.EXPDESIGN_KEY})",
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """CLI entry: build the merged JSON and the labels table, print a one-line summary."""
     table = build(
         args.zip,
@@ -734,10 +694,8 @@ __all__ = [
     "legacy_label_table",
     "merge_instances",
     "merge_instances_legacy",
-    "read_expdesign",
     "read_instances",
     "read_stim_info",
-    "shown_images",
     "summary_tsv",
     "validate_splits",
     "write_json",

@@ -26,11 +26,9 @@ deterministic: same inputs, same bytes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
-import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +36,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nsdprep import __version__, paths, registry
+from nsdprep import __version__, nsd, provenance, registry
 from nsdprep._io import atomic_path, remove_stale_parts
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError
+from nsdprep.nsd import PERSON, UNKNOWN, Layout
 
 log = logging.getLogger(__name__)
-
-UNKNOWN = "unknown"
-PERSON = "person"
 
 #: Columns of ``sub-XX_trials.tsv``, in order.
 TRIAL_COLUMNS = (
@@ -67,35 +63,6 @@ TRIAL_COLUMNS = (
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Experiment layout: runs per session and trials per run (odd runs, even runs).
-
-    Real NSD: 12 runs of 63 (odd) / 62 (even) trials = 750 trials per session.
-    """
-
-    runs_per_session: int = paths.RUNS_PER_SESSION
-    trials_per_run: tuple[int, int] = paths.TRIALS_PER_RUN
-
-    def __post_init__(self) -> None:
-        r, (a, b) = self.runs_per_session, self.trials_per_run
-        if not all(isinstance(v, int) and v >= 1 for v in (r, a, b)):
-            raise NsdPrepError(
-                "experiment layout needs positive integers: runs per session and trials per run "
-                f"A,B; got runs_per_session={r!r}, trials_per_run={self.trials_per_run!r}"
-            )
-
-    @property
-    def trials_per_session(self) -> int:
-        """Trials per session ``S`` (sum over runs; odd runs A trials, even runs B)."""
-        return int(self.run_in_session().size)
-
-    def run_in_session(self) -> np.ndarray:
-        """1-based run of each trial of a session, indexed by ``trial_in_session - 1``."""
-        counts = paths.run_lengths(self.runs_per_session, self.trials_per_run)
-        return np.repeat(np.arange(1, self.runs_per_session + 1), counts)
-
-
 @dataclass
 class Selection:
     """Which trials every registered subject keeps, and why (all subjects, before any I/O of betas).
@@ -103,7 +70,7 @@ class Selection:
     ``trials`` maps subject -> trial table of the kept trials (columns ``TRIAL_COLUMNS``, trial order).
     """
 
-    layout: Layout
+    layout: nsd.Layout
     registered_sessions: dict[int, list[int]]
     n_sessions: int
     n_trials: int
@@ -115,88 +82,6 @@ class Selection:
     def trials_per_subject(self) -> int:
         """Number of trials every subject keeps (identical across subjects)."""
         return int(next(iter(self.trials.values())).shape[0]) if self.trials else 0
-
-
-def parse_trials_per_run(text: str) -> tuple[int, int]:
-    """Parse ``"63,62"`` (odd runs, even runs) into ``(63, 62)``."""
-    try:
-        parts = tuple(int(p) for p in str(text).split(","))
-    except ValueError:
-        parts = ()
-    if len(parts) != 2 or min(parts) < 1:
-        raise NsdPrepError(
-            f"--trials-per-run expects two positive integers 'A,B' (odd runs, even runs), "
-            f"e.g. 63,62; got {text!r}"
-        )
-    return parts  # type: ignore[return-value]
-
-
-def load_expdesign(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``masterordering`` (1D, 1-based) and ``subjectim`` (2D, 1-based 73k ids) as int64."""
-    import scipy.io
-
-    path = Path(path)
-    if not path.exists():
-        raise MissingInputError(
-            f"experiment design {path} is absent (content not fetched?); "
-            f"run `datalad get {path}` or `make get`."
-        )
-    try:
-        mat = scipy.io.loadmat(path, variable_names=["masterordering", "subjectim"])
-    except (NotImplementedError, ValueError, OSError, TypeError) as exc:
-        raise FormatError(f"cannot read {path} as a MATLAB v5 file: {exc}") from exc
-    out = []
-    for name, ndim in (("masterordering", 1), ("subjectim", 2)):
-        if name not in mat:
-            raise FormatError(
-                f"{path}: field {name!r} missing; expected NSD's nsd_expdesign.mat with "
-                "masterordering (1x30000) and subjectim (8x10000)"
-            )
-        arr = np.asarray(mat[name])
-        if ndim == 1:
-            if arr.ndim != 2 or 1 not in arr.shape:
-                raise FormatError(f"{path}: field 'masterordering' must be 1xT, found {arr.shape}")
-            arr = arr.reshape(-1)
-        elif arr.ndim != 2:
-            raise FormatError(
-                f"{path}: field 'subjectim' must be 2D (subjects x 10000), found {arr.shape}"
-            )
-        if arr.size and (
-            not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)) or np.any(arr < 1)
-        ):
-            raise FormatError(f"{path}: field {name!r} must hold 1-based integers")
-        out.append(arr.astype(np.int64))
-    return out[0], out[1]
-
-
-def trial_images(
-    masterordering: np.ndarray,
-    subjectim: np.ndarray,
-    subject: int,
-    n_trials: int,
-    source: str | os.PathLike[str] = "nsd_expdesign.mat",
-) -> np.ndarray:
-    """1-based 73k ids of the first ``n_trials`` trials of ``subject`` (1-based).
-
-    Trial ``t`` (0-based across the experiment) shows ``subjectim[subject-1, masterordering[t]-1]``.
-    """
-    if masterordering.size < n_trials:
-        raise FormatError(
-            f"{source}: field 'masterordering' has {masterordering.size} entries, "
-            f"{n_trials} trials needed"
-        )
-    if subjectim.shape[0] < subject:
-        raise FormatError(
-            f"{source}: field 'subjectim' has {subjectim.shape[0]} rows, subject {subject} needs "
-            f"row {subject}"
-        )
-    order = masterordering[:n_trials]
-    if order.size and order.max() > subjectim.shape[1]:
-        raise FormatError(
-            f"{source}: field 'masterordering' refers to image {order.max()} but field "
-            f"'subjectim' has only {subjectim.shape[1]} columns"
-        )
-    return subjectim[subject - 1, order - 1]
 
 
 def load_labels(path: str | os.PathLike[str], legacy: bool = False) -> pd.DataFrame:
@@ -281,7 +166,7 @@ def equalize(supercats: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], d
         person = idx[supercats[s][idx] == PERSON]
         if person.size < excess:
             raise NsdPrepError(
-                f"cannot equalize trials: {paths.subject_label(s)} has {idx.size} labelled trials, "
+                f"cannot equalize trials: {nsd.subject_label(s)} has {idx.size} labelled trials, "
                 f"{excess} more than the target {target}, but only {person.size} 'person' trials "
                 "to drop (rule: drop the earliest 'person' trials)"
             )
@@ -291,22 +176,22 @@ def equalize(supercats: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], d
     return kept, dropped
 
 
-def plan(
-    nsd: str | os.PathLike[str],
+def select(
+    nsd_ds: str | os.PathLike[str],
     expdesign: str | os.PathLike[str],
     labels_path: str | os.PathLike[str],
     layout: Layout,
     legacy: bool = False,
 ) -> Selection:
-    """Compute the selection for every subject registered in ``nsd`` (no betas are read)."""
-    subjects = registry.registered_subjects(nsd)
+    """Compute the selection for every subject registered in ``nsd_ds`` (no betas are read)."""
+    subjects = registry.registered_subjects(nsd_ds)
     if not subjects:
-        raise MissingInputError(f"no betas registered in {nsd}; run `make inputs` first.")
-    sessions = {s: registry.registered_sessions(nsd, s) for s in subjects}
+        raise MissingInputError(f"no betas registered in {nsd_ds}; run `make inputs` first.")
+    sessions = {s: registry.registered_sessions(nsd_ds, s) for s in subjects}
     n_sessions = min(len(v) for v in sessions.values())
     S = layout.trials_per_session
     n_trials = n_sessions * S
-    fewest = [paths.subject_label(s) for s, v in sessions.items() if len(v) == n_sessions]
+    fewest = [nsd.subject_label(s) for s, v in sessions.items() if len(v) == n_sessions]
     log.info(
         "N = %d sessions (fewest registered: %s) x %d trials = %d trials per subject",
         n_sessions,
@@ -314,12 +199,12 @@ def plan(
         S,
         n_trials,
     )
-    masterordering, subjectim = load_expdesign(expdesign)
+    design = nsd.read_expdesign(expdesign)
     table = load_labels(labels_path, legacy=legacy)
 
     rows: dict[int, pd.DataFrame] = {}
     for s in subjects:
-        ids = trial_images(masterordering, subjectim, s, n_trials, expdesign)
+        ids = design.trial_images(s, n_trials)
         lab = lookup_labels(table, ids, legacy, labels_path)
         t = np.arange(n_trials)
         k = t % S
@@ -357,8 +242,8 @@ def resampled_file(resampled: str | os.PathLike[str], subject: int, session: int
     """Path of one 3 mm session under the ``derivatives/3mm`` directory ``resampled``."""
     return (
         Path(resampled)
-        / paths.subject_label(subject)
-        / Path(paths.resampled_path(subject, session)).name
+        / nsd.subject_label(subject)
+        / Path(nsd.resampled_path(subject, session)).name
     )
 
 
@@ -397,7 +282,7 @@ def check_resampled(
                     missing.setdefault(s, []).append(ses)
     if missing:
         listing = "; ".join(
-            f"{paths.subject_label(s)} session(s) {', '.join(f'{x:02d}' for x in v)}"
+            f"{nsd.subject_label(s)} session(s) {', '.join(f'{x:02d}' for x in v)}"
             for s, v in missing.items()
         )
         subj = " ".join(f"{s:02d}" for s in missing)
@@ -460,7 +345,7 @@ def write_subject(
     from nsdprep.nifti import NiftiStreamWriter, iter_volumes
 
     out = Path(out)
-    name = paths.bids_subject_label(subject)
+    name = nsd.bids_subject_label(subject)
     files = {
         "bold": out / f"{name}.nii.gz",
         "labels": out / f"{name}_labels.npy",
@@ -499,7 +384,7 @@ def write_subject(
 
 
 def curate(
-    nsd: str | os.PathLike[str],
+    nsd_ds: str | os.PathLike[str],
     resampled: str | os.PathLike[str],
     labels: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -514,9 +399,9 @@ def curate(
     Checks every input (registry, design, labels, 3 mm files and grids) before writing anything.
     """
     layout = layout or Layout()
-    expdesign = Path(expdesign) if expdesign else Path(nsd) / paths.EXPDESIGN_KEY
-    chosen = registry.select_subjects(nsd, list(subjects) if subjects else None)
-    selection = plan(nsd, expdesign, labels, layout, legacy=legacy)
+    expdesign = Path(expdesign) if expdesign else Path(nsd_ds) / nsd.EXPDESIGN_KEY
+    chosen = registry.select_subjects(nsd_ds, list(subjects) if subjects else None)
+    selection = select(nsd_ds, expdesign, labels, layout, legacy=legacy)
     grid = check_resampled(resampled, chosen, selection.n_sessions, layout)
 
     out = Path(out)
@@ -525,7 +410,7 @@ def curate(
     for s in chosen:
         log.info(
             "%s: writing %d trials from %d sessions",
-            paths.bids_subject_label(s),
+            nsd.bids_subject_label(s),
             selection.trials[s].shape[0],
             selection.n_sessions,
         )
@@ -549,16 +434,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--expdesign",
         default=None,
-        help=f"experiment design (default: NSD/{paths.EXPDESIGN_KEY})",
+        help=f"experiment design (default: NSD/{nsd.EXPDESIGN_KEY})",
     )
     parser.add_argument("--out", required=True, help="output directory (derivatives/curated_3mm)")
     parser.add_argument(
         "--subjects", nargs="*", type=int, default=None, help="subjects (default: all registered)"
     )
-    parser.add_argument("--runs-per-session", type=int, default=paths.RUNS_PER_SESSION)
+    parser.add_argument("--runs-per-session", default=str(Layout().runs_per_session))
     parser.add_argument(
         "--trials-per-run",
-        default=",".join(map(str, paths.TRIALS_PER_RUN)),
+        default=",".join(map(str, Layout().trials_per_run)),
         help="trials per run A,B: odd runs A, even runs B (default: %(default)s)",
     )
     parser.add_argument(
@@ -568,11 +453,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """CLI entry: ``python -m nsdprep curate ...``."""
-    layout = Layout(args.runs_per_session, parse_trials_per_run(args.trials_per_run))
+    layout = Layout.parse(args.runs_per_session, args.trials_per_run)
     selection = curate(
-        nsd=args.nsd,
+        nsd_ds=args.nsd,
         resampled=args.resampled,
         labels=args.labels,
         out=args.out,
@@ -580,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
         layout=layout,
         expdesign=args.expdesign,
         legacy=args.legacy_labels,
-        command=_command(args),
+        command=provenance.command_of(args),
     )
     print(
         f"curated: {selection.trials_per_subject} trials per subject "
@@ -594,45 +479,6 @@ def run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _command(args: argparse.Namespace) -> str:
-    argv = ["python", "-m", "nsdprep", "curate", "--nsd", str(args.nsd)]
-    argv += ["--resampled", str(args.resampled), "--labels", str(args.labels)]
-    if args.expdesign:
-        argv += ["--expdesign", str(args.expdesign)]
-    argv += ["--out", str(args.out)]
-    if args.subjects:
-        argv += ["--subjects", *[str(s) for s in args.subjects]]
-    argv += ["--runs-per-session", str(args.runs_per_session)]
-    argv += ["--trials-per-run", str(args.trials_per_run)]
-    if args.legacy_labels:
-        argv.append("--legacy-labels")
-    return shlex.join(argv)
-
-
-def _sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    import platform
-
-    import nibabel
-    import scipy
-
-    return {
-        "nsdprep": __version__,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "pandas": pd.__version__,
-        "nibabel": nibabel.__version__,
-        "scipy": scipy.__version__,
-    }
-
-
 def _description(
     sel: Selection,
     grid: Grid,
@@ -642,7 +488,7 @@ def _description(
     command: str,
 ) -> dict:
     label_counts = {
-        paths.bids_subject_label(s): {
+        nsd.bids_subject_label(s): {
             str(k): int(v) for k, v in df["supercat"].value_counts().sort_index().items()
         }
         for s, df in sorted(sel.trials.items())
@@ -658,7 +504,9 @@ def _description(
                 "Name": "nsdprep curate",
                 "Version": __version__,
                 "Command": command,
-                "Dependencies": _versions(),
+                "Dependencies": provenance.versions(
+                    "numpy", "pandas", "nibabel", "scipy", python=True
+                ),
             }
         ],
         "SourceDatasets": [
@@ -669,12 +517,12 @@ def _description(
             },
             {
                 "Path": Path(labels).name,
-                "Sha256": _sha256(labels),
+                "Sha256": provenance.sha256(labels),
                 "Description": "legacy labels table (keyed by 1-based 73k id)"
                 if legacy
                 else "labels table (keyed by nsdId)",
             },
-            {"Path": Path(expdesign).name, "Sha256": _sha256(expdesign)},
+            {"Path": Path(expdesign).name, "Sha256": provenance.sha256(expdesign)},
         ],
         "Layout": {
             "RunsPerSession": lay.runs_per_session,
@@ -694,22 +542,21 @@ def _description(
                 "equalize: subjects with more trials drop their earliest 'person' trials",
             ],
             "RegisteredSessions": {
-                paths.subject_label(s): len(v) for s, v in sorted(sel.registered_sessions.items())
+                nsd.subject_label(s): len(v) for s, v in sorted(sel.registered_sessions.items())
             },
             "SessionsUsed": sel.n_sessions,
             "CandidateTrialsPerSubject": sel.n_trials,
             "UnknownDropped": {
-                paths.bids_subject_label(s): v for s, v in sorted(sel.n_unknown.items())
+                nsd.bids_subject_label(s): v for s, v in sorted(sel.n_unknown.items())
             },
             "PersonDropped": {
-                paths.bids_subject_label(s): v for s, v in sorted(sel.n_person_dropped.items())
+                nsd.bids_subject_label(s): v for s, v in sorted(sel.n_person_dropped.items())
             },
             "TrialsPerSubject": sel.trials_per_subject,
         },
         "Counts": {
             "Trials": {
-                paths.bids_subject_label(s): int(df.shape[0])
-                for s, df in sorted(sel.trials.items())
+                nsd.bids_subject_label(s): int(df.shape[0]) for s, df in sorted(sel.trials.items())
             },
             "Labels": label_counts,
         },
@@ -717,7 +564,7 @@ def _description(
 
 
 def _readme(sel: Selection, desc: dict, out: Path) -> str:
-    subs = [paths.bids_subject_label(s) for s in sorted(sel.trials)]
+    subs = [nsd.bids_subject_label(s) for s in sorted(sel.trials)]
     present = sorted(p.name[: -len(".nii.gz")] for p in out.glob("sub-*.nii.gz"))
     labels = sorted({k for counts in desc["Counts"]["Labels"].values() for k in counts})
     lay = sel.layout

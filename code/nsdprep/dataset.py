@@ -6,9 +6,13 @@ into this package's errors (:mod:`nsdprep.errors`).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import shlex
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,110 @@ def git(ds: str | Path, *args: str, check: bool = True) -> str:
             f"`git {' '.join(args)}` failed in {ds}: {proc.stderr.strip() or proc.stdout.strip()}"
         )
     return proc.stdout
+
+
+def annex_json(
+    repo: str | Path, *args: str
+) -> tuple[list[dict[str, Any]], subprocess.CompletedProcess[str]]:
+    """Run ``git annex <args> --json`` in ``repo``; return its JSON records and the process."""
+    proc = subprocess.run(
+        ["git", "-C", str(repo), "annex", *args[:1], "--json", *args[1:]],
+        capture_output=True,
+        text=True,
+    )
+    records = []
+    for line in proc.stdout.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records, proc
+
+
+def is_dataset(ds: str | Path) -> bool:
+    """True if ``ds`` is the root of an installed DataLad dataset."""
+    ds = Path(ds)
+    return (ds / ".git").exists() and (ds / ".datalad").is_dir()
+
+
+def is_installed(repo: str | Path) -> bool:
+    """True if ``repo`` is an installed git repository (e.g. a subdataset after ``get -n``)."""
+    return (Path(repo) / ".git").exists()
+
+
+def ls_files(repo: str | Path, *paths: str, stage: bool = False) -> list[str]:
+    """Tracked paths under ``paths`` in ``repo`` (``stage``: git's ``ls-files -s`` lines)."""
+    if stage:
+        return git(repo, "ls-files", "-s", "--", *paths).splitlines()
+    return sorted(p for p in git(repo, "ls-files", "-z", "--", *paths).split("\0") if p)
+
+
+def head(ds: str | Path) -> str:
+    """The commit checked out in ``ds``."""
+    return git(ds, "rev-parse", "HEAD").strip()
+
+
+def git_dir(ds: str | Path) -> Path:
+    """Absolute path of the repository's git directory."""
+    return Path(git(ds, "rev-parse", "--absolute-git-dir").strip())
+
+
+def dirty_paths(ds: str | Path) -> list[tuple[str, str]]:
+    """``(status, path)`` of everything not committed in ``ds`` (untracked included)."""
+    out = git(ds, "status", "--porcelain=v1", "-z", "--untracked-files=all")
+    entries = []
+    items = out.split("\0")
+    i = 0
+    while i < len(items):
+        item = items[i]
+        i += 1
+        if not item:
+            continue
+        status, path = item[:2], item[3:]
+        if status[0] in "RC":  # rename/copy: the next item is the source path
+            i += 1
+        entries.append((status, path))
+    return entries
+
+
+def restore_path(ds: str | Path, rel: str) -> None:
+    """Put one tracked path back to its committed state."""
+    git(ds, "checkout", "HEAD", "--", rel)
+
+
+def last_commit_with_subject(ds: str | Path, text: str) -> tuple[str, str] | None:
+    """``(commit, subject)`` of the newest commit whose message contains ``text``."""
+    out = git(ds, "log", "-F", f"--grep={text}", "--format=%H %s", "-n", "1").strip()
+    if not out:
+        return None
+    commit, _, subject = out.partition(" ")
+    return commit, subject
+
+
+@contextlib.contextmanager
+def lock(ds: str | Path, what: str) -> Iterator[None]:
+    """Hold the dataset's exclusive lock (fasteners, as DataLad uses), or fail at once.
+
+    Two ``datalad run`` at once in one dataset corrupt its history, so targets never wait: the
+    second one is refused with the holder's description (``what`` and its pid).
+    """
+    import fasteners
+
+    path = git_dir(ds) / "nsdprep-run.lock"
+    info = path.with_suffix(".holder")
+    held = fasteners.InterProcessLock(str(path))
+    if not held.acquire(blocking=False):
+        holder = info.read_text().strip() if info.exists() else ""
+        raise DatasetStateError(
+            f"another nsdprep run is in progress in {ds} ({holder or 'another process'}); wait for "
+            "it to finish. Two `datalad run` at once in one dataset would corrupt its history."
+        )
+    try:
+        info.write_text(f"pid {os.getpid()}: {what}")
+        yield
+    finally:
+        info.write_text("")
+        held.release()
 
 
 def annex_initialised(ds: str | Path) -> bool:
@@ -98,3 +206,64 @@ def check_results(
             message += "\nRun it again to retry (partial downloads resume)."
         raise RemoteError(message)
     raise NsdPrepError(message)
+
+
+def api_call(
+    action: str, what: str, *, remote: bool = False, hint_403: str = "", **kwargs: Any
+) -> list[dict[str, Any]]:
+    """Call ``datalad.api.<action>(**kwargs)`` quietly and check its results (:func:`check_results`)."""
+    import datalad.api as dl
+
+    results = getattr(dl, action)(**kwargs, **QUIET)
+    check_results(results, what, remote=remote, hint_403=hint_403)
+    return results
+
+
+def get(ds: str | Path, paths: Sequence[str | Path], *, hint_403: str = "") -> list[dict[str, Any]]:
+    """``datalad get`` ``paths`` of dataset ``ds`` (a failed download is a :class:`RemoteError`)."""
+    return api_call(
+        "get", "datalad get", remote=True, hint_403=hint_403,
+        path=[os.path.abspath(p) for p in paths], dataset=str(ds),
+    )  # fmt: skip
+
+
+def drop(ds: str | Path, paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """``datalad drop`` the content of ``paths`` (still registered, fetchable again)."""
+    paths = [
+        os.path.abspath(p) for p in paths
+    ]  # relative to the working directory (no link resolved)
+    return api_call("drop", "datalad drop", path=paths, dataset=str(ds))
+
+
+def save(ds: str | Path, message: str, paths: Sequence[str | Path] | None = None) -> None:
+    """``datalad save`` ``paths`` (default: everything) of ``ds`` with ``message``."""
+    kwargs: dict[str, Any] = {"dataset": str(ds), "message": message}
+    if paths is not None:
+        kwargs["path"] = [str(p) for p in paths]
+    api_call("save", f"saving {ds}", **kwargs)
+
+
+def run(
+    ds: str | Path,
+    command: Sequence[str],
+    *,
+    message: str,
+    inputs: Sequence[str] = (),
+    outputs: Sequence[str] = (),
+    assume_inputs_ready: bool = False,
+) -> bool:
+    """``datalad run`` ``command`` in ``ds`` with its output on the terminal; True if it succeeded."""
+    cmd = ["datalad", "run", "-m", message]
+    for i in inputs:
+        cmd += ["-i", i]
+    for o in outputs:
+        cmd += ["-o", o]
+    if assume_inputs_ready:
+        cmd += ["--assume-ready", "inputs"]
+    cmd.append(shlex.join(command))
+    return subprocess.run(cmd, cwd=ds).returncode == 0
+
+
+def rerun(ds: str | Path, revision: str) -> bool:
+    """``datalad rerun revision`` in ``ds`` (output on the terminal); True if it succeeded."""
+    return subprocess.run(["datalad", "rerun", revision], cwd=ds).returncode == 0

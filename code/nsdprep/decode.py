@@ -36,7 +36,6 @@ import argparse
 import copy
 import json
 import logging
-import re
 import resource
 import time
 import warnings
@@ -48,9 +47,10 @@ from typing import Any
 import numpy as np
 from sklearn.preprocessing import StandardScaler
 
-from nsdprep import paths
+from nsdprep import nsd
 from nsdprep._io import atomic_path, require_content
-from nsdprep.errors import FormatError, MissingInputError, NsdPrepError
+from nsdprep.errors import FormatError, MissingInputError, NsdPrepError, UsageError
+from nsdprep.nsd import CuratedFiles
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,6 @@ REPORT_NAME = "report.md"
 RESOURCES_NAME = "resources.json"
 RESOURCE_KEYS = ("seconds", "peak_rss_bytes")
 ACCURACY_PLOT_NAME = "accuracy_vs_chance.png"
-_SUBJECT_FILE_RE = re.compile(r"^sub-(\d{2})\.nii\.gz$")
 #: PNG metadata: no software/version string, so the bytes depend only on the figure.
 _PNG_METADATA = {"Software": None}
 
@@ -89,27 +88,17 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         if self.n_folds < 2:
-            raise NsdPrepError(f"--n-folds must be >= 2, got {self.n_folds}")
+            raise UsageError(f"--n-folds must be >= 2, got {self.n_folds}")
         if self.n_permutations < 0:
-            raise NsdPrepError(f"--n-permutations must be >= 0, got {self.n_permutations}")
+            raise UsageError(f"--n-permutations must be >= 0, got {self.n_permutations}")
         if self.subsample < 0:
-            raise NsdPrepError(f"--subsample must be >= 0 (0 = all trials), got {self.subsample}")
+            raise UsageError(f"--subsample must be >= 0 (0 = all trials), got {self.subsample}")
         if self.jobs < 1:
-            raise NsdPrepError(f"--jobs must be >= 1, got {self.jobs}")
+            raise UsageError(f"--jobs must be >= 1, got {self.jobs}")
         if not self.memory_gb > 0:
-            raise NsdPrepError(f"--memory-gb must be > 0, got {self.memory_gb}")
+            raise UsageError(f"--memory-gb must be > 0, got {self.memory_gb}")
         if not self.C > 0:
-            raise NsdPrepError(f"--C must be > 0, got {self.C}")
-
-
-@dataclass(frozen=True)
-class SubjectFiles:
-    """The curated files of one subject."""
-
-    subject: int
-    betas: Path
-    labels: Path
-    runs: Path
+            raise UsageError(f"--C must be > 0, got {self.C}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +114,7 @@ def find_subjects(curated_dir: str | Path) -> list[int]:
             "and sub-XX_runs.npy per subject. Build it first (`make curated`) or `datalad get` it."
         )
     subjects = sorted(
-        int(m[1]) for p in curated_dir.iterdir() if (m := _SUBJECT_FILE_RE.match(p.name))
+        int(m[1]) for p in curated_dir.iterdir() if (m := nsd.CURATED_BETAS_RE.match(p.name))
     )
     if not subjects:
         raise MissingInputError(
@@ -134,16 +123,10 @@ def find_subjects(curated_dir: str | Path) -> list[int]:
     return subjects
 
 
-def subject_files(curated_dir: str | Path, subject: int) -> SubjectFiles:
+def subject_files(curated_dir: str | Path, subject: int) -> CuratedFiles:
     """Paths of one subject's curated files; :class:`MissingInputError` if any is absent."""
-    curated_dir = Path(curated_dir)
-    label = paths.bids_subject_label(subject)
-    files = SubjectFiles(
-        subject,
-        curated_dir / f"{label}.nii.gz",
-        curated_dir / f"{label}_labels.npy",
-        curated_dir / f"{label}_runs.npy",
-    )
+    label = nsd.bids_subject_label(subject)
+    files = nsd.curated_files(subject, curated_dir)
     for path in (files.betas, files.labels, files.runs):
         require_content(
             path,
@@ -153,7 +136,7 @@ def subject_files(curated_dir: str | Path, subject: int) -> SubjectFiles:
     return files
 
 
-def load_labels_runs(files: SubjectFiles, n_volumes: int) -> tuple[np.ndarray, np.ndarray]:
+def load_labels_runs(files: CuratedFiles, n_volumes: int) -> tuple[np.ndarray, np.ndarray]:
     """Load and check the per-trial labels (unicode) and runs (integers) of one subject."""
     labels = _load_npy(files.labels)
     runs = _load_npy(files.runs)
@@ -458,7 +441,7 @@ def _fit_score(
 # per subject and whole run
 
 
-def decode_subject(files: SubjectFiles, config: DecodeConfig) -> dict[str, Any]:
+def decode_subject(files: CuratedFiles, config: DecodeConfig) -> dict[str, Any]:
     """Load one subject, cross-validate the classifier and the chance models; return its results."""
     from sklearn.dummy import DummyClassifier
     from sklearn.metrics import confusion_matrix
@@ -466,7 +449,7 @@ def decode_subject(files: SubjectFiles, config: DecodeConfig) -> dict[str, Any]:
     from nsdprep.nifti import read_header, volume_count
 
     t0 = time.perf_counter()
-    label = paths.bids_subject_label(files.subject)
+    label = nsd.bids_subject_label(files.subject)
     n_volumes = volume_count(read_header(files.betas))
     labels_all, runs_all = load_labels_runs(files, n_volumes)
     trials = select_trials(labels_all, config.subsample)
@@ -770,13 +753,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--curated",
         type=Path,
-        default=Path(paths.CURATED_DIR),
+        default=Path(nsd.CURATED_DIR),
         help="curated folder with sub-XX.nii.gz, sub-XX_labels.npy, sub-XX_runs.npy",
     )
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path(paths.DECODING_DIR),
+        default=Path(nsd.DECODING_DIR),
         help="output folder (results.json, report.md, PNG plots)",
     )
     parser.add_argument(
@@ -816,7 +799,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Run the decoding stage from parsed arguments; print a one-line summary per subject."""
     config = DecodeConfig(
         n_folds=args.n_folds,

@@ -28,7 +28,7 @@ from isal import igzip, isal_zlib
 from nibabel.volumeutils import apply_read_scaling
 
 from nsdprep._io import atomic_path, require_content
-from nsdprep.errors import FormatError
+from nsdprep.errors import FormatError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def iter_volumes(
     n_vol = int(np.prod(shape[3:], dtype=np.int64)) if len(shape) > 3 else 1
     stop = n_vol if stop is None else stop
     if not 0 <= start <= stop <= n_vol:
-        raise ValueError(f"volume range {start}:{stop} outside 0:{n_vol} of {path}")
+        raise UsageError(f"volume range {start}:{stop} outside 0:{n_vol} of {path}")
     dtype = hdr.get_data_dtype()
     nbytes = int(np.prod(shape3d, dtype=np.int64)) * dtype.itemsize
     slope, inter = hdr.get_slope_inter()
@@ -266,14 +266,14 @@ class NiftiStreamWriter:
         self.path = Path(path)
         self.shape3d = tuple(int(s) for s in shape3d)
         if len(self.shape3d) != 3 or any(s < 1 for s in self.shape3d):
-            raise ValueError(f"shape3d must be 3 positive sizes, got {shape3d!r}")
+            raise UsageError(f"shape3d must be 3 positive sizes, got {shape3d!r}")
         if n_volumes is not None and int(n_volumes) < 1:
-            raise ValueError(f"n_volumes must be >= 1 or None, got {n_volumes!r}")
+            raise UsageError(f"n_volumes must be >= 1 or None, got {n_volumes!r}")
         self.n_volumes = None if n_volumes is None else int(n_volumes)
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.affine = np.asarray(affine, dtype=np.float64)
         if self.affine.shape != (4, 4) or not np.all(np.isfinite(self.affine)):
-            raise ValueError(f"affine must be a finite 4x4 array, got\n{self.affine}")
+            raise UsageError(f"affine must be a finite 4x4 array, got\n{self.affine}")
         self.compresslevel = int(compresslevel)
         self.header = self._make_header(header, int(xform_code))
         self.written = 0
@@ -329,12 +329,12 @@ class NiftiStreamWriter:
             raise FormatError(f"{self.path}: more than the declared {limit} volumes written")
         vol = np.asarray(vol)
         if vol.shape != self.shape3d:
-            raise ValueError(f"{self.path}: volume shape {vol.shape}, expected {self.shape3d}")
+            raise UsageError(f"{self.path}: volume shape {vol.shape}, expected {self.shape3d}")
         if vol.dtype != self.dtype:
             with np.errstate(invalid="ignore", over="ignore"):
                 cast = vol.astype(self.dtype)
             if not np.array_equal(cast, vol):
-                raise ValueError(f"{self.path}: values of {vol.dtype} not exact in {self.dtype}")
+                raise UsageError(f"{self.path}: values of {vol.dtype} not exact in {self.dtype}")
             vol = cast
         # Fortran order on disk; the transpose of a Fortran array is a C-contiguous view of it.
         self._gz.write(np.asfortranarray(vol).T.reshape(-1))

@@ -19,7 +19,7 @@ import logging
 import re
 from pathlib import Path
 
-from nsdprep import paths
+from nsdprep import nsd
 from nsdprep.dataset import QUIET, check_results, ensure_annex, git
 from nsdprep.errors import DatasetStateError, NsdPrepError
 
@@ -59,9 +59,7 @@ def publish(
             f"the dataset {ds} has uncommitted changes; only saved states are published:\n"
             f"{dirty}\nSave them (`datalad save -m '...'`) or remove them, then publish again."
         )
-    subs = [
-        ds / rel for rel in (paths.NSD_DATASET, paths.COCO_DATASET) if (ds / rel / ".git").exists()
-    ]
+    subs = [ds / rel for rel in (nsd.NSD_DATASET, nsd.COCO_DATASET) if (ds / rel / ".git").exists()]
     for sub in subs:
         rel = sub.relative_to(ds).as_posix()
         _sibling(dl, sub, ria_url, sibling, storage="off", alias=f"{alias}-{rel.replace('/', '-')}")
@@ -103,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", type=Path, default=Path("."), help="superdataset root")
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Publish and print the clone command."""
     url = publish(args.dataset, args.ria, sibling=args.sibling, alias=args.alias)
     print(f"published. Clone it with:\n  datalad clone '{url}' nsd-decoding")

@@ -6,36 +6,29 @@ be absent (not yet ``datalad get``). Sessions are always returned sorted numeric
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
-from nsdprep import paths
+from nsdprep import dataset, nsd
 from nsdprep.errors import DatasetStateError
 
 
-def registered_keys(nsd_ds: str | Path, prefix: str = "nsddata_betas/ppdata/") -> list[str]:
+def registered_keys(nsd_ds: str | Path, prefix: str = nsd.BETAS_ROOT_KEY) -> list[str]:
     """Return the tracked file paths under ``prefix`` in the NSD subdataset (bucket key layout)."""
     nsd_ds = Path(nsd_ds)
-    if not (nsd_ds / ".git").exists():
+    if not dataset.is_installed(nsd_ds):
         raise DatasetStateError(
             f"{nsd_ds} is not an installed dataset: expected the NSD subdataset there. "
             "Run `make inputs` (or `datalad get -n inputs/nsd` in a clone)."
         )
-    out = subprocess.run(
-        ["git", "-C", str(nsd_ds), "ls-files", "-z", "--", prefix],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return sorted(p for p in out.split("\0") if p)
+    return dataset.ls_files(nsd_ds, prefix)
 
 
 def registered_sessions(nsd_ds: str | Path, subject: int, kind: str = "betas") -> list[int]:
     """Sessions (1-based, sorted numerically) of ``subject`` whose ``kind`` file is registered."""
     sessions = set()
-    for key in registered_keys(nsd_ds, paths.subject_dir_key(subject) + "/"):
-        parsed = paths.parse_betas_key(key)
+    for key in registered_keys(nsd_ds, nsd.subject_dir_key(subject) + "/"):
+        parsed = nsd.parse_betas_key(key)
         if parsed is not None and parsed[0] == kind and parsed[1] == subject:
             sessions.add(parsed[2])
     return sorted(sessions)
@@ -45,7 +38,7 @@ def registered_subjects(nsd_ds: str | Path) -> list[int]:
     """Subjects (1-based, sorted) with at least one registered betas file."""
     subjects = set()
     for key in registered_keys(nsd_ds):
-        parsed = paths.parse_betas_key(key)
+        parsed = nsd.parse_betas_key(key)
         if parsed is not None and parsed[0] == "betas":
             subjects.add(parsed[1])
     return sorted(subjects)
@@ -64,8 +57,8 @@ def select_subjects(nsd_ds: str | Path, subjects: Iterable[int] | None) -> list[
     missing = [s for s in wanted if s not in available]
     if missing:
         raise DatasetStateError(
-            f"subject(s) {', '.join(paths.subject_label(s) for s in missing)} have no betas "
+            f"subject(s) {', '.join(nsd.subject_label(s) for s in missing)} have no betas "
             f"registered in {nsd_ds}; registered: "
-            f"{', '.join(paths.subject_label(s) for s in available)}."
+            f"{', '.join(nsd.subject_label(s) for s in available)}."
         )
     return wanted

@@ -38,7 +38,6 @@ import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
@@ -48,9 +47,9 @@ from typing import Any
 
 import numpy as np
 
-from nsdprep import paths
+from nsdprep import dataset, nsd
 from nsdprep._io import remove_stale_parts
-from nsdprep.errors import FormatError, MissingInputError, NsdPrepError
+from nsdprep.errors import FormatError, MissingInputError, NsdPrepError, UsageError
 from nsdprep.nifti import (
     MNI_XFORM_CODE,
     NiftiStreamWriter,
@@ -72,7 +71,7 @@ SPLINE_ORDER = 3
 
 
 @dataclass(frozen=True)
-class ResamplePlan:
+class GridMap:
     """Target grid and voxel map of one resample, computed from the input grid only.
 
     ``matrix``/``offset`` map target voxel indices to source voxel indices (nilearn's ``A``, ``b``);
@@ -94,12 +93,12 @@ class ResamplePlan:
         return self.target_slices is not None
 
 
-def plan_resample(
+def grid_map(
     in_shape: Sequence[int],
     in_affine: np.ndarray,
     target_axes: np.ndarray = TARGET_AXES,
     tol: float = GRID_TOL,
-) -> ResamplePlan:
+) -> GridMap:
     """Reproduce nilearn's target grid for a 3x3 ``target_affine`` and derive the voxel map.
 
     Same arithmetic as ``nilearn.image.resample_img`` (0.14.1): the bounding box of the input's
@@ -124,7 +123,7 @@ def plan_resample(
         vox = np.dot(linalg.inv(affine), target)
     matrix, offset = vox[:3, :3].copy(), vox[:3, 3].copy()
     tslices, sslices = _strided_map(in_shape, shape, matrix, offset, tol)
-    return ResamplePlan(
+    return GridMap(
         in_shape=in_shape,
         in_affine=affine,
         shape=shape,
@@ -136,12 +135,12 @@ def plan_resample(
     )
 
 
-def gm_mask(plan: ResamplePlan) -> np.ndarray:
+def gm_mask(gmap: GridMap) -> np.ndarray:
     """MNI152 grey-matter mask (nilearn's, threshold 0.2) on the target grid, nearest neighbour.
 
     Cached per grid within a process (every session of a subject shares it); read-only array.
     """
-    return _gm_mask_cached(plan.shape, plan.affine.tobytes())
+    return _gm_mask_cached(gmap.shape, gmap.affine.tobytes())
 
 
 @functools.lru_cache(maxsize=4)
@@ -164,14 +163,14 @@ def _gm_mask_cached(shape: tuple[int, int, int], affine_bytes: bytes) -> np.ndar
     return out
 
 
-def output_dtype(plan: ResamplePlan, in_dtype: np.dtype[Any]) -> np.dtype[Any]:
+def output_dtype(gmap: GridMap, in_dtype: np.dtype[Any]) -> np.dtype[Any]:
     """Output data type: the input's on the fast path for integer data; else nilearn's float.
 
     nilearn resamples integer data ``intN`` into ``floatN`` (float32 at least) and keeps float data
     as is; on the fast path every output value is an input sample or 0, so the integer type is exact.
     """
     in_dtype = np.dtype(in_dtype).newbyteorder("=")
-    if plan.fast and in_dtype.kind in "iu":
+    if gmap.fast and in_dtype.kind in "iu":
         return in_dtype
     if in_dtype.kind == "i":
         return np.dtype(np.float32) if in_dtype.itemsize <= 4 else np.dtype(np.float64)
@@ -184,26 +183,26 @@ def output_dtype(plan: ResamplePlan, in_dtype: np.dtype[Any]) -> np.dtype[Any]:
 
 def resample_volume(
     vol: np.ndarray,
-    plan: ResamplePlan,
+    gmap: GridMap,
     mask: np.ndarray,
     dtype: np.dtype[Any],
     clip: tuple[float, float] | None = None,
 ) -> np.ndarray:
-    """Resample one 3D volume to ``plan``'s grid and zero it outside ``mask`` (Fortran order)."""
-    out = np.zeros(plan.shape, dtype=dtype, order="F")
-    if plan.fast:
-        out[plan.target_slices] = vol[plan.source_slices]
+    """Resample one 3D volume to ``gmap``'s grid and zero it outside ``mask`` (Fortran order)."""
+    out = np.zeros(gmap.shape, dtype=dtype, order="F")
+    if gmap.fast:
+        out[gmap.target_slices] = vol[gmap.source_slices]
     else:
         from scipy.ndimage import affine_transform
 
-        matrix = plan.matrix
+        matrix = gmap.matrix
         if np.all(np.diag(np.diag(matrix)) == matrix):
             matrix = np.diag(matrix)  # same call as nilearn (scipy's faster diagonal branch)
         affine_transform(
             vol,
             matrix,
-            offset=plan.offset,
-            output_shape=plan.shape,
+            offset=gmap.offset,
+            output_shape=gmap.shape,
             output=out,
             cval=0.0,
             order=SPLINE_ORDER,
@@ -245,19 +244,19 @@ def resample_session(
     src, dst = Path(src), Path(dst)
     t0 = time.perf_counter()
     hdr = check_betas_header(src, dtype=expect_dtype)
-    plan = plan_resample(hdr.get_data_shape()[:3], header_affine(hdr))
+    gmap = grid_map(hdr.get_data_shape()[:3], header_affine(hdr))
     n_vol = volume_count(hdr)
     probe = next(iter_volumes(src, stop=1, header=hdr))  # dtype after nibabel-style scaling
-    dtype = output_dtype(plan, probe.dtype)
+    dtype = output_dtype(gmap, probe.dtype)
     del probe
-    mask = gm_mask(plan)
-    clip = None if plan.fast else _value_range(src, hdr, cancelled)
+    mask = gm_mask(gmap)
+    clip = None if gmap.fast else _value_range(src, hdr, cancelled)
     code = int(hdr["sform_code"]) or int(hdr["qform_code"]) or MNI_XFORM_CODE
-    log.debug("%s -> %s: %s path, %s, %d volumes", src, dst, _path_name(plan), dtype, n_vol)
+    log.debug("%s -> %s: %s path, %s, %d volumes", src, dst, _path_name(gmap), dtype, n_vol)
     with NiftiStreamWriter(
         dst,
-        plan.shape,
-        plan.affine,
+        gmap.shape,
+        gmap.affine,
         dtype,
         n_vol,
         header=hdr,
@@ -267,10 +266,10 @@ def resample_session(
         for vol in iter_volumes(src, header=hdr, reuse_buffer=True):
             if cancelled is not None and cancelled():
                 raise _Cancelled(str(src))
-            writer.write(resample_volume(vol, plan, mask, dtype, clip))
+            writer.write(resample_volume(vol, gmap, mask, dtype, clip))
             if progress is not None:
                 progress(1)
-    return SessionResult(src, dst, n_vol, plan.fast, str(dtype), time.perf_counter() - t0)
+    return SessionResult(src, dst, n_vol, gmap.fast, str(dtype), time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------- command line
@@ -293,7 +292,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Resample every registered (or selected) session of one subject; see module docstring."""
     results = resample_subject(
         args.nsd,
@@ -306,14 +305,14 @@ def run(args: argparse.Namespace) -> int:
     )
     n = sum(r.n_volumes for r in results)
     print(
-        f"resample: {paths.subject_label(args.subject)}: {len(results)} sessions, "
+        f"resample: {nsd.subject_label(args.subject)}: {len(results)} sessions, "
         f"{n} volumes -> {args.out}"
     )
     return 0
 
 
 def resample_subject(
-    nsd: str | os.PathLike[str],
+    nsd_ds: str | os.PathLike[str],
     subject: int,
     out: str | os.PathLike[str],
     *,
@@ -322,33 +321,33 @@ def resample_subject(
     sessions: Sequence[int] | None = None,
     progress: bool = True,
 ) -> list[SessionResult]:
-    """Resample the registered sessions of ``subject`` from ``nsd`` into ``out`` with ``jobs`` workers.
+    """Resample the registered sessions of ``subject`` from ``nsd_ds`` into ``out`` with ``jobs`` workers.
 
     All headers are checked first (without ``drop``); a failing session stops the run with its file
     named, leaves no output for it and keeps the outputs of sessions already finished.
     """
     from nsdprep.registry import registered_sessions
 
-    nsd, out = Path(nsd), Path(out)
+    nsd_ds, out = Path(nsd_ds), Path(out)
     if jobs < 1:
-        raise NsdPrepError(f"--jobs must be >= 1, got {jobs}")
-    registered = registered_sessions(nsd, subject)
+        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    registered = registered_sessions(nsd_ds, subject)
     if not registered:
         raise MissingInputError(
-            f"no betas of {paths.subject_label(subject)} registered in {nsd} "
-            f"(expected {paths.subject_dir_key(subject)}/betas_sessionNN.nii.gz); run `make inputs`."
+            f"no betas of {nsd.subject_label(subject)} registered in {nsd_ds} "
+            f"(expected {nsd.subject_dir_key(subject)}/betas_sessionNN.nii.gz); run `make inputs`."
         )
     if sessions:
         unknown = sorted(set(sessions) - set(registered))
         if unknown:
             raise MissingInputError(
-                f"session(s) {unknown} of {paths.subject_label(subject)} not registered in {nsd}; "
+                f"session(s) {unknown} of {nsd.subject_label(subject)} not registered in {nsd_ds}; "
                 f"registered: {registered}"
             )
         todo = sorted(set(sessions))
     else:
         todo = registered
-    srcs = {s: nsd / paths.betas_key(subject, s) for s in todo}
+    srcs = {s: nsd_ds / nsd.betas_key(subject, s) for s in todo}
     dsts = {s: out / f"betas_session{s:02d}.nii.gz" for s in todo}
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_parts(out)
@@ -360,20 +359,20 @@ def resample_subject(
             listed = "\n  ".join(str(srcs[s]) for s in missing)
             raise MissingInputError(
                 f"content of {len(missing)} betas file(s) absent (registered, not fetched):\n  "
-                f"{listed}\nFetch them with `datalad get <path>` (e.g. `datalad get -d {nsd} "
-                f"{srcs[missing[0]].relative_to(nsd)}`) or "
+                f"{listed}\nFetch them with `datalad get <path>` (e.g. `datalad get -d {nsd_ds} "
+                f"{srcs[missing[0]].relative_to(nsd_ds)}`) or "
                 f"`make get SUBJECTS={subject:02d}`, or pass --drop to fetch/drop one at a time."
             )
         for s in todo:
             hdr = check_betas_header(srcs[s])
-            plan = plan_resample(hdr.get_data_shape()[:3], header_affine(hdr))
+            gmap = grid_map(hdr.get_data_shape()[:3], header_affine(hdr))
             log.info(
                 "%s: %d volumes, grid %s -> %s (%s path)",
                 srcs[s],
                 volume_count(hdr),
-                plan.in_shape,
-                plan.shape,
-                _path_name(plan),
+                gmap.in_shape,
+                gmap.shape,
+                _path_name(gmap),
             )
             n_volumes[s] = volume_count(hdr)
 
@@ -392,7 +391,7 @@ def resample_subject(
             initargs=(events, stop),
         ) as pool:
             futures = {
-                pool.submit(_worker_session, str(nsd), str(srcs[s]), str(dsts[s]), drop): s
+                pool.submit(_worker_session, str(nsd_ds), str(srcs[s]), str(dsts[s]), drop): s
                 for s in todo
             }
             pending = set(futures)
@@ -431,8 +430,8 @@ class _Cancelled(NsdPrepError):
     """Another session failed; this one stopped without output."""
 
 
-def _path_name(plan: ResamplePlan) -> str:
-    return "fast (strided subsample)" if plan.fast else "general (spline)"
+def _path_name(gmap: GridMap) -> str:
+    return "fast (strided subsample)" if gmap.fast else "general (spline)"
 
 
 def _strided_map(
@@ -485,12 +484,13 @@ def _worker_init(events: Any, stop: Any) -> None:
     _EVENTS, _STOP = events, stop
 
 
-def _worker_session(nsd: str, src: str, dst: str, drop: bool) -> SessionResult:
+def _worker_session(nsd_ds: str, src: str, dst: str, drop: bool) -> SessionResult:
     """One session in a worker process: optional get, resample, optional drop."""
     src_p = Path(src)
     fetched = False
     if drop and not src_p.exists():
-        _datalad(nsd, "get", src_p)
+        log.info("datalad get %s", src_p)
+        dataset.get(nsd_ds, [src_p])
         fetched = True
     pending = [0]
     last = [time.monotonic()]
@@ -509,19 +509,9 @@ def _worker_session(nsd: str, src: str, dst: str, drop: bool) -> SessionResult:
         _EVENTS.put(("vol", pending[0]))
     finally:
         if fetched:
-            _datalad(nsd, "drop", src_p)
+            log.info("datalad drop %s", src_p)
+            dataset.drop(nsd_ds, [src_p])
     return result
-
-
-def _datalad(nsd: str, action: str, path: Path) -> None:
-    rel = os.path.relpath(path, nsd)
-    cmd = ["datalad", action, "-d", ".", rel]  # run inside the subdataset: paths relative to it
-    log.info("%s (in %s)", " ".join(cmd), nsd)
-    proc = subprocess.run(cmd, cwd=nsd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise MissingInputError(
-            f"`{' '.join(cmd)}` (in {nsd}) failed for {path}:\n{proc.stderr.strip() or proc.stdout}"
-        )
 
 
 class _Bars:

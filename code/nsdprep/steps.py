@@ -15,24 +15,19 @@ what ``datalad run`` alone does not:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import logging
-import os
 import re
 import shlex
 import shutil
-import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Literal
 
-from nsdprep import paths, registry
-from nsdprep.dataset import ensure_annex
-from nsdprep.errors import DatasetStateError, NsdPrepError
+from nsdprep import dataset, nsd, registry
+from nsdprep.errors import DatasetStateError, NsdPrepError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +54,9 @@ class Step:
         return f"{TAG} {self.name} (inputs {fingerprint})"
 
 
+Labels = Literal["default", "legacy"]
+
+
 @dataclass(frozen=True)
 class Options:
     """What the Makefile passes to every target."""
@@ -67,129 +65,77 @@ class Options:
     jobs: int = 2
     drop: bool = False
     force: bool = False
-    labels: Literal["default", "legacy"] = "default"
-    runs_per_session: int = paths.RUNS_PER_SESSION
-    trials_per_run: tuple[int, ...] = paths.TRIALS_PER_RUN
+    labels: Labels = "default"
+    layout: nsd.Layout = field(default_factory=nsd.Layout)
     subsample: int = 0
     rev: str = "HEAD"
+
+    def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise UsageError(f"JOBS must be a positive integer, got {self.jobs}")
+        if self.subsample < 0:
+            raise UsageError(f"SUBSAMPLE must be >= 0 (0 = all trials), got {self.subsample}")
 
 
 # ----------------------------------------------------------------------------------------------
 # planning
 
 
-def plan(target: str, ds: Path, opts: Options) -> list[Step]:
+def steps_for(target: str, ds: Path, opts: Options) -> list[Step]:
     """Return the ``datalad run`` steps that make ``target`` in dataset ``ds``."""
-    nsd = ds / paths.NSD_DATASET
+    nsd_ds = ds / nsd.NSD_DATASET
     py = ("python", "-m", "nsdprep")
-    layout = (
-        "--runs-per-session",
-        str(opts.runs_per_session),
-        "--trials-per-run",
-        ",".join(str(n) for n in opts.trials_per_run),
-    )
     legacy = opts.labels == "legacy"
-    labels_pkl = paths.COCO_CATEGORIES_LEGACY if legacy else paths.COCO_CATEGORIES
+    labels_pkl = nsd.labels_table(legacy)
+    expdesign = f"{nsd.NSD_DATASET}/{nsd.EXPDESIGN_KEY}"
+    suffix = " legacy" if legacy else ""
     if target == "3mm":
         steps = []
-        for subject in registry.select_subjects(nsd, opts.subjects):
-            sessions = registry.registered_sessions(nsd, subject)
-            out = f"derivatives/3mm/{paths.subject_label(subject)}"
-            cmd = (*py, "resample", "--nsd", paths.NSD_DATASET, "--subject", str(subject))
+        for subject in registry.select_subjects(nsd_ds, opts.subjects):
+            sessions = registry.registered_sessions(nsd_ds, subject)
+            out = nsd.resampled_subject_dir(subject)
+            cmd = (*py, "resample", "--nsd", nsd.NSD_DATASET, "--subject", str(subject))
             cmd += ("--out", out, "--jobs", str(opts.jobs)) + (("--drop",) if opts.drop else ())
-            inputs = tuple(f"{paths.NSD_DATASET}/{paths.betas_key(subject, s)}" for s in sessions)
-            name = f"3mm {paths.subject_label(subject)}"
+            inputs = tuple(f"{nsd.NSD_DATASET}/{nsd.betas_key(subject, s)}" for s in sessions)
+            name = f"3mm {nsd.subject_label(subject)}"
             steps.append(Step(target, name, cmd, inputs, (out,), inputs_ready=opts.drop))
         return steps
     if target == "coco-labels":
-        zip_in = f"{paths.COCO_DATASET}/{paths.COCO_ZIP_NAME}"
-        stim = f"{paths.NSD_DATASET}/{paths.STIM_INFO_KEY}"
-        expdesign = f"{paths.NSD_DATASET}/{paths.EXPDESIGN_KEY}"
-        merged = paths.COCO_MERGED_LEGACY if legacy else paths.COCO_MERGED
-        summary = paths.summary_path(labels_pkl)
+        zip_in = f"{nsd.COCO_DATASET}/{nsd.COCO_ZIP_NAME}"
+        stim = f"{nsd.NSD_DATASET}/{nsd.STIM_INFO_KEY}"
+        merged = nsd.merged_json(legacy)
+        summary = nsd.summary_path(labels_pkl)
         cmd = (*py, "coco", "--zip", zip_in, "--stim-info", stim, "--expdesign", expdesign)
         cmd += ("--merged-out", merged, "--out", labels_pkl) + (("--legacy",) if legacy else ())
-        name = "coco-labels" + (" legacy" if legacy else "")
-        return [Step(target, name, cmd, (zip_in, stim, expdesign), (merged, labels_pkl, summary))]
+        outputs = (merged, labels_pkl, summary)
+        return [Step(target, "coco-labels" + suffix, cmd, (zip_in, stim, expdesign), outputs)]
     if target == "curated":
-        subjects = registry.select_subjects(nsd, opts.subjects)
-        out = paths.CURATED_LEGACY_DIR if legacy else paths.CURATED_DIR
-        cmd = (*py, "curate", "--nsd", paths.NSD_DATASET, "--resampled", "derivatives/3mm")
-        cmd += ("--labels", labels_pkl, "--expdesign", f"{paths.NSD_DATASET}/{paths.EXPDESIGN_KEY}")
-        cmd += ("--out", out, "--subjects", *map(str, subjects), *layout)
+        subjects = registry.select_subjects(nsd_ds, opts.subjects)
+        out = nsd.curated_dir(legacy)
+        cmd = (*py, "curate", "--nsd", nsd.NSD_DATASET, "--resampled", nsd.RESAMPLED_DIR)
+        cmd += ("--labels", labels_pkl, "--expdesign", expdesign)
+        cmd += ("--out", out, "--subjects", *map(str, subjects), *opts.layout.cli_args())
         cmd += ("--legacy-labels",) if legacy else ()
-        inputs = tuple(f"derivatives/3mm/{paths.subject_label(s)}" for s in subjects)
-        inputs += (labels_pkl, f"{paths.NSD_DATASET}/{paths.EXPDESIGN_KEY}")
-        outputs = tuple(f"{out}/{paths.bids_subject_label(s)}*" for s in subjects)
+        inputs = tuple(nsd.resampled_subject_dir(s) for s in subjects) + (labels_pkl, expdesign)
+        outputs = tuple(f"{out}/{nsd.bids_subject_label(s)}*" for s in subjects)
         outputs += (f"{out}/README.md", f"{out}/dataset_description.json")
         # Which sessions are registered decides N (rule 1), so it is part of the inputs' identity.
-        extra = tuple(registry.registered_keys(nsd))
-        name = "curated" + (" legacy" if legacy else "")
-        name += f" {' '.join(paths.bids_subject_label(s) for s in subjects)}"
+        extra = tuple(registry.registered_keys(nsd_ds))
+        name = f"curated{suffix} {' '.join(nsd.bids_subject_label(s) for s in subjects)}"
         return [Step(target, name, cmd, inputs, outputs, extra_fingerprint=extra)]
     if target == "decode":
-        curated = paths.CURATED_LEGACY_DIR if legacy else paths.CURATED_DIR
-        out = paths.DECODING_DIR + ("_legacy" if legacy else "")
-        subjects = registry.select_subjects(nsd, opts.subjects)
+        curated = nsd.curated_dir(legacy)
+        out = nsd.decoding_dir(legacy)
+        subjects = registry.select_subjects(nsd_ds, opts.subjects)
         cmd = (*py, "decode", "--curated", curated, "--out", out, "--jobs", str(opts.jobs))
         cmd += ("--subjects", *map(str, subjects), "--subsample", str(opts.subsample))
-        inputs = tuple(f"{curated}/{paths.bids_subject_label(s)}*" for s in subjects)
-        name = "decode" + (" legacy" if legacy else "")
-        return [Step(target, name, cmd, inputs, (out,))]
-    raise NsdPrepError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+        inputs = tuple(f"{curated}/{nsd.bids_subject_label(s)}*" for s in subjects)
+        return [Step(target, "decode" + suffix, cmd, inputs, (out,))]
+    raise UsageError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
 
 
 # ----------------------------------------------------------------------------------------------
 # executing
-
-
-def _git(ds: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(ds), *args], check=True, capture_output=True, text=True
-    ).stdout
-
-
-@contextlib.contextmanager
-def dataset_lock(ds: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive per-dataset lock, or fail at once with a clear message."""
-    lock_path = Path(_git(ds, "rev-parse", "--absolute-git-dir").strip()) / "nsdprep-run.lock"
-    with open(lock_path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise DatasetStateError(
-                f"another nsdprep run is in progress in {ds} ({holder}); wait for it to finish. "
-                "Two `datalad run` at once in one dataset would corrupt its history."
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}: {what}")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
-
-
-def dirty_paths(ds: Path) -> list[tuple[str, str]]:
-    """``(status, path)`` of everything not committed in ``ds`` (untracked included)."""
-    out = _git(ds, "status", "--porcelain=v1", "-z", "--untracked-files=all")
-    entries = []
-    items = out.split("\0")
-    i = 0
-    while i < len(items):
-        item = items[i]
-        i += 1
-        if not item:
-            continue
-        status, path = item[:2], item[3:]
-        if status[0] in "RC":  # rename/copy: the next item is the source path
-            i += 1
-        entries.append((status, path))
-    return entries
 
 
 def _matches(path: str, patterns: Sequence[str]) -> bool:
@@ -205,7 +151,7 @@ def restore_outputs(ds: Path, step: Step) -> list[str]:
 
     Raises if anything *else* in the dataset is uncommitted: that is the user's work, never touched.
     """
-    dirty = dirty_paths(ds)
+    dirty = dataset.dirty_paths(ds)
     foreign = [(s, p) for s, p in dirty if not _matches(p, step.outputs)]
     if foreign:
         listing = "\n  ".join(f"{s} {p}" for s, p in foreign[:10])
@@ -223,14 +169,14 @@ def restore_outputs(ds: Path, step: Step) -> list[str]:
             else:
                 target.unlink(missing_ok=True)
         else:
-            _git(ds, "checkout", "HEAD", "--", rel)
+            dataset.restore_path(ds, rel)
         cleaned.append(rel)
     # A never-recorded output directory holding only ignored temporaries (``*.part`` of a killed
     # run) or nothing: `datalad run -o` fails on it ("File unknown to git"), so remove it too.
     for pattern in step.outputs:
         for target in sorted(ds.glob(pattern)):
             rel = target.relative_to(ds).as_posix()
-            if target.is_dir() and not target.is_symlink() and not _git(ds, "ls-files", "--", rel):
+            if target.is_dir() and not target.is_symlink() and not dataset.ls_files(ds, rel):
                 shutil.rmtree(target)
                 cleaned.append(rel)
     return cleaned
@@ -242,7 +188,7 @@ def fingerprint(ds: Path, step: Step) -> str:
     h.update("\0".join(step.command).encode())
     for rel in step.inputs:
         repo, inner = _repo_of(ds, rel)
-        listing = _git(repo, "ls-files", "-s", "--", inner)
+        listing = "".join(line + "\n" for line in dataset.ls_files(repo, inner, stage=True))
         if not listing:
             raise DatasetStateError(
                 f"declared input {rel} is not registered in {repo}; run the step that makes it first "
@@ -256,7 +202,7 @@ def fingerprint(ds: Path, step: Step) -> str:
 
 def _repo_of(ds: Path, rel: str) -> tuple[Path, str]:
     """Split a dataset-relative path into (repository holding it, path inside that repository)."""
-    for sub in (paths.NSD_DATASET, paths.COCO_DATASET):
+    for sub in (nsd.NSD_DATASET, nsd.COCO_DATASET):
         if rel == sub or rel.startswith(sub + "/"):
             return ds / sub, rel[len(sub) + 1 :] or "."
     return ds, rel
@@ -264,10 +210,10 @@ def _repo_of(ds: Path, rel: str) -> tuple[Path, str]:
 
 def last_record(ds: Path, step: Step) -> tuple[str, str] | None:
     """``(commit, fingerprint)`` of the latest run record of this step, if any."""
-    out = _git(ds, "log", "-F", f"--grep={TAG} {step.name} (inputs ", "--format=%H %s", "-n", "1")
-    if not out.strip():
+    found = dataset.last_commit_with_subject(ds, f"{TAG} {step.name} (inputs ")
+    if found is None:
         return None
-    commit, _, subject = out.strip().partition(" ")
+    commit, subject = found
     m = re.search(r"\(inputs ([0-9a-f]+)\)", subject)
     return (commit, m.group(1)) if m else None
 
@@ -275,7 +221,7 @@ def last_record(ds: Path, step: Step) -> tuple[str, str] | None:
 def outputs_present(ds: Path, step: Step) -> bool:
     """True if every declared output matches something committed."""
     for out in step.outputs:
-        if not _git(ds, "ls-files", "--", out).strip():
+        if not dataset.ls_files(ds, out):
             return False
     return True
 
@@ -306,24 +252,23 @@ def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-
             f"Outputs are kept read-only; rebuild explicitly with FORCE=1 (e.g. `make {step.target} "
             "FORCE=1`)."
         )
-    cmd = ["datalad", "run", "-m", step.message(fp)]
-    for i in step.inputs:
-        cmd += ["-i", i]
-    for o in step.outputs:
-        cmd += ["-o", o]
-    if step.inputs_ready:
-        cmd += ["--assume-ready", "inputs"]
-    cmd.append(shlex.join(step.command))
     log.info("%s: %s", step.name, shlex.join(step.command))
-    proc = subprocess.run(cmd, cwd=ds)
-    if proc.returncode != 0:
+    ok = dataset.run(
+        ds,
+        step.command,
+        message=step.message(fp),
+        inputs=step.inputs,
+        outputs=step.outputs,
+        assume_inputs_ready=step.inputs_ready,
+    )
+    if not ok:
         cleaned = restore_outputs(ds, step)
         raise NsdPrepError(
             f"{step.name} failed (see the messages above); nothing was recorded"
             + (f", and {len(cleaned)} unrecorded output(s) were removed" if cleaned else "")
             + f". Outputs are as at the last commit. Command: {shlex.join(step.command)}"
         )
-    left = dirty_paths(ds)
+    left = dataset.dirty_paths(ds)
     if left:
         raise DatasetStateError(
             f"{step.name}: the run finished but left uncommitted changes in {ds}: "
@@ -333,22 +278,21 @@ def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-
 
 
 def run_target(target: str, ds: Path, opts: Options) -> int:
-    """Plan and execute a make target; ``get``/``drop`` manage input content instead."""
-    ensure_annex(ds)
-    with dataset_lock(ds, f"make {target}"):
+    """Make ``target`` in ``ds``: its ``datalad run`` steps, or get/drop/rerun, under the lock."""
+    dataset.ensure_annex(ds)
+    with dataset.lock(ds, f"make {target}"):
         if target == "rerun":
-            proc = subprocess.run(["datalad", "rerun", opts.rev], cwd=ds)
-            if proc.returncode != 0:
+            if not dataset.rerun(ds, opts.rev):
                 raise NsdPrepError(f"`datalad rerun {opts.rev}` failed (see the messages above)")
             return 0
         if target in ("get", "drop"):
             from nsdprep import inputs
 
-            subjects = registry.select_subjects(ds / paths.NSD_DATASET, opts.subjects)
+            subjects = registry.select_subjects(ds / nsd.NSD_DATASET, opts.subjects)
             fn = inputs.get_subjects if target == "get" else inputs.drop_subjects
             fn(ds, subjects)
             return 0
-        for step in plan(target, ds, opts):
+        for step in steps_for(target, ds, opts):
             execute(ds, step, force=opts.force)
     return 0
 
@@ -357,42 +301,53 @@ def run_target(target: str, ds: Path, opts: Options) -> int:
 # CLI
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.split(r"[,\s]+", text.strip()) if x)
+def _subjects(text: str) -> tuple[int, ...]:
+    return nsd.parse_int_list(text, "SUBJECTS")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``nsdprep run TARGET`` (what the Makefile passes)."""
+    """Arguments of ``nsdprep build TARGET`` (what the Makefile passes)."""
     parser.add_argument("target", choices=TARGETS)
     parser.add_argument("--dataset", type=Path, default=Path.cwd(), help="superdataset root")
     parser.add_argument("--subjects", nargs="*", default=[], help="e.g. 01 02 (default: all)")
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--jobs", default="2", help="worker processes inside one step")
     parser.add_argument("--drop", action="store_true", help="3mm: get/drop each input session")
     parser.add_argument("--force", action="store_true", help="rebuild even if inputs changed")
-    parser.add_argument("--labels", choices=("default", "legacy"), default="default")
-    parser.add_argument("--runs-per-session", type=int, default=paths.RUNS_PER_SESSION)
-    parser.add_argument("--trials-per-run", type=_int_list, default=paths.TRIALS_PER_RUN)
-    parser.add_argument("--subsample", type=int, default=0)
+    parser.add_argument("--labels", default="default", help="default or legacy")
+    parser.add_argument("--runs-per-session", default="12")
+    parser.add_argument("--trials-per-run", default="63,62")
+    parser.add_argument("--subsample", default="0")
     parser.add_argument("--rev", default="HEAD", help="rerun: the commit (or range) to re-execute")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``nsdprep run``."""
-    subjects = tuple(s for item in args.subjects for s in _int_list(item))
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``nsdprep build``: check the options, then make the target."""
+    if args.labels not in ("default", "legacy"):
+        raise UsageError(f"LABELS must be 'default' or 'legacy', got {args.labels!r}")
+    (jobs,) = _one_int(args.jobs, "JOBS")
+    (subsample,) = _one_int(args.subsample, "SUBSAMPLE")
     opts = Options(
-        subjects=subjects,
-        jobs=args.jobs,
+        subjects=tuple(s for item in args.subjects for s in _subjects(item)),
+        jobs=jobs,
         drop=args.drop,
         force=args.force,
         labels=args.labels,
-        runs_per_session=args.runs_per_session,
-        trials_per_run=tuple(args.trials_per_run),
-        subsample=args.subsample,
+        layout=nsd.Layout.parse(args.runs_per_session, args.trials_per_run),
+        subsample=subsample,
         rev=args.rev,
     )
+    for s in opts.subjects:
+        nsd.subject_label(s)  # 1..99, or a clear error
     ds = args.dataset.resolve()
-    if not (ds / ".datalad").is_dir():
+    if not dataset.is_dataset(ds):
         raise DatasetStateError(
             f"{ds} is not a DataLad dataset (no .datalad/); run make from its root"
         )
     return run_target(args.target, ds, opts)
+
+
+def _one_int(text: str, what: str) -> tuple[int]:
+    values = nsd.parse_int_list(text, what)
+    if len(values) != 1:
+        raise UsageError(f"{what}: expected one integer, got {text!r}")
+    return values  # type: ignore[return-value]

@@ -39,10 +39,10 @@ from pathlib import Path
 from types import TracebackType
 from xml.sax.saxutils import escape
 
-from nsdprep import paths
+from nsdprep import nsd
 from nsdprep.errors import NsdPrepError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
 MAX_KEYS = 1000
@@ -142,7 +142,7 @@ class Mirror:
             target=self._server.serve_forever, name=f"mirror:{self.root.name}", daemon=True
         )
         self._thread.start()
-        logger.debug("serving %s at %s", self.root, self.url)
+        log.debug("serving %s at %s", self.root, self.url)
         return self
 
     def stop(self) -> None:
@@ -295,7 +295,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
         """Route the access log to ``logging`` (debug) instead of stderr."""
-        logger.debug("%s " + format, self.address_string(), *args)
+        log.debug("%s " + format, self.address_string(), *args)
 
     def do_HEAD(self) -> None:  # noqa: N802 (stdlib naming)
         """Object metadata (no body)."""
@@ -477,7 +477,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(block)
                 remaining -= len(block)
         if cut is not None and cut < length:
-            logger.debug("cut %s short after %d of %d bytes", resource, cut, length)
+            log.debug("cut %s short after %d of %d bytes", resource, cut, length)
             self.wfile.flush()
             self.close_connection = True
             try:
@@ -496,11 +496,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Serve until interrupted, after printing the NSD and COCO base URLs."""
     with Mirror(args.root, host=args.host, port=args.port) as mirror:
         print(f"NSD_URL={mirror.url}/nsd", flush=True)
-        print(f"COCO_URL={mirror.url}/coco/{paths.COCO_ZIP_KEY}", flush=True)
+        print(f"COCO_URL={mirror.url}/coco/{nsd.COCO_ZIP_KEY}", flush=True)
         print("serving; Ctrl-C to stop", flush=True)
         try:
             while True:

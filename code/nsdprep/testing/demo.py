@@ -22,32 +22,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nsdprep.nsd import Layout
+from nsdprep.testing.serve import Mirror
+from nsdprep.testing.synth import SynthSpec, make_synthetic
+
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-#: Demo layout: smaller than NSD's 12 runs x 63/62 trials, passed explicitly to every stage.
-DEMO_RUNS_PER_SESSION = 6
-DEMO_TRIALS_PER_RUN = (8, 7)
-DEMO_SESSIONS = (3, 3, 2, 2)
 PIPELINE = ("coco-labels", "3mm", "curated", "decode")
 
 
 @dataclass(frozen=True)
-class DemoLayout:
-    """Synthetic layout of a demo or end-to-end test run."""
+class DemoSpec:
+    """What a demo or end-to-end test run synthesizes: sessions per subject, layout, seed.
 
-    sessions: tuple[int, ...] = DEMO_SESSIONS
-    runs_per_session: int = DEMO_RUNS_PER_SESSION
-    trials_per_run: tuple[int, int] = DEMO_TRIALS_PER_RUN
+    The layout is smaller than NSD's 12 runs x 63/62 trials and is passed explicitly to every stage.
+    """
+
+    sessions: tuple[int, ...] = (3, 3, 2, 2)
+    layout: Layout = Layout(6, (8, 7))  # noqa: RUF009 (frozen, immutable)
     seed: int = 0
 
     def make_vars(self) -> list[str]:
         """The make variables that pass this layout to the stages."""
         return [
-            f"RUNS_PER_SESSION={self.runs_per_session}",
-            f"TRIALS_PER_RUN={','.join(map(str, self.trials_per_run))}",
+            f"RUNS_PER_SESSION={self.layout.runs_per_session}",
+            f"TRIALS_PER_RUN={','.join(map(str, self.layout.trials_per_run))}",
         ]
+
+    def synth_spec(self) -> SynthSpec:
+        """The synthetic data of this demo."""
+        return SynthSpec(seed=self.seed, sessions=self.sessions, layout=self.layout)
 
 
 def loopback_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -137,7 +141,8 @@ def make(
 def build_demo(
     workdir: Path,
     venv: Path,
-    layout: DemoLayout = DemoLayout(),
+    source: Path,
+    spec: DemoSpec = DemoSpec(),  # noqa: B008 (frozen, immutable)
     *,
     targets: Sequence[str] = PIPELINE,
     overlay: bool = False,
@@ -145,14 +150,11 @@ def build_demo(
     jobs: int = 2,
     share: bool = False,
 ) -> Path:
-    """Synthesize, serve, clone, register inputs and make ``targets``; return the clone's path.
+    """Synthesize, serve, clone ``source``, register inputs and make ``targets``; return the clone.
 
     With ``share``, then publish to a RIA store in ``workdir`` and play a colleague who clones it
     (:func:`colleague_flow`); what they saw is written to ``workdir/share.json``.
     """
-    from nsdprep.serve import Mirror
-    from nsdprep.synth import SynthSpec, make_synthetic
-
     workdir.mkdir(parents=True, exist_ok=True)
     run_env = loopback_env(env)
     run_env["PATH"] = f"{venv / 'bin'}{os.pathsep}{run_env.get('PATH', '')}"
@@ -160,31 +162,25 @@ def build_demo(
     synth = workdir / "synth"
     if synth.exists():
         shutil.rmtree(synth)
-    spec = SynthSpec(
-        seed=layout.seed,
-        sessions=layout.sessions,
-        runs_per_session=layout.runs_per_session,
-        trials_per_run=layout.trials_per_run,
-    )
-    make_synthetic(synth, spec)
+    make_synthetic(synth, spec.synth_spec())
     ds = workdir / "dataset"
     if ds.exists():
         _rmtree_annex(ds)
-    user_clone(REPO_ROOT, ds, run_env, overlay)
+    user_clone(source, ds, run_env, overlay)
     with Mirror(synth) as mirror:
         nsd_url = f"{mirror.url}/nsd"
         coco_url = f"{mirror.url}/coco/annotations/annotations_trainval2017.zip"
         make(ds, "inputs", run_env, venv, [f"NSD_URL={nsd_url}", f"COCO_URL={coco_url}"])
         for target in targets:
-            make(ds, target, run_env, venv, [*layout.make_vars(), f"JOBS={jobs}"])
+            make(ds, target, run_env, venv, [*spec.make_vars(), f"JOBS={jobs}"])
         if share:
-            facts = colleague_flow(ds, workdir, run_env, venv, layout)
+            facts = colleague_flow(ds, workdir, run_env, venv, spec)
             (workdir / "share.json").write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
     return ds
 
 
 def colleague_flow(
-    ds: Path, workdir: Path, env: Mapping[str, str], venv: Path, layout: DemoLayout
+    ds: Path, workdir: Path, env: Mapping[str, str], venv: Path, spec: DemoSpec
 ) -> dict[str, Any]:
     """Publish ``ds`` to a RIA store in ``workdir``, then clone, get and rerun as a colleague would.
 
@@ -243,7 +239,7 @@ def colleague_flow(
     head = _head(mate)
     step([*make_cmd, "rerun", f"REV={commit}"], mate, cenv)
     facts["rerun_new_commit"] = _head(mate) != head
-    out = step([*make_cmd, "curated", *layout.make_vars()], mate, cenv)
+    out = step([*make_cmd, "curated", *spec.make_vars()], mate, cenv)
     facts["curated_up_to_date"] = "nothing to do" in out
     return facts
 
@@ -276,20 +272,26 @@ def _rmtree_annex(path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``make demo``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--venv", type=Path, default=REPO_ROOT / ".venv")
-    parser.add_argument("--workdir", type=Path, default=REPO_ROOT / ".demo")
+    parser.add_argument(
+        "--source", type=Path, default=Path.cwd(), help="the dataset to clone (default: .)"
+    )
+    parser.add_argument("--venv", type=Path, default=None, help="default: SOURCE/.venv")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: SOURCE/.demo")
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s demo: %(message)s")
+    source = args.source.resolve()
     dirty = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "code", "Makefile"],
+        ["git", "-C", str(source), "status", "--porcelain", "--", "code", "Makefile"],
         capture_output=True,
         text=True,
     ).stdout
     if dirty.strip():
         log.warning("uncommitted changes in code/ or Makefile are NOT part of the demo clone")
     start = time.monotonic()
-    ds = build_demo(args.workdir.resolve(), args.venv.resolve(), jobs=args.jobs, share=True)
+    venv = (args.venv or source / ".venv").resolve()
+    workdir = (args.workdir or source / ".demo").resolve()
+    ds = build_demo(workdir, venv, source, jobs=args.jobs, share=True)
     minutes = (time.monotonic() - start) / 60
     print(f"\nDemo finished in {minutes:.1f} min. Results in the scratch dataset {ds}:")
     for rel in (

@@ -74,9 +74,10 @@ from typing import Any
 
 import numpy as np
 
-from nsdprep import paths
+from nsdprep import nsd
 from nsdprep._io import atomic_path
-from nsdprep.errors import NsdPrepError
+from nsdprep.errors import NsdPrepError, UsageError
+from nsdprep.nsd import UNKNOWN
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,6 @@ STIM_SIZE = 425
 #: Real COCO 2017 id ranges (images; non-crowd annotations).
 COCO_MAX_IMAGE_ID = 581929
 COCO_MAX_ANN_ID = 2232119
-UNKNOWN = "unknown"
 
 #: The real COCO 2017 instance categories: (id, name, supercategory); 80 names, ids 1..90 with gaps.
 COCO_CATEGORIES: tuple[tuple[int, str, str], ...] = (
@@ -212,7 +212,7 @@ class SynthSpec:
         Seed of every random choice; same spec -> byte-identical files.
     sessions : tuple of int
         Sessions per subject (subj01, subj02, ...); unequal, as in NSD.
-    runs_per_session, trials_per_run : int, (int, int)
+    layout : nsdprep.nsd.Layout
         Runs per session and trials in odd / even runs (real: 12, (63, 62)).
     n_images : int
         Rows of ``nsd_stim_info_merged.pkl`` (real: 73000); nsdId = row position (0-based).
@@ -236,8 +236,7 @@ class SynthSpec:
 
     seed: int = 0
     sessions: tuple[int, ...] = (3, 3, 2, 2)
-    runs_per_session: int = 12
-    trials_per_run: tuple[int, int] = (63, 62)
+    layout: nsd.Layout = nsd.Layout()  # noqa: RUF009 (frozen, immutable)
     n_images: int = 1000
     images_per_subject: int = 200
     n_shared: int = 50
@@ -257,7 +256,7 @@ class SynthSpec:
     @property
     def trials_per_session(self) -> int:
         """Trials per session: runs alternate ``trials_per_run[0]`` (odd) and ``[1]`` (even)."""
-        return sum(paths.run_lengths(self.runs_per_session, self.trials_per_run))
+        return self.layout.trials_per_session
 
     @property
     def n_design_sessions(self) -> int:
@@ -292,17 +291,17 @@ def make_synthetic(outdir: Path, spec: SynthSpec = SynthSpec()) -> Path:  # noqa
     _check_spec(spec)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    nsd = outdir / "nsd"
+    bucket = outdir / "nsd"
 
     design = _make_design(spec)
     coco = _make_coco(spec, design)
     labels = coco["labels"]  # supercategory per nsdId
 
-    _write_expdesign(nsd / paths.EXPDESIGN_KEY, design)
-    _write_stim_info(nsd / paths.STIM_INFO_KEY, spec, design, coco)
-    _write_stimuli(nsd / paths.STIMULI_KEY, spec)
-    _write_coco_zip(outdir / "coco" / "annotations" / paths.COCO_ZIP_NAME, coco)
-    _write_betas(nsd, spec, design, labels)
+    _write_expdesign(bucket / nsd.EXPDESIGN_KEY, design)
+    _write_stim_info(bucket / nsd.STIM_INFO_KEY, spec, design, coco)
+    _write_stimuli(bucket / nsd.STIMULI_KEY, spec)
+    _write_coco_zip(outdir / "coco" / "annotations" / nsd.COCO_ZIP_NAME, coco)
+    _write_betas(bucket, spec, design, labels)
     _write_manifest(outdir / "synth_manifest.json", spec, design, coco)
     log.info("synthetic NSD + COCO written to %s", outdir)
     return outdir
@@ -332,15 +331,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--runs-per-session",
-        type=int,
-        default=d.runs_per_session,
+        default=str(d.layout.runs_per_session),
         help="runs per session (default %(default)s, as in NSD)",
     )
     parser.add_argument(
         "--trials-per-run",
-        type=_int_tuple,
-        default=d.trials_per_run,
-        help="trials in odd,even runs (default 63,62, as in NSD)",
+        default=",".join(map(str, d.layout.trials_per_run)),
+        help="trials in odd,even runs (default %(default)s, as in NSD)",
     )
     parser.add_argument("--n-images", type=int, default=d.n_images, help="rows of the stim info")
     parser.add_argument(
@@ -362,19 +359,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """CLI entry: build the spec from ``args`` and write the tree."""
-    if len(args.trials_per_run) != 2:
-        raise NsdPrepError(
-            f"--trials-per-run needs two numbers (odd,even), got {args.trials_per_run}"
-        )
     if len(args.crop_shape) != 3:
-        raise NsdPrepError(f"--crop-shape needs three numbers, got {args.crop_shape}")
+        raise UsageError(f"--crop-shape needs three numbers, got {args.crop_shape}")
     spec = SynthSpec(
         seed=args.seed,
         sessions=tuple(args.sessions),
-        runs_per_session=args.runs_per_session,
-        trials_per_run=tuple(args.trials_per_run),
+        layout=nsd.Layout.parse(args.runs_per_session, args.trials_per_run),
         n_images=args.n_images,
         images_per_subject=args.images_per_subject,
         n_shared=args.n_shared,
@@ -387,19 +379,17 @@ def run(args: argparse.Namespace) -> int:
     make_synthetic(args.outdir, spec)
     print(
         f"synthetic data in {args.outdir}: {spec.n_subjects} subjects, sessions {spec.sessions}, "
-        f"{spec.trials_per_session} trials/session ({spec.runs_per_session} runs of "
-        f"{spec.trials_per_run[0]}/{spec.trials_per_run[1]}), grid {spec.shape}"
+        f"{spec.trials_per_session} trials/session ({spec.layout.runs_per_session} runs of "
+        f"{spec.layout.trials_per_run[0]}/{spec.layout.trials_per_run[1]}), grid {spec.shape}"
     )
     return 0
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(x) for x in str(text).split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+        return nsd.parse_int_list(text)
+    except NsdPrepError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------ spec checks
@@ -407,32 +397,27 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 
 def _check_spec(spec: SynthSpec) -> None:
     if not spec.sessions or any(s < 1 for s in spec.sessions):
-        raise NsdPrepError(f"sessions must be >= 1 per subject, got {spec.sessions}")
+        raise UsageError(f"sessions must be >= 1 per subject, got {spec.sessions}")
     if len(spec.sessions) > 8:
-        raise NsdPrepError(f"NSD has at most 8 subjects, got {len(spec.sessions)}")
-    if spec.runs_per_session < 1 or len(spec.trials_per_run) != 2 or min(spec.trials_per_run) < 1:
-        raise NsdPrepError(
-            f"need runs_per_session >= 1 and two trials_per_run >= 1, got "
-            f"{spec.runs_per_session}, {spec.trials_per_run}"
-        )
+        raise UsageError(f"NSD has at most 8 subjects, got {len(spec.sessions)}")
     if not 1 <= spec.n_shared < spec.images_per_subject:
-        raise NsdPrepError(
+        raise UsageError(
             f"need 1 <= n_shared < images_per_subject, got {spec.n_shared}, "
             f"{spec.images_per_subject}"
         )
     needed = spec.n_shared + spec.n_subjects * (spec.images_per_subject - spec.n_shared)
     if needed > spec.n_images:
-        raise NsdPrepError(
+        raise UsageError(
             f"n_images={spec.n_images} too small: {spec.n_subjects} subjects x "
             f"{spec.images_per_subject} images with {spec.n_shared} shared need {needed}; "
             "raise --n-images or lower --images-per-subject"
         )
     if not spec.full and len(spec.crop_shape) != 3:
-        raise NsdPrepError(f"crop_shape must have 3 sizes, got {spec.crop_shape}")
+        raise UsageError(f"crop_shape must have 3 sizes, got {spec.crop_shape}")
     if not spec.full and any(
         not 6 <= c <= f for c, f in zip(spec.crop_shape, FULL_SHAPE, strict=True)
     ):
-        raise NsdPrepError(f"crop_shape must be within 6..{FULL_SHAPE}, got {spec.crop_shape}")
+        raise UsageError(f"crop_shape must be within 6..{FULL_SHAPE}, got {spec.crop_shape}")
 
 
 def _rng(spec: SynthSpec, *stream: int) -> np.random.Generator:
@@ -463,9 +448,9 @@ def _make_design(spec: SynthSpec) -> dict[str, Any]:
 
     # stimpattern: per design session and run, which of the trial slots hold a stimulus
     # (NSD: 75 slots per run of which 63/62 stimuli; 3 leading and 3 trailing slots blank).
-    lengths = paths.run_lengths(spec.runs_per_session, spec.trials_per_run)
-    n_slots = max(spec.trials_per_run) + 12
-    stimpattern = np.zeros((spec.n_design_sessions, spec.runs_per_session, n_slots))
+    lengths = spec.layout.run_lengths()
+    n_slots = max(spec.layout.trials_per_run) + 12
+    stimpattern = np.zeros((spec.n_design_sessions, spec.layout.runs_per_session, n_slots))
     for s in range(spec.n_design_sessions):
         for r, n in enumerate(lengths):
             slots = np.sort(rng.choice(np.arange(3, n_slots - 3), size=n, replace=False))
@@ -755,9 +740,9 @@ def _write_manifest(
     manifest = {
         "spec": dataclasses.asdict(spec),
         "layout": {
-            "runs_per_session": spec.runs_per_session,
-            "trials_per_run": list(spec.trials_per_run),
-            "run_lengths": paths.run_lengths(spec.runs_per_session, spec.trials_per_run),
+            "runs_per_session": spec.layout.runs_per_session,
+            "trials_per_run": list(spec.layout.trials_per_run),
+            "run_lengths": spec.layout.run_lengths(),
             "trials_per_session": spec.trials_per_session,
             "sessions": list(spec.sessions),
             "n_design_sessions": spec.n_design_sessions,
@@ -828,7 +813,7 @@ def _session_valid(spec: SynthSpec, liberal: np.ndarray, session: int) -> np.nda
     return valid
 
 
-def _write_betas(nsd: Path, spec: SynthSpec, design: dict[str, Any], labels: list[str]) -> None:
+def _write_betas(bucket: Path, spec: SynthSpec, design: dict[str, Any], labels: list[str]) -> None:
     """Write every subject's betas and valid files, one trial volume at a time."""
     from tqdm import tqdm
 
@@ -844,7 +829,7 @@ def _write_betas(nsd: Path, spec: SynthSpec, design: dict[str, Any], labels: lis
     for subject in range(1, spec.n_subjects + 1):
         patterns = _patterns(spec, subject, xyz)
         nsd_ids = trial_nsd_ids(design, spec, subject)
-        subj_dir = nsd / paths.subject_dir_key(subject)
+        subj_dir = bucket / nsd.subject_dir_key(subject)
         for session in range(1, spec.sessions[subject - 1] + 1):
             rng = _rng(spec, 5, subject, session)
             valid = _session_valid(spec, liberal, session)
