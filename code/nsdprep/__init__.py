@@ -1,8 +1,12 @@
 """nsdprep: build the NSD + COCO decoding dataset reproducibly, stage by stage.
 
-Stages (one module each): ``synth`` (synthetic data in the real formats), ``serve`` (loopback S3-like
-mirror), ``inputs`` (URL-registered DataLad subdatasets), ``coco`` (labels), ``resample`` (3 mm),
-``curate`` (curated_3mm), ``decode`` (baseline decoding). Nothing is done at import time.
+Stages, one module each (make target in brackets): ``inputs`` (URL-registered DataLad subdatasets;
+``make inputs``), ``coco`` (labels; ``make coco-labels``), ``resample`` (3 mm; ``make 3mm``),
+``curate`` (``make curated``), ``decode`` (``make decode``). Around them: ``nsd`` (the NSD domain:
+paths, layout, design file), ``dataset`` (the one adapter to git, git-annex and DataLad), ``steps``
+(``datalad run`` records of each target), ``publish`` (RIA store), ``provenance``, ``errors``.
+:mod:`nsdprep.testing` holds the synthetic data, the loopback mirror and the demo driver.
+Nothing is done at import time.
 """
 
 __version__ = "0.1.0"

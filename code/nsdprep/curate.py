@@ -36,26 +36,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nsdprep import __version__, nsd, provenance, registry
+from nsdprep import curate_docs, nsd, provenance, registry
 from nsdprep._io import atomic_path, remove_stale_parts
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError
-from nsdprep.nsd import PERSON, UNKNOWN, Layout
+from nsdprep.nsd import PERSON, TRIAL_COLUMNS, UNKNOWN, Layout
 
 log = logging.getLogger(__name__)
-
-#: Columns of ``sub-XX_trials.tsv``, in order.
-TRIAL_COLUMNS = (
-    "subject",
-    "session",
-    "run_in_session",
-    "run",
-    "trial",
-    "trial_in_session",
-    "nsdId",
-    "cocoId",
-    "supercat",
-    "cat",
-)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,11 +402,11 @@ def curate(
         )
         write_subject(out, resampled, s, selection.trials[s], grid)
 
-    description = _description(selection, grid, labels, expdesign, legacy, command)
+    description = curate_docs.description(selection, grid, labels, expdesign, legacy, command)
     with atomic_path(out / "dataset_description.json") as tmp:
         tmp.write_text(json.dumps(description, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     with atomic_path(out / "README.md") as tmp:
-        tmp.write_text(_readme(selection, description, out), encoding="utf-8")
+        tmp.write_text(curate_docs.readme(selection, description, out), encoding="utf-8")
     return selection
 
 
@@ -472,159 +458,3 @@ def main(args: argparse.Namespace) -> int:
         f"(N = {selection.n_trials} candidates) -> {args.out}"
     )
     return 0
-
-
-# --------------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def _description(
-    sel: Selection,
-    grid: Grid,
-    labels: str | os.PathLike[str],
-    expdesign: str | os.PathLike[str],
-    legacy: bool,
-    command: str,
-) -> dict:
-    label_counts = {
-        nsd.bids_subject_label(s): {
-            str(k): int(v) for k, v in df["supercat"].value_counts().sort_index().items()
-        }
-        for s, df in sorted(sel.trials.items())
-    }
-    lay = sel.layout
-    return {
-        "Name": "NSD single-trial betas, 3 mm, equalized trials with COCO supercategory labels"
-        + (" (legacy labels)" if legacy else ""),
-        "BIDSVersion": "1.9.0",
-        "DatasetType": "derivative",
-        "GeneratedBy": [
-            {
-                "Name": "nsdprep curate",
-                "Version": __version__,
-                "Command": command,
-                "Dependencies": provenance.versions(
-                    "numpy", "pandas", "nibabel", "scipy", python=True
-                ),
-            }
-        ],
-        "SourceDatasets": [
-            {"Path": "inputs/nsd", "Description": "Natural Scenes Dataset (registered files)"},
-            {
-                "Path": "derivatives/3mm",
-                "Description": "3 mm grey-matter masked single-trial betas",
-            },
-            {
-                "Path": Path(labels).name,
-                "Sha256": provenance.sha256(labels),
-                "Description": "legacy labels table (keyed by 1-based 73k id)"
-                if legacy
-                else "labels table (keyed by nsdId)",
-            },
-            {"Path": Path(expdesign).name, "Sha256": provenance.sha256(expdesign)},
-        ],
-        "Layout": {
-            "RunsPerSession": lay.runs_per_session,
-            "TrialsPerRun": list(lay.trials_per_run),
-            "TrialsPerSession": lay.trials_per_session,
-        },
-        "Grid": {
-            "Shape": list(grid.shape),
-            "Affine": [[float(x) for x in row] for row in np.asarray(grid.affine)],
-            "Dtype": str(grid.dtype),
-        },
-        "Selection": {
-            "Rules": [
-                "N = fewest sessions registered in inputs/nsd (over all registered subjects) x "
-                "trials per session; keep the first N trials of every subject",
-                "drop trials whose picture is labelled 'unknown'",
-                "equalize: subjects with more trials drop their earliest 'person' trials",
-            ],
-            "RegisteredSessions": {
-                nsd.subject_label(s): len(v) for s, v in sorted(sel.registered_sessions.items())
-            },
-            "SessionsUsed": sel.n_sessions,
-            "CandidateTrialsPerSubject": sel.n_trials,
-            "UnknownDropped": {
-                nsd.bids_subject_label(s): v for s, v in sorted(sel.n_unknown.items())
-            },
-            "PersonDropped": {
-                nsd.bids_subject_label(s): v for s, v in sorted(sel.n_person_dropped.items())
-            },
-            "TrialsPerSubject": sel.trials_per_subject,
-        },
-        "Counts": {
-            "Trials": {
-                nsd.bids_subject_label(s): int(df.shape[0]) for s, df in sorted(sel.trials.items())
-            },
-            "Labels": label_counts,
-        },
-    }
-
-
-def _readme(sel: Selection, desc: dict, out: Path) -> str:
-    subs = [nsd.bids_subject_label(s) for s in sorted(sel.trials)]
-    present = sorted(p.name[: -len(".nii.gz")] for p in out.glob("sub-*.nii.gz"))
-    labels = sorted({k for counts in desc["Counts"]["Labels"].values() for k in counts})
-    lay = sel.layout
-    lines = [
-        f"# {desc['Name']}",
-        "",
-        "Made by `nsdprep curate` (recorded with `datalad run`; reproduce with `datalad rerun`):",
-        "",
-        "```",
-        desc["GeneratedBy"][0]["Command"],
-        "```",
-        "",
-        "## Files (per subject `sub-XX`, mapped from NSD's `subjXX` by number)",
-        "",
-        "- `sub-XX.nii.gz`: kept trials' 3 mm single-trial betas (int16, beta x 300), one volume per "
-        "trial, in trial order (sessions ascending, trials in file order).",
-        "- `sub-XX_labels.npy`: COCO supercategory of each kept trial (unicode array; "
-        "`np.load(f)` with no pickle).",
-        f"- `sub-XX_runs.npy`: run of each kept trial across the experiment, "
-        f"`(session - 1) * {lay.runs_per_session} + run_in_session` (1-based).",
-        "- `sub-XX_trials.tsv`: one row per kept trial: "
-        + ", ".join(f"`{c}`" for c in TRIAL_COLUMNS)
-        + " (`trial`, `trial_in_session`, `session`, runs: 1-based; `nsdId`: 0-based).",
-        "- `dataset_description.json`: provenance, selection and counts (machine readable).",
-        "",
-        f"Subjects with files in this directory: {', '.join(present) if present else 'none'}.",
-        "",
-        "## Selection",
-        "",
-        f"Layout: {lay.runs_per_session} runs per session, {lay.trials_per_run[0]} trials in odd runs, "
-        f"{lay.trials_per_run[1]} in even runs = {lay.trials_per_session} trials per session.",
-        "",
-        f"1. N = {sel.n_sessions} sessions (fewest registered over all registered subjects) x "
-        f"{lay.trials_per_session} = {sel.n_trials} candidate trials per subject.",
-        "2. Trials whose picture is labelled `unknown` are dropped.",
-        "3. Subjects with more trials drop their earliest `person` trials, so that every subject "
-        f"keeps {sel.trials_per_subject} trials.",
-        "",
-        "Rules use all registered subjects, so a run on a subset of subjects writes the same files.",
-        "",
-        "## Counts",
-        "",
-        "| subject | registered sessions | unknown dropped | person dropped | kept | "
-        + " | ".join(labels)
-        + " |",
-        "|" + "---|" * (5 + len(labels)),
-    ]
-    for s, bids in zip(sorted(sel.trials), subs, strict=True):
-        counts = desc["Counts"]["Labels"][bids]
-        lines.append(
-            f"| {bids} | {len(sel.registered_sessions[s])} | {sel.n_unknown[s]} | "
-            f"{sel.n_person_dropped[s]} | {sel.trials[s].shape[0]} | "
-            + " | ".join(str(counts.get(k, 0)) for k in labels)
-            + " |"
-        )
-    lines += [
-        "",
-        "## Versions",
-        "",
-        ", ".join(f"{k} {v}" for k, v in sorted(desc["GeneratedBy"][0]["Dependencies"].items())),
-        "",
-    ]
-    return "\n".join(lines)

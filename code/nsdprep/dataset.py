@@ -209,12 +209,12 @@ def check_results(
 
 
 def api_call(
-    action: str, what: str, *, remote: bool = False, hint_403: str = "", **kwargs: Any
+    command: str, what: str, /, *, remote: bool = False, hint_403: str = "", **kwargs: Any
 ) -> list[dict[str, Any]]:
-    """Call ``datalad.api.<action>(**kwargs)`` quietly and check its results (:func:`check_results`)."""
+    """Call ``datalad.api.<command>(**kwargs)`` quietly and check its results (:func:`check_results`)."""
     import datalad.api as dl
 
-    results = getattr(dl, action)(**kwargs, **QUIET)
+    results = getattr(dl, command)(**kwargs, **QUIET)
     check_results(results, what, remote=remote, hint_403=hint_403)
     return results
 

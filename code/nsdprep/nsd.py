@@ -170,6 +170,21 @@ def curated_files(subject: int, folder: str | os.PathLike[str] = CURATED_DIR) ->
     )
 
 
+#: Columns of ``sub-XX_trials.tsv``, in order.
+TRIAL_COLUMNS = (
+    "subject",
+    "session",
+    "run_in_session",
+    "run",
+    "trial",
+    "trial_in_session",
+    "nsdId",
+    "cocoId",
+    "supercat",
+    "cat",
+)
+
+
 #: Names of the curated 4D files, ``sub-XX.nii.gz`` (subject number in group 1).
 CURATED_BETAS_RE = re.compile(r"^sub-(\d{2})\.nii\.gz$")
 

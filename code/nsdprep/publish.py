@@ -19,9 +19,8 @@ import logging
 import re
 from pathlib import Path
 
-from nsdprep import nsd
-from nsdprep.dataset import QUIET, check_results, ensure_annex, git
-from nsdprep.errors import DatasetStateError, NsdPrepError
+from nsdprep import dataset, nsd
+from nsdprep.errors import DatasetStateError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -42,44 +41,47 @@ def publish(
 
     Returns the URL a colleague clones from (``datalad clone <url> <folder>``).
     """
-    import datalad.api as dl
-
     ds = Path(ds).resolve()
     if not _RIA_RE.match(ria_url):
-        raise NsdPrepError(
+        raise UsageError(
             f"RIA={ria_url!r} is not a RIA URL; expected e.g. ria+file:///data/store or "
             "ria+ssh://server/path/store"
         )
-    if not (ds / ".datalad").is_dir():
+    if not dataset.is_dataset(ds):
         raise DatasetStateError(f"{ds} is not a DataLad dataset (no .datalad/); run from its root")
-    ensure_annex(ds)
-    dirty = git(ds, "status", "--porcelain", "--untracked-files=normal").strip()
+    dataset.ensure_annex(ds)
+    dirty = dataset.dirty_paths(ds)
     if dirty:
+        listing = "\n  ".join(f"{s} {p}" for s, p in dirty[:10])
         raise DatasetStateError(
-            f"the dataset {ds} has uncommitted changes; only saved states are published:\n"
-            f"{dirty}\nSave them (`datalad save -m '...'`) or remove them, then publish again."
+            f"the dataset {ds} has uncommitted changes; only saved states are published:\n  "
+            f"{listing}\nSave them (`datalad save -m '...'`) or remove them, then publish again."
         )
-    subs = [ds / rel for rel in (nsd.NSD_DATASET, nsd.COCO_DATASET) if (ds / rel / ".git").exists()]
+    subs = [
+        ds / rel for rel in (nsd.NSD_DATASET, nsd.COCO_DATASET) if dataset.is_installed(ds / rel)
+    ]
     for sub in subs:
         rel = sub.relative_to(ds).as_posix()
-        _sibling(dl, sub, ria_url, sibling, storage="off", alias=f"{alias}-{rel.replace('/', '-')}")
+        _sibling(sub, ria_url, sibling, storage="off", alias=f"{alias}-{rel.replace('/', '-')}")
         log.info("pushing %s (history and URL registrations; content stays at its web URLs)", rel)
-        check_results(
-            dl.push(dataset=str(sub), to=sibling, data="nothing", **QUIET), f"datalad push {rel}"
+        dataset.api_call(
+            "push", f"datalad push {rel}", dataset=str(sub), to=sibling, data="nothing"
         )
-    _sibling(dl, ds, ria_url, sibling, storage="on", alias=alias)
+    _sibling(ds, ria_url, sibling, storage="on", alias=alias)
     log.info("pushing the dataset and its derivatives' content to %s", ria_url)
-    check_results(dl.push(dataset=str(ds), to=sibling, data="anything", **QUIET), "datalad push")
+    dataset.api_call("push", "datalad push", dataset=str(ds), to=sibling, data="anything")
     return clone_url(ria_url, alias)
 
 
-def _sibling(dl: object, ds: Path, url: str, name: str, *, storage: str, alias: str) -> None:
-    """Create the RIA sibling ``name`` of ``ds`` unless it exists (``existing='skip'``)."""
-    known = dl.siblings(action="query", dataset=str(ds), **QUIET)  # type: ignore[attr-defined]
+def _sibling(ds: Path, url: str, name: str, *, storage: str, alias: str) -> None:
+    """Create the RIA sibling ``name`` of ``ds`` unless it exists."""
+    known = dataset.api_call("siblings", "datalad siblings", action="query", dataset=str(ds))
     if any(r.get("name") == name for r in known):
         return
     log.info("creating RIA sibling %r of %s in %s (alias %s)", name, ds, url, alias)
-    results = dl.create_sibling_ria(  # type: ignore[attr-defined]
+    dataset.api_call(
+        "create_sibling_ria",
+        f"datalad create-sibling-ria in {ds}",
         url=url,
         name=name,
         dataset=str(ds),
@@ -87,9 +89,7 @@ def _sibling(dl: object, ds: Path, url: str, name: str, *, storage: str, alias: 
         alias=alias,
         new_store_ok=True,
         existing="skip",
-        **QUIET,
     )
-    check_results(results, f"datalad create-sibling-ria in {ds}")
 
 
 # -- CLI ------------------------------------------------------------------------------------------

@@ -31,12 +31,14 @@ import ipaddress
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from xml.sax.saxutils import escape
 
 from nsdprep import nsd
@@ -135,7 +137,7 @@ class Mirror:
         if self._server is not None:
             return self
         handler = type("_BoundHandler", (_Handler,), {"mirror": self})
-        server_cls = _IPv6Server if ":" in self.host else http.server.ThreadingHTTPServer
+        server_cls = _IPv6Server if ":" in self.host else _Server
         self._server = server_cls((self.host, self.port), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
@@ -227,7 +229,21 @@ class Mirror:
         return tag
 
 
-class _IPv6Server(http.server.ThreadingHTTPServer):
+class _Server(http.server.ThreadingHTTPServer):
+    """A threading HTTP server that treats a client hanging up as ordinary, not as an error."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log clients that disconnect mid-request at debug level; report anything else."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionResetError | BrokenPipeError):
+            log.debug("client %s disconnected: %s", client_address, exc)
+            return
+        super().handle_error(request, client_address)
+
+
+class _IPv6Server(_Server):
     address_family = socket.AF_INET6
 
 
