@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from nsdprep import __version__, nsd, provenance
 from nsdprep.nsd import TRIAL_COLUMNS
 
-if TYPE_CHECKING:
-    from nsdprep.curate import Grid, Selection
+#: ``sel`` below is a :class:`nsdprep.curate.Selection`, ``grid`` a :class:`nsdprep.curate.Grid`
+#: (not imported: this module sits below the stage that calls it).
+Selection = Any
+Grid = Any
 
 
 def description(
