@@ -356,13 +356,9 @@ def test_deterministic_and_subset_identical(big: Inputs, big_out: Path, tmp_path
         assert a == b, f
     subset = tmp_path / "subset"
     assert run_curate(big, subset, subjects=[7]) == 0
-    assert sorted(p.name for p in subset.glob("sub-*")) == [
-        "sub-07.nii.gz",
-        "sub-07_labels.npy",
-        "sub-07_runs.npy",
-        "sub-07_trials.tsv",
-    ]
-    for suffix in (".nii.gz", "_labels.npy", "_runs.npy", "_trials.tsv"):
+    suffixes = (".nii.gz", "_X.npy", "_labels.npy", "_mask.nii.gz", "_runs.npy", "_trials.tsv")
+    assert sorted(p.name for p in subset.glob("sub-*")) == sorted(f"sub-07{x}" for x in suffixes)
+    for suffix in suffixes:
         assert (subset / f"sub-07{suffix}").read_bytes() == (
             big_out / f"sub-07{suffix}"
         ).read_bytes()
@@ -623,4 +619,19 @@ def test_on_synthetic_tree(synth_root: Path, tmp_path: Path, git_env):
             ses, tis = int(tsv["session"][k]), int(tsv["trial_in_session"][k])
             src = nib.load(resampled / f"subj{subj:02d}" / f"betas_session{ses:02d}.nii.gz")
             np.testing.assert_array_equal(img.dataobj[..., k], src.dataobj[..., tis - 1])
+        _check_matrix(cur, f"sub-{subj:02d}")
     assert len(sizes) == 1
+
+
+def _check_matrix(cur: Path, sub: str) -> None:
+    """The trials x voxels matrix is the 4D file's volumes inside the written mask, exactly."""
+    from nsdprep.matrix import open_matrix
+
+    img = nib.load(cur / f"{sub}.nii.gz")
+    mask_img = nib.load(cur / f"{sub}_mask.nii.gz")
+    np.testing.assert_allclose(mask_img.affine, img.affine)
+    mask = np.asarray(mask_img.dataobj) != 0
+    X = open_matrix(cur / f"{sub}_X.npy")
+    data = np.asarray(img.dataobj)
+    assert mask.sum() > 100 and X.shape == (data.shape[3], int(mask.sum()))
+    np.testing.assert_array_equal(np.asarray(X), data[mask].T)

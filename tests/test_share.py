@@ -48,7 +48,14 @@ def test_colleague_got_only_subject_02_curated(mate: Path) -> None:
     got = _present(mate, "derivatives")
     assert got == {
         f"derivatives/curated_3mm/sub-02{suffix}"
-        for suffix in (".nii.gz", "_labels.npy", "_runs.npy", "_trials.tsv")
+        for suffix in (
+            ".nii.gz",
+            "_X.npy",
+            "_mask.nii.gz",
+            "_labels.npy",
+            "_runs.npy",
+            "_trials.tsv",
+        )
     } | {f"derivatives/3mm/subj01/betas_session0{n}.nii.gz" for n in (1, 2, 3)}
     # the rest is registered, not present
     assert (mate / "derivatives/curated_3mm/sub-01.nii.gz").is_symlink()

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nsdprep import curate_docs, nsd, provenance, registry
+from nsdprep import curate_docs, masks, nsd, provenance, registry
 from nsdprep._io import atomic_path, remove_stale_parts
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError
 from nsdprep.nsd import PERSON, TRIAL_COLUMNS, UNKNOWN, Layout
@@ -325,9 +325,14 @@ def write_subject(
     trials: pd.DataFrame,
     grid: Grid,
 ) -> dict[str, Path]:
-    """Write ``sub-XX.nii.gz`` (streamed), ``_labels.npy``, ``_runs.npy``, ``_trials.tsv``."""
+    """Write one subject's curated files; the 4D image and the matrix in one streaming pass.
+
+    ``sub-XX.nii.gz``, ``sub-XX_X.npy`` (trials x grey-matter voxels), ``sub-XX_mask.nii.gz``,
+    ``_labels.npy``, ``_runs.npy``, ``_trials.tsv``.
+    """
     from tqdm import tqdm
 
+    from nsdprep.matrix import MatrixWriter
     from nsdprep.nifti import NiftiStreamWriter, iter_volumes
 
     out = Path(out)
@@ -337,25 +342,41 @@ def write_subject(
         "labels": out / f"{name}_labels.npy",
         "runs": out / f"{name}_runs.npy",
         "trials": out / f"{name}_trials.tsv",
+        "matrix": out / f"{name}_X.npy",
+        "mask": out / f"{name}_mask.nii.gz",
     }
     n = int(trials.shape[0])
     by_session = {
         int(ses): set((grp["trial_in_session"] - 1).tolist())
         for ses, grp in trials.groupby("session", sort=True)
     }
+    mask = masks.gm_mask(grid.shape, grid.affine)
+    outside = 0  # kept volumes with nonzero voxels outside the mask (none after `make 3mm`)
     with (
         NiftiStreamWriter(
             files["bold"], grid.shape, grid.affine, grid.dtype, n, header=grid.header
         ) as writer,
+        MatrixWriter(files["matrix"], mask, n) as matrix,
         tqdm(total=n, desc=name, unit="vol", disable=None) as bar,
     ):
         for ses in sorted(by_session):
             wanted = by_session[ses]
+            src = resampled_file(resampled, subject, ses)
             # Read every volume (not only up to the last kept one) so the gzip CRC is verified.
-            for k, vol in enumerate(iter_volumes(resampled_file(resampled, subject, ses))):
+            for k, vol in enumerate(iter_volumes(src)):
                 if k in wanted:
+                    outside += bool(np.any(vol[~mask]))
                     writer.write(vol)
+                    matrix.write(vol)
                     bar.update(1)
+    if outside:
+        log.warning(
+            "%s: %d of %d volumes have nonzero voxels outside the grey-matter mask; those voxels "
+            "are in %s but not in the matrix %s (the 3 mm stage zeroes them)",
+            name, outside, n, files["bold"].name, files["matrix"].name,
+        )  # fmt: skip
+    with NiftiStreamWriter(files["mask"], grid.shape, grid.affine, np.uint8, None) as mask_out:
+        mask_out.write(mask.astype(np.uint8))
     with atomic_path(files["labels"]) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, np.asarray(trials["supercat"].to_numpy(dtype=str), dtype=str))

@@ -152,14 +152,13 @@ class CuratedFiles:
     labels: Path
     runs: Path
     trials: Path
-
-    def all(self) -> tuple[Path, ...]:
-        """Every file, in a fixed order."""
-        return (self.betas, self.labels, self.runs, self.trials)
+    #: trials x voxels int16 matrix (memory-maps) and the 3 mm mask of its columns
+    matrix: Path
+    mask: Path
 
 
 def curated_files(subject: int, folder: str | os.PathLike[str] = CURATED_DIR) -> CuratedFiles:
-    """``sub-XX.nii.gz``, ``sub-XX_labels.npy``, ``sub-XX_runs.npy``, ``sub-XX_trials.tsv``."""
+    """``sub-XX.nii.gz``, ``_labels.npy``, ``_runs.npy``, ``_trials.tsv``, ``_X.npy``, ``_mask.nii.gz``."""
     folder, name = Path(folder), bids_subject_label(subject)
     return CuratedFiles(
         subject=subject,
@@ -167,6 +166,8 @@ def curated_files(subject: int, folder: str | os.PathLike[str] = CURATED_DIR) ->
         labels=folder / f"{name}_labels.npy",
         runs=folder / f"{name}_runs.npy",
         trials=folder / f"{name}_trials.tsv",
+        matrix=folder / f"{name}_X.npy",
+        mask=folder / f"{name}_mask.nii.gz",
     )
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import logging
 import multiprocessing as mp
 import os
@@ -47,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from nsdprep import dataset, nsd
+from nsdprep import dataset, masks, nsd
 from nsdprep._io import remove_stale_parts
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError, UsageError
 from nsdprep.nifti import (
@@ -136,31 +135,8 @@ def grid_map(
 
 
 def gm_mask(gmap: GridMap) -> np.ndarray:
-    """MNI152 grey-matter mask (nilearn's, threshold 0.2) on the target grid, nearest neighbour.
-
-    Cached per grid within a process (every session of a subject shares it); read-only array.
-    """
-    return _gm_mask_cached(gmap.shape, gmap.affine.tobytes())
-
-
-@functools.lru_cache(maxsize=4)
-def _gm_mask_cached(shape: tuple[int, int, int], affine_bytes: bytes) -> np.ndarray:
-    import nibabel as nib
-    from nilearn.datasets import load_mni152_gm_mask
-    from nilearn.image import resample_to_img
-
-    affine = np.frombuffer(affine_bytes, dtype=np.float64).reshape(4, 4)
-    target = nib.Nifti1Image(np.zeros(shape, np.int8), affine)
-    mask = resample_to_img(
-        load_mni152_gm_mask(),
-        target,
-        interpolation="nearest",
-        force_resample=True,
-        copy_header=True,
-    )
-    out = np.asarray(mask.dataobj) != 0
-    out.flags.writeable = False
-    return out
+    """MNI152 grey-matter mask on the target grid (see :func:`nsdprep.masks.gm_mask`)."""
+    return masks.gm_mask(gmap.shape, gmap.affine)
 
 
 def output_dtype(gmap: GridMap, in_dtype: np.dtype[Any]) -> np.dtype[Any]:
