@@ -49,7 +49,7 @@ STEP_OPTS = $(if $(strip $(SUBJECTS)),--subjects $(SUBJECTS)) --jobs $(JOBS) \
 	--subsample $(SUBSAMPLE)
 
 .PHONY: help venv demo test test-slow lint format inputs get drop 3mm coco-labels curated decode \
-	bench rerun publish check-identity all
+	bench bench-load rerun publish check-identity all
 
 help: ## list the targets
 	@echo "nsdprep: NSD + COCO decoding dataset (DataLad). Targets:"
@@ -121,3 +121,6 @@ publish: check-identity ## publish to a RIA store: make publish RIA=ria+file:///
 
 bench: venv ## benchmark the 3 mm resample on a full-geometry synthetic session (bench/results/)
 	$(PY) bench/bench_resample.py
+
+bench-load: venv ## curated matrix vs streaming the 4D NIfTI on a full-size subject (bench/results/)
+	$(PY) bench/bench_load.py
