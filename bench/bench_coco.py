@@ -4,11 +4,13 @@ Writes (in a temporary directory, removed afterwards unless ``--workdir`` is giv
 ``annotations_trainval2017.zip`` holding instances_train2017.json (118287 images, 860001
 annotations, ~450 MB like the real file) and instances_val2017.json (5000 images, 36781
 annotations), a 73000-row stim info table and an expdesign file (8 x 10000 images, 30000 trials);
-then runs ``python -m nsdprep coco`` (default and ``--legacy``) in a subprocess each and reports
-wall time and peak RSS (of that subprocess, from wait4). Nothing is written into the repository
-unless ``--results`` names a file.
+then runs ``python -m nsdprep coco`` (default, ``--legacy`` and ``--crop``) in a subprocess each and
+reports wall time and peak RSS (of that subprocess, from wait4). Every fake picture is 640 x 480 with a
+square crop (``cropBox`` ``(0, 0, left, right)``, left + right = 0.25, at a random position) and
+polygons of 22 points, so ``--crop`` rasterizes ~530k annotation masks (those of the NSD images).
+Nothing is written into the repository unless ``--results`` names a file.
 
-    python bench/bench_coco.py [--workdir DIR] [--results FILE] [--modes default legacy]
+    python bench/bench_coco.py [--workdir DIR] [--results FILE] [--modes default legacy crop]
 """
 
 from __future__ import annotations
@@ -118,8 +120,10 @@ def make_inputs(workdir: Path, seed: int = 0) -> dict[str, Path]:
     all_ids = np.concatenate([train_ids, val_ids])
     split = np.where(pick < N_TRAIN_IMAGES, "train2017", "val2017").astype(object)
     stim = workdir / "nsd_stim_info_merged.pkl"
+    left = rng.integers(0, 161, size=N_NSD)  # 640 x 480 pictures: 160 px cut in all
+    crop = [(0, 0, int(a) / 640, (160 - int(a)) / 640) for a in left]
     pd.DataFrame(
-        {"cocoId": all_ids[pick], "cocoSplit": split, "nsdId": np.arange(N_NSD)}
+        {"cocoId": all_ids[pick], "cocoSplit": split, "cropBox": crop, "nsdId": np.arange(N_NSD)}
     ).to_pickle(stim)
     exp = workdir / "nsd_expdesign.mat"
     subjectim = np.stack([rng.permutation(N_NSD)[:10000] + 1 for _ in range(8)]).astype(float)
@@ -128,14 +132,18 @@ def make_inputs(workdir: Path, seed: int = 0) -> dict[str, Path]:
     return {"zip": zp, "stim": stim, "exp": exp}
 
 
-def run_stage(inputs: dict[str, Path], workdir: Path, legacy: bool) -> dict[str, float]:
-    out = workdir / ("coco_categories_legacy.pkl" if legacy else "coco_categories.pkl")
-    merged = workdir / ("merged_legacy.json" if legacy else "merged.json")
+def run_stage(inputs: dict[str, Path], workdir: Path, mode: str) -> dict[str, float]:
+    out = workdir / f"coco_categories_{mode}.pkl"
+    merged = workdir / f"merged_{mode}.json"
     cmd = [
         sys.executable, "-m", "nsdprep", "coco", "--zip", str(inputs["zip"]),
-        "--stim-info", str(inputs["stim"]), "--merged-out", str(merged), "--out", str(out),
+        "--stim-info", str(inputs["stim"]), "--out", str(out),
     ]  # fmt: skip
-    if legacy:
+    if mode == "crop":
+        cmd += ["--crop", "--expdesign", str(inputs["exp"])]
+    else:
+        cmd += ["--merged-out", str(merged)]
+    if mode == "legacy":
         cmd += ["--legacy", "--expdesign", str(inputs["exp"])]
     env = {**os.environ, "PYTHONPATH": str(REPO / "code")}
     t0 = time.perf_counter()
@@ -148,7 +156,8 @@ def run_stage(inputs: dict[str, Path], workdir: Path, legacy: bool) -> dict[str,
         "wall_s": round(wall, 1),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 0),  # ru_maxrss is in KiB on Linux
-        "merged_json_mb": round(merged.stat().st_size / 1e6, 1),
+        "merged_json_mb": round(merged.stat().st_size / 1e6, 1) if merged.exists() else None,
+        "summary_tail": out.with_name(out.stem + "_summary.tsv").read_text().splitlines()[-8:],
     }
 
 
@@ -156,7 +165,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, help="keep/reuse generated inputs here")
     ap.add_argument("--results", type=Path, help="also write the numbers as JSON here")
-    ap.add_argument("--modes", nargs="+", default=["default", "legacy"])
+    ap.add_argument("--modes", nargs="+", default=["default", "legacy", "crop"])
     args = ap.parse_args()
     tmp = None
     if args.workdir:
@@ -182,7 +191,7 @@ def main() -> int:
             "members_mb": sizes,
         }
         for mode in args.modes:
-            results[mode] = run_stage(inputs, workdir, legacy=mode == "legacy")
+            results[mode] = run_stage(inputs, workdir, mode)
         text = json.dumps(results, indent=1)
         print(text)
         if args.results:

@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import nibabel as nib
@@ -31,8 +33,9 @@ from nsdprep.nifti import (
     read_header,
 )
 from nsdprep.resample import nearest_on_grid, resample_session
-from nsdprep.testing.demo import DemoSpec, build_demo
+from nsdprep.testing.demo import DemoSpec, build_demo, loopback_env
 from nsdprep.testing.reference import original_3mm
+from nsdprep.testing.serve import Mirror
 from nsdprep.testing.synth import (
     FLIPPED_AFFINE,
     NONFLIPPED_AFFINE,
@@ -184,13 +187,15 @@ def test_nsd_access_paths_resolve_in_inputs_nsd(demo_built: Path, git_env) -> No
     assert access.stim_descriptions().relative_to(nsd_ds).as_posix() == nsd.STIM_INFO_CSV_KEY
     assert access.stimuli().relative_to(nsd_ds).as_posix() == nsd.STIMULI_KEY
 
-    from nsdprep.testing.demo import loopback_env
-
+    # The demo's mirror is gone: serve its synthetic bucket again at the registered address.
+    table = pd.read_csv(nsd_ds / nsd.ADDURLS_TABLE)
+    url = table.loc[table["filename"] == nsd.STIMULI_KEY, "url"].item()
     env = {**loopback_env(git_env), "PATH": f"{VENV / 'bin'}:{git_env['PATH']}"}
-    subprocess.run(
-        ["datalad", "get", *map(str, paths)], cwd=demo_built, check=True, env=env,
-        capture_output=True,
-    )  # fmt: skip
+    with Mirror(demo_built.parent / "synth", port=urllib.parse.urlsplit(url).port):
+        subprocess.run(
+            ["datalad", "get", *map(str, paths)], cwd=demo_built, check=True, env=env,
+            capture_output=True,
+        )  # fmt: skip
     # read_betas: nibabel on the path; read_images: imgBrick rows by 73k id and the CSV by iloc
     assert nib.load(betas).shape[3] == DemoSpec().layout.trials_per_session
     import h5py
@@ -358,35 +363,104 @@ class NsdHeaderDemo(DemoSpec):
         return dataclasses.replace(super().synth_spec(), header="nsd")
 
 
-@pytest.fixture(scope="module")
-def demo_nsd_header(git_env, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo pipeline up to curated, on NSD-header data (the fsl one is ``demo_built``)."""
-    work = tmp_path_factory.mktemp("e2e_nsd")
-    return build_demo(
-        work, VENV, Path(__file__).resolve().parents[1], NsdHeaderDemo(),
-        targets=("coco-labels", "3mm", "curated"), overlay=True, env=git_env,
-    )  # fmt: skip
-
-
 def _annex_keys(ds: Path, pattern: str) -> dict[str, str]:
+    """Path -> annex key (the checksum-named target of the symlink) of committed files."""
     out = subprocess.run(
-        ["git", "-C", str(ds), "ls-files", "-s", "--", pattern],
+        ["git", "-C", str(ds), "ls-files", "--", pattern],
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
-    keys = {}
-    for line in out.splitlines():
-        meta, path = line.split("\t")
-        target = (ds / path).readlink() if (ds / path).is_symlink() else meta.split()[1]
-        keys[path] = Path(str(target)).name
-    return keys
+    return {p: Path(str((ds / p).readlink())).name for p in out.split() if (ds / p).is_symlink()}
+
+
+DERIVATIVES = ("derivatives/3mm", "derivatives/curated_3mm/sub-*", "derivatives/coco_*")
+
+
+@pytest.fixture(scope="module")
+def demo_nsd_header(git_env, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The demo pipeline up to curated on NSD-header data (the fsl one is ``demo_built``), then
+    ``VALID=1`` and ``LABELS=crop`` on top; keys of the plain outputs are taken first."""
+    work = tmp_path_factory.mktemp("e2e_nsd")
+    spec = NsdHeaderDemo()
+    ds = build_demo(
+        work, VENV, Path(__file__).resolve().parents[1], spec,
+        targets=("coco-labels", "3mm", "curated"), overlay=True, env=git_env,
+    )  # fmt: skip
+    keys = {pattern: _annex_keys(ds, pattern) for pattern in DERIVATIVES}
+    env = {**loopback_env(git_env), "PATH": f"{VENV / 'bin'}:{git_env['PATH']}"}
+
+    def make(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = ["make", "--no-print-directory", "-C", str(ds), f"VENV={VENV}", *spec.make_vars()]
+        proc = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"make {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    refused = make("curated", "VALID=1", check=False)
+    make("curated", "VALID=1", "FORCE=1")
+    make("decode", "SUBJECTS=01")
+    make("coco-labels", "LABELS=crop")
+    make("curated", "LABELS=crop")
+    return {"ds": ds, "keys": keys, "refused": refused, "synth": work / "synth"}
 
 
 @pytest.mark.datalad
-def test_both_headers_give_identical_derivatives(demo_built: Path, demo_nsd_header: Path) -> None:
-    nsd_bucket = demo_nsd_header.parent / "synth/nsd"
-    assert int(read_header(nsd_bucket / nsd.betas_key(1, 1))["sform_code"]) == 1
-    for pattern in ("derivatives/3mm", "derivatives/curated_3mm/sub-*", "derivatives/coco_*"):
-        fsl, nsd_keys = _annex_keys(demo_built, pattern), _annex_keys(demo_nsd_header, pattern)
-        assert fsl and fsl == nsd_keys, pattern
-    hdr = read_header(demo_nsd_header / "derivatives/3mm/subj01/betas_session01.nii.gz")
+def test_both_headers_give_identical_derivatives(demo_built: Path, demo_nsd_header: dict) -> None:
+    ds = demo_nsd_header["ds"]
+    assert (
+        int(read_header(demo_nsd_header["synth"] / "nsd" / nsd.betas_key(1, 1))["sform_code"]) == 1
+    )
+    for pattern in DERIVATIVES:
+        fsl = _annex_keys(demo_built, pattern)
+        assert fsl and fsl == demo_nsd_header["keys"][pattern], pattern
+    hdr = read_header(ds / "derivatives/3mm/subj01/betas_session01.nii.gz")
     assert int(hdr["sform_code"]) == 4 == int(hdr["qform_code"])
+
+
+@pytest.mark.datalad
+def test_make_curated_valid_then_decode_with_its_mask(demo_nsd_header: dict) -> None:
+    ds, before = demo_nsd_header["ds"], demo_nsd_header["keys"]["derivatives/curated_3mm/sub-*"]
+    refused = demo_nsd_header["refused"]
+    assert refused.returncode != 0 and "FORCE=1" in refused.stdout + refused.stderr
+    after = _annex_keys(ds, "derivatives/curated_3mm/sub-*")
+    cur = ds / nsd.CURATED_DIR
+    desc = json.loads((cur / "dataset_description.json").read_text())
+    for s in range(1, len(NsdHeaderDemo().sessions) + 1):
+        files = nsd.curated_files(s, nsd.CURATED_DIR)
+        mask = nsd.curated_mask_path(s, nsd.CURATED_DIR).as_posix()
+        assert mask in after and mask not in before
+        for f in (files.labels, files.runs, files.trials):  # same trials, same labels
+            assert after[f.as_posix()] == before[f.as_posix()]
+        assert after[files.betas.as_posix()] != before[files.betas.as_posix()]
+        kept = desc["ValidVoxels"]["PerSubject"][nsd.bids_subject_label(s)]["VoxelsKept"]
+        assert kept == int(np.asarray(nib.load(ds / mask).dataobj).sum()) > 0
+    results = json.loads((ds / nsd.DECODING_DIR / "results.json").read_text())
+    text = json.dumps(results)
+    mask01 = np.asarray(nib.load(ds / nsd.curated_mask_path(1, nsd.CURATED_DIR)).dataobj)
+    assert f'"n_voxels": {int(mask01.sum())}' in text
+    log = subprocess.run(
+        ["git", "-C", str(ds), "log", "-n1", "--format=%B", "--", nsd.CURATED_DIR],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    assert "--valid" in log
+
+
+@pytest.mark.datalad
+def test_make_crop_labels_counts_changed_images_and_trials(demo_nsd_header: dict) -> None:
+    ds = demo_nsd_header["ds"]
+    man = json.loads((demo_nsd_header["synth"] / "synth_manifest.json").read_text())
+    summary = (ds / nsd.summary_path(nsd.COCO_CATEGORIES_CROP)).read_text()
+    changed = sum(a != b for a, b in zip(man["labels"], man["crop_labels"], strict=True))
+    assert f"crop\tchanged_supercat\t{changed}\n" in summary
+    readme = (ds / nsd.CURATED_CROP_DIR / "README.md").read_text()
+    assert "## Crop-aware labels" in readme
+    for s in range(1, len(NsdHeaderDemo().sessions) + 1):
+        trials = pd.read_csv(nsd.curated_files(s, ds / nsd.CURATED_CROP_DIR).trials, sep="\t")
+        assert (trials["supercat"] == pd.Series(man["crop_labels"])[trials["nsdId"]].values).all()
+        differ = int((trials["supercat"].values != np.array(man["labels"])[trials["nsdId"]]).sum())
+        assert f"| {nsd.bids_subject_label(s)} | {len(trials)} | {differ} |" in readme
+    assert (
+        "[nsdprep] curated crop sub-01"
+        in subprocess.run(
+            ["git", "-C", str(ds), "log", "--format=%s"], check=True, capture_output=True, text=True
+        ).stdout
+    )

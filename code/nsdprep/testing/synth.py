@@ -35,7 +35,8 @@ identical.
 
 Betas are int16, value = beta (% signal change) x 300, one volume per trial in chronological order.
 Voxels outside a liberal brain mask (the MNI152 brain mask dilated by 4 mm), or outside a session's
-field of view (``k = session % 3`` top slices of the written grid, so sessions differ), are 0 in every
+field of view (``k = 3 * (session % 3)`` top slices of the generated grid, so sessions differ by whole
+3 mm slices), are 0 in every
 trial; ``valid_sessionNN.nii.gz`` (int16 0/1, 3D, same grid and header style, as NSD's MATLAB tools
 write it: "not all betas are 0 in that voxel") marks the others. All
 NIfTI files are written volume by volume with :class:`nsdprep.nifti.NiftiStreamWriter`, so even the
@@ -985,9 +986,13 @@ def _patterns(spec: SynthSpec, subject: int, xyz: np.ndarray) -> np.ndarray:
 
 
 def _session_valid(spec: SynthSpec, liberal: np.ndarray, session: int) -> np.ndarray:
-    """Valid voxels of a session: the liberal mask minus ``session % 3`` top slices (field of view)."""
+    """Valid voxels of a session: the liberal mask minus ``3 * (session % 3)`` top slices.
+
+    A field of view that moves between sessions by at least one 3 mm slice, so some grey matter is
+    valid in one session and not in another (what ``make curated VALID=1`` removes).
+    """
     valid = liberal.copy()
-    cut = session % 3
+    cut = 3 * (session % 3)
     if cut:
         valid[:, :, -cut:] = False
     return valid
