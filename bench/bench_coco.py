@@ -7,7 +7,8 @@ annotations), a 73000-row stim info table and an expdesign file (8 x 10000 image
 then runs ``python -m nsdprep coco`` (default, ``--legacy`` and ``--crop``) in a subprocess each and
 reports wall time and peak RSS (of that subprocess, from wait4). Every fake picture is 640 x 480 with a
 square crop (``cropBox`` ``(0, 0, left, right)``, left + right = 0.25, at a random position) and
-polygons of 22 points, so ``--crop`` rasterizes ~530k annotation masks (those of the NSD images).
+compact 22-point polygons (radius 4..150 px), so ``--crop`` rasterizes ~530k annotation masks (those
+of the NSD images).
 Nothing is written into the repository unless ``--results`` names a file.
 
     python bench/bench_coco.py [--workdir DIR] [--results FILE] [--modes default legacy crop]
@@ -79,9 +80,7 @@ def _write_split(zf: zipfile.ZipFile, split: str, image_ids, ann_ids, rng) -> No
         for start in range(0, n_ann, CHUNK):
             stop = min(start + CHUNK, n_ann)
             n = stop - start
-            seg = rng.uniform(0, 640, size=(n, COORDS_PER_POLYGON)).round(2).tolist()
-            bbox = rng.uniform(0, 480, size=(n, 4)).round(2).tolist()
-            area = rng.uniform(10, 100000, size=n).round(5).tolist()
+            seg, bbox, area = _polygons(rng, n)
             cats = rng.choice(cat_ids, size=n).tolist()
             img = ann_image[start:stop].tolist()
             aid = ann_ids[start:stop].tolist()
@@ -102,6 +101,27 @@ def _write_split(zf: zipfile.ZipFile, split: str, image_ids, ann_ids, rng) -> No
             w((", " if start else "") + ", ".join(items))
         cats_json = [{"supercategory": s, "id": c, "name": n} for c, n, s in CATEGORIES]
         w('], "categories": ' + json.dumps(cats_json) + "}")
+
+
+def _polygons(rng: np.random.Generator, n: int) -> tuple[list, list, list]:
+    """``n`` compact, star-shaped polygons in a 640 x 480 picture, like COCO's outlines.
+
+    Centre anywhere in the picture, radius log-uniform 4..150 px (areas ~50..70000 px²), 22 points
+    at sorted angles with the radius jittered; clipped to the picture. Returns the polygons, their
+    bboxes ``[x, y, w, h]`` and areas (shoelace).
+    """
+    k = COORDS_PER_POLYGON // 2
+    centre = rng.uniform([0, 0], [640, 480], size=(n, 1, 2))
+    radius = np.exp(rng.uniform(np.log(4), np.log(150), size=(n, 1, 1)))
+    angle = np.sort(rng.uniform(0, 2 * np.pi, size=(n, k)), axis=1)[..., None]
+    jitter = rng.uniform(0.7, 1.0, size=(n, k, 1))
+    pts = centre + radius * jitter * np.concatenate([np.cos(angle), np.sin(angle)], axis=2)
+    pts = np.clip(pts, 0, [640, 480]).round(2)
+    x, y = pts[..., 0], pts[..., 1]
+    area = 0.5 * np.abs(np.sum(x * np.roll(y, -1, 1) - np.roll(x, -1, 1) * y, axis=1))
+    lo, hi = pts.min(axis=1), pts.max(axis=1)
+    bbox = np.concatenate([lo, hi - lo], axis=1).round(2)
+    return pts.reshape(n, -1).tolist(), bbox.tolist(), area.round(5).tolist()
 
 
 def make_inputs(workdir: Path, seed: int = 0) -> dict[str, Path]:

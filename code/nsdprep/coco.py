@@ -122,9 +122,14 @@ def load_stim_info(path: str | Path, csv: str | Path | None = None) -> StimInfo:
         errors.append("content absent" if path.is_symlink() else "no such file")
     csv = Path(csv) if csv is not None else None
     csv_table = None
-    if csv is not None and (table is None or csv.exists()):
+    if csv is not None and table is None:
         _require(csv, "nsd_stim_info_merged.csv")
         csv_table = normalize_stim_info(_read_csv(csv), csv)
+    elif csv is not None and csv.exists():  # only for the cross-check: the pickle was read
+        try:
+            csv_table = normalize_stim_info(_read_csv(csv), csv)
+        except FormatError as exc:
+            log.warning("%s; the pickle was read, so it is used without the cross-check", exc)
     if table is None:
         if csv_table is None:
             _require(path, "nsd_stim_info_merged.pkl")
