@@ -30,7 +30,10 @@ COCO_URL ?= http://images.cocodataset.org/annotations/annotations_trainval2017.z
 SUBJECTS ?=
 JOBS ?= 2
 DROP ?= 0
+# Label rule: default (largest annotation), crop (largest inside the crop NSD showed), legacy.
 LABELS ?= default
+# make curated VALID=1: keep only voxels valid in every session (writes sub-XX_mask.nii.gz).
+VALID ?= 0
 FORCE ?= 0
 # Experiment layout (real NSD: 12 runs of 63/62 trials). Smaller synthetic layouts are passed here.
 RUNS_PER_SESSION ?= 12
@@ -45,6 +48,7 @@ ALIAS ?= nsdprep
 
 STEP_OPTS = $(if $(strip $(SUBJECTS)),--subjects $(SUBJECTS)) --jobs $(JOBS) \
 	$(if $(filter 1 yes true,$(DROP)),--drop) $(if $(filter 1 yes true,$(FORCE)),--force) \
+	$(if $(filter 1 yes true,$(VALID)),--valid) \
 	--labels $(LABELS) --runs-per-session $(RUNS_PER_SESSION) --trials-per-run $(TRIALS_PER_RUN) \
 	--subsample $(SUBSAMPLE)
 
@@ -55,7 +59,7 @@ help: ## list the targets
 	@echo "nsdprep: NSD + COCO decoding dataset (DataLad). Targets:"
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' \
 		| expand -t 16
-	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 LABELS=legacy FORCE=1 NSD_URL=... COCO_URL=... RIA=..."
+	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 LABELS=crop|legacy VALID=1 FORCE=1 NSD_URL=... COCO_URL=... RIA=..."
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)

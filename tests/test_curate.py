@@ -54,6 +54,14 @@ def _git(repo: Path, *args: str) -> None:
     subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
 
 
+def _write_valid(path: Path, shape: tuple[int, int, int]) -> None:
+    """An all-valid 1 mm mask (int16, as NSD) whose grid the 3 mm AFFINE samples exactly."""
+    one_mm = AFFINE.copy()
+    one_mm[:3, :3] /= 3
+    img = nib.Nifti1Image(np.ones(tuple(3 * n for n in shape), dtype=np.int16), one_mm)
+    nib.save(img, path)
+
+
 def make_inputs(
     root: Path,
     registered: dict[int, int],
@@ -77,7 +85,7 @@ def make_inputs(
         d.mkdir(parents=True)
         for ses in range(1, n + 1):
             (d / f"betas_session{ses:02d}.nii.gz").write_text(f"{subj} {ses}\n")
-            (d / f"valid_session{ses:02d}.nii.gz").write_text(f"{subj} {ses}\n")
+            _write_valid(d / f"valid_session{ses:02d}.nii.gz", shape)
     max_trials = max(registered.values()) * s_per
     masterordering = rng.integers(1, N_IMAGES + 1, size=(1, max_trials)).astype(np.float64)
     subjectim = np.stack([rng.permutation(N_73K)[:N_IMAGES] + 1 for _ in range(8)]).astype(float)

@@ -126,7 +126,8 @@ def test_second_publish_pushes_nothing_new(origin: Path, facts: dict, git_env) -
     before = snapshot()
     assert any("/annex/objects/" in p for p, _ in before)  # derivative content is in the store
     head = _git(origin, "rev-parse", "HEAD").strip()
-    assert head in _git(store / "alias/nsdprep", "rev-parse", "HEAD")  # the store is up to date
+    branch = _git(origin, "rev-parse", "--abbrev-ref", "HEAD").strip()
+    assert head in _git(store / "alias/nsdprep", "rev-parse", f"refs/heads/{branch}")  # up to date
     publish()
     assert snapshot() == before
 

@@ -54,7 +54,7 @@ class Step:
         return f"{TAG} {self.name} (inputs {fingerprint})"
 
 
-Labels = Literal["default", "legacy"]
+Labels = Literal["default", "legacy", "crop"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,8 @@ class Options:
     drop: bool = False
     force: bool = False
     labels: Labels = "default"
+    #: curated: keep only voxels valid in every session (and write sub-XX_mask.nii.gz)
+    valid: bool = False
     layout: nsd.Layout = field(default_factory=nsd.Layout)
     subsample: int = 0
     rev: str = "HEAD"
@@ -85,10 +87,10 @@ def steps_for(target: str, ds: Path, opts: Options) -> list[Step]:
     """Return the ``datalad run`` steps that make ``target`` in dataset ``ds``."""
     nsd_ds = ds / nsd.NSD_DATASET
     py = ("python", "-m", "nsdprep")
-    legacy = opts.labels == "legacy"
-    labels_pkl = nsd.labels_table(legacy)
+    legacy, crop = opts.labels == "legacy", opts.labels == "crop"
+    labels_pkl = nsd.labels_table_for(opts.labels)
     expdesign = f"{nsd.NSD_DATASET}/{nsd.EXPDESIGN_KEY}"
-    suffix = " legacy" if legacy else ""
+    suffix = "" if opts.labels == "default" else f" {opts.labels}"
     if target == "3mm":
         steps = []
         for subject in registry.select_subjects(nsd_ds, opts.subjects):
@@ -103,20 +105,35 @@ def steps_for(target: str, ds: Path, opts: Options) -> list[Step]:
     if target == "coco-labels":
         zip_in = f"{nsd.COCO_DATASET}/{nsd.COCO_ZIP_NAME}"
         stim = f"{nsd.NSD_DATASET}/{nsd.STIM_INFO_KEY}"
-        merged = nsd.merged_json(legacy)
+        stim_csv = f"{nsd.NSD_DATASET}/{nsd.STIM_INFO_CSV_KEY}"
         summary = nsd.summary_path(labels_pkl)
-        cmd = (*py, "coco", "--zip", zip_in, "--stim-info", stim, "--expdesign", expdesign)
-        cmd += ("--merged-out", merged, "--out", labels_pkl) + (("--legacy",) if legacy else ())
-        outputs = (merged, labels_pkl, summary)
-        return [Step(target, "coco-labels" + suffix, cmd, (zip_in, stim, expdesign), outputs)]
+        cmd = (*py, "coco", "--zip", zip_in, "--stim-info", stim, "--stim-info-csv", stim_csv)
+        cmd += ("--expdesign", expdesign)
+        if crop:  # the merged JSON is the default mode's; crop writes none
+            cmd += ("--out", labels_pkl, "--crop")
+            outputs: tuple[str, ...] = (labels_pkl, summary)
+        else:
+            merged = nsd.merged_json(legacy)
+            cmd += ("--merged-out", merged, "--out", labels_pkl)
+            cmd += ("--legacy",) if legacy else ()
+            outputs = (merged, labels_pkl, summary)
+        inputs = (zip_in, stim, stim_csv, expdesign)
+        return [Step(target, "coco-labels" + suffix, cmd, inputs, outputs)]
     if target == "curated":
         subjects = registry.select_subjects(nsd_ds, opts.subjects)
-        out = nsd.curated_dir(legacy)
+        out = nsd.curated_dir_for(opts.labels)
         cmd = (*py, "curate", "--nsd", nsd.NSD_DATASET, "--resampled", nsd.RESAMPLED_DIR)
         cmd += ("--labels", labels_pkl, "--expdesign", expdesign)
         cmd += ("--out", out, "--subjects", *map(str, subjects), *opts.layout.cli_args())
         cmd += ("--legacy-labels",) if legacy else ()
+        cmd += ("--valid",) if opts.valid else ()
         inputs = tuple(nsd.resampled_subject_dir(s) for s in subjects) + (labels_pkl, expdesign)
+        # Valid masks: counted in the README always, applied with VALID=1.
+        inputs += tuple(
+            f"{nsd.NSD_DATASET}/{nsd.valid_key(s, ses)}"
+            for s in subjects
+            for ses in registry.registered_sessions(nsd_ds, s, kind="valid")
+        )
         outputs = tuple(f"{out}/{nsd.bids_subject_label(s)}*" for s in subjects)
         outputs += (f"{out}/README.md", f"{out}/dataset_description.json")
         # Which sessions are registered decides N (rule 1), so it is part of the inputs' identity.
@@ -124,8 +141,8 @@ def steps_for(target: str, ds: Path, opts: Options) -> list[Step]:
         name = f"curated{suffix} {' '.join(nsd.bids_subject_label(s) for s in subjects)}"
         return [Step(target, name, cmd, inputs, outputs, extra_fingerprint=extra)]
     if target == "decode":
-        curated = nsd.curated_dir(legacy)
-        out = nsd.decoding_dir(legacy)
+        curated = nsd.curated_dir_for(opts.labels)
+        out = nsd.decoding_dir_for(opts.labels)
         subjects = registry.select_subjects(nsd_ds, opts.subjects)
         cmd = (*py, "decode", "--curated", curated, "--out", out, "--jobs", str(opts.jobs))
         cmd += ("--subjects", *map(str, subjects), "--subsample", str(opts.subsample))
@@ -248,7 +265,8 @@ def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-
             )
             return "up-to-date"
         raise DatasetStateError(
-            f"{step.name}: inputs changed since {commit[:8]} made {', '.join(step.outputs)}. "
+            f"{step.name}: inputs changed since {commit[:8]} made {', '.join(step.outputs)} "
+            "(the command's options count too, e.g. VALID). "
             f"Outputs are kept read-only; rebuild explicitly with FORCE=1 (e.g. `make {step.target} "
             "FORCE=1`)."
         )
@@ -313,7 +331,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", default="2", help="worker processes inside one step")
     parser.add_argument("--drop", action="store_true", help="3mm: get/drop each input session")
     parser.add_argument("--force", action="store_true", help="rebuild even if inputs changed")
-    parser.add_argument("--labels", default="default", help="default or legacy")
+    parser.add_argument("--labels", default="default", help="default, legacy or crop")
+    parser.add_argument(
+        "--valid", action="store_true", help="curated: keep voxels valid in every session only"
+    )
     parser.add_argument("--runs-per-session", default="12")
     parser.add_argument("--trials-per-run", default="63,62")
     parser.add_argument("--subsample", default="0")
@@ -322,8 +343,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``nsdprep build``: check the options, then make the target."""
-    if args.labels not in ("default", "legacy"):
-        raise UsageError(f"LABELS must be 'default' or 'legacy', got {args.labels!r}")
+    if args.labels not in nsd.LABEL_MODES:
+        raise UsageError(f"LABELS must be one of {', '.join(nsd.LABEL_MODES)}, got {args.labels!r}")
     (jobs,) = _one_int(args.jobs, "JOBS")
     (subsample,) = _one_int(args.subsample, "SUBSAMPLE")
     opts = Options(
@@ -332,6 +353,7 @@ def main(args: argparse.Namespace) -> int:
         drop=args.drop,
         force=args.force,
         labels=args.labels,
+        valid=args.valid,
         layout=nsd.Layout.parse(args.runs_per_session, args.trials_per_run),
         subsample=subsample,
         rev=args.rev,
