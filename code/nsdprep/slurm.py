@@ -608,6 +608,8 @@ class Outcome:
     missing_content: list[str] = field(default_factory=list)
     error: str = ""
     merge_commit: str = ""
+    #: False when the job branches held nothing new (identical outputs make no run record)
+    new_commits: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -668,7 +670,8 @@ def _finish_locked(plan: Plan) -> Outcome:
                 f"Merge SLURM job {plan.array_job} (`make {plan.target}`): {names}",
             )
         out.merge_commit = dataset.head(ds)
-        if out.merge_commit != before:
+        out.new_commits = out.merge_commit != before
+        if out.new_commits:
             new = [p for p in dataset.changed_files(ds, before) if (ds / p).is_symlink()]
             files = dataset.annexed(ds, new)
             with _timed(t, "fsck"):
@@ -724,11 +727,15 @@ def _write_report(plan: Plan, outcome: Outcome) -> str:
         if i in outcome.failed:
             lines.extend(_failure_details(plan, i, info))
     merge_s = sum(outcome.timings.values())
-    if outcome.merged:
+    timings = ", ".join(f"{k} {v:.1f}" for k, v in outcome.timings.items())
+    if outcome.merged and outcome.new_commits:
         lines.append(
-            f"merged into {plan.branch} as {outcome.merge_commit[:10]} in {merge_s:.1f} s ("
-            + ", ".join(f"{k} {v:.1f}" for k, v in outcome.timings.items())
-            + ")"
+            f"merged into {plan.branch} as {outcome.merge_commit[:10]} in {merge_s:.1f} s ({timings})"
+        )
+    elif outcome.merged:
+        lines.append(
+            "nothing new to merge: the outputs are identical to the recorded ones, so (as locally) "
+            f"no run record was made ({merge_s:.1f} s: {timings})"
         )
     if overheads:
         lines.append(
