@@ -42,6 +42,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -169,7 +170,7 @@ def submit(target: str, ds: Path, opts: steps.Options) -> int:
         )
     root = dataset.git_dir(ds) / STATE_DIR
     with dataset.lock(ds, f"make {target} BACKEND=slurm (submitting)"):
-        queued = _settle_earlier(root)
+        queued = _settle_earlier(ds, root)
         todo: list[tuple[steps.Step, str]] = []
         for step in steps.steps_for(target, ds, opts):
             cleaned = steps.restore_outputs(ds, step)
@@ -462,7 +463,7 @@ def _queued_states(jobs: str) -> list[str]:
     return proc.stdout.split()
 
 
-def _settle_earlier(root: Path) -> dict[str, str]:
+def _settle_earlier(ds: Path, root: Path) -> dict[str, str]:
     """Earlier submissions of this dataset: finish those whose finishing job did not complete.
 
     Returns ``{step name: job IDs}`` of the submissions still queued or running.
@@ -475,6 +476,7 @@ def _settle_earlier(root: Path) -> dict[str, str]:
         if result.is_file() and json.loads(result.read_text()).get("complete"):
             continue
         plan = Plan.load(folder)
+        plan.dataset = str(ds)  # (in case the dataset was moved since)
         if not plan.finish_job:  # submission failed before the jobs existed
             continue
         jobs = f"{plan.array_job},{plan.finish_job}"
@@ -580,8 +582,8 @@ def run_task(folder: Path, index: int) -> int:
             except NsdPrepError as exc:  # the clone is removed anyway
                 log.warning("could not drop the inputs in %s: %s", clone, exc)
     except BaseException as exc:
-        state["error"] = str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
-        state["error"] = state["error"][0]
+        lines = str(exc).strip().splitlines()
+        state["error"] = lines[-1] if lines else type(exc).__name__
         raise
     finally:
         with _timed(timings, "cleanup"):
@@ -790,10 +792,13 @@ def _failure_details(plan: Plan, index: int, info: dict[str, Any]) -> list[str]:
     """SLURM's view (state, exit code, node), the task's error and the end of its log."""
     out = []
     job = f"{plan.array_job}_{index}"
-    proc = subprocess.run(
-        ["scontrol", "-o", "show", "job", job], capture_output=True, text=True, check=False
-    )
-    fields = dict(f.split("=", 1) for f in proc.stdout.split() if "=" in f)
+    try:
+        proc = subprocess.run(
+            ["scontrol", "-o", "show", "job", job], capture_output=True, text=True, check=False
+        )
+        fields = dict(f.split("=", 1) for f in proc.stdout.split() if "=" in f)
+    except OSError:
+        fields = {}
     if fields:
         out.append(
             f"      SLURM {job}: {fields.get('JobState', '?')}, exit {fields.get('ExitCode', '?')},"
@@ -824,6 +829,12 @@ def _tail(path: Path, lines: int = LOG_TAIL, indent: str = "    ") -> str:
 # command line of the jobs: python -m nsdprep.slurm task|finish FOLDER [INDEX]
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise NsdPrepError(
+        f"terminated by signal {signum} (time limit reached or job cancelled; SLURM_OPTS=--time=...)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the job scripts (``task FOLDER INDEX``, ``finish FOLDER``)."""
     parser = argparse.ArgumentParser(prog="nsdprep.slurm", description=__doc__.splitlines()[0])
@@ -839,6 +850,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_datalad()
     try:
         if args.command == "task":
+            # SLURM sends SIGTERM at the time limit and on scancel: clean up and report, then exit.
+            signal.signal(signal.SIGTERM, _terminated)
             return run_task(args.folder.resolve(), args.index)
         return finish(args.folder.resolve(), lock_timeout=args.lock_timeout)
     except NsdPrepError as exc:
