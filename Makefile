@@ -45,21 +45,32 @@ REV ?= HEAD
 RIA ?=
 RIA_SIBLING ?= ria
 ALIAS ?= nsdprep
+# Where the derivative targets run: local, or slurm (one job array per target, FAIRly-big workflow;
+# needs RIA= once). SLURM_OPTS passes sbatch options; WAIT=1 waits for the result; SCRATCH is the
+# job-local folder for the temporary clones (default $TMPDIR on the node, else /tmp).
+BACKEND ?= local
+SLURM_OPTS ?=
+WAIT ?= 0
+SCRATCH ?=
 
 STEP_OPTS = $(if $(strip $(SUBJECTS)),--subjects $(SUBJECTS)) --jobs $(JOBS) \
 	$(if $(filter 1 yes true,$(DROP)),--drop) $(if $(filter 1 yes true,$(FORCE)),--force) \
 	$(if $(filter 1 yes true,$(VALID)),--valid) \
 	--labels $(LABELS) --runs-per-session $(RUNS_PER_SESSION) --trials-per-run $(TRIALS_PER_RUN) \
 	--subsample $(SUBSAMPLE)
+BACKEND_OPTS = --backend $(BACKEND) $(if $(filter 1 yes true,$(WAIT)),--wait) \
+	--slurm-opts='$(SLURM_OPTS)' --ria='$(RIA)' --ria-sibling $(RIA_SIBLING) --alias $(ALIAS) \
+	--scratch='$(SCRATCH)'
 
-.PHONY: help venv demo test test-slow lint format inputs get drop 3mm coco-labels curated decode \
-	bench bench-load rerun publish check-identity all
+.PHONY: help venv demo test test-slow test-slurm lint format inputs get drop 3mm coco-labels curated \
+	decode bench bench-load rerun publish check-identity all
 
 help: ## list the targets
 	@echo "nsdprep: NSD + COCO decoding dataset (DataLad). Targets:"
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' \
 		| expand -t 16
 	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 LABELS=crop|legacy VALID=1 FORCE=1 NSD_URL=... COCO_URL=... RIA=..."
+	@echo "           BACKEND=slurm SLURM_OPTS=\"--time=.. --mem=..\" WAIT=1 SCRATCH=... (see README)"
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -79,11 +90,15 @@ demo: venv ## offline end-to-end run on synthetic data in a scratch clone (.demo
 	$(PY) -m nsdprep.testing.demo --source $(CURDIR) --venv $(abspath $(VENV))
 
 test: venv ## run the test suite (unit + end-to-end in temporary clones)
-	@rc=0; $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(PY) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS) || rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is an error here"; fi; exit $$rc
 
 test-slow: venv ## run the heavy tests too (full-geometry data)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slurm"
+
+test-slurm: venv ## BACKEND=slurm end to end on a throw-away single-node SLURM (root; installs it)
+	@rc=0; $(PY) -m pytest -q -m slurm tests/test_slurm.py $(PYTEST_ARGS) || rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no SLURM tests: that is an error here"; fi; exit $$rc
 
 lint: venv ## ruff check + format check
 	$(PY) -m ruff check code tests bench
@@ -103,18 +118,20 @@ drop: venv ## drop the betas content of SUBJECTS again (frees disk; still regist
 	$(NSDPREP) build drop $(STEP_OPTS)
 
 3mm: check-identity ## resample 1 mm betas to 3 mm + GM mask -> derivatives/3mm (datalad run per subject)
-	$(NSDPREP) build 3mm $(STEP_OPTS)
+	$(NSDPREP) build 3mm $(STEP_OPTS) $(BACKEND_OPTS)
 
 coco-labels: check-identity ## COCO labels per NSD image -> derivatives/coco_categories.pkl (datalad run)
-	$(NSDPREP) build coco-labels $(STEP_OPTS)
+	$(NSDPREP) build coco-labels $(STEP_OPTS) $(BACKEND_OPTS)
 
 curated: check-identity ## equalized trials per subject -> derivatives/curated_3mm (datalad run)
-	$(NSDPREP) build curated $(STEP_OPTS)
+	$(NSDPREP) build curated $(STEP_OPTS) $(BACKEND_OPTS)
 
 decode: check-identity ## run-grouped decoding baseline + report -> derivatives/decoding (datalad run)
-	$(NSDPREP) build decode $(STEP_OPTS)
+	$(NSDPREP) build decode $(STEP_OPTS) $(BACKEND_OPTS)
 
 all: 3mm coco-labels curated decode ## every derivative, in order
+# With BACKEND=slurm each target needs the previous one merged: wait for each (no effect locally).
+all: WAIT = 1
 
 rerun: check-identity ## re-execute a recorded run (REV=<commit>, default HEAD) with datalad rerun
 	$(NSDPREP) build rerun --rev $(REV)

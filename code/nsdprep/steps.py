@@ -55,6 +55,25 @@ class Step:
 
 
 Labels = Literal["default", "legacy", "crop"]
+Backend = Literal["local", "slurm"]
+#: Targets that ``BACKEND=slurm`` can run on a cluster (the ones made of ``datalad run`` steps).
+CLUSTER_TARGETS: tuple[str, ...] = ("3mm", "coco-labels", "curated", "decode")
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """``BACKEND=slurm`` settings (see :mod:`nsdprep.slurm`)."""
+
+    #: extra ``sbatch`` arguments (``SLURM_OPTS``, split like a shell would)
+    sbatch_args: tuple[str, ...] = ()
+    #: ``WAIT=1``: wait for the finishing job and report its result
+    wait: bool = False
+    #: the output store (``RIA``); empty: the store the ``sibling`` already points at
+    ria: str = ""
+    sibling: str = "ria"
+    alias: str = "nsdprep"
+    #: job-local folder for the temporary clones (``SCRATCH``); empty: ``$TMPDIR``, else ``/tmp``
+    scratch: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,8 @@ class Options:
     layout: nsd.Layout = field(default_factory=nsd.Layout)
     subsample: int = 0
     rev: str = "HEAD"
+    backend: Backend = "local"
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
 
     def __post_init__(self) -> None:
         if self.jobs < 1:
@@ -243,16 +264,11 @@ def outputs_present(ds: Path, step: Step) -> bool:
     return True
 
 
-def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-to-date"]:
-    """Run one step with ``datalad run`` (see module docstring for the guarantees)."""
-    cleaned = restore_outputs(ds, step)
-    if cleaned:
-        log.warning(
-            "%s: removed %d leftover(s) of an interrupted or failed run (never recorded): %s",
-            step.name,
-            len(cleaned),
-            ", ".join(cleaned[:5]) + (" ..." if len(cleaned) > 5 else ""),
-        )
+def to_run(ds: Path, step: Step, *, force: bool = False) -> str | None:
+    """The inputs' fingerprint if ``step`` has to run, None if it is up to date.
+
+    Raises if the outputs were made from other inputs and ``force`` is not given.
+    """
     fp = fingerprint(ds, step)
     record = last_record(ds, step)
     if record and outputs_present(ds, step) and not force:
@@ -263,13 +279,29 @@ def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-
                 step.name,
                 commit[:8],
             )
-            return "up-to-date"
+            return None
         raise DatasetStateError(
             f"{step.name}: inputs changed since {commit[:8]} made {', '.join(step.outputs)} "
             "(the command's options count too, e.g. VALID). "
             f"Outputs are kept read-only; rebuild explicitly with FORCE=1 (e.g. `make {step.target} "
             "FORCE=1`)."
         )
+    return fp
+
+
+def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-to-date"]:
+    """Run one step with ``datalad run`` (see module docstring for the guarantees)."""
+    cleaned = restore_outputs(ds, step)
+    if cleaned:
+        log.warning(
+            "%s: removed %d leftover(s) of an interrupted or failed run (never recorded): %s",
+            step.name,
+            len(cleaned),
+            ", ".join(cleaned[:5]) + (" ..." if len(cleaned) > 5 else ""),
+        )
+    fp = to_run(ds, step, force=force)
+    if fp is None:
+        return "up-to-date"
     log.info("%s: %s", step.name, shlex.join(step.command))
     ok = dataset.run(
         ds,
@@ -298,6 +330,14 @@ def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-
 def run_target(target: str, ds: Path, opts: Options) -> int:
     """Make ``target`` in ``ds``: its ``datalad run`` steps, or get/drop/rerun, under the lock."""
     dataset.ensure_annex(ds)
+    if opts.backend == "slurm":
+        if target not in CLUSTER_TARGETS:
+            raise UsageError(
+                f"BACKEND=slurm runs {', '.join(CLUSTER_TARGETS)}; `make {target}` runs locally"
+            )
+        from nsdprep import slurm
+
+        return slurm.submit(target, ds, opts)
     with dataset.lock(ds, f"make {target}"):
         if target == "rerun":
             if not dataset.rerun(ds, opts.rev):
@@ -339,12 +379,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials-per-run", default="63,62")
     parser.add_argument("--subsample", default="0")
     parser.add_argument("--rev", default="HEAD", help="rerun: the commit (or range) to re-execute")
+    parser.add_argument("--backend", default="local", help="local, or slurm (see nsdprep.slurm)")
+    parser.add_argument("--slurm-opts", default="", help="slurm: extra sbatch arguments")
+    parser.add_argument("--wait", action="store_true", help="slurm: wait for the result")
+    parser.add_argument("--ria", default="", help="slurm: output store (RIA URL)")
+    parser.add_argument("--ria-sibling", default="ria", help="slurm: the store's sibling name")
+    parser.add_argument(
+        "--alias", default="nsdprep", help="slurm: the dataset's alias in the store"
+    )
+    parser.add_argument("--scratch", default="", help="slurm: folder for job clones ($TMPDIR)")
 
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``nsdprep build``: check the options, then make the target."""
     if args.labels not in nsd.LABEL_MODES:
         raise UsageError(f"LABELS must be one of {', '.join(nsd.LABEL_MODES)}, got {args.labels!r}")
+    if args.backend not in ("local", "slurm"):
+        raise UsageError(f"BACKEND must be 'local' or 'slurm', got {args.backend!r}")
     (jobs,) = _one_int(args.jobs, "JOBS")
     (subsample,) = _one_int(args.subsample, "SUBSAMPLE")
     opts = Options(
@@ -357,6 +408,15 @@ def main(args: argparse.Namespace) -> int:
         layout=nsd.Layout.parse(args.runs_per_session, args.trials_per_run),
         subsample=subsample,
         rev=args.rev,
+        backend=args.backend,
+        slurm=SlurmOptions(
+            sbatch_args=tuple(shlex.split(args.slurm_opts)),
+            wait=args.wait,
+            ria=args.ria,
+            sibling=args.ria_sibling,
+            alias=args.alias,
+            scratch=args.scratch,
+        ),
     )
     for s in opts.subjects:
         nsd.subject_label(s)  # 1..99, or a clear error
