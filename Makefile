@@ -30,6 +30,10 @@ COCO_URL ?= http://images.cocodataset.org/annotations/annotations_trainval2017.z
 SUBJECTS ?=
 JOBS ?= 2
 DROP ?= 0
+# DROP=1: sessions downloaded ahead of the ones being processed (disk holds JOBS + PREFETCH sessions).
+PREFETCH ?= 1
+# bench-pipeline: the link bandwidth (MB/s) of the whole-NSD time projection.
+RATE_MB_S ?= 50
 LABELS ?= default
 FORCE ?= 0
 # Experiment layout (real NSD: 12 runs of 63/62 trials). Smaller synthetic layouts are passed here.
@@ -44,18 +48,19 @@ RIA_SIBLING ?= ria
 ALIAS ?= nsdprep
 
 STEP_OPTS = $(if $(strip $(SUBJECTS)),--subjects $(SUBJECTS)) --jobs $(JOBS) \
-	$(if $(filter 1 yes true,$(DROP)),--drop) $(if $(filter 1 yes true,$(FORCE)),--force) \
+	$(if $(filter 1 yes true,$(DROP)),--drop) --prefetch $(PREFETCH) \
+	$(if $(filter 1 yes true,$(FORCE)),--force) \
 	--labels $(LABELS) --runs-per-session $(RUNS_PER_SESSION) --trials-per-run $(TRIALS_PER_RUN) \
 	--subsample $(SUBSAMPLE)
 
 .PHONY: help venv demo test test-slow lint format inputs get drop 3mm coco-labels curated decode \
-	bench rerun publish check-identity all
+	bench bench-pipeline rerun publish check-identity all
 
 help: ## list the targets
 	@echo "nsdprep: NSD + COCO decoding dataset (DataLad). Targets:"
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' \
 		| expand -t 16
-	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 LABELS=legacy FORCE=1 NSD_URL=... COCO_URL=... RIA=..."
+	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 PREFETCH=1 LABELS=legacy FORCE=1 NSD_URL=... COCO_URL=... RIA=..."
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -121,3 +126,6 @@ publish: check-identity ## publish to a RIA store: make publish RIA=ria+file:///
 
 bench: venv ## benchmark the 3 mm resample on a full-geometry synthetic session (bench/results/)
 	$(PY) bench/bench_resample.py
+
+bench-pipeline: venv ## benchmark make 3mm DROP=1 (downloads overlapping compute) + whole-NSD projection
+	$(PY) bench/bench_pipeline.py --jobs $(JOBS) --prefetch $(PREFETCH) --link-rate $(RATE_MB_S)
