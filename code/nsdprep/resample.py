@@ -593,9 +593,13 @@ class _Prefetcher:
         """Drop what an interrupted run left (not needed now), then start both threads."""
         wanted = {src.relative_to(self.nsd_ds).as_posix() for _s, src in self.sessions}
         stale = [rel for rel in self._journal.read() if rel not in wanted]
+        present = [rel for rel in stale if (self.nsd_ds / rel).exists()]
+        if present:
+            log.info(
+                "dropping %d input(s) an interrupted --drop run left: %s", len(present), present
+            )
+            dataset.drop(self.nsd_ds, [self.nsd_ds / rel for rel in present])
         if stale:
-            log.info("dropping %d input(s) an interrupted --drop run left: %s", len(stale), stale)
-            dataset.drop(self.nsd_ds, [self.nsd_ds / rel for rel in stale])
             self._journal.remove(*stale)
         self._fetch_thread.start()
         self._drop_thread.start()
