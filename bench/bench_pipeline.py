@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -259,6 +260,7 @@ def child_pipeline(nsd_ds: str, out: str, jobs: str, prefetch: str) -> dict:
         "cpu_seconds": _cpu() - c0,
         "volumes": sum(r.n_volumes for r in results),
         "worker_peak_rss_mb": max(r.peak_rss_mb for r in results),
+        "timeline": timeline_overlap(stats.events, results),
         "peak_disk_bytes_sampled": peak[0],
         "peak_disk_bytes_at_fetch_end": stats.peak_bytes_on_disk,
         "peak_sessions_on_disk": stats.peak_sessions_on_disk,
@@ -266,6 +268,38 @@ def child_pipeline(nsd_ds: str, out: str, jobs: str, prefetch: str) -> dict:
         "left_on_disk_bytes": disk_bytes(annex),
         "events": stats.events,
         "summary": stats.summary(),
+    }
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
+def timeline_overlap(events: list, results: list) -> dict:
+    """How much of the time downloads ran while a worker computed, from the run's own timeline.
+
+    Download intervals: ``fetch`` to ``fetched``. Compute intervals: a session's ``done`` minus the
+    seconds its worker spent on it (a session handed over may wait in the pool for a free worker).
+    Independent of how loaded the machine was when the parts were timed alone.
+    """
+    t: dict[tuple[str, int], float] = {(kind, s): when for when, kind, s in events}
+    secs = {int(re.search(r"(\d+)\.nii", r.dst.name).group(1)): r.seconds for r in results}
+    fetch = _union([(t["fetch", s], t["fetched", s]) for (k, s) in t if k == "fetch"])
+    comp = _union([(t["done", s] - secs[s], t["done", s]) for (k, s) in t if k == "done"])
+    both = sum(max(0.0, min(b1, b2) - max(a1, a2)) for a1, b1 in fetch for a2, b2 in comp)
+    f_busy = sum(b - a for a, b in fetch)
+    c_busy = sum(b - a for a, b in comp)
+    return {
+        "download_busy_s": f_busy,
+        "compute_busy_s": c_busy,
+        "both_busy_s": both,
+        "overlap_fraction": both / min(f_busy, c_busy) if min(f_busy, c_busy) > 0 else 0.0,
     }
 
 
@@ -307,12 +341,18 @@ def drop_all(nsd_ds: Path, env: dict[str, str]) -> None:
 
 def projection(
     args: argparse.Namespace,
-    s_per_volume_jobs: float,
-    s_per_volume_worker: float,
+    cpu_per_volume: float,
+    wall_per_volume_jobs: float,
     mb_per_volume_synth: float,
     fetch_cpu_s_per_mb: float,
 ) -> dict:
-    """Hours of ``make 3mm DROP=1`` for all of NSD on this machine at ``--link-rate`` MB/s."""
+    """Hours of ``make 3mm DROP=1`` for all of NSD on this machine at ``--link-rate`` MB/s.
+
+    Compute comes from the measured CPU seconds per volume (what the code costs on these cores,
+    whatever else ran meanwhile): ``volumes x CPU/volume / JOBS``, or, when JOBS uses every core,
+    ``(volumes x CPU/volume + MB x fetch CPU/MB) / cores`` (downloading and checksumming then take
+    CPU from the workers). The figure at the load measured during the benchmark is given too.
+    """
     sizes_from = args.sizes_from or REPO / "inputs" / "nsd"
     sizes: dict[str, int] = {}
     if (sizes_from / ".git").exists():
@@ -339,11 +379,18 @@ def projection(
         n_volumes = n_sessions * NSD_VOLUMES_PER_SESSION
         volumes_note = f"{NSD_VOLUMES_PER_SESSION} volumes per session (NSD layout)"
     total_mb = sum(mbs)
+    cores = os.cpu_count() or 1
     download_s = total_mb / args.link_rate
-    compute_s = n_volumes * s_per_volume_jobs
+    compute_s = n_volumes * cpu_per_volume / min(args.jobs, cores)
+    if args.jobs >= cores:
+        compute_s = max(
+            compute_s, (n_volumes * cpu_per_volume + total_mb * fetch_cpu_s_per_mb) / cores
+        )
     fill_s = mbs[0] / args.link_rate  # nothing to compute until the first session is here
-    drain_s = NSD_VOLUMES_PER_SESSION * s_per_volume_worker  # the last session on one worker
+    drain_s = NSD_VOLUMES_PER_SESSION * cpu_per_volume  # the last session, on one worker
     wall_s = max(download_s + drain_s, fill_s + compute_s)
+    loaded_compute_s = n_volumes * wall_per_volume_jobs
+    loaded_wall_s = max(download_s + drain_s, fill_s + loaded_compute_s)
     bound = "download (link)" if download_s >= compute_s else "compute (CPU)"
     peak_disk_mb = (args.jobs + args.prefetch) * max(mbs)
     return {
@@ -357,8 +404,11 @@ def projection(
         "download_hours": download_s / 3600,
         "compute_hours": compute_s / 3600,
         "hours": wall_s / 3600,
+        "hours_at_benchmark_load": loaded_wall_s / 3600,
+        "cpu_s_per_volume": cpu_per_volume,
+        "fetch_cpu_s_per_gb": fetch_cpu_s_per_mb * 1e3,
         "model": "max(download + last session's compute, first session's download + compute); "
-        "compute = volumes x measured s/volume with JOBS workers",
+        "see projection() for compute",
         "peak_disk_gb": peak_disk_mb / 1e3,
         "peak_disk_rule": "(JOBS + PREFETCH) x largest session",
         "bound": bound,
@@ -379,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="pipelined runs (median)")
     p.add_argument("--sizes-from", type=Path, default=None, help="a registered inputs/nsd")
     p.add_argument("--keep-data", action="store_true", help="keep bench/data/pipeline/")
+    p.add_argument(
+        "--no-jobs1", action="store_true", help="skip the extra JOBS=1 pipelined measurement"
+    )
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -422,38 +475,63 @@ def main(argv: list[str] | None = None) -> int:
             compute_s = compute[args.jobs]["seconds"]
             drop_all(nsd_ds, env)
 
-            calibration = []
-            if args.rate is None:
-                rate = total_mb / compute_s
-                print(f"fetch alone at {rate:.0f} MB/s (calibration) ...", file=sys.stderr)
+            def measure(jobs: int) -> dict:
+                """Fetch alone and the pipelined run for ``jobs`` workers, at the balanced rate."""
+                c_s = compute[jobs]["seconds"]
+                calibration = []
+                note = ""
+                if args.rate is not None:
+                    rate: float | None = args.rate
+                elif fetch_free["seconds"] >= 0.9 * c_s:
+                    rate = None
+                    note = (
+                        f"no cap: the fetch alone, uncapped, takes {fetch_free['seconds']:.1f} s, "
+                        f"already longer than compute ({c_s:.1f} s); a cap can only slow it"
+                    )
+                else:
+                    rate = total_mb / c_s
+                    print(f"fetch alone at {rate:.0f} MB/s (calibration) ...", file=sys.stderr)
+                    mirror.limit(rate)
+                    first = run_child(env, "fetch", str(nsd_ds))
+                    drop_all(nsd_ds, env)
+                    overhead = first["seconds"] - total_mb / rate
+                    calibration.append({"rate_mb_s": rate, "download_s": first["seconds"]})
+                    if c_s - overhead > 0.3 * c_s:
+                        rate = total_mb / (c_s - overhead)
                 mirror.limit(rate)
-                first = run_child(env, "fetch", str(nsd_ds))
+                label = "no cap" if rate is None else f"{rate:.0f} MB/s"
+                print(f"fetch alone, {label} ...", file=sys.stderr)
+                cpu0 = _own_cpu()
+                fetch = run_child(env, "fetch", str(nsd_ds))
+                fetch["server_cpu_seconds"] = _own_cpu() - cpu0
                 drop_all(nsd_ds, env)
-                overhead = first["seconds"] - total_mb / rate
-                calibration.append({"rate_mb_s": rate, "download_s": first["seconds"]})
-                if compute_s - overhead > 0.3 * compute_s:
-                    rate = total_mb / (compute_s - overhead)
-            else:
-                rate = args.rate
-            mirror.limit(rate)
-            print(f"fetch alone at {rate:.0f} MB/s ...", file=sys.stderr)
-            fetch = run_child(env, "fetch", str(nsd_ds))
-            drop_all(nsd_ds, env)
-            runs = []
-            for rep in range(args.repeats):
-                print(
-                    f"pipelined DROP run {rep + 1}/{args.repeats}, JOBS={args.jobs} "
-                    f"PREFETCH={args.prefetch}, {rate:.0f} MB/s ...",
-                    file=sys.stderr,
-                )
-                runs.append(
-                    run_child(env, "pipeline", str(nsd_ds), fresh_out(), str(args.jobs),
-                              str(args.prefetch))
-                )  # fmt: skip
-                if runs[-1]["left_on_disk_bytes"]:
-                    print("WARNING: content left in the annex after the DROP run", file=sys.stderr)
-                drop_all(nsd_ds, env)
-            mirror.limit(None)
+                runs = []
+                for rep in range(args.repeats):
+                    print(
+                        f"pipelined DROP run {rep + 1}/{args.repeats}, JOBS={jobs} "
+                        f"PREFETCH={args.prefetch}, {label} ...",
+                        file=sys.stderr,
+                    )
+                    runs.append(
+                        run_child(env, "pipeline", str(nsd_ds), fresh_out(), str(jobs),
+                                  str(args.prefetch))
+                    )  # fmt: skip
+                    if runs[-1]["left_on_disk_bytes"]:
+                        print("WARNING: content left in the annex after DROP", file=sys.stderr)
+                    drop_all(nsd_ds, env)
+                mirror.limit(None)
+                return {
+                    "jobs": jobs,
+                    "rate": rate,
+                    "calibration": calibration,
+                    "note": note,
+                    "fetch": fetch,
+                    "runs": runs,
+                }
+
+            variants = [measure(args.jobs)]
+            if args.jobs != 1 and not args.no_jobs1:
+                variants.append(measure(1))
     finally:
         if not args.keep_data:
             for path in (DATA / "dataset", DATA / "out"):
@@ -463,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(synth)
     load_after = os.getloadavg()
 
+    main_v = variants[0]
+    runs, fetch, rate = main_v["runs"], main_v["fetch"], main_v["rate"]
     run = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
     wall_s = statistics.median(r["seconds"] for r in runs)
     download_s = fetch["seconds"]
@@ -485,7 +565,9 @@ def main(argv: list[str] | None = None) -> int:
         "mb_per_session": total_mb / n_sessions,
         "largest_session_mb": largest_mb,
         "rate_mb_s": rate,
-        "rate_calibration": calibration,
+        "rate_note": main_v["note"]
+        or "balanced: the fetch alone takes about as long as the compute alone",
+        "rate_calibration": main_v["calibration"],
         "download_s": download_s,
         "compute_s": compute_s,
         "wall_s": wall_s,
@@ -520,9 +602,12 @@ def main(argv: list[str] | None = None) -> int:
             "per_session_s": fetch["per_session_seconds"],
             "cpu_seconds": fetch["cpu_seconds"],
             "cpu_s_per_gb": fetch_cpu_s_per_mb * 1e3,
+            "server_cpu_seconds": fetch["server_cpu_seconds"],
             "how": "one `datalad get` per session in order (the pipeline's fetcher), content "
             "checksummed by git-annex (MD5E)",
         },
+        "cpu_bound_s": cpu_bound(compute[args.jobs], fetch),
+        "timeline": run["timeline"],
         "pipeline_summary": run["summary"],
         "pipeline_events": run["events"],
         "pipeline_cpu_seconds": run["cpu_seconds"],
@@ -540,10 +625,24 @@ def main(argv: list[str] | None = None) -> int:
         },
         "versions": versions(),
     }
+    report["overlap_ratio_vs_cpu_bound"] = wall_s / max(
+        download_s, compute_s, report["cpu_bound_s"]
+    )
+    report["variants"] = [summarise_variant(v, compute, total_mb) for v in variants]
     if 1 in compute and args.jobs != 1:
         report["jobs_scaling"] = compute[1]["seconds"] / compute[args.jobs]["seconds"]
+    # steady-state cost of one volume on one worker: the median session of the JOBS=1 run (the
+    # first one also pays the worker's GM-mask set-up); wall time of a single process, which
+    # equals its CPU time on an idle core
+    per_session = compute[1]["session_seconds"]
+    cpu_per_volume = statistics.median(per_session) / (compute[1]["volumes"] / len(per_session))
+    report["cpu_s_per_volume"] = cpu_per_volume
     report["projection"] = projection(
-        args, s_per_volume_jobs, s_per_volume_worker, mb_per_volume, fetch_cpu_s_per_mb
+        args,
+        cpu_per_volume,
+        s_per_volume_jobs,
+        mb_per_volume,
+        (fetch["cpu_seconds"] + fetch["server_cpu_seconds"]) / total_mb,
     )
     targets = {
         f"overlap_ratio<={MAX_OVERLAP_RATIO}": report["overlap_ratio"] <= MAX_OVERLAP_RATIO,
@@ -568,6 +667,50 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _own_cpu() -> float:
+    """CPU seconds of this process (the mirror's threads while a child fetches)."""
+    import resource
+
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return me.ru_utime + me.ru_stime
+
+
+def cpu_bound(compute: dict, fetch: dict) -> float:
+    """Lower bound of a pipelined run on this machine: all CPU work (3 mm, git-annex + datalad
+    downloading and checksumming, the mirror) spread over every core."""
+    work = compute["cpu_seconds"] + fetch["cpu_seconds"] + fetch["server_cpu_seconds"]
+    return work / (os.cpu_count() or 1)
+
+
+def summarise_variant(v: dict, compute: dict, total_mb: float) -> dict:
+    """The headline numbers of one (JOBS, rate) measurement."""
+    runs = v["runs"]
+    wall = statistics.median(r["seconds"] for r in runs)
+    d, c = v["fetch"]["seconds"], compute[v["jobs"]]["seconds"]
+    bound = cpu_bound(compute[v["jobs"]], v["fetch"])
+    return {
+        "jobs": v["jobs"],
+        "rate_mb_s": v["rate"],
+        "rate_note": v["note"] or "balanced",
+        "rate_calibration": v["calibration"],
+        "download_s": d,
+        "compute_s": c,
+        "wall_s": wall,
+        "wall_s_all": [r["seconds"] for r in runs],
+        "overlap_ratio": wall / max(d, c),
+        "sum_ratio": wall / (d + c),
+        "cpu_bound_s": bound,
+        "overlap_ratio_vs_cpu_bound": wall / max(d, c, bound),
+        "peak_disk_mb": max(r["peak_disk_bytes_sampled"] for r in runs) / 1e6,
+        "worker_peak_rss_mb": max(r["worker_peak_rss_mb"] for r in runs),
+        "fetch_cpu_s_per_gb": v["fetch"]["cpu_seconds"] / total_mb * 1e3,
+        "timeline": runs[-1]["timeline"],
+        "pipeline_summary": runs[-1]["summary"],
+        "pipeline_events": runs[-1]["events"],
+        "loadavg_after": [r["loadavg_after"] for r in runs],
+    }
+
+
 def max_session_mb(synth: Path) -> float:
     files = (synth / "nsd").rglob("betas_session*.nii.gz")
     return max(f.stat().st_size for f in files) / 1e6
@@ -590,7 +733,9 @@ def print_table(r: dict) -> None:
     print(
         f"\n3mm DROP=1 pipeline benchmark, {r['when']}, {m['cpus']} CPUs, JOBS={r['jobs']} "
         f"PREFETCH={r['prefetch']}: {r['sessions']} sessions x {r['volumes_per_session']} volumes "
-        f"(182x218x182 int16), {r['mb_per_session']:.0f} MB per session, link {r['rate_mb_s']:.0f} MB/s"
+        f"(182x218x182 int16), {r['mb_per_session']:.0f} MB per session, mirror "
+        + ("not capped" if r["rate_mb_s"] is None else f"capped at {r['rate_mb_s']:.0f} MB/s")
+        + f" ({r['rate_note']})"
     )
     rows = [
         ("download alone", r["download_s"], "one datalad get per session, in order"),
@@ -601,8 +746,25 @@ def print_table(r: dict) -> None:
         print(f"  {name:<16}{secs:>8.1f} s   {note}")
     print(
         f"  overlap_ratio {r['overlap_ratio']:.2f} (wall / max), sum_ratio {r['sum_ratio']:.2f} "
-        f"(wall / sum); model with pipeline fill and drain: {r['ideal_wall_s_model']:.1f} s"
+        f"(wall / sum); model with pipeline fill and drain: {r['ideal_wall_s_model']:.1f} s; "
+        f"CPU bound (all CPU work / {m['cpus']} cores) {r['cpu_bound_s']:.1f} s -> wall / "
+        f"max(download, compute, CPU bound) {r['overlap_ratio_vs_cpu_bound']:.2f}"
     )
+    tl = r["timeline"]
+    print(
+        f"  timeline of the pipelined run: downloading {tl['download_busy_s']:.1f} s, computing "
+        f"{tl['compute_busy_s']:.1f} s, both at once {tl['both_busy_s']:.1f} s = "
+        f"{100 * tl['overlap_fraction']:.0f}% of the shorter"
+    )
+    for v in r["variants"][1:]:
+        cap = "no cap" if v["rate_mb_s"] is None else f"{v['rate_mb_s']:.0f} MB/s"
+        print(
+            f"  JOBS={v['jobs']} ({cap}, {v['rate_note']}): download {v['download_s']:.1f} s, "
+            f"compute {v['compute_s']:.1f} s, pipelined {v['wall_s']:.1f} s -> overlap_ratio "
+            f"{v['overlap_ratio']:.2f}, sum_ratio {v['sum_ratio']:.2f}, vs CPU bound "
+            f"{v['overlap_ratio_vs_cpu_bound']:.2f}; both busy "
+            f"{100 * v['timeline']['overlap_fraction']:.0f}%; peak disk {v['peak_disk_mb']:.0f} MB"
+        )
     print(
         f"  peak disk {r['peak_disk_mb']:.0f} MB sampled ({r['peak_disk_mb_at_fetch_end']:.0f} MB at "
         f"download ends, {r['peak_sessions_on_disk']} sessions) <= bound {r['disk_bound_mb']:.0f} MB; "
@@ -622,10 +784,12 @@ def print_table(r: dict) -> None:
     )
     pr = r["projection"]
     print(
-        f"projection: make 3mm DROP=1 for all NSD ({pr['sessions']} sessions, {pr['total_gb']:.0f} GB) "
-        f"at {pr['link_rate_mb_s']:g} MB/s on this machine: {pr['hours']:.1f} h (download "
-        f"{pr['download_hours']:.1f} h, compute {pr['compute_hours']:.2f} h), peak disk "
-        f"{pr['peak_disk_gb']:.1f} GB, bound by {pr['bound']}"
+        f"projection: make 3mm DROP=1 JOBS={pr['jobs']} PREFETCH={pr['prefetch']} for all NSD "
+        f"({pr['sessions']} sessions, {pr['total_gb']:.0f} GB) at {pr['link_rate_mb_s']:g} MB/s on "
+        f"this machine: {pr['hours']:.1f} h (download {pr['download_hours']:.1f} h, compute "
+        f"{pr['compute_hours']:.2f} h from {pr['cpu_s_per_volume']:.4f} CPU s/volume), peak disk "
+        f"{pr['peak_disk_gb']:.1f} GB, bound by {pr['bound']}; at the load measured here "
+        f"{pr['hours_at_benchmark_load']:.1f} h"
     )
     print(f"  sizes: {pr['sizes_source']}")
     for k, v in r["targets_met"].items():
