@@ -83,6 +83,10 @@ DEFAULT_PREFETCH = 1
 #: Environment variable that sets ``--prefetch`` (how ``make 3mm PREFETCH=N`` reaches the stage
 #: without changing the command ``datalad run`` records: it changes no output byte).
 PREFETCH_ENV = "NSDPREP_PREFETCH"
+#: ``--drop`` mode: workers run this much nicer than the fetcher, so that downloading (git-annex's
+#: HTTP client and checksum take CPU too) is not slowed by the workers it feeds. The link is the
+#: bottleneck at real bandwidths; when the CPUs are, the total CPU work is the same either way.
+WORKER_NICENESS = 5
 #: Journal of sessions fetched by ``--drop`` mode and not yet dropped (in the NSD git directory).
 JOURNAL_NAME = "nsdprep-prefetched"
 
@@ -492,7 +496,7 @@ def resample_subject(
             max_workers=min(jobs, len(todo)),
             mp_context=ctx,
             initializer=_worker_init,
-            initargs=(events, stop),
+            initargs=(events, stop, WORKER_NICENESS if drop else 0),
         ) as pool:
 
             def submit(s: int) -> None:
@@ -510,33 +514,41 @@ def resample_subject(
             else:
                 for s in todo:
                     submit(s)
-            while pending or (fetcher is not None and fetcher.active()):
+            try:
+                while pending or (fetcher is not None and fetcher.active()):
+                    if fetcher is not None:
+                        for s in fetcher.ready(block=not pending):
+                            if failure is None:
+                                submit(s)
+                        if fetcher.error is not None and failure is None:
+                            failure = fetcher.error
+                    done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+                    bars.drain(events)
+                    for fut in sorted(done, key=futures.__getitem__):  # drops in session order
+                        stats.event("done", futures[fut])
+                        if fetcher is not None:
+                            fetcher.release(futures[fut])
+                        exc = fut.exception() if not fut.cancelled() else None
+                        if fut.cancelled() or isinstance(exc, _Cancelled):
+                            continue
+                        if exc is None:
+                            results.append(fut.result())
+                            bars.session_done()
+                        elif failure is None:
+                            failure = exc
+                    if failure is not None and not stop.is_set():
+                        stop.set()
+                        if fetcher is not None:
+                            fetcher.stop()
+                        for fut in pending:
+                            fut.cancel()
+            except BaseException:  # Ctrl-C, SIGTERM: stop the workers at their next volume
+                stop.set()
                 if fetcher is not None:
-                    for s in fetcher.ready(block=not pending):
-                        if failure is None:
-                            submit(s)
-                    if fetcher.error is not None and failure is None:
-                        failure = fetcher.error
-                done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-                bars.drain(events)
-                for fut in done:
-                    stats.event("done", futures[fut])
-                    if fetcher is not None:
-                        fetcher.release(futures[fut])
-                    exc = fut.exception() if not fut.cancelled() else None
-                    if fut.cancelled() or isinstance(exc, _Cancelled):
-                        continue
-                    if exc is None:
-                        results.append(fut.result())
-                        bars.session_done()
-                    elif failure is None:
-                        failure = exc
-                if failure is not None and not stop.is_set():
-                    stop.set()
-                    if fetcher is not None:
-                        fetcher.stop()
-                    for fut in pending:
-                        fut.cancel()
+                    fetcher.stop()
+                for fut in pending:
+                    fut.cancel()
+                raise
             bars.drain(events)
     finally:
         if fetcher is not None:
@@ -814,9 +826,11 @@ _EVENTS: Any = None
 _STOP: Any = None
 
 
-def _worker_init(events: Any, stop: Any) -> None:
+def _worker_init(events: Any, stop: Any, niceness: int) -> None:
     global _EVENTS, _STOP
     _EVENTS, _STOP = events, stop
+    if niceness:
+        os.nice(niceness)
 
 
 def _worker_session(src: str, dst: str, count_total: bool) -> SessionResult:
