@@ -83,10 +83,6 @@ DEFAULT_PREFETCH = 1
 #: Environment variable that sets ``--prefetch`` (how ``make 3mm PREFETCH=N`` reaches the stage
 #: without changing the command ``datalad run`` records: it changes no output byte).
 PREFETCH_ENV = "NSDPREP_PREFETCH"
-#: ``--drop`` mode: workers run this much nicer than the fetcher, so that downloading (git-annex's
-#: HTTP client and checksum take CPU too) is not slowed by the workers it feeds. The link is the
-#: bottleneck at real bandwidths; when the CPUs are, the total CPU work is the same either way.
-WORKER_NICENESS = 5
 #: Journal of sessions fetched by ``--drop`` mode and not yet dropped (in the NSD git directory).
 JOURNAL_NAME = "nsdprep-prefetched"
 
@@ -496,7 +492,7 @@ def resample_subject(
             max_workers=min(jobs, len(todo)),
             mp_context=ctx,
             initializer=_worker_init,
-            initargs=(events, stop, WORKER_NICENESS if drop else 0),
+            initargs=(events, stop),
         ) as pool:
 
             def submit(s: int) -> None:
@@ -826,11 +822,9 @@ _EVENTS: Any = None
 _STOP: Any = None
 
 
-def _worker_init(events: Any, stop: Any, niceness: int) -> None:
+def _worker_init(events: Any, stop: Any) -> None:
     global _EVENTS, _STOP
     _EVENTS, _STOP = events, stop
-    if niceness:
-        os.nice(niceness)
 
 
 def _worker_session(src: str, dst: str, count_total: bool) -> SessionResult:
