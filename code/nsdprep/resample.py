@@ -27,6 +27,13 @@ Two paths, chosen from the affines (never from the data):
   Output is float32 (nilearn's dtype for int16 input), bit-identical to nilearn.
 
 Not reproduced: nilearn's NaN handling for float input with non-finite values (NSD betas are int16).
+
+Bounded disk (``--drop``, ``make 3mm DROP=1``): a fetcher thread ``datalad get``s the sessions one at a
+time, in order, ahead of the workers, and a session's content is ``datalad drop``ped as soon as its
+worker is done. At most ``jobs + prefetch`` sessions are on disk at any time (the one downloading
+included), so the link works while the CPUs do. Sessions this mode fetched are listed in a journal
+in the NSD subdataset's git directory until dropped; a later ``--drop`` run drops what a killed run
+left. Content that was present before is never dropped.
 """
 
 from __future__ import annotations
@@ -37,17 +44,20 @@ import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import resource
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nsdprep import dataset, masks, nsd
-from nsdprep._io import remove_stale_parts
+from nsdprep._io import atomic_path, remove_stale_parts
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError, UsageError
 from nsdprep.nifti import (
     MNI_XFORM_CODE,
@@ -68,6 +78,13 @@ TARGET_AXES = np.diag((3.0, 3.0, 3.0))
 GRID_TOL = 1e-6
 #: nilearn's spline order for ``interpolation="continuous"``.
 SPLINE_ORDER = 3
+#: Sessions fetched ahead of the ones being processed in ``--drop`` mode (see :func:`resample_subject`).
+DEFAULT_PREFETCH = 1
+#: Environment variable that sets ``--prefetch`` (how ``make 3mm PREFETCH=N`` reaches the stage
+#: without changing the command ``datalad run`` records: it changes no output byte).
+PREFETCH_ENV = "NSDPREP_PREFETCH"
+#: Journal of sessions fetched by ``--drop`` mode and not yet dropped (in the NSD git directory).
+JOURNAL_NAME = "nsdprep-prefetched"
 
 
 @dataclass(frozen=True)
@@ -243,6 +260,8 @@ class SessionResult:
     fast: bool
     dtype: str
     seconds: float
+    #: peak resident memory of the process that ran it (a worker), MB
+    peak_rss_mb: float = 0.0
 
 
 def resample_session(
@@ -289,7 +308,10 @@ def resample_session(
             writer.write(resample_volume(vol, gmap, mask, dtype, clip))
             if progress is not None:
                 progress(1)
-    return SessionResult(src, dst, n_vol, gmap.fast, str(dtype), time.perf_counter() - t0)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return SessionResult(
+        src, dst, n_vol, gmap.fast, str(dtype), time.perf_counter() - t0, peak_rss_mb=rss_mb
+    )
 
 
 # ---------------------------------------------------------------- command line
@@ -304,7 +326,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--drop",
         action="store_true",
-        help="per session: `datalad get` the input, process it, `datalad drop` it again",
+        help="bounded disk: `datalad get` each input ahead of the workers, `datalad drop` it "
+        "when processed",
+    )
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help=f"with --drop: sessions fetched ahead of the ones being processed (default: "
+        f"${PREFETCH_ENV} or {DEFAULT_PREFETCH}); disk holds at most jobs + prefetch sessions",
     )
     parser.add_argument(
         "--sessions", type=int, nargs="+", help="only these sessions (1-based; default: all)"
@@ -312,23 +342,87 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def prefetch_from_env(value: int | None = None) -> int:
+    """``value`` if given, else ``$NSDPREP_PREFETCH``, else :data:`DEFAULT_PREFETCH`; checked >= 0."""
+    if value is None:
+        text = os.environ.get(PREFETCH_ENV, "").strip()
+        if not text:
+            return DEFAULT_PREFETCH
+        try:
+            value = int(text)
+        except ValueError:
+            raise UsageError(
+                f"${PREFETCH_ENV} must be an integer >= 0 (sessions fetched ahead), got {text!r}"
+            ) from None
+    if value < 0:
+        raise UsageError(f"prefetch must be >= 0 (sessions fetched ahead), got {value}")
+    return value
+
+
 def main(args: argparse.Namespace) -> int:
     """Resample every registered (or selected) session of one subject; see module docstring."""
+    # SIGTERM (a scheduler cancelling the job, `kill`) unwinds like Ctrl-C: temporaries are removed
+    # and what --drop fetched is dropped, instead of dying on the spot.
+    signal.signal(signal.SIGTERM, _interrupt)
+    stats = PipelineStats()
     results = resample_subject(
         args.nsd,
         args.subject,
         args.out,
         jobs=args.jobs,
         drop=args.drop,
+        prefetch=prefetch_from_env(args.prefetch),
         sessions=args.sessions,
         progress=not args.no_progress,
+        stats=stats,
     )
     n = sum(r.n_volumes for r in results)
     print(
         f"resample: {nsd.subject_label(args.subject)}: {len(results)} sessions, "
         f"{n} volumes -> {args.out}"
     )
+    if args.drop:
+        print(f"resample: {stats.summary()}")
     return 0
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@dataclass
+class PipelineStats:
+    """What a ``drop`` run did, measured as it ran (filled in by :func:`resample_subject`).
+
+    ``events`` are ``(seconds since start, kind, session)`` with kinds ``fetch``, ``fetched``,
+    ``start`` (handed to a worker), ``done`` and ``dropped``. Disk figures are the sizes of the
+    sessions' content files, taken when a download ends (when the most sessions are on disk).
+    """
+
+    jobs: int = 0
+    prefetch: int = 0
+    fetched: int = 0
+    fetched_bytes: int = 0
+    fetch_seconds: float = 0.0
+    peak_sessions_on_disk: int = 0
+    peak_bytes_on_disk: int = 0
+    wall_seconds: float = 0.0
+    events: list[tuple[float, str, int]] = field(default_factory=list)
+    t0: float = field(default_factory=time.monotonic)
+
+    def event(self, kind: str, session: int) -> None:
+        """Note that ``kind`` happened to ``session`` now (thread-safe: one list append)."""
+        self.events.append((time.monotonic() - self.t0, kind, session))
+
+    def summary(self) -> str:
+        """One line for the log: what was fetched, how long, the peak on disk."""
+        return (
+            f"fetched {self.fetched} sessions ({self.fetched_bytes / 1e6:.0f} MB, "
+            f"{self.fetch_seconds:.1f} s of downloads) while processing, in {self.wall_seconds:.1f} s; "
+            f"peak on disk {self.peak_sessions_on_disk} sessions "
+            f"({self.peak_bytes_on_disk / 1e6:.0f} MB; bound jobs + prefetch = "
+            f"{self.jobs + self.prefetch})"
+        )
 
 
 def resample_subject(
@@ -338,19 +432,25 @@ def resample_subject(
     *,
     jobs: int = 2,
     drop: bool = False,
+    prefetch: int = DEFAULT_PREFETCH,
     sessions: Sequence[int] | None = None,
     progress: bool = True,
+    stats: PipelineStats | None = None,
 ) -> list[SessionResult]:
     """Resample the registered sessions of ``subject`` from ``nsd_ds`` into ``out`` with ``jobs`` workers.
 
     All headers are checked first (without ``drop``); a failing session stops the run with its file
-    named, leaves no output for it and keeps the outputs of sessions already finished.
+    named, leaves no output for it and keeps the outputs of sessions already finished. With ``drop``
+    the inputs are fetched ahead of the workers and dropped after them, at most ``jobs + prefetch``
+    on disk (module docstring); on any failure or interruption what this run fetched is dropped.
     """
     from nsdprep.registry import registered_sessions
 
     nsd_ds, out = Path(nsd_ds), Path(out)
     if jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    if prefetch < 0:
+        raise UsageError(f"--prefetch must be >= 0, got {prefetch}")
     registered = registered_sessions(nsd_ds, subject)
     if not registered:
         raise MissingInputError(
@@ -396,12 +496,16 @@ def resample_subject(
             )
             n_volumes[s] = volume_count(hdr)
 
+    stats = stats if stats is not None else PipelineStats()
+    stats.jobs, stats.prefetch = jobs, prefetch
+    t_start = stats.t0 = time.monotonic()
     ctx = mp.get_context("fork")
     events = ctx.Queue()
     stop = ctx.Event()
     results: list[SessionResult] = []
     failure: BaseException | None = None
     futures: dict[Future[SessionResult], int] = {}
+    fetcher: _Prefetcher | None = None
     bars = _Bars(len(todo), sum(n_volumes.values()) or None, enabled=progress)
     try:
         with ProcessPoolExecutor(
@@ -410,27 +514,62 @@ def resample_subject(
             initializer=_worker_init,
             initargs=(events, stop),
         ) as pool:
-            futures = {
-                pool.submit(_worker_session, str(nsd_ds), str(srcs[s]), str(dsts[s]), drop): s
-                for s in todo
-            }
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-                bars.drain(events)
-                for fut in done:
-                    exc = fut.exception()
-                    if exc is None:
-                        results.append(fut.result())
-                        bars.session_done()
-                    elif failure is None and not isinstance(exc, _Cancelled):
-                        failure = exc
-                if failure is not None and not stop.is_set():
-                    stop.set()
-                    for fut in pending:
-                        fut.cancel()
+
+            def submit(s: int) -> None:
+                fut = pool.submit(_worker_session, str(srcs[s]), str(dsts[s]), drop)
+                futures[fut] = s
+                pending.add(fut)
+                stats.event("start", s)
+
+            pending: set[Future[SessionResult]] = set()
+            if drop:
+                # Fork every worker now, before the fetcher's threads exist.
+                pool.submit(int).result()
+                fetcher = _Prefetcher(nsd_ds, [(s, srcs[s]) for s in todo], jobs + prefetch, stats)
+                fetcher.start()
+            else:
+                for s in todo:
+                    submit(s)
+            try:
+                while pending or (fetcher is not None and fetcher.active()):
+                    if fetcher is not None:
+                        for s in fetcher.ready(block=not pending):
+                            if failure is None:
+                                submit(s)
+                        if fetcher.error is not None and failure is None:
+                            failure = fetcher.error
+                    done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+                    bars.drain(events)
+                    for fut in sorted(done, key=futures.__getitem__):  # drops in session order
+                        stats.event("done", futures[fut])
+                        if fetcher is not None:
+                            fetcher.release(futures[fut])
+                        exc = fut.exception() if not fut.cancelled() else None
+                        if fut.cancelled() or isinstance(exc, _Cancelled):
+                            continue
+                        if exc is None:
+                            results.append(fut.result())
+                            bars.session_done()
+                        elif failure is None:
+                            failure = exc
+                    if failure is not None and not stop.is_set():
+                        stop.set()
+                        if fetcher is not None:
+                            fetcher.stop()
+                        for fut in pending:
+                            fut.cancel()
+            except BaseException:  # Ctrl-C, SIGTERM: stop the workers at their next volume
+                stop.set()
+                if fetcher is not None:
+                    fetcher.stop()
+                for fut in pending:
+                    fut.cancel()
+                raise
             bars.drain(events)
     finally:
+        if fetcher is not None:
+            fetcher.close()
+        stats.wall_seconds = time.monotonic() - t_start
         bars.close()
     if failure is not None:
         kept = sorted(
@@ -441,6 +580,210 @@ def resample_subject(
             raise failure
         raise NsdPrepError(f"resampling failed: {type(failure).__name__}: {failure}") from failure
     return sorted(results, key=lambda r: str(r.dst))
+
+
+class _Prefetcher:
+    """Fetch sessions ahead of the workers and drop them after, never more than ``slots`` on disk.
+
+    One fetch thread ``datalad get``s the sessions one at a time, in processing order: one download
+    at a time gets the session needed next soonest (the link is shared; git-annex cannot split one
+    file over connections), and a slot is taken before each download, so partial downloads count
+    too. One drop thread ``datalad drop``s each processed session and frees its slot; drops never
+    hold up the workers or the downloads. Content that was present before (and is not in the
+    journal of an interrupted run) is processed but neither counted as fetched nor dropped.
+    """
+
+    def __init__(
+        self,
+        nsd_ds: Path,
+        sessions: Sequence[tuple[int, Path]],
+        slots: int,
+        stats: PipelineStats,
+    ) -> None:
+        self.nsd_ds = nsd_ds
+        self.sessions = list(sessions)
+        self.stats = stats
+        self.error: BaseException | None = None
+        self._slots = threading.Semaphore(slots)
+        self._ready: queue_mod.Queue[int | None] = queue_mod.Queue()
+        self._drops: queue_mod.Queue[int | None] = queue_mod.Queue()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._src = dict(self.sessions)
+        self._ours: set[int] = set()  # fetched by this mode, not dropped yet
+        self._on_disk: set[int] = set()  # holding a slot: downloading, waiting or processing
+        self._delivering = True
+        self._journal = _Journal(nsd_ds)
+        self._fetch_thread = threading.Thread(target=self._fetch_loop, name="prefetch", daemon=True)
+        self._drop_thread = threading.Thread(target=self._drop_loop, name="drop", daemon=True)
+
+    def start(self) -> None:
+        """Drop what an interrupted run left (not needed now), then start both threads."""
+        wanted = {src.relative_to(self.nsd_ds).as_posix() for _s, src in self.sessions}
+        stale = [rel for rel in self._journal.read() if rel not in wanted]
+        present = [rel for rel in stale if (self.nsd_ds / rel).exists()]
+        if present:
+            log.info(
+                "dropping %d input(s) an interrupted --drop run left: %s", len(present), present
+            )
+            dataset.drop(self.nsd_ds, [self.nsd_ds / rel for rel in present])
+        if stale:
+            self._journal.remove(*stale)
+        self._fetch_thread.start()
+        self._drop_thread.start()
+
+    def active(self) -> bool:
+        """True while sessions may still be handed over."""
+        return self._delivering or not self._ready.empty()
+
+    def ready(self, block: bool) -> list[int]:
+        """Sessions whose content is present (waits up to 0.2 s for one if ``block``)."""
+        got: list[int] = []
+        try:
+            item = self._ready.get(timeout=0.2) if block else self._ready.get_nowait()
+            while True:
+                if item is not None:
+                    got.append(item)
+                item = self._ready.get_nowait()
+        except queue_mod.Empty:
+            pass
+        return got
+
+    def release(self, session: int) -> None:
+        """``session`` is processed (or abandoned): drop it if this mode fetched it, free its slot."""
+        self._drops.put(session)
+
+    def stop(self) -> None:
+        """Start no further download (the current one finishes; :meth:`close` drops it)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Stop, wait for the threads, and drop every session this mode fetched and still holds."""
+        self._stop.set()
+        self._fetch_thread.join()
+        with self._lock:
+            left = sorted(self._ours)
+        for s in left:
+            self._drops.put(s)
+        self._drops.put(None)
+        self._drop_thread.join()
+        with self._lock:
+            still = sorted(self._ours)
+        if still:
+            log.error(
+                "could not drop the content of session(s) %s; it stays listed in %s and the next "
+                "--drop run drops it",
+                still,
+                self._journal.path,
+            )
+
+    # -- threads ------------------------------------------------------------------------------
+    def _fetch_loop(self) -> None:
+        try:
+            journaled = set(self._journal.read())
+            for s, src in self.sessions:
+                while not self._slots.acquire(timeout=0.1):
+                    if self._stop.is_set():
+                        return
+                if self._stop.is_set():
+                    self._slots.release()
+                    return
+                rel = src.relative_to(self.nsd_ds).as_posix()
+                with self._lock:
+                    self._on_disk.add(s)
+                if src.exists():
+                    if rel in journaled:  # fetched by an interrupted run: ours to drop
+                        with self._lock:
+                            self._ours.add(s)
+                else:
+                    with self._lock:
+                        self._ours.add(s)
+                    self._journal.add(rel)
+                    self.stats.event("fetch", s)
+                    t0 = time.monotonic()
+                    log.info("datalad get %s", src)
+                    dataset.get(self.nsd_ds, [src])
+                    self._fetched(s, src, time.monotonic() - t0)
+                self._ready.put(s)
+        except BaseException as exc:  # handed to the main thread, which stops the run
+            self.error = exc
+        finally:
+            self._delivering = False
+            self._ready.put(None)
+
+    def _fetched(self, session: int, src: Path, seconds: float) -> None:
+        st = self.stats
+        st.event("fetched", session)
+        with self._lock:
+            st.fetched += 1
+            st.fetched_bytes += src.stat().st_size
+            st.fetch_seconds += seconds
+            held = [self._src[s] for s in self._on_disk]
+            st.peak_sessions_on_disk = max(st.peak_sessions_on_disk, len(held))
+            on_disk = sum(p.stat().st_size for p in held if p.exists())
+            st.peak_bytes_on_disk = max(st.peak_bytes_on_disk, on_disk)
+
+    def _drop_loop(self) -> None:
+        while (s := self._drops.get()) is not None:
+            with self._lock:
+                ours = s in self._ours
+            if ours:
+                src = self._src[s]
+                try:
+                    log.info("datalad drop %s", src)
+                    dataset.drop(self.nsd_ds, [src])
+                except BaseException as exc:
+                    if self.error is None:
+                        self.error = exc
+                    self._stop.set()
+                    continue
+                self._journal.remove(src.relative_to(self.nsd_ds).as_posix())
+                self.stats.event("dropped", s)
+            with self._lock:
+                self._ours.discard(s)
+                held = s in self._on_disk
+                self._on_disk.discard(s)
+            if held:
+                self._slots.release()
+
+
+class _Journal:
+    """Dataset-relative paths fetched by ``--drop`` mode and not dropped yet (one per line).
+
+    Kept in the NSD subdataset's git directory (never part of the dataset), so a run killed before
+    it could drop its inputs leaves a note that the next ``--drop`` run acts on.
+    """
+
+    def __init__(self, nsd_ds: Path) -> None:
+        self.path = dataset.git_dir(nsd_ds) / JOURNAL_NAME
+        self._lock = threading.Lock()
+
+    def read(self) -> list[str]:
+        with self._lock:
+            return self._read()
+
+    def _read(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        return [line for line in self.path.read_text().splitlines() if line]
+
+    def add(self, rel: str) -> None:
+        with self._lock:
+            entries = self._read()
+            if rel not in entries:
+                self._write([*entries, rel])
+
+    def remove(self, *rels: str) -> None:
+        with self._lock:
+            entries = [e for e in self._read() if e not in rels]
+            self._write(entries)
+
+    def _write(self, entries: list[str]) -> None:
+        if not entries:
+            self.path.unlink(missing_ok=True)
+            return
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(f"{e}\n" for e in entries))
 
 
 # ---------------------------------------------------------------- internals
@@ -504,14 +847,13 @@ def _worker_init(events: Any, stop: Any) -> None:
     _EVENTS, _STOP = events, stop
 
 
-def _worker_session(nsd_ds: str, src: str, dst: str, drop: bool) -> SessionResult:
-    """One session in a worker process: optional get, resample, optional drop."""
+def _worker_session(src: str, dst: str, count_total: bool) -> SessionResult:
+    """One session in a worker process (its content is present).
+
+    ``count_total``: add its volumes to the progress bar's total (not known up front when the
+    inputs are fetched on the way).
+    """
     src_p = Path(src)
-    fetched = False
-    if drop and not src_p.exists():
-        log.info("datalad get %s", src_p)
-        dataset.get(nsd_ds, [src_p])
-        fetched = True
     pending = [0]
     last = [time.monotonic()]
 
@@ -522,15 +864,10 @@ def _worker_session(nsd_ds: str, src: str, dst: str, drop: bool) -> SessionResul
             _EVENTS.put(("vol", pending[0]))
             pending[0], last[0] = 0, now
 
-    try:
-        hdr_total = volume_count(check_betas_header(src_p))
-        _EVENTS.put(("total", hdr_total if drop else 0))
-        result = resample_session(src_p, dst, progress=progress, cancelled=_STOP.is_set)
-        _EVENTS.put(("vol", pending[0]))
-    finally:
-        if fetched:
-            log.info("datalad drop %s", src_p)
-            dataset.drop(nsd_ds, [src_p])
+    hdr_total = volume_count(check_betas_header(src_p))
+    _EVENTS.put(("total", hdr_total if count_total else 0))
+    result = resample_session(src_p, dst, progress=progress, cancelled=_STOP.is_set)
+    _EVENTS.put(("vol", pending[0]))
     return result
 
 

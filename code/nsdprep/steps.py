@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import re
 import shlex
 import shutil
@@ -83,6 +84,9 @@ class Options:
     subjects: tuple[int, ...] = ()
     jobs: int = 2
     drop: bool = False
+    #: 3mm with ``drop``: sessions fetched ahead; passed by environment, never recorded (no byte
+    #: of output depends on it, so changing it must not make the outputs look out of date)
+    prefetch: int = 1
     force: bool = False
     labels: Labels = "default"
     #: curated: keep only voxels valid in every session (and write sub-XX_mask.nii.gz)
@@ -96,6 +100,8 @@ class Options:
     def __post_init__(self) -> None:
         if self.jobs < 1:
             raise UsageError(f"JOBS must be a positive integer, got {self.jobs}")
+        if self.prefetch < 0:
+            raise UsageError(f"PREFETCH must be an integer >= 0, got {self.prefetch}")
         if self.subsample < 0:
             raise UsageError(f"SUBSAMPLE must be >= 0 (0 = all trials), got {self.subsample}")
 
@@ -330,6 +336,10 @@ def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-
 def run_target(target: str, ds: Path, opts: Options) -> int:
     """Make ``target`` in ``ds``: its ``datalad run`` steps, or get/drop/rerun, under the lock."""
     dataset.ensure_annex(ds)
+    if target == "3mm":
+        from nsdprep.resample import PREFETCH_ENV
+
+        os.environ[PREFETCH_ENV] = str(opts.prefetch)  # read by the stage, not in its record
     if opts.backend == "slurm":
         if target not in CLUSTER_TARGETS:
             raise UsageError(
@@ -370,6 +380,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subjects", nargs="*", default=[], help="e.g. 01 02 (default: all)")
     parser.add_argument("--jobs", default="2", help="worker processes inside one step")
     parser.add_argument("--drop", action="store_true", help="3mm: get/drop each input session")
+    parser.add_argument("--prefetch", default="1", help="3mm --drop: sessions fetched ahead")
     parser.add_argument("--force", action="store_true", help="rebuild even if inputs changed")
     parser.add_argument("--labels", default="default", help="default, legacy or crop")
     parser.add_argument(
@@ -398,10 +409,12 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"BACKEND must be 'local' or 'slurm', got {args.backend!r}")
     (jobs,) = _one_int(args.jobs, "JOBS")
     (subsample,) = _one_int(args.subsample, "SUBSAMPLE")
+    (prefetch,) = _one_int(args.prefetch, "PREFETCH")
     opts = Options(
         subjects=tuple(s for item in args.subjects for s in _subjects(item)),
         jobs=jobs,
         drop=args.drop,
+        prefetch=prefetch,
         force=args.force,
         labels=args.labels,
         valid=args.valid,
