@@ -46,19 +46,19 @@ import os
 import queue as queue_mod
 import resource
 import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from nsdprep import dataset, masks, nsd
-from nsdprep._io import atomic_path, remove_stale_parts
+from nsdprep import masks, nsd
+from nsdprep._io import remove_stale_parts
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError, UsageError
+from nsdprep.grid import SPLINE_ORDER, GridMap, grid_map, nearest_on_grid  # noqa: F401 (re-export)
 from nsdprep.nifti import (
     MNI_XFORM_CODE,
     NiftiStreamWriter,
@@ -68,88 +68,16 @@ from nsdprep.nifti import (
     on_mni152_grid,
     volume_count,
 )
+from nsdprep.prefetch import (  # noqa: F401 (re-exported for users of the stage)
+    DEFAULT_PREFETCH,
+    JOURNAL_NAME,
+    PREFETCH_ENV,
+    PipelineStats,
+    Prefetcher,
+    prefetch_from_env,
+)
 
 log = logging.getLogger(__name__)
-
-#: Target voxel axes (mm) of the original processing: ``target_affine=np.diag((3, 3, 3))``.
-TARGET_AXES = np.diag((3.0, 3.0, 3.0))
-#: How far (in source voxels) a target voxel centre may be from a source voxel centre and still
-#: count as sampling it exactly. The spline error this allows is far below int16 rounding.
-GRID_TOL = 1e-6
-#: nilearn's spline order for ``interpolation="continuous"``.
-SPLINE_ORDER = 3
-#: Sessions fetched ahead of the ones being processed in ``--drop`` mode (see :func:`resample_subject`).
-DEFAULT_PREFETCH = 1
-#: Environment variable that sets ``--prefetch`` (how ``make 3mm PREFETCH=N`` reaches the stage
-#: without changing the command ``datalad run`` records: it changes no output byte).
-PREFETCH_ENV = "NSDPREP_PREFETCH"
-#: Journal of sessions fetched by ``--drop`` mode and not yet dropped (in the NSD git directory).
-JOURNAL_NAME = "nsdprep-prefetched"
-
-
-@dataclass(frozen=True)
-class GridMap:
-    """Target grid and voxel map of one resample, computed from the input grid only.
-
-    ``matrix``/``offset`` map target voxel indices to source voxel indices (nilearn's ``A``, ``b``);
-    ``slices`` is set on the fast path: ``out[target] = vol[source]`` (tuples of slices).
-    """
-
-    in_shape: tuple[int, int, int]
-    in_affine: np.ndarray
-    shape: tuple[int, int, int]
-    affine: np.ndarray
-    matrix: np.ndarray
-    offset: np.ndarray
-    target_slices: tuple[slice, slice, slice] | None
-    source_slices: tuple[slice, slice, slice] | None
-
-    @property
-    def fast(self) -> bool:
-        """True when the target grid samples the source grid exactly (strided subsample)."""
-        return self.target_slices is not None
-
-
-def grid_map(
-    in_shape: Sequence[int],
-    in_affine: np.ndarray,
-    target_axes: np.ndarray = TARGET_AXES,
-    tol: float = GRID_TOL,
-) -> GridMap:
-    """Reproduce nilearn's target grid for a 3x3 ``target_affine`` and derive the voxel map.
-
-    Same arithmetic as ``nilearn.image.resample_img`` (0.14.1): the bounding box of the input's
-    corners in target voxel units gives the offset (``axes @ mins``) and the shape
-    (``ceil(max - min) + 1``); ``A, b`` = ``inv(in_affine) @ target_affine``.
-    """
-    from nilearn.image.resampling import get_bounds
-    from scipy import linalg
-
-    in_shape = tuple(int(s) for s in in_shape[:3])
-    affine = np.asarray(in_affine, dtype=np.float64)
-    target = np.eye(4)
-    target[:3, :3] = np.asarray(target_axes, dtype=np.float64)
-    transform = np.linalg.inv(target).dot(affine)
-    (xmin, xmax), (ymin, ymax), (zmin, zmax) = get_bounds(in_shape, transform)
-    target[:3, 3] = target[:3, :3].dot([xmin, ymin, zmin])
-    xmax, ymax, zmax = xmax - xmin, ymax - ymin, zmax - zmin
-    shape = (int(np.ceil(xmax)) + 1, int(np.ceil(ymax)) + 1, int(np.ceil(zmax)) + 1)
-    if np.all(target == affine):
-        vox = np.eye(4)
-    else:
-        vox = np.dot(linalg.inv(affine), target)
-    matrix, offset = vox[:3, :3].copy(), vox[:3, 3].copy()
-    tslices, sslices = _strided_map(in_shape, shape, matrix, offset, tol)
-    return GridMap(
-        in_shape=in_shape,
-        in_affine=affine,
-        shape=shape,
-        affine=target,
-        matrix=matrix,
-        offset=offset,
-        target_slices=tslices,
-        source_slices=sslices,
-    )
 
 
 def gm_mask(gmap: GridMap) -> np.ndarray:
@@ -166,38 +94,6 @@ def output_xform_code(hdr: Any) -> int:
     if on_mni152_grid(hdr.get_data_shape()[:3], header_affine(hdr)):
         return MNI_XFORM_CODE
     return int(hdr["sform_code"]) or int(hdr["qform_code"]) or MNI_XFORM_CODE
-
-
-def nearest_on_grid(
-    vol: np.ndarray, src_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray
-) -> np.ndarray:
-    """Nearest-neighbour resample of a 3D volume onto the grid ``shape``/``affine`` (0 outside).
-
-    The way the grey-matter mask goes to 3 mm (nilearn's ``resample_to_img``, nearest), with a
-    shortcut: when target voxels land exactly on source voxels (the 3 mm grid of a 1 mm MNI
-    file), it is a strided pick, which is what nilearn computes there too.
-    """
-    shape3 = tuple(int(s) for s in shape[:3])
-    src_affine = np.asarray(src_affine, dtype=np.float64)
-    affine = np.asarray(affine, dtype=np.float64)
-    vox = np.linalg.inv(src_affine) @ affine
-    tsl, ssl = _strided_map(tuple(vol.shape[:3]), shape3, vox[:3, :3], vox[:3, 3], GRID_TOL)
-    if tsl is not None and ssl is not None:
-        out = np.zeros(shape3, dtype=vol.dtype)
-        out[tsl] = vol[ssl]
-        return out
-    import nibabel as nib
-    from nilearn.image import resample_to_img
-
-    data = vol.astype(np.uint8) if vol.dtype == bool else vol
-    img = resample_to_img(
-        nib.Nifti1Image(data, src_affine),
-        nib.Nifti1Image(np.zeros(shape3, np.int8), affine),
-        interpolation="nearest",
-        force_resample=True,
-        copy_header=True,
-    )
-    return np.asarray(img.dataobj).astype(vol.dtype)
 
 
 def output_dtype(gmap: GridMap, in_dtype: np.dtype[Any]) -> np.dtype[Any]:
@@ -342,23 +238,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def prefetch_from_env(value: int | None = None) -> int:
-    """``value`` if given, else ``$NSDPREP_PREFETCH``, else :data:`DEFAULT_PREFETCH`; checked >= 0."""
-    if value is None:
-        text = os.environ.get(PREFETCH_ENV, "").strip()
-        if not text:
-            return DEFAULT_PREFETCH
-        try:
-            value = int(text)
-        except ValueError:
-            raise UsageError(
-                f"${PREFETCH_ENV} must be an integer >= 0 (sessions fetched ahead), got {text!r}"
-            ) from None
-    if value < 0:
-        raise UsageError(f"prefetch must be >= 0 (sessions fetched ahead), got {value}")
-    return value
-
-
 def main(args: argparse.Namespace) -> int:
     """Resample every registered (or selected) session of one subject; see module docstring."""
     # SIGTERM (a scheduler cancelling the job, `kill`) unwinds like Ctrl-C: temporaries are removed
@@ -388,41 +267,6 @@ def main(args: argparse.Namespace) -> int:
 
 def _interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-@dataclass
-class PipelineStats:
-    """What a ``drop`` run did, measured as it ran (filled in by :func:`resample_subject`).
-
-    ``events`` are ``(seconds since start, kind, session)`` with kinds ``fetch``, ``fetched``,
-    ``start`` (handed to a worker), ``done`` and ``dropped``. Disk figures are the sizes of the
-    sessions' content files, taken when a download ends (when the most sessions are on disk).
-    """
-
-    jobs: int = 0
-    prefetch: int = 0
-    fetched: int = 0
-    fetched_bytes: int = 0
-    fetch_seconds: float = 0.0
-    peak_sessions_on_disk: int = 0
-    peak_bytes_on_disk: int = 0
-    wall_seconds: float = 0.0
-    events: list[tuple[float, str, int]] = field(default_factory=list)
-    t0: float = field(default_factory=time.monotonic)
-
-    def event(self, kind: str, session: int) -> None:
-        """Note that ``kind`` happened to ``session`` now (thread-safe: one list append)."""
-        self.events.append((time.monotonic() - self.t0, kind, session))
-
-    def summary(self) -> str:
-        """One line for the log: what was fetched, how long, the peak on disk."""
-        return (
-            f"fetched {self.fetched} sessions ({self.fetched_bytes / 1e6:.0f} MB, "
-            f"{self.fetch_seconds:.1f} s of downloads) while processing, in {self.wall_seconds:.1f} s; "
-            f"peak on disk {self.peak_sessions_on_disk} sessions "
-            f"({self.peak_bytes_on_disk / 1e6:.0f} MB; bound jobs + prefetch = "
-            f"{self.jobs + self.prefetch})"
-        )
 
 
 def resample_subject(
@@ -505,7 +349,7 @@ def resample_subject(
     results: list[SessionResult] = []
     failure: BaseException | None = None
     futures: dict[Future[SessionResult], int] = {}
-    fetcher: _Prefetcher | None = None
+    fetcher: Prefetcher | None = None
     bars = _Bars(len(todo), sum(n_volumes.values()) or None, enabled=progress)
     try:
         with ProcessPoolExecutor(
@@ -525,7 +369,7 @@ def resample_subject(
             if drop:
                 # Fork every worker now, before the fetcher's threads exist.
                 pool.submit(int).result()
-                fetcher = _Prefetcher(nsd_ds, [(s, srcs[s]) for s in todo], jobs + prefetch, stats)
+                fetcher = Prefetcher(nsd_ds, [(s, srcs[s]) for s in todo], jobs + prefetch, stats)
                 fetcher.start()
             else:
                 for s in todo:
@@ -582,250 +426,12 @@ def resample_subject(
     return sorted(results, key=lambda r: str(r.dst))
 
 
-class _Prefetcher:
-    """Fetch sessions ahead of the workers and drop them after, never more than ``slots`` on disk.
-
-    One fetch thread ``datalad get``s the sessions one at a time, in processing order: one download
-    at a time gets the session needed next soonest (the link is shared; git-annex cannot split one
-    file over connections), and a slot is taken before each download, so partial downloads count
-    too. One drop thread ``datalad drop``s each processed session and frees its slot; drops never
-    hold up the workers or the downloads. Content that was present before (and is not in the
-    journal of an interrupted run) is processed but neither counted as fetched nor dropped.
-    """
-
-    def __init__(
-        self,
-        nsd_ds: Path,
-        sessions: Sequence[tuple[int, Path]],
-        slots: int,
-        stats: PipelineStats,
-    ) -> None:
-        self.nsd_ds = nsd_ds
-        self.sessions = list(sessions)
-        self.stats = stats
-        self.error: BaseException | None = None
-        self._slots = threading.Semaphore(slots)
-        self._ready: queue_mod.Queue[int | None] = queue_mod.Queue()
-        self._drops: queue_mod.Queue[int | None] = queue_mod.Queue()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._src = dict(self.sessions)
-        self._ours: set[int] = set()  # fetched by this mode, not dropped yet
-        self._on_disk: set[int] = set()  # holding a slot: downloading, waiting or processing
-        self._delivering = True
-        self._journal = _Journal(nsd_ds)
-        self._fetch_thread = threading.Thread(target=self._fetch_loop, name="prefetch", daemon=True)
-        self._drop_thread = threading.Thread(target=self._drop_loop, name="drop", daemon=True)
-
-    def start(self) -> None:
-        """Drop what an interrupted run left (not needed now), then start both threads."""
-        wanted = {src.relative_to(self.nsd_ds).as_posix() for _s, src in self.sessions}
-        stale = [rel for rel in self._journal.read() if rel not in wanted]
-        present = [rel for rel in stale if (self.nsd_ds / rel).exists()]
-        if present:
-            log.info(
-                "dropping %d input(s) an interrupted --drop run left: %s", len(present), present
-            )
-            dataset.drop(self.nsd_ds, [self.nsd_ds / rel for rel in present])
-        if stale:
-            self._journal.remove(*stale)
-        self._fetch_thread.start()
-        self._drop_thread.start()
-
-    def active(self) -> bool:
-        """True while sessions may still be handed over."""
-        return self._delivering or not self._ready.empty()
-
-    def ready(self, block: bool) -> list[int]:
-        """Sessions whose content is present (waits up to 0.2 s for one if ``block``)."""
-        got: list[int] = []
-        try:
-            item = self._ready.get(timeout=0.2) if block else self._ready.get_nowait()
-            while True:
-                if item is not None:
-                    got.append(item)
-                item = self._ready.get_nowait()
-        except queue_mod.Empty:
-            pass
-        return got
-
-    def release(self, session: int) -> None:
-        """``session`` is processed (or abandoned): drop it if this mode fetched it, free its slot."""
-        self._drops.put(session)
-
-    def stop(self) -> None:
-        """Start no further download (the current one finishes; :meth:`close` drops it)."""
-        self._stop.set()
-
-    def close(self) -> None:
-        """Stop, wait for the threads, and drop every session this mode fetched and still holds."""
-        self._stop.set()
-        self._fetch_thread.join()
-        with self._lock:
-            left = sorted(self._ours)
-        for s in left:
-            self._drops.put(s)
-        self._drops.put(None)
-        self._drop_thread.join()
-        with self._lock:
-            still = sorted(self._ours)
-        if still:
-            log.error(
-                "could not drop the content of session(s) %s; it stays listed in %s and the next "
-                "--drop run drops it",
-                still,
-                self._journal.path,
-            )
-
-    # -- threads ------------------------------------------------------------------------------
-    def _fetch_loop(self) -> None:
-        try:
-            journaled = set(self._journal.read())
-            for s, src in self.sessions:
-                while not self._slots.acquire(timeout=0.1):
-                    if self._stop.is_set():
-                        return
-                if self._stop.is_set():
-                    self._slots.release()
-                    return
-                rel = src.relative_to(self.nsd_ds).as_posix()
-                with self._lock:
-                    self._on_disk.add(s)
-                if src.exists():
-                    if rel in journaled:  # fetched by an interrupted run: ours to drop
-                        with self._lock:
-                            self._ours.add(s)
-                else:
-                    with self._lock:
-                        self._ours.add(s)
-                    self._journal.add(rel)
-                    self.stats.event("fetch", s)
-                    t0 = time.monotonic()
-                    log.info("datalad get %s", src)
-                    dataset.get(self.nsd_ds, [src])
-                    self._fetched(s, src, time.monotonic() - t0)
-                self._ready.put(s)
-        except BaseException as exc:  # handed to the main thread, which stops the run
-            self.error = exc
-        finally:
-            self._delivering = False
-            self._ready.put(None)
-
-    def _fetched(self, session: int, src: Path, seconds: float) -> None:
-        st = self.stats
-        st.event("fetched", session)
-        with self._lock:
-            st.fetched += 1
-            st.fetched_bytes += src.stat().st_size
-            st.fetch_seconds += seconds
-            held = [self._src[s] for s in self._on_disk]
-            st.peak_sessions_on_disk = max(st.peak_sessions_on_disk, len(held))
-            on_disk = sum(p.stat().st_size for p in held if p.exists())
-            st.peak_bytes_on_disk = max(st.peak_bytes_on_disk, on_disk)
-
-    def _drop_loop(self) -> None:
-        while (s := self._drops.get()) is not None:
-            with self._lock:
-                ours = s in self._ours
-            if ours:
-                src = self._src[s]
-                try:
-                    log.info("datalad drop %s", src)
-                    dataset.drop(self.nsd_ds, [src])
-                except BaseException as exc:
-                    if self.error is None:
-                        self.error = exc
-                    self._stop.set()
-                    continue
-                self._journal.remove(src.relative_to(self.nsd_ds).as_posix())
-                self.stats.event("dropped", s)
-            with self._lock:
-                self._ours.discard(s)
-                held = s in self._on_disk
-                self._on_disk.discard(s)
-            if held:
-                self._slots.release()
-
-
-class _Journal:
-    """Dataset-relative paths fetched by ``--drop`` mode and not dropped yet (one per line).
-
-    Kept in the NSD subdataset's git directory (never part of the dataset), so a run killed before
-    it could drop its inputs leaves a note that the next ``--drop`` run acts on.
-    """
-
-    def __init__(self, nsd_ds: Path) -> None:
-        self.path = dataset.git_dir(nsd_ds) / JOURNAL_NAME
-        self._lock = threading.Lock()
-
-    def read(self) -> list[str]:
-        with self._lock:
-            return self._read()
-
-    def _read(self) -> list[str]:
-        if not self.path.exists():
-            return []
-        return [line for line in self.path.read_text().splitlines() if line]
-
-    def add(self, rel: str) -> None:
-        with self._lock:
-            entries = self._read()
-            if rel not in entries:
-                self._write([*entries, rel])
-
-    def remove(self, *rels: str) -> None:
-        with self._lock:
-            entries = [e for e in self._read() if e not in rels]
-            self._write(entries)
-
-    def _write(self, entries: list[str]) -> None:
-        if not entries:
-            self.path.unlink(missing_ok=True)
-            return
-        with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(f"{e}\n" for e in entries))
-
-
-# ---------------------------------------------------------------- internals
-
-
 class _Cancelled(NsdPrepError):
     """Another session failed; this one stopped without output."""
 
 
 def _path_name(gmap: GridMap) -> str:
     return "fast (strided subsample)" if gmap.fast else "general (spline)"
-
-
-def _strided_map(
-    in_shape: tuple[int, int, int],
-    out_shape: tuple[int, int, int],
-    matrix: np.ndarray,
-    offset: np.ndarray,
-    tol: float,
-) -> tuple[tuple[slice, slice, slice] | None, tuple[slice, slice, slice] | None]:
-    """Slices with ``out[t] = vol[s]`` if target voxels land exactly on source voxels, else None."""
-    if not np.allclose(matrix, np.diag(np.diag(matrix)), rtol=0, atol=tol):
-        return None, None
-    tsl, ssl = [], []
-    for axis in range(3):
-        step_f, off_f = matrix[axis, axis], offset[axis]
-        step, off = int(round(step_f)), int(round(off_f))
-        if step == 0 or abs(step_f - step) > tol or abs(off_f - off) > tol:
-            return None, None
-        n_in, n_out = in_shape[axis], out_shape[axis]
-        src = off + step * np.arange(n_out)
-        inside = np.flatnonzero((src >= 0) & (src <= n_in - 1))
-        if inside.size == 0:  # no overlap on this axis: output all zeros
-            tsl.append(slice(0, 0))
-            ssl.append(slice(0, 0))
-            continue
-        t0, t1 = int(inside[0]), int(inside[-1]) + 1
-        s0, s_last = int(src[t0]), int(src[t1 - 1])
-        stop = s_last + (1 if step > 0 else -1)
-        tsl.append(slice(t0, t1))
-        ssl.append(slice(s0, None if stop < 0 else stop, step))
-    return (tsl[0], tsl[1], tsl[2]), (ssl[0], ssl[1], ssl[2])
 
 
 def _value_range(src: Path, hdr: Any, cancelled: Callable[[], bool] | None) -> tuple[float, float]:
