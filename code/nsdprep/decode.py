@@ -26,15 +26,14 @@ Design choices
   ``(1 + #{perm >= observed}) / (1 + n_permutations)``.
 - **Determinism**: fixed seeds everywhere, ``GroupKFold`` without shuffling, the lbfgs solver,
   floats in ``results.json`` rounded to 6 decimals, PNGs written without software/time metadata.
-  ``seconds`` and ``peak_rss_bytes`` go to ``resources.json``, the only output expected to differ
-  between reruns (``results.json``, ``report.md`` and the PNGs are byte-identical).
+  Time and peak RSS are logged (INFO), not written, so every output (``results.json``,
+  ``report.md``, the PNGs) is byte-identical on ``datalad rerun``. :mod:`nsdprep.decode_report`
+  writes the report and the plots.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import logging
 import resource
 import time
@@ -47,8 +46,8 @@ from typing import Any
 import numpy as np
 from sklearn.preprocessing import StandardScaler
 
-from nsdprep import nsd
-from nsdprep._io import atomic_path, require_content
+from nsdprep import nsd, provenance
+from nsdprep._io import require_content
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError, UsageError
 from nsdprep.nsd import CuratedFiles
 
@@ -64,13 +63,6 @@ DEFAULT_MAX_ITER = 500
 #: Memory budget used to cap the number of folds fitted at once (the machine has 24 GB, shared).
 DEFAULT_MEMORY_GB = 16.0
 MASK_RULE = "voxels nonzero in at least one selected trial (grey-matter mask as written by curate)"
-RESULTS_NAME = "results.json"
-REPORT_NAME = "report.md"
-RESOURCES_NAME = "resources.json"
-RESOURCE_KEYS = ("seconds", "peak_rss_bytes")
-ACCURACY_PLOT_NAME = "accuracy_vs_chance.png"
-#: PNG metadata: no software/version string, so the bytes depend only on the figure.
-_PNG_METADATA = {"Software": None}
 
 
 @dataclass(frozen=True)
@@ -493,7 +485,7 @@ def decode_subject(files: CuratedFiles, config: DecodeConfig) -> dict[str, Any]:
     )
     cm_counts = confusion_matrix(y, true_fit["y_pred"], labels=classes)
     cm = cm_counts / cm_counts.sum(axis=1, keepdims=True)
-    return {
+    res = {
         "subject": label,
         "n_trials": int(len(trials)),
         "n_trials_available": int(n_volumes),
@@ -518,9 +510,11 @@ def decode_subject(files: CuratedFiles, config: DecodeConfig) -> dict[str, Any]:
         "permutation_p_value": _r(p_value) if p_value is not None else None,
         "confusion_matrix": _r(cm.tolist()),
         "confusion_counts": cm_counts.astype(int).tolist(),
-        "seconds": round(time.perf_counter() - t0, 2),
-        "peak_rss_bytes": peak_rss_bytes(),
     }
+    log.info(
+        "%s: %.1f s, peak RSS %.2f GB", label, time.perf_counter() - t0, peak_rss_bytes() / 1e9
+    )
+    return res
 
 
 def decode(
@@ -534,6 +528,8 @@ def decode(
     All inputs are checked before any subject is processed, so a missing file fails fast.
     """
     from tqdm.auto import tqdm
+
+    from nsdprep.decode_report import write_outputs
 
     config = DecodeConfig() if config is None else config
     curated_dir, out_dir = Path(curated_dir), Path(out_dir)
@@ -551,192 +547,22 @@ def decode(
             else "all trials",
             "permutation_null": "labels shuffled within runs, full cross-validation",
         },
-        "software": _versions(),
+        "software": provenance.versions("numpy", "scikit-learn", "nibabel", "matplotlib"),
         "subjects": {},
     }
     for f in tqdm(files, desc="subjects", unit="subject", disable=None):
         res = decode_subject(f, config)
         results["subjects"][res["subject"]] = res
         log.info(
-            "%s: balanced accuracy %.3f (dummy %.3f, permutation %s, chance %.3f) in %.0f s",
+            "%s: balanced accuracy %.3f (dummy %.3f, permutation %s, chance %.3f)",
             res["subject"],
             res["mean_balanced_accuracy"],
             res["dummy_chance"],
             res["permutation_mean"],
             res["chance_theoretical"],
-            res["seconds"],
         )
     write_outputs(results, out_dir)
     return results
-
-
-def write_outputs(results: dict[str, Any], out_dir: str | Path) -> None:
-    """Write ``results.json``, one confusion PNG per subject, the accuracy PNG and ``report.md``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = copy.deepcopy(results)
-    resources = {
-        name: {key: res.pop(key) for key in RESOURCE_KEYS if key in res}
-        for name, res in results["subjects"].items()
-    }
-    with atomic_path(out_dir / RESULTS_NAME) as tmp:
-        tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    with atomic_path(out_dir / RESOURCES_NAME) as tmp:
-        tmp.write_text(json.dumps(resources, indent=2) + "\n", encoding="utf-8")
-    for res in results["subjects"].values():
-        plot_confusion(res, out_dir / f"confusion_{res['subject']}.png")
-    plot_accuracy_vs_chance(results["subjects"], out_dir / ACCURACY_PLOT_NAME)
-    with atomic_path(out_dir / REPORT_NAME) as tmp:
-        tmp.write_text(render_report(results), encoding="utf-8")
-
-
-# ----------------------------------------------------------------------------------------------
-# report and plots
-
-
-def render_report(results: dict[str, Any]) -> str:
-    """Markdown report: settings, one table row per subject, embedded plots."""
-    cfg = results["config"]
-    subs = results["subjects"]
-    lines = [
-        "# Decoding baseline: COCO supercategory from single-trial 3 mm betas",
-        "",
-        f"Classifier: {cfg['classifier']} (C={cfg['C']}, max_iter={cfg['max_iter']}); "
-        f"cross-validation: {cfg['cv']}, {cfg['n_folds']} folds; metric: {cfg['metric']}; "
-        f"seed {cfg['seed']}.",
-        f"Voxels: {cfg['mask']}. Trials: {cfg['subsample_rule']}"
-        + (f" ({cfg['subsample']} per subject)." if cfg["subsample"] else "."),
-        f"Chance: 1/n_classes; a stratified DummyClassifier in the same folds; "
-        f"{cfg['n_permutations']} label permutations ({cfg['permutation_null']}); "
-        "p = (1 + #perm >= observed) / (1 + n_permutations).",
-        "",
-        "| subject | trials | voxels | classes | runs | folds | balanced accuracy (mean ± sd) "
-        "| 1/n_classes | dummy | permutation mean | p |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in subs.values():
-        perm = "–" if r["permutation_mean"] is None else f"{r['permutation_mean']:.3f}"
-        p = "–" if r["permutation_p_value"] is None else f"{r['permutation_p_value']:.3f}"
-        lines.append(
-            f"| {r['subject']} | {r['n_trials']} | {r['n_voxels']} | {r['n_classes']} "
-            f"| {r['n_runs']} | {r['n_folds']} "
-            f"| {r['mean_balanced_accuracy']:.3f} ± {r['std_balanced_accuracy']:.3f} "
-            f"| {r['chance_theoretical']:.3f} | {r['dummy_chance']:.3f} | {perm} | {p} |"
-        )
-    lines += [
-        "",
-        f"Time and peak RSS per subject are in `{RESOURCES_NAME}` (the only file that differs "
-        "between reruns); this report, `results.json` and the PNGs are deterministic.",
-        "",
-        "## Accuracy versus chance",
-        "",
-        f"![balanced accuracy per subject versus chance]({ACCURACY_PLOT_NAME})",
-        "",
-        "## Confusion matrices (rows: true class, normalized)",
-        "",
-    ]
-    for r in subs.values():
-        lines += [
-            f"### {r['subject']}",
-            "",
-            f"![confusion {r['subject']}](confusion_{r['subject']}.png)",
-            "",
-        ]
-    return "\n".join(lines)
-
-
-def plot_confusion(res: dict[str, Any], target: str | Path) -> None:
-    """Heat map of the row-normalized confusion matrix with class names, values and a colorbar."""
-    plt = _pyplot()
-    cm = np.asarray(res["confusion_matrix"], dtype=float)
-    classes = res["classes"]
-    n = len(classes)
-    size = max(4.5, 0.55 * n + 2.5)
-    fig, ax = plt.subplots(figsize=(size + 1.2, size))
-    im = ax.imshow(cm, cmap="viridis", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(
-        f"{res['subject']}: confusion (row-normalized)\n"
-        f"balanced accuracy {res['mean_balanced_accuracy']:.3f}, chance {res['chance_theoretical']:.3f}"
-    )
-    if n <= 15:
-        for i in range(n):
-            for j in range(n):
-                ax.text(
-                    j,
-                    i,
-                    f"{cm[i, j]:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=9,
-                    color="black" if cm[i, j] > 0.6 else "white",
-                )
-    fig.colorbar(im, ax=ax, label="fraction of true-class trials")
-    fig.tight_layout()
-    _save_png(fig, target)
-
-
-def plot_accuracy_vs_chance(subjects: dict[str, dict[str, Any]], target: str | Path) -> None:
-    """Per-subject mean balanced accuracy with fold values, against the three chance estimates."""
-    plt = _pyplot()
-    names = list(subjects)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names) + 2.5), 4.5))
-    for x, name in enumerate(names):
-        r = subjects[name]
-        folds = np.asarray(r["fold_balanced_accuracy"])
-        jitter = np.linspace(-0.12, 0.12, folds.size) if folds.size > 1 else np.zeros(1)
-        ax.scatter(
-            x + jitter, folds, s=14, color="tab:blue", alpha=0.5, label="fold" if x == 0 else None
-        )
-        ax.errorbar(
-            x,
-            r["mean_balanced_accuracy"],
-            yerr=r["std_balanced_accuracy"],
-            fmt="o",
-            color="tab:blue",
-            ms=8,
-            capsize=5,
-            label="mean ± sd" if x == 0 else None,
-        )
-        ax.hlines(
-            r["chance_theoretical"],
-            x - 0.35,
-            x + 0.35,
-            colors="black",
-            linestyles=":",
-            label="1 / n_classes" if x == 0 else None,
-        )
-        ax.scatter(
-            x + 0.25,
-            r["dummy_chance"],
-            marker="s",
-            color="tab:gray",
-            label="dummy (stratified)" if x == 0 else None,
-        )
-        if r["permutation_means"]:
-            perm = np.asarray(r["permutation_means"])
-            ax.errorbar(
-                x - 0.25,
-                perm.mean(),
-                yerr=[[perm.mean() - perm.min()], [perm.max() - perm.mean()]],
-                fmt="D",
-                color="tab:orange",
-                capsize=4,
-                label="permutation mean (min–max)" if x == 0 else None,
-            )
-    ax.set_xticks(range(len(names)), names)
-    ax.set_xlim(-0.7, len(names) - 0.3)
-    ax.set_ylim(0.0, 1.04)
-    ax.set_xlabel("subject")
-    ax.set_ylabel("balanced accuracy")
-    ax.set_title("Run-grouped cross-validated decoding vs chance")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.tight_layout()
-    _save_png(fig, target)
 
 
 def peak_rss_bytes() -> int:
@@ -801,6 +627,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the decoding stage from parsed arguments; print a one-line summary per subject."""
+    from nsdprep.decode_report import REPORT_NAME
+
     config = DecodeConfig(
         n_folds=args.n_folds,
         n_permutations=args.n_permutations,
@@ -817,8 +645,7 @@ def main(args: argparse.Namespace) -> int:
             f"{r['subject']}: balanced accuracy {r['mean_balanced_accuracy']:.3f} "
             f"(chance {r['chance_theoretical']:.3f}, dummy {r['dummy_chance']:.3f}, "
             f"permutation {r['permutation_mean']}, p={r['permutation_p_value']}) "
-            f"{r['n_trials']} trials x {r['n_voxels']} voxels, {r['seconds']:.0f} s, "
-            f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB"
+            f"{r['n_trials']} trials x {r['n_voxels']} voxels"
         )
     print(f"wrote {args.out / REPORT_NAME}")
     return 0
@@ -844,34 +671,3 @@ def _r(value: Any, ndigits: int = 6) -> Any:
     if isinstance(value, float | np.floating):
         return round(float(value), ndigits)
     return value
-
-
-def _versions() -> dict[str, str]:
-    import matplotlib
-    import nibabel
-    import sklearn
-
-    return {
-        "numpy": np.__version__,
-        "scikit-learn": sklearn.__version__,
-        "nibabel": nibabel.__version__,
-        "matplotlib": matplotlib.__version__,
-    }
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_png(fig: Any, target: str | Path) -> None:
-    plt = _pyplot()
-    try:
-        with atomic_path(target) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, metadata=_PNG_METADATA)
-    finally:
-        plt.close(fig)
