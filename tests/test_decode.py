@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -118,6 +121,7 @@ def test_planted_signal_is_decoded_well_above_chance(decoded) -> None:
         # permuted labels within runs must stay near chance and give the smallest possible p
         assert abs(res["permutation_mean"] - chance) < 0.15
         assert res["permutation_p_value"] == pytest.approx(1 / 4)
+        assert len(res["permutation_means"]) == 3
     r1 = results["subjects"]["sub-01"]
     assert r1["classes"] == sorted(CLASSES4)
     assert r1["n_trials"] == truth[1]["runs"].size
@@ -138,6 +142,7 @@ def test_shuffled_labels_decode_at_chance(tmp_path: Path) -> None:
     assert r["n_trials"] == 468
     assert abs(r["mean_balanced_accuracy"] - 0.25) < 0.1
     assert r["permutation_mean"] is None and r["permutation_p_value"] is None
+    assert r["permutation_means"] == []
 
 
 def test_splits_never_share_a_run() -> None:
@@ -311,12 +316,61 @@ def test_blockwise_scaler_matches_standard_scaler() -> None:
         dec.BlockwiseStandardScaler(with_mean=False).fit(X)
 
 
-def test_fold_jobs_respects_memory_budget() -> None:
+def test_parallel_jobs_respects_memory_budget() -> None:
     X = np.zeros((1000, 2000), dtype=np.float32)  # 8 MB
     splits = dec.run_grouped_splits(np.repeat(np.arange(10), 100), 5)
-    assert dec.fold_jobs(X, splits, 12, 2, memory_gb=16) == 2
-    # one fold: training copy 6.4 MB, scaler block 12.8 MB, lbfgs 4.8 MB, probabilities 0.1 MB
-    per_fold = 800 * 2000 * 4 + 800 * 2000 * 8 + 25 * 12 * 2001 * 8 + 1000 * 12 * 8
-    assert dec.fold_jobs(X, splits, 12, 2, memory_gb=(0.5e9 + 8e6 + 1.9 * per_fold) / 1e9) == 1
-    assert dec.fold_jobs(X, splits, 12, 2, memory_gb=(0.5e9 + 8e6 + 2.1 * per_fold) / 1e9) == 2
-    assert dec.fold_jobs(X, splits, 12, 2, memory_gb=0.1) == 1  # too small: still runs, warns
+    assert dec.parallel_jobs(X, splits, 12, 2, memory_gb=16) == 2
+    # one job: training + test copies 8 MB (scikit-learn holds both during the fit), scaler block
+    # 12.8 MB, lbfgs 4.8 MB, probabilities 0.1 MB
+    per_job = 1000 * 2000 * 4 + 800 * 2000 * 8 + 25 * 12 * 2001 * 8 + 1000 * 12 * 8
+    assert dec.parallel_jobs(X, splits, 12, 2, memory_gb=(0.5e9 + 8e6 + 1.9 * per_job) / 1e9) == 1
+    assert dec.parallel_jobs(X, splits, 12, 2, memory_gb=(0.5e9 + 8e6 + 2.1 * per_job) / 1e9) == 2
+    assert dec.parallel_jobs(X, splits, 12, 2, memory_gb=0.1) == 1  # too small: still runs, warns
+
+
+def test_permutation_p_value_signal_and_null(tmp_path: Path) -> None:
+    """100 permutations: planted signal gives the smallest p, 1/101; shuffled labels a large p."""
+    cfg = dec.DecodeConfig(n_folds=3, n_permutations=100, jobs=2)
+    runs = {"n_runs": 6, "trials_per_run": (12, 11), "classes": ("food", "kitchen", "sports")}
+    signal = tmp_path / "signal"
+    make_curated(signal, 1, seed=7, **runs)
+    r = dec.decode(signal, tmp_path / "out_signal", [1], cfg)["subjects"]["sub-01"]
+    assert r["mean_balanced_accuracy"] > 1 / 3 + 0.3
+    assert len(r["permutation_means"]) == 100
+    assert r["permutation_p_value"] == pytest.approx(1 / 101)
+    assert max(r["permutation_means"]) < r["mean_balanced_accuracy"]
+    assert abs(r["permutation_mean"] - 1 / 3) < 0.05  # 100 null scores average to chance
+
+    null = tmp_path / "null"
+    make_curated(null, 1, seed=7, shuffle_labels=True, **runs)
+    n = dec.decode(null, tmp_path / "out_null", [1], cfg)["subjects"]["sub-01"]
+    assert n["permutation_p_value"] > 0.2
+    # p is what the recorded scores say: (1 + #{perm >= observed}) / (1 + n_permutations)
+    ge = sum(m >= n["mean_balanced_accuracy"] for m in n["permutation_means"])
+    assert n["permutation_p_value"] == pytest.approx((1 + ge) / 101)
+
+    # the same permutations in another process and with one job: identical results
+    out = tmp_path / "cli"
+    argv = ["decode", "--curated", str(null), "--out", str(out), "--n-permutations", "100"]
+    argv += ["--n-folds", "3", "--jobs", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "nsdprep", *argv], check=True, env=env)
+    again = json.loads((out / "results.json").read_text())["subjects"]["sub-01"]
+    assert again == n
+
+
+def test_cross_validate_leaves_data_untouched_and_uses_run_splits(decoded) -> None:
+    root, _, _, truth = decoded
+    X, _, _ = dec.load_masked(root / "sub-01.nii.gz", np.arange(truth[1]["runs"].size))
+    before = X.copy()
+    y, runs = truth[1]["labels"], truth[1]["runs"]
+    cv = dec.cross_validate(X, y, runs, dec.DecodeConfig(n_folds=4, n_permutations=2, jobs=2), 1)
+    # the in-place scaler only ever sees scikit-learn's per-fold copies
+    np.testing.assert_array_equal(X, before)
+    assert len(cv["splits"]) == 4 and cv["y_pred"].shape == y.shape
+    for train, test in cv["splits"]:
+        assert set(runs[train]).isdisjoint(runs[test])
+    assert len(cv["permutation_scores"]) == 2 and cv["p_value"] in (1 / 3, 2 / 3, 1.0)
+    # a different subject number gives other permutations (seeded per subject)
+    assert dec.permutation_seed(0, 1) != dec.permutation_seed(0, 2)
+    assert dec.permutation_seed(0, 1) == dec.permutation_seed(0, 1)

@@ -1,9 +1,9 @@
-"""What the decoding stage writes: ``results.json``, ``report.md`` and the PNG plots.
+"""What the decoding stage records and shows: ``results.json``, ``report.md`` and the PNG plots.
 
-:mod:`nsdprep.decode` computes (loading, cross-validation, permutations); this module writes the
-files. Every file depends only on the results dictionary (floats already rounded) and PNGs carry no
-software/time metadata, so rewriting the same results gives byte-identical files (``datalad
-rerun`` makes no new commit).
+:mod:`nsdprep.decode` computes (loading, cross-validation, permutations); this module turns its
+numbers into the per-subject record (:func:`subject_results`, floats rounded) and writes the files.
+Every file depends only on the results dictionary and PNGs carry no software/time metadata, so
+rewriting the same results gives byte-identical files (``datalad rerun`` makes no new commit).
 """
 
 from __future__ import annotations
@@ -21,6 +21,49 @@ REPORT_NAME = "report.md"
 ACCURACY_PLOT_NAME = "accuracy_vs_chance.png"
 #: PNG metadata: no software/version string, so the bytes depend only on the figure.
 _PNG_METADATA = {"Software": None}
+
+
+def subject_results(
+    label: str,
+    y: np.ndarray,
+    runs: np.ndarray,
+    cv: dict[str, Any],
+    *,
+    n_available: int,
+    n_voxels: int,
+) -> dict[str, Any]:
+    """One subject's record in ``results.json``, from :func:`nsdprep.decode.cross_validate`'s output.
+
+    Floats are rounded to 6 decimals (no last-bit noise); the confusion matrix is row-normalized.
+    """
+    from sklearn.metrics import confusion_matrix
+
+    classes, counts = np.unique(y, return_counts=True)
+    cm = confusion_matrix(y, cv["y_pred"], labels=classes)
+    perm = cv["permutation_scores"]
+    return {
+        "subject": label,
+        "n_trials": int(y.size),
+        "n_trials_available": int(n_available),
+        "n_voxels": int(n_voxels),
+        "n_runs": int(np.unique(runs).size),
+        "n_folds": len(cv["splits"]),
+        "n_classes": int(classes.size),
+        "classes": classes.tolist(),
+        "class_counts": counts.astype(int).tolist(),
+        "fold_test_runs": [np.unique(runs[test]).astype(int).tolist() for _, test in cv["splits"]],
+        "fold_balanced_accuracy": _r(cv["fold_scores"]),
+        "mean_balanced_accuracy": _r(np.mean(cv["fold_scores"])),
+        "std_balanced_accuracy": _r(np.std(cv["fold_scores"])),
+        "chance_theoretical": _r(1.0 / classes.size),
+        "dummy_fold_balanced_accuracy": _r(cv["dummy_scores"]),
+        "dummy_chance": _r(np.mean(cv["dummy_scores"])),
+        "permutation_means": _r(perm) if perm else [],
+        "permutation_mean": _r(np.mean(perm)) if perm else None,
+        "permutation_p_value": _r(cv["p_value"]) if perm else None,
+        "confusion_matrix": _r((cm / cm.sum(axis=1, keepdims=True)).tolist()),
+        "confusion_counts": cm.astype(int).tolist(),
+    }
 
 
 def write_outputs(results: dict[str, Any], out_dir: str | Path) -> None:
@@ -197,3 +240,12 @@ def _save_png(fig: Any, target: str | Path) -> None:
             fig.savefig(tmp, format="png", dpi=110, metadata=_PNG_METADATA)
     finally:
         plt.close(fig)
+
+
+def _r(value: Any, ndigits: int = 6) -> Any:
+    """Round floats (also in nested lists) so results.json does not show last-bit noise."""
+    if isinstance(value, list | tuple):
+        return [_r(v, ndigits) for v in value]
+    if isinstance(value, float | np.floating):
+        return round(float(value), ndigits)
+    return value
