@@ -37,6 +37,8 @@ RUNS_PER_SESSION ?= 12
 TRIALS_PER_RUN ?= 63,62
 # Decoding: trials per subject for a quick look (0 = all).
 SUBSAMPLE ?= 0
+# Decoding: label permutations per subject, each a full cross-validation (smallest p = 1/(N+1)).
+PERMUTATIONS ?= 100
 REV ?= HEAD
 # Publishing: a RIA store URL (ria+file:///path or ria+ssh://host/path), the sibling name, the alias.
 RIA ?=
@@ -46,7 +48,7 @@ ALIAS ?= nsdprep
 STEP_OPTS = $(if $(strip $(SUBJECTS)),--subjects $(SUBJECTS)) --jobs $(JOBS) \
 	$(if $(filter 1 yes true,$(DROP)),--drop) $(if $(filter 1 yes true,$(FORCE)),--force) \
 	--labels $(LABELS) --runs-per-session $(RUNS_PER_SESSION) --trials-per-run $(TRIALS_PER_RUN) \
-	--subsample $(SUBSAMPLE)
+	--subsample $(SUBSAMPLE) --permutations $(PERMUTATIONS)
 
 .PHONY: help venv demo test test-slow lint format inputs get drop 3mm coco-labels curated decode \
 	bench rerun publish check-identity all
@@ -55,7 +57,7 @@ help: ## list the targets
 	@echo "nsdprep: NSD + COCO decoding dataset (DataLad). Targets:"
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' \
 		| expand -t 16
-	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 LABELS=legacy FORCE=1 NSD_URL=... COCO_URL=... RIA=..."
+	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 LABELS=legacy FORCE=1 PERMUTATIONS=100 NSD_URL=... COCO_URL=... RIA=..."
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from nsdprep import decode as dec
-from nsdprep.cli import main
+from nsdprep import steps
+from nsdprep.cli import build_parser, main
 from nsdprep.decode_report import write_outputs
-from nsdprep.errors import FormatError, MissingInputError, NsdPrepError
+from nsdprep.errors import FormatError, MissingInputError, NsdPrepError, UsageError
 
 SHAPE = (7, 8, 9)
 CLASSES4 = ("animal", "food", "person", "vehicle")
@@ -38,6 +39,7 @@ SUBJECT_FIELDS = {
     "permutation_means",
     "permutation_mean",
     "permutation_p_value",
+    "permutation_p_min",
     "confusion_matrix",
 }
 
@@ -121,6 +123,7 @@ def test_planted_signal_is_decoded_well_above_chance(decoded) -> None:
         # permuted labels within runs must stay near chance and give the smallest possible p
         assert abs(res["permutation_mean"] - chance) < 0.15
         assert res["permutation_p_value"] == pytest.approx(1 / 4)
+        assert res["permutation_p_min"] == pytest.approx(1 / 4)
         assert len(res["permutation_means"]) == 3
     r1 = results["subjects"]["sub-01"]
     assert r1["classes"] == sorted(CLASSES4)
@@ -142,7 +145,7 @@ def test_shuffled_labels_decode_at_chance(tmp_path: Path) -> None:
     assert r["n_trials"] == 468
     assert abs(r["mean_balanced_accuracy"] - 0.25) < 0.1
     assert r["permutation_mean"] is None and r["permutation_p_value"] is None
-    assert r["permutation_means"] == []
+    assert r["permutation_p_min"] is None and r["permutation_means"] == []
 
 
 def test_splits_never_share_a_run() -> None:
@@ -194,6 +197,7 @@ def test_results_report_and_pngs(decoded, tmp_path: Path) -> None:
         png = out / f"confusion_{name}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC
         assert f"](confusion_{name}.png)" in report and f"| {name} |" in report
+        assert "| 0.25 (≥ 0.25) |" in report  # p next to the smallest p 3 permutations can give
     assert (out / "accuracy_vs_chance.png").read_bytes()[:8] == PNG_MAGIC
     assert "](accuracy_vs_chance.png)" in report
     assert not list(out.glob(".*.part"))  # no leftovers of the atomic writes
@@ -338,6 +342,7 @@ def test_permutation_p_value_signal_and_null(tmp_path: Path) -> None:
     assert r["mean_balanced_accuracy"] > 1 / 3 + 0.3
     assert len(r["permutation_means"]) == 100
     assert r["permutation_p_value"] == pytest.approx(1 / 101)
+    assert r["permutation_p_min"] == pytest.approx(1 / 101)
     assert max(r["permutation_means"]) < r["mean_balanced_accuracy"]
     assert abs(r["permutation_mean"] - 1 / 3) < 0.05  # 100 null scores average to chance
 
@@ -374,3 +379,18 @@ def test_cross_validate_leaves_data_untouched_and_uses_run_splits(decoded) -> No
     # a different subject number gives other permutations (seeded per subject)
     assert dec.permutation_seed(0, 1) != dec.permutation_seed(0, 2)
     assert dec.permutation_seed(0, 1) == dec.permutation_seed(0, 1)
+
+
+def test_make_decode_passes_permutations(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(steps.registry, "select_subjects", lambda ds, subjects: [1, 2])
+    (step,) = steps.steps_for("decode", tmp_path, steps.Options(permutations=7))
+    cmd = list(step.command)
+    assert cmd[cmd.index("--n-permutations") + 1] == "7"
+    args = build_parser("decode").parse_args(cmd[3:])  # what `python -m nsdprep` will parse
+    assert args.n_permutations == 7 and args.subjects == [1, 2]
+    (default,) = steps.steps_for("decode", tmp_path, steps.Options())
+    assert default.command[default.command.index("--n-permutations") + 1] == "100"
+    with pytest.raises(UsageError, match="PERMUTATIONS must be >= 0"):
+        steps.Options(permutations=-1)
+    with pytest.raises(UsageError, match="--n-permutations must be >= 0"):
+        dec.DecodeConfig(n_permutations=-1)

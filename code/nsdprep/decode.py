@@ -14,12 +14,17 @@ supercategory label of each trial (``sub-XX_labels.npy``). :mod:`nsdprep.decode_
   scores and the confusion matrix.
 - **Chance**: ``1 / n_classes``, a stratified ``DummyClassifier`` in the same folds, and
   ``permutation_test_score`` with ``groups=runs`` (labels permuted within runs, each permutation a
-  full cross-validation): ``p = (1 + #{perm >= observed}) / (1 + n_permutations)``.
+  full cross-validation): ``p = (1 + #{perm >= observed}) / (1 + n_permutations)``, never below
+  ``1 / (1 + n_permutations)`` (default 100 permutations: p >= 0.0099).
+- **Cost of permutations**: a subject costs ``n_permutations + 2`` cross-validations (the observed
+  labels are fitted for the predictions and again inside ``permutation_test_score``). Lower it
+  with ``--n-permutations`` (``make decode PERMUTATIONS=20``: p >= 0.048) or ``--subsample``;
+  0 skips the test.
 - **Memory**: the 4D file is never loaded whole (the matrix is filled one volume at a time).
   scikit-learn's jobs are threads over that one matrix (joblib's threading backend: no copy per
   job); each job holds a fold's training and test copies, scaled in place by
   :class:`BlockwiseStandardScaler` (scikit-learn's scaler adds float64 temporaries and a copy).
-  ``--memory-gb`` caps the jobs run at once. MEMORY_COST
+  ``--memory-gb`` caps the jobs run at once.
 - **Determinism**: fixed seeds (the permutations' from ``--seed`` and the subject number: the same
   in any process, with any ``--jobs``), ``GroupKFold`` without shuffling, lbfgs, one BLAS thread
   (``OMP_NUM_THREADS=1``, set by the Makefile), floats rounded to 6 decimals, PNGs without
@@ -49,7 +54,8 @@ from nsdprep.nsd import CuratedFiles
 log = logging.getLogger(__name__)
 
 DEFAULT_N_FOLDS = 5
-DEFAULT_N_PERMUTATIONS = 5
+#: The smallest reachable p is 1/101 < 0.01.
+DEFAULT_N_PERMUTATIONS = 100
 #: Inverse L2 strength of the logistic regression. Fixed, not tuned: with ~64k standardized voxels
 #: and at most a few ten thousand trials the problem is separable, so strong shrinkage is needed for
 #: a stable baseline (and makes lbfgs converge in few iterations).
@@ -284,7 +290,7 @@ def make_classifier(seed: int = 0, C: float = DEFAULT_C, max_iter: int = DEFAULT
 class BlockwiseStandardScaler(StandardScaler):
     """``StandardScaler`` whose ``fit`` works on blocks of columns, to bound its memory.
 
-    scikit-learn's ``fit`` builds float64 temporaries larger than a float32 input (SCALER_COST).
+    scikit-learn's ``fit`` builds float64 temporaries larger than a float32 input.
     Here mean and variance are computed in float64 on ``BLOCK`` columns at a time; they match
     ``StandardScaler`` to round-off, ``transform`` is inherited, constant columns get a scale of 1.
     Only the default ``with_mean``/``with_std`` are supported, without weights.
@@ -484,7 +490,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--n-permutations",
         type=int,
         default=DEFAULT_N_PERMUTATIONS,
-        help="label permutations within runs, each a full cross-validation; 0 = none",
+        help="label permutations within runs, each a full cross-validation; smallest p is "
+        "1/(N+1); 0 = no permutation test (default: %(default)s)",
     )
     add("--n-folds", type=int, default=DEFAULT_N_FOLDS, help="run-grouped folds")
     add("--C", type=float, default=DEFAULT_C, help="inverse L2 strength")
@@ -503,7 +510,7 @@ def main(args: argparse.Namespace) -> int:
         print(
             f"{r['subject']}: balanced accuracy {r['mean_balanced_accuracy']:.3f} "
             f"(chance {r['chance_theoretical']:.3f}, dummy {r['dummy_chance']:.3f}, "
-            + (f"p {p:.3g})" if p is not None else "no p)")
+            + (f"p {p:.3g} >= {r['permutation_p_min']:.3g})" if p is not None else "no p)")
             + f", {r['n_trials']} trials x {r['n_voxels']} voxels"
         )
     print(f"wrote {args.out / REPORT_NAME}")

@@ -61,6 +61,7 @@ def subject_results(
         "permutation_means": _r(perm) if perm else [],
         "permutation_mean": _r(np.mean(perm)) if perm else None,
         "permutation_p_value": _r(cv["p_value"]) if perm else None,
+        "permutation_p_min": _r(1.0 / (len(perm) + 1)) if perm else None,
         "confusion_matrix": _r((cm / cm.sum(axis=1, keepdims=True)).tolist()),
         "confusion_counts": cm.astype(int).tolist(),
     }
@@ -93,15 +94,20 @@ def render_report(results: dict[str, Any]) -> str:
         + (f" ({cfg['subsample']} per subject)." if cfg["subsample"] else "."),
         f"Chance: 1/n_classes; a stratified DummyClassifier in the same folds; "
         f"{cfg['n_permutations']} label permutations ({cfg['permutation_null']}); "
-        "p = (1 + #perm >= observed) / (1 + n_permutations).",
+        "p = (1 + #perm >= observed) / (1 + n_permutations), so it is never below "
+        "1 / (1 + n_permutations) (shown in brackets).",
         "",
         "| subject | trials | voxels | classes | runs | folds | balanced accuracy (mean ± sd) "
-        "| 1/n_classes | dummy | permutation mean | p |",
+        "| 1/n_classes | dummy | permutation mean | p (smallest possible) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in subs.values():
         perm = "–" if r["permutation_mean"] is None else f"{r['permutation_mean']:.3f}"
-        p = "–" if r["permutation_p_value"] is None else f"{r['permutation_p_value']:.3f}"
+        p = (
+            "–"
+            if r["permutation_p_value"] is None
+            else f"{r['permutation_p_value']:.3g} (≥ {r['permutation_p_min']:.3g})"
+        )
         lines.append(
             f"| {r['subject']} | {r['n_trials']} | {r['n_voxels']} | {r['n_classes']} "
             f"| {r['n_runs']} | {r['n_folds']} "
