@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from sklearn.base import clone
 
 from nsdprep import decode as dec
 from nsdprep import steps
@@ -323,13 +324,17 @@ def test_blockwise_scaler_matches_standard_scaler() -> None:
 def test_parallel_jobs_respects_memory_budget() -> None:
     X = np.zeros((1000, 2000), dtype=np.float32)  # 8 MB
     splits = dec.run_grouped_splits(np.repeat(np.arange(10), 100), 5)
-    assert dec.parallel_jobs(X, splits, 12, 2, memory_gb=16) == 2
-    # one job: training + test copies 8 MB (scikit-learn holds both during the fit), scaler block
-    # 12.8 MB, lbfgs 4.8 MB, probabilities 0.1 MB
-    per_job = 1000 * 2000 * 4 + 800 * 2000 * 8 + 25 * 12 * 2001 * 8 + 1000 * 12 * 8
-    assert dec.parallel_jobs(X, splits, 12, 2, memory_gb=(0.5e9 + 8e6 + 1.9 * per_job) / 1e9) == 1
-    assert dec.parallel_jobs(X, splits, 12, 2, memory_gb=(0.5e9 + 8e6 + 2.1 * per_job) / 1e9) == 2
-    assert dec.parallel_jobs(X, splits, 12, 2, memory_gb=0.1) == 1  # too small: still runs, warns
+
+    def jobs(memory_gb: float) -> int:
+        return dec.parallel_jobs(X, splits, 12, dec.DecodeConfig(jobs=2, memory_gb=memory_gb))
+
+    assert jobs(16) == 2
+    # one job: training copy 6.4 MB (freed before the test copy), scaler block 12.8 MB, lbfgs
+    # 4.8 MB, probabilities 0.1 MB
+    per_job = 800 * 2000 * 4 + 800 * 2000 * 8 + 25 * 12 * 2001 * 8 + 1000 * 12 * 8
+    assert jobs((0.5e9 + 8e6 + 1.9 * per_job) / 1e9) == 1
+    assert jobs((0.5e9 + 8e6 + 2.1 * per_job) / 1e9) == 2
+    assert jobs(0.1) == 1  # too small: still runs, warns
 
 
 def test_permutation_p_value_signal_and_null(tmp_path: Path) -> None:
@@ -370,8 +375,12 @@ def test_cross_validate_leaves_data_untouched_and_uses_run_splits(decoded) -> No
     before = X.copy()
     y, runs = truth[1]["labels"], truth[1]["runs"]
     cv = dec.cross_validate(X, y, runs, dec.DecodeConfig(n_folds=4, n_permutations=2, jobs=2), 1)
-    # the in-place scaler only ever sees scikit-learn's per-fold copies
+    # the in-place scaler only ever sees the rows gathered for one fit or prediction
     np.testing.assert_array_equal(X, before)
+    # cloning (once per fold and permutation) must share X, not copy it
+    step = dec.rows_of(X)
+    assert clone(step).func is step.func
+    np.testing.assert_array_equal(step.transform(np.array([[3], [1]])), X[[3, 1]])
     assert len(cv["splits"]) == 4 and cv["y_pred"].shape == y.shape
     for train, test in cv["splits"]:
         assert set(runs[train]).isdisjoint(runs[test])
