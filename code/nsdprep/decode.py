@@ -81,16 +81,13 @@ class DecodeConfig:
     memory_gb: float = DEFAULT_MEMORY_GB
 
     def __post_init__(self) -> None:
-        low = {"n_folds": 2, "n_permutations": 0, "subsample": 0, "jobs": 1, "max_iter": 1}
-        for name, minimum in low.items():
-            if getattr(self, name) < minimum:
-                flag = "--" + name.replace("_", "-")
-                raise UsageError(f"{flag} must be >= {minimum}, got {getattr(self, name)}")
-        for name in ("memory_gb", "C"):
-            if not getattr(self, name) > 0:
-                raise UsageError(
-                    f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
-                )
+        minimum = {"n_folds": 2, "n_permutations": 0, "subsample": 0, "jobs": 1, "max_iter": 1}
+        for name, value in asdict(self).items():
+            flag = "--" + name.replace("_", "-")
+            if name in minimum and value < minimum[name]:
+                raise UsageError(f"{flag} must be >= {minimum[name]}, got {value}")
+            if name in ("C", "memory_gb") and not value > 0:
+                raise UsageError(f"{flag} must be > 0, got {value}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,19 +116,15 @@ def subject_files(curated_dir: str | Path, subject: int) -> CuratedFiles:
     """Paths of one subject's curated files; :class:`MissingInputError` if any is absent."""
     label = nsd.bids_subject_label(subject)
     files = nsd.curated_files(subject, curated_dir)
+    hint = "build it with `make curated` (or pick other --subjects)"
     for path in (files.betas, files.labels, files.runs):
-        require_content(
-            path,
-            f"curated file of {label}",
-            "build it with `make curated` (or pick other --subjects)",
-        )
+        require_content(path, f"curated file of {label}", hint)
     return files
 
 
 def load_labels_runs(files: CuratedFiles, n_volumes: int) -> tuple[np.ndarray, np.ndarray]:
     """Load and check the per-trial labels (unicode) and runs (integers) of one subject."""
-    labels = _load_npy(files.labels)
-    runs = _load_npy(files.runs)
+    labels, runs = _load_npy(files.labels), _load_npy(files.runs)
     for path, arr in ((files.labels, labels), (files.runs, runs)):
         if arr.shape != (n_volumes,):
             raise FormatError(
@@ -514,11 +507,7 @@ def main(args: argparse.Namespace) -> int:
     results = decode(args.curated, args.out, args.subjects, config, provenance.command_of(args))
     for r in results["subjects"].values():
         p = r["permutation_p_value"]
-        print(
-            f"{r['subject']}: balanced accuracy {r['mean_balanced_accuracy']:.3f} "
-            f"(chance {r['chance_theoretical']:.3f}, dummy {r['dummy_chance']:.3f}, "
-            + (f"p {p:.3g} >= {r['permutation_p_min']:.3g})" if p is not None else "no p)")
-            + f", {r['n_trials']} trials x {r['n_voxels']} voxels"
-        )
+        p_text = "no permutations" if p is None else f"p {p:.3g} >= {r['permutation_p_min']:.3g}"
+        print(f"{r['subject']}: balanced accuracy {r['mean_balanced_accuracy']:.3f} ({p_text})")
     print(f"wrote {args.out / REPORT_NAME}")
     return 0
