@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import sklearn.model_selection as ms
 from sklearn.base import clone
 
 from nsdprep import decode as dec
@@ -369,12 +370,24 @@ def test_permutation_p_value_signal_and_null(tmp_path: Path) -> None:
     assert again == n
 
 
-def test_cross_validate_leaves_data_untouched_and_uses_run_splits(decoded) -> None:
+def test_cross_validate_leaves_data_untouched_and_uses_run_splits(
+    decoded, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root, _, _, truth = decoded
     X, _, _ = dec.load_masked(root / "sub-01.nii.gz", np.arange(truth[1]["runs"].size))
     before = X.copy()
     y, runs = truth[1]["labels"], truth[1]["runs"]
+    seen = {}
+    real = ms.permutation_test_score
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ms, "permutation_test_score", spy)
     cv = dec.cross_validate(X, y, runs, dec.DecodeConfig(n_folds=4, n_permutations=2, jobs=2), 1)
+    # labels are permuted within runs, in the same checked run-grouped splits
+    assert seen["groups"] is runs and seen["cv"] is cv["splits"]
     # the in-place scaler only ever sees the rows gathered for one fit or prediction
     np.testing.assert_array_equal(X, before)
     # cloning (once per fold and permutation) must share X, not copy it
