@@ -44,6 +44,8 @@ RUNS_PER_SESSION ?= 12
 TRIALS_PER_RUN ?= 63,62
 # Decoding: trials per subject for a quick look (0 = all).
 SUBSAMPLE ?= 0
+# Decoding: label permutations per subject, each a full cross-validation (smallest p = 1/(N+1)).
+PERMUTATIONS ?= 100
 REV ?= HEAD
 # Publishing: a RIA store URL (ria+file:///path or ria+ssh://host/path), the sibling name, the alias.
 RIA ?=
@@ -62,7 +64,7 @@ STEP_OPTS = $(if $(strip $(SUBJECTS)),--subjects $(SUBJECTS)) --jobs $(JOBS) \
 	$(if $(filter 1 yes true,$(FORCE)),--force) \
 	$(if $(filter 1 yes true,$(VALID)),--valid) \
 	--labels $(LABELS) --runs-per-session $(RUNS_PER_SESSION) --trials-per-run $(TRIALS_PER_RUN) \
-	--subsample $(SUBSAMPLE)
+	--subsample $(SUBSAMPLE) --permutations $(PERMUTATIONS)
 BACKEND_OPTS = --backend $(BACKEND) $(if $(filter 1 yes true,$(WAIT)),--wait) \
 	--slurm-opts='$(SLURM_OPTS)' --ria='$(RIA)' --ria-sibling $(RIA_SIBLING) --alias $(ALIAS) \
 	--scratch='$(SCRATCH)'
@@ -74,7 +76,7 @@ help: ## list the targets
 	@echo "nsdprep: NSD + COCO decoding dataset (DataLad). Targets:"
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' \
 		| expand -t 16
-	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 PREFETCH=1 LABELS=crop|legacy VALID=1 FORCE=1 NSD_URL=... COCO_URL=... RIA=..."
+	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 PREFETCH=1 LABELS=crop|legacy VALID=1 FORCE=1 PERMUTATIONS=100 NSD_URL=... COCO_URL=... RIA=..."
 	@echo "           BACKEND=slurm SLURM_OPTS=\"--time=.. --mem=..\" WAIT=1 SCRATCH=... (see README)"
 
 $(STAMP): requirements.txt

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import sklearn.model_selection as ms
+from sklearn.base import clone
 
 from nsdprep import decode as dec
-from nsdprep.cli import main
-from nsdprep.errors import FormatError, MissingInputError, NsdPrepError
+from nsdprep import steps
+from nsdprep.cli import build_parser, main
+from nsdprep.decode_report import write_outputs
+from nsdprep.errors import FormatError, MissingInputError, NsdPrepError, UsageError
 
 SHAPE = (7, 8, 9)
 CLASSES4 = ("animal", "food", "person", "vehicle")
@@ -34,6 +41,7 @@ SUBJECT_FIELDS = {
     "permutation_means",
     "permutation_mean",
     "permutation_p_value",
+    "permutation_p_min",
     "confusion_matrix",
 }
 
@@ -117,6 +125,8 @@ def test_planted_signal_is_decoded_well_above_chance(decoded) -> None:
         # permuted labels within runs must stay near chance and give the smallest possible p
         assert abs(res["permutation_mean"] - chance) < 0.15
         assert res["permutation_p_value"] == pytest.approx(1 / 4)
+        assert res["permutation_p_min"] == pytest.approx(1 / 4)
+        assert len(res["permutation_means"]) == 3
     r1 = results["subjects"]["sub-01"]
     assert r1["classes"] == sorted(CLASSES4)
     assert r1["n_trials"] == truth[1]["runs"].size
@@ -137,6 +147,7 @@ def test_shuffled_labels_decode_at_chance(tmp_path: Path) -> None:
     assert r["n_trials"] == 468
     assert abs(r["mean_balanced_accuracy"] - 0.25) < 0.1
     assert r["permutation_mean"] is None and r["permutation_p_value"] is None
+    assert r["permutation_p_min"] is None and r["permutation_means"] == []
 
 
 def test_splits_never_share_a_run() -> None:
@@ -161,22 +172,19 @@ def test_splits_never_share_a_run() -> None:
 def test_results_report_and_pngs(decoded, tmp_path: Path) -> None:
     _, out, results, _ = decoded
     on_disk = json.loads((out / "results.json").read_text())
-    resources = json.loads((out / "resources.json").read_text())
-    for name, res in results["subjects"].items():
-        # time and memory live in resources.json only, so results.json is deterministic
-        assert resources[name] == {
-            "seconds": res["seconds"],
-            "peak_rss_bytes": res["peak_rss_bytes"],
-        }
-        assert resources[name]["peak_rss_bytes"] > 10_000_000 and resources[name]["seconds"] > 0
-        assert "seconds" not in on_disk["subjects"][name]
-    stripped = json.loads(json.dumps(results))
-    for res in stripped["subjects"].values():
-        del res["seconds"], res["peak_rss_bytes"]
-    assert on_disk == stripped
+    # nothing that varies between runs (time, memory) is recorded: results.json is the results
+    assert on_disk == json.loads(json.dumps(results))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "accuracy_vs_chance.png",
+        "confusion_sub-01.png",
+        "confusion_sub-03.png",
+        "report.md",
+        "results.json",
+    ]
     assert {"n_folds", "n_permutations", "seed", "subsample", "mask", "classifier"} <= set(
         on_disk["config"]
     )
+    assert set(on_disk["software"]) >= {"numpy", "scikit-learn", "nibabel", "matplotlib"}
     report = (out / "report.md").read_text()
     for name, res in on_disk["subjects"].items():
         assert SUBJECT_FIELDS <= set(res), SUBJECT_FIELDS - set(res)
@@ -191,12 +199,13 @@ def test_results_report_and_pngs(decoded, tmp_path: Path) -> None:
         png = out / f"confusion_{name}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC
         assert f"](confusion_{name}.png)" in report and f"| {name} |" in report
+        assert "| 0.25 (≥ 0.25) |" in report  # p next to the smallest p 3 permutations can give
     assert (out / "accuracy_vs_chance.png").read_bytes()[:8] == PNG_MAGIC
     assert "](accuracy_vs_chance.png)" in report
     assert not list(out.glob(".*.part"))  # no leftovers of the atomic writes
     # rewriting the same results gives byte-identical files (no timestamps in the PNGs)
     again = tmp_path / "again"
-    dec.write_outputs(results, again)
+    write_outputs(results, again)
     for f in sorted(out.iterdir()):
         assert (again / f.name).read_bytes() == f.read_bytes(), f.name
 
@@ -313,12 +322,97 @@ def test_blockwise_scaler_matches_standard_scaler() -> None:
         dec.BlockwiseStandardScaler(with_mean=False).fit(X)
 
 
-def test_fold_jobs_respects_memory_budget() -> None:
+def test_parallel_jobs_respects_memory_budget() -> None:
     X = np.zeros((1000, 2000), dtype=np.float32)  # 8 MB
     splits = dec.run_grouped_splits(np.repeat(np.arange(10), 100), 5)
-    assert dec.fold_jobs(X, splits, 12, 2, memory_gb=16) == 2
-    # one fold: training copy 6.4 MB, scaler block 12.8 MB, lbfgs 4.8 MB, probabilities 0.1 MB
-    per_fold = 800 * 2000 * 4 + 800 * 2000 * 8 + 25 * 12 * 2001 * 8 + 1000 * 12 * 8
-    assert dec.fold_jobs(X, splits, 12, 2, memory_gb=(0.5e9 + 8e6 + 1.9 * per_fold) / 1e9) == 1
-    assert dec.fold_jobs(X, splits, 12, 2, memory_gb=(0.5e9 + 8e6 + 2.1 * per_fold) / 1e9) == 2
-    assert dec.fold_jobs(X, splits, 12, 2, memory_gb=0.1) == 1  # too small: still runs, warns
+
+    def jobs(memory_gb: float) -> int:
+        return dec.parallel_jobs(X, splits, 12, dec.DecodeConfig(jobs=2, memory_gb=memory_gb))
+
+    assert jobs(16) == 2
+    # one job: training copy 6.4 MB (freed before the test copy), scaler block 12.8 MB, lbfgs
+    # 4.8 MB, probabilities 0.1 MB
+    per_job = 800 * 2000 * 4 + 800 * 2000 * 8 + 25 * 12 * 2001 * 8 + 1000 * 12 * 8
+    assert jobs((0.5e9 + 8e6 + 1.9 * per_job) / 1e9) == 1
+    assert jobs((0.5e9 + 8e6 + 2.1 * per_job) / 1e9) == 2
+    assert jobs(0.1) == 1  # too small: still runs, warns
+
+
+def test_permutation_p_value_signal_and_null(tmp_path: Path) -> None:
+    """100 permutations: planted signal gives the smallest p, 1/101; shuffled labels a large p."""
+    cfg = dec.DecodeConfig(n_folds=3, n_permutations=100, jobs=2)
+    runs = {"n_runs": 6, "trials_per_run": (12, 11), "classes": ("food", "kitchen", "sports")}
+    signal = tmp_path / "signal"
+    make_curated(signal, 1, seed=7, **runs)
+    r = dec.decode(signal, tmp_path / "out_signal", [1], cfg)["subjects"]["sub-01"]
+    assert r["mean_balanced_accuracy"] > 1 / 3 + 0.3
+    assert len(r["permutation_means"]) == 100
+    assert r["permutation_p_value"] == pytest.approx(1 / 101)
+    assert r["permutation_p_min"] == pytest.approx(1 / 101)
+    assert max(r["permutation_means"]) < r["mean_balanced_accuracy"]
+    assert abs(r["permutation_mean"] - 1 / 3) < 0.05  # 100 null scores average to chance
+
+    null = tmp_path / "null"
+    make_curated(null, 1, seed=7, shuffle_labels=True, **runs)
+    n = dec.decode(null, tmp_path / "out_null", [1], cfg)["subjects"]["sub-01"]
+    assert n["permutation_p_value"] > 0.2
+    # p is what the recorded scores say: (1 + #{perm >= observed}) / (1 + n_permutations)
+    ge = sum(m >= n["mean_balanced_accuracy"] for m in n["permutation_means"])
+    assert n["permutation_p_value"] == pytest.approx((1 + ge) / 101)
+
+    # the same permutations in another process and with one job: identical results
+    out = tmp_path / "cli"
+    argv = ["decode", "--curated", str(null), "--out", str(out), "--n-permutations", "100"]
+    argv += ["--n-folds", "3", "--jobs", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "nsdprep", *argv], check=True, env=env)
+    again = json.loads((out / "results.json").read_text())["subjects"]["sub-01"]
+    assert again == n
+
+
+def test_cross_validate_leaves_data_untouched_and_uses_run_splits(
+    decoded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, _, _, truth = decoded
+    X, _, _ = dec.load_masked(root / "sub-01.nii.gz", np.arange(truth[1]["runs"].size))
+    before = X.copy()
+    y, runs = truth[1]["labels"], truth[1]["runs"]
+    seen = {}
+    real = ms.permutation_test_score
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ms, "permutation_test_score", spy)
+    cv = dec.cross_validate(X, y, runs, dec.DecodeConfig(n_folds=4, n_permutations=2, jobs=2), 1)
+    # labels are permuted within runs, in the same checked run-grouped splits
+    assert seen["groups"] is runs and seen["cv"] is cv["splits"]
+    # the in-place scaler only ever sees the rows gathered for one fit or prediction
+    np.testing.assert_array_equal(X, before)
+    # cloning (once per fold and permutation) must share X, not copy it
+    step = dec.rows_of(X)
+    assert clone(step).func is step.func
+    np.testing.assert_array_equal(step.transform(np.array([[3], [1]])), X[[3, 1]])
+    assert len(cv["splits"]) == 4 and cv["y_pred"].shape == y.shape
+    for train, test in cv["splits"]:
+        assert set(runs[train]).isdisjoint(runs[test])
+    assert len(cv["permutation_scores"]) == 2 and cv["p_value"] in (1 / 3, 2 / 3, 1.0)
+    # a different subject number gives other permutations (seeded per subject)
+    assert dec.permutation_seed(0, 1) != dec.permutation_seed(0, 2)
+    assert dec.permutation_seed(0, 1) == dec.permutation_seed(0, 1)
+
+
+def test_make_decode_passes_permutations(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(steps.registry, "select_subjects", lambda ds, subjects: [1, 2])
+    (step,) = steps.steps_for("decode", tmp_path, steps.Options(permutations=7))
+    cmd = list(step.command)
+    assert cmd[cmd.index("--n-permutations") + 1] == "7"
+    args = build_parser("decode").parse_args(cmd[3:])  # what `python -m nsdprep` will parse
+    assert args.n_permutations == 7 and args.subjects == [1, 2]
+    (default,) = steps.steps_for("decode", tmp_path, steps.Options())
+    assert default.command[default.command.index("--n-permutations") + 1] == "100"
+    with pytest.raises(UsageError, match="PERMUTATIONS must be >= 0"):
+        steps.Options(permutations=-1)
+    with pytest.raises(UsageError, match="--n-permutations must be >= 0"):
+        dec.DecodeConfig(n_permutations=-1)

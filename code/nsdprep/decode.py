@@ -1,79 +1,73 @@
-"""Run-grouped cross-validated decoding baseline on ``derivatives/curated_3mm``, with a report.
+"""Run-grouped cross-validated decoding baseline on ``derivatives/curated_3mm``.
 
 Per subject, the curated 4D betas (``sub-XX.nii.gz``, int16 x300, zero outside the grey-matter mask)
 are streamed volume by volume into a ``(n_trials, n_voxels)`` float32 matrix of the voxels in the
 *analysis mask*, and a linear classifier (``StandardScaler`` → ``LogisticRegression``) predicts the
-supercategory label of each trial (``sub-XX_labels.npy``). ``sub-XX_trials.tsv`` is not needed.
+supercategory label of each trial (``sub-XX_labels.npy``). :mod:`nsdprep.decode_report` writes
+``results.json``, ``report.md`` and the plots.
 
-Design choices
---------------
-- **Mask**: voxels that are nonzero in at least one selected trial. The curated stage zeroes every
-  voxel outside the grey-matter mask (and NSD zeroes voxels without valid data), so this is that
-  mask minus voxels that are never valid, read from the data itself: it needs no template
-  resampling and works on any grid. It takes one extra streaming pass over the file.
-- **Memory**: the 4D file is never loaded whole; the matrix is preallocated as float32 and filled
-  one volume at a time (:func:`nsdprep.nifti.iter_volumes`). Folds run in threads over the same
-  matrix (no copy per worker); each fold holds its own training copy, scaled in place by a
-  blockwise scaler (scikit-learn's would add a float64 copy). ``--memory-gb`` caps how many folds
-  run at once. For a real subject (22.5k trials x ~64k voxels) that is ~5.8 GB of data plus
-  ~5 GB per fold.
-- **Cross-validation** is grouped by run (``sub-XX_runs.npy``, :class:`~sklearn.model_selection.GroupKFold`):
-  trials of one run are never in training and test at once, checked for every split at run time
-  (adjacent trials of a run share slow drifts, which would inflate accuracy).
-- **Chance**: ``1 / n_classes`` (balanced accuracy), a stratified ``DummyClassifier`` in the same
-  folds, and label permutations *within runs* (as :func:`sklearn.model_selection.permutation_test_score`
-  does with groups) put through the full cross-validation, giving a permutation p-value
-  ``(1 + #{perm >= observed}) / (1 + n_permutations)``.
-- **Determinism**: fixed seeds everywhere, ``GroupKFold`` without shuffling, the lbfgs solver,
-  floats in ``results.json`` rounded to 6 decimals, PNGs written without software/time metadata.
-  ``seconds`` and ``peak_rss_bytes`` go to ``resources.json``, the only output expected to differ
-  between reruns (``results.json``, ``report.md`` and the PNGs are byte-identical).
+- **Mask**: voxels nonzero in at least one selected trial: the grey-matter mask the curated stage
+  applied, minus voxels NSD never had valid data for, read from the data (one extra pass).
+- **Cross-validation** is scikit-learn's, on :class:`~sklearn.model_selection.GroupKFold` splits by
+  run (``sub-XX_runs.npy``), checked before use: no run is in training and test at once (trials of
+  a run share slow drifts, which would inflate accuracy). ``cross_val_predict`` gives the fold
+  scores and the confusion matrix.
+- **Chance**: ``1 / n_classes``, a stratified ``DummyClassifier`` in the same folds, and
+  ``permutation_test_score`` with ``groups=runs`` (labels permuted within runs, each permutation a
+  full cross-validation): ``p = (1 + #{perm >= observed}) / (1 + n_permutations)``, never below
+  ``1 / (1 + n_permutations)`` (default 100 permutations: p >= 0.0099).
+- **Cost of permutations**: a subject costs ``n_permutations + 2`` cross-validations (the observed
+  labels are fitted for the predictions and again inside ``permutation_test_score``). Measured
+  (``bench/bench_decode.py``, one core): a permutation costs 0.08 s CPU at demo size (87 trials x
+  1.5k voxels), 11 s at 1000 x 69.5k and ~4 min for a real subject (22.5k x 64k): ~7 hours per
+  subject for 100. Lower it with ``--n-permutations`` (``make decode PERMUTATIONS=20``: p >= 0.048)
+  or ``--subsample``; 0 skips the test.
+- **Memory**: the 4D file is never loaded whole. Jobs are threads over the one data matrix; each
+  fit or prediction gathers its fold's rows (:func:`rows_of`) and scales them in place
+  (:class:`BlockwiseStandardScaler`). ``--memory-gb`` caps the jobs run at once.
+- **Determinism**: fixed seeds (the permutations' from ``--seed`` and the subject: the same in any
+  process, with any ``--jobs``), ``GroupKFold`` without shuffling, one BLAS thread (set by the
+  Makefile), rounded floats, PNGs without metadata. Time and peak RSS are logged, not written:
+  every output is byte-identical on ``datalad rerun``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import logging
 import resource
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.preprocessing import StandardScaler
 
-from nsdprep import nsd
-from nsdprep._io import atomic_path, require_content
+from nsdprep import nsd, provenance
+from nsdprep._io import require_content
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError, UsageError
 from nsdprep.nsd import CuratedFiles
 
 log = logging.getLogger(__name__)
 
+#: One cross-validation split: training and test row numbers.
+Split = tuple[np.ndarray, np.ndarray]
 DEFAULT_N_FOLDS = 5
-DEFAULT_N_PERMUTATIONS = 5
-#: Inverse L2 strength of the logistic regression. Fixed, not tuned: with ~64k standardized voxels
-#: and at most a few ten thousand trials the problem is separable, so strong shrinkage is needed for
-#: a stable baseline (and makes lbfgs converge in few iterations).
+#: The smallest reachable p is 1/101 < 0.01.
+DEFAULT_N_PERMUTATIONS = 100
+#: Inverse L2 strength, fixed, not tuned: ~64k standardized voxels and at most a few ten thousand
+#: trials are separable, so strong shrinkage gives a stable baseline (and lbfgs few iterations).
 DEFAULT_C = 0.01
 DEFAULT_MAX_ITER = 500
-#: Memory budget used to cap the number of folds fitted at once (the machine has 24 GB, shared).
+#: Memory budget used to cap the number of jobs run at once (the machine has 24 GB, shared).
 DEFAULT_MEMORY_GB = 16.0
 MASK_RULE = (
-    "sub-XX_mask.nii.gz when present (make curated VALID=1), else voxels nonzero in at least one "
-    "selected trial (grey-matter mask as written by curate)"
+    "voxels of sub-XX_mask.nii.gz (grey matter; with make curated VALID=1 grey matter valid in "
+    "every session) that are nonzero in at least one selected trial"
 )
-RESULTS_NAME = "results.json"
-REPORT_NAME = "report.md"
-RESOURCES_NAME = "resources.json"
-RESOURCE_KEYS = ("seconds", "peak_rss_bytes")
-ACCURACY_PLOT_NAME = "accuracy_vs_chance.png"
-#: PNG metadata: no software/version string, so the bytes depend only on the figure.
-_PNG_METADATA = {"Software": None}
 
 
 @dataclass(frozen=True)
@@ -90,18 +84,13 @@ class DecodeConfig:
     memory_gb: float = DEFAULT_MEMORY_GB
 
     def __post_init__(self) -> None:
-        if self.n_folds < 2:
-            raise UsageError(f"--n-folds must be >= 2, got {self.n_folds}")
-        if self.n_permutations < 0:
-            raise UsageError(f"--n-permutations must be >= 0, got {self.n_permutations}")
-        if self.subsample < 0:
-            raise UsageError(f"--subsample must be >= 0 (0 = all trials), got {self.subsample}")
-        if self.jobs < 1:
-            raise UsageError(f"--jobs must be >= 1, got {self.jobs}")
-        if not self.memory_gb > 0:
-            raise UsageError(f"--memory-gb must be > 0, got {self.memory_gb}")
-        if not self.C > 0:
-            raise UsageError(f"--C must be > 0, got {self.C}")
+        minimum = {"n_folds": 2, "n_permutations": 0, "subsample": 0, "jobs": 1, "max_iter": 1}
+        for name, value in asdict(self).items():
+            flag = "--" + name.replace("_", "-")
+            if name in minimum and value < minimum[name]:
+                raise UsageError(f"{flag} must be >= {minimum[name]}, got {value}")
+            if name in ("C", "memory_gb") and not value > 0:
+                raise UsageError(f"{flag} must be > 0, got {value}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,19 +119,15 @@ def subject_files(curated_dir: str | Path, subject: int) -> CuratedFiles:
     """Paths of one subject's curated files; :class:`MissingInputError` if any is absent."""
     label = nsd.bids_subject_label(subject)
     files = nsd.curated_files(subject, curated_dir)
+    hint = "build it with `make curated` (or pick other --subjects)"
     for path in (files.betas, files.labels, files.runs):
-        require_content(
-            path,
-            f"curated file of {label}",
-            "build it with `make curated` (or pick other --subjects)",
-        )
+        require_content(path, f"curated file of {label}", hint)
     return files
 
 
 def load_labels_runs(files: CuratedFiles, n_volumes: int) -> tuple[np.ndarray, np.ndarray]:
     """Load and check the per-trial labels (unicode) and runs (integers) of one subject."""
-    labels = _load_npy(files.labels)
-    runs = _load_npy(files.runs)
+    labels, runs = _load_npy(files.labels), _load_npy(files.runs)
     for path, arr in ((files.labels, labels), (files.runs, runs)):
         if arr.shape != (n_volumes,):
             raise FormatError(
@@ -157,6 +142,15 @@ def load_labels_runs(files: CuratedFiles, n_volumes: int) -> tuple[np.ndarray, n
             f"(first values {runs[:3].tolist()}); labels saved as runs? Rebuild with `make curated`."
         )
     return labels, runs
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as exc:  # object arrays need pickle: not the curated format
+        raise FormatError(f"{path}: not a plain numpy array ({exc})") from exc
+    except OSError as exc:
+        raise FormatError(f"{path}: unreadable .npy file ({exc})") from exc
 
 
 def select_trials(labels: np.ndarray, n: int) -> np.ndarray:
@@ -189,16 +183,13 @@ def load_masked(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stream the selected volumes of a 4D file into a float32 ``(n_trials, n_voxels)`` matrix.
 
-    Two sequential passes: the first builds the mask (voxels nonzero in any selected trial, within
-    ``sub-XX_mask.nii.gz`` when it lies next to the betas: grey matter, or with ``make curated
-    VALID=1`` grey matter valid in every session), the second fills the preallocated matrix.
-    Memory: the matrix plus one volume. Voxel columns are in numpy's boolean-mask (C) order, as
-    ``volume[mask]`` and nilearn's ``apply_mask`` give.
-
-    Returns
-    -------
-    X, mask, affine
-        Data in the order of ``trials``; 3D boolean mask; the file's voxel-to-world affine.
+    Reads the rows of ``sub-XX_X.npy`` (the curated matrix) when it lies next to the betas, else
+    streams the 4D file in two passes (the mask, then the rows). Either way the columns are the
+    voxels of ``sub-XX_mask.nii.gz`` (when present) that are nonzero in at least one selected
+    trial, so both give the same matrix. Memory: the matrix plus one volume (or row block). Returns
+    ``X`` (rows in the order of ``trials``, voxel columns in numpy's boolean-mask order, as
+    ``volume[mask]`` and nilearn's ``apply_mask`` give), the 3D boolean mask and the file's
+    voxel-to-world affine.
     """
     from tqdm.auto import tqdm
 
@@ -216,6 +207,17 @@ def load_masked(
     wanted = np.zeros(stop, dtype=bool)
     wanted[trials] = True
 
+    stem = str(betas)[: -len(".nii.gz")]
+    mask_file, matrix_file = Path(stem + "_mask.nii.gz"), Path(stem + "_X.npy")
+    written = None
+    if mask_file.is_file():  # the curated mask: grey matter (VALID=1: valid in every session)
+        (written,) = (v != 0 for v in iter_volumes(mask_file))
+        if written.shape != tuple(shape[:3]):
+            raise FormatError(f"{mask_file}: grid {written.shape}, betas grid {tuple(shape[:3])}")
+    if written is not None and matrix_file.is_file():
+        X, mask = _rows_from_matrix(matrix_file, written, trials, n_vol)
+        return X, mask, header_affine(hdr)
+
     mask = np.zeros(shape[:3], dtype=bool)
     vols = iter_volumes(betas, 0, stop, header=hdr, reuse_buffer=True)
     for i, vol in enumerate(
@@ -223,11 +225,7 @@ def load_masked(
     ):
         if wanted[i]:
             mask |= vol != 0
-    mask_file = Path(str(betas)[: -len(".nii.gz")] + "_mask.nii.gz")
-    if mask_file.exists():  # the curated mask: grey matter (VALID=1: valid in every session)
-        (written,) = (v != 0 for v in iter_volumes(mask_file))
-        if written.shape != tuple(shape[:3]):
-            raise FormatError(f"{mask_file}: grid {written.shape}, betas grid {tuple(shape[:3])}")
+    if written is not None:
         mask &= written
     n_voxels = int(mask.sum())
     if n_voxels == 0:
@@ -245,11 +243,40 @@ def load_masked(
     return X, mask, header_affine(hdr)
 
 
+def _rows_from_matrix(
+    path: Path, written: np.ndarray, trials: np.ndarray, n_vol: int, block: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``trials`` from the curated matrix, columns nonzero in at least one of them.
+
+    Two passes over blocks of rows of the memory-mapped matrix (no 4D decompression); the result
+    equals what streaming the 4D file gives (same voxels, same C order, same values).
+    """
+    from nsdprep.matrix import open_matrix
+
+    M = open_matrix(path)
+    if M.shape != (n_vol, int(written.sum())):
+        raise FormatError(
+            f"{path}: shape {M.shape}, expected ({n_vol} trials, {int(written.sum())} mask voxels); "
+            "rebuild it with `make curated FORCE=1`."
+        )
+    used = np.zeros(M.shape[1], dtype=bool)
+    for i in range(0, trials.size, block):
+        used |= np.any(np.asarray(M[trials[i : i + block]]) != 0, axis=0)
+    if not used.any():
+        raise FormatError(f"{path}: every selected trial is 0 everywhere; nothing to decode")
+    X = np.empty((trials.size, int(used.sum())), dtype=np.float32)
+    for i in range(0, trials.size, block):
+        X[i : i + block] = np.asarray(M[trials[i : i + block]])[:, used]
+    mask = np.zeros(written.shape, dtype=bool)
+    mask[written] = used
+    return X, mask
+
+
 # ----------------------------------------------------------------------------------------------
 # cross-validation
 
 
-def run_grouped_splits(runs: np.ndarray, n_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def run_grouped_splits(runs: np.ndarray, n_folds: int) -> list[Split]:
     """``GroupKFold`` splits by run; raises if any run would be in training and test at once.
 
     ``n_folds`` is lowered to the number of runs when there are fewer runs (with a warning).
@@ -262,32 +289,27 @@ def run_grouped_splits(runs: np.ndarray, n_folds: int) -> list[tuple[np.ndarray,
     if n_folds > n_runs:
         log.warning("only %d runs: using %d folds instead of %d", n_runs, n_runs, n_folds)
         n_folds = n_runs
-    dummy_x = np.zeros((len(runs), 1))
-    splits = list(GroupKFold(n_splits=n_folds).split(dummy_x, groups=runs))
+    splits = list(GroupKFold(n_splits=n_folds).split(np.zeros((len(runs), 1)), groups=runs))
     check_splits_disjoint(splits, runs)
     return splits
 
 
-def check_splits_disjoint(
-    splits: Sequence[tuple[np.ndarray, np.ndarray]], runs: np.ndarray
-) -> None:
-    """Raise :class:`NsdPrepError` if a run has trials in both training and test of one split."""
+def check_splits_disjoint(splits: Sequence[Split], runs: np.ndarray) -> None:
+    """Raise :class:`NsdPrepError` if a run (hence also a trial) is in training and test at once."""
     for k, (train, test) in enumerate(splits):
         shared = np.intersect1d(runs[train], runs[test])
         if shared.size:
             raise NsdPrepError(
                 f"cross-validation fold {k}: runs {shared[:10].tolist()} are in training and test"
             )
-        if np.intersect1d(train, test).size:
-            raise NsdPrepError(f"cross-validation fold {k}: a trial is in training and test")
 
 
 def make_classifier(seed: int = 0, C: float = DEFAULT_C, max_iter: int = DEFAULT_MAX_ITER) -> Any:
-    """``StandardScaler`` → L2 ``LogisticRegression`` (lbfgs, multinomial), fixed random state.
+    """:class:`BlockwiseStandardScaler` → L2 ``LogisticRegression`` (lbfgs), fixed random state.
 
-    The scaler (:class:`BlockwiseStandardScaler`) works in place (``copy=False``):
-    :func:`cross_validate_grouped` always hands it a fresh training/test copy, so the caller's
-    matrix is never modified and a full-size copy is saved. The lbfgs workspace depends on
+    The scaler works in place (``copy=False``): scikit-learn's cross-validation hands every fit and
+    prediction a fresh copy of the fold's rows (fancy indexing), so the caller's matrix is never
+    modified and a full-size copy per job is saved. The lbfgs workspace depends on
     ``n_classes x n_voxels`` only (~25 x 8 bytes each), not on the number of trials.
     """
     from sklearn.linear_model import LogisticRegression
@@ -299,15 +321,30 @@ def make_classifier(seed: int = 0, C: float = DEFAULT_C, max_iter: int = DEFAULT
     )
 
 
-class BlockwiseStandardScaler(StandardScaler):
-    """``StandardScaler`` whose ``fit`` works on blocks of columns.
+def rows_of(X: np.ndarray) -> Any:
+    """Pipeline step that maps row numbers (an ``(n, 1)`` array) to a fresh copy of those rows of X.
 
-    scikit-learn's ``fit`` upcasts to float64 and builds temporaries ~2.3 times the size of a
-    float32 input (9+ GB for 18k trials x 64k voxels). Here the mean and variance are computed in
-    float64 on ``BLOCK`` columns at a time (``n_samples x BLOCK`` doubles of extra memory); the
-    results match ``StandardScaler`` to float64 round-off, ``transform`` is inherited. Constant
-    columns get a scale of 1, as in scikit-learn. Only the default ``with_mean``/``with_std`` are
-    supported and ``sample_weight`` is not.
+    Handed ``X`` itself, ``permutation_test_score`` still holds one fold's training and test copies
+    (its loop variables) while it makes the next fold's: two training copies per job (measured at
+    real size: 16.3 GB peak instead of 11.1). Handed row numbers, scikit-learn copies those, and
+    this step gathers the rows inside ``fit`` and ``predict``, one copy at a time. ``X`` is reached
+    through a closure, never a parameter: ``clone`` deep-copies parameters but not functions.
+    """
+    from sklearn.preprocessing import FunctionTransformer
+
+    def take(rows: np.ndarray) -> np.ndarray:
+        return X[rows[:, 0]]
+
+    return FunctionTransformer(take)
+
+
+class BlockwiseStandardScaler(StandardScaler):
+    """``StandardScaler`` whose ``fit`` works on blocks of columns, to bound its memory.
+
+    scikit-learn's ``fit`` builds float64 temporaries larger than a float32 input.
+    Here mean and variance are computed in float64 on ``BLOCK`` columns at a time; they match
+    ``StandardScaler`` to round-off, ``transform`` is inherited, constant columns get a scale of 1.
+    Only the default ``with_mean``/``with_std`` are supported, without weights.
     """
 
     #: Columns per block.
@@ -318,7 +355,7 @@ class BlockwiseStandardScaler(StandardScaler):
         from sklearn.utils.validation import validate_data
 
         if sample_weight is not None or not (self.with_mean and self.with_std):
-            raise ValueError("BlockwiseStandardScaler supports only the default, unweighted fit")
+            raise UsageError("BlockwiseStandardScaler supports only the default, unweighted fit")
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=True)
         n, p = X.shape
         mean = np.empty(p, dtype=np.float64)
@@ -328,124 +365,82 @@ class BlockwiseStandardScaler(StandardScaler):
             mean[a : a + self.BLOCK] = block.mean(axis=0)
             var[a : a + self.BLOCK] = block.var(axis=0)
         scale = np.sqrt(var)
-        constant = var <= 10 * np.finfo(np.float64).eps * np.maximum(mean**2, 1.0)
-        scale[constant] = 1.0
+        scale[var <= 10 * np.finfo(np.float64).eps * np.maximum(mean**2, 1.0)] = 1.0
         self.mean_, self.var_, self.scale_ = mean, var, scale
         self.n_samples_seen_ = n
         return self
 
 
-def cross_validate_grouped(
-    X: np.ndarray,
-    y: np.ndarray,
-    splits: Sequence[tuple[np.ndarray, np.ndarray]],
-    estimators: Sequence[Any],
-    label_sets: Sequence[np.ndarray] | None = None,
-    *,
-    jobs: int = 1,
-    desc: str = "",
-) -> list[dict[str, Any]]:
-    """Fit/score each (estimator, label set) pair in every split, folds in parallel threads.
-
-    ``estimators[i]`` is fit on ``label_sets[i]`` (default: ``y`` for all). Returns one dict per pair:
-    ``fold_scores`` (balanced accuracy per split), ``y_pred`` (out-of-fold predictions) and
-    ``n_iter`` (solver iterations per split, 0 for estimators without).
-    Threads share ``X`` (numpy/BLAS release the GIL), so no worker copies the whole matrix.
-    """
-    from joblib import Parallel, delayed
-    from tqdm.auto import tqdm
-
-    label_sets = [y] * len(estimators) if label_sets is None else list(label_sets)
-    tasks = [(i, k) for i in range(len(estimators)) for k in range(len(splits))]
-    results = Parallel(n_jobs=jobs, backend="threading", return_as="generator")(
-        delayed(_fit_score)(X, label_sets[i], splits[k], estimators[i]) for i, k in tasks
-    )
-    out = [
-        {
-            "fold_scores": [0.0] * len(splits),
-            "y_pred": np.empty(len(y), dtype=y.dtype),
-            "n_iter": [0] * len(splits),
-        }
-        for _ in estimators
-    ]
-    for (i, k), (score, pred, n_iter) in zip(
-        tasks,
-        tqdm(results, total=len(tasks), desc=f"{desc} fits", leave=False, disable=None),
-        strict=True,
-    ):
-        out[i]["fold_scores"][k] = score
-        out[i]["y_pred"][splits[k][1]] = pred
-        out[i]["n_iter"][k] = n_iter
-    return out
-
-
-def fold_jobs(
-    X: np.ndarray,
-    splits: Sequence[tuple[np.ndarray, np.ndarray]],
-    n_classes: int,
-    jobs: int,
-    memory_gb: float,
+def parallel_jobs(
+    X: np.ndarray, splits: Sequence[Split], n_classes: int, config: DecodeConfig
 ) -> int:
-    """Folds to fit at once: ``jobs``, lowered so the estimated peak memory stays in ``memory_gb``.
+    """``--jobs``, lowered so the estimated peak memory stays within ``--memory-gb`` (at least 1).
 
-    Estimate per fold: the training copy of ``X`` (freed before the test copy is made), the
-    scaler's float64 column block, the lbfgs workspace (~25 doubles per coefficient) and the class
-    probabilities; plus ``X`` itself and ~0.5 GB of interpreter and libraries once.
+    Per job (one fit): the training copy of ``X`` (freed before the test copy is made, see
+    :func:`rows_of`), the scaler's float64 block, the lbfgs workspace (~25 doubles per coefficient)
+    and the class probabilities; once: ``X`` itself and ~0.5 GB of interpreter and libraries.
     """
     n, p = X.shape
+    rows = max(max(len(train), len(test)) for train, test in splits)
     n_train = max(len(train) for train, _ in splits)
-    n_test = max(len(test) for _, test in splits)
-    per_fold = (
-        max(n_train, n_test) * p * X.itemsize
-        + n_train * min(p, BlockwiseStandardScaler.BLOCK) * 8
-        + 25 * n_classes * (p + 1) * 8
-        + n * n_classes * 8
-    )
-    avail = memory_gb * 1e9 - X.nbytes - 0.5e9
-    fit = int(avail // per_fold)
+    per_job = rows * p * X.itemsize + n_train * min(p, BlockwiseStandardScaler.BLOCK) * 8
+    per_job += 25 * n_classes * (p + 1) * 8 + n * n_classes * 8
+    fit = int((config.memory_gb * 1e9 - X.nbytes - 0.5e9) // per_job)
     if fit < 1:
-        log.warning(
-            "estimated memory for one fold (%.1f GB + data %.1f GB) exceeds --memory-gb %.1f; "
-            "running one fold at a time anyway (use --subsample to reduce)",
-            per_fold / 1e9,
-            X.nbytes / 1e9,
-            memory_gb,
-        )
-    if fit < jobs:
-        log.info("fitting %d fold(s) at a time instead of %d (memory budget)", max(fit, 1), jobs)
-    return max(1, min(jobs, fit))
+        log.warning("one job (%.1f GB) exceeds --memory-gb; running one anyway", per_job / 1e9)
+    elif fit < config.jobs:
+        log.info("running %d job(s) at a time instead of %d (memory budget)", fit, config.jobs)
+    return max(1, min(config.jobs, fit))
 
 
-def permute_within_runs(y: np.ndarray, runs: np.ndarray, seed: Sequence[int] | int) -> np.ndarray:
-    """Copy of ``y`` with labels shuffled among the trials of each run (the run-respecting null)."""
-    rng = np.random.default_rng(seed)
-    out = y.copy()
-    for run in np.unique(runs):
-        idx = np.flatnonzero(runs == run)
-        out[idx] = y[rng.permutation(idx)]
-    return out
+def permutation_seed(seed: int, subject: int) -> int:
+    """Seed of one subject's permutations: fixed by ``(seed, subject)``, the same in any process."""
+    return int(np.random.SeedSequence([seed, subject]).generate_state(1)[0])
 
 
-def _fit_score(
-    X: np.ndarray, y: np.ndarray, split: tuple[np.ndarray, np.ndarray], estimator: Any
-) -> tuple[float, np.ndarray, int]:
-    from sklearn.base import clone
-    from sklearn.exceptions import ConvergenceWarning
+def cross_validate(
+    X: np.ndarray, y: np.ndarray, runs: np.ndarray, config: DecodeConfig, subject: int = 0
+) -> dict[str, Any]:
+    """Classifier, stratified dummy and within-run permutation test on the same run-grouped folds.
+
+    Returns ``splits``; the classifier's out-of-fold predictions ``y_pred`` and ``fold_scores``
+    (balanced accuracy); ``dummy_scores``; ``permutation_scores`` (mean balanced accuracy per
+    permutation) and ``p_value``, both ``None`` without permutations. scikit-learn splits row
+    numbers; the jobs, threads, gather rows from the one ``X`` (:func:`rows_of`), never modified.
+    """
+    from joblib import parallel_config
+    from sklearn.dummy import DummyClassifier
     from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import cross_val_predict, cross_val_score, permutation_test_score
 
-    train, test = split
-    est = clone(estimator)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        est.fit(X[train], y[train])  # fancy indexing: a fresh copy the pipeline may modify
-    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
-        log.warning("the classifier did not converge in one fold; raise --max-iter")
-    n_iter = int(np.max(getattr(est[-1] if hasattr(est, "steps") else est, "n_iter_", 0)))
-    pred = est.predict(X[test])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "y_pred contains classes not in y_true"
-        score = float(balanced_accuracy_score(y[test], pred))
-    return score, pred, n_iter
+    splits = run_grouped_splits(runs, config.n_folds)
+    jobs = parallel_jobs(X, splits, np.unique(y).size, config)
+    clf = make_classifier(config.seed, config.C, config.max_iter)
+    clf.steps.insert(0, ("rows", rows_of(X)))  # scikit-learn splits row numbers, not X
+    idx = np.arange(len(y)).reshape(-1, 1)
+    dummy = DummyClassifier(strategy="stratified", random_state=config.seed)
+    out: dict[str, Any] = {"splits": splits, "permutation_scores": None, "p_value": None}
+    with warnings.catch_warnings(), parallel_config("threading", n_jobs=jobs):
+        # expected when a test fold lacks a class (short runs, many classes); the score is right
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        y_pred = out["y_pred"] = cross_val_predict(clf, idx, y, cv=splits, n_jobs=jobs)
+        out["fold_scores"] = [balanced_accuracy_score(y[te], y_pred[te]) for _, te in splits]
+        scores = cross_val_score(dummy, idx, y, cv=splits, scoring="balanced_accuracy")
+        out["dummy_scores"] = scores.tolist()  # the dummy only counts rows: it never needs X
+        if config.n_permutations:
+            _, perms, p_value = permutation_test_score(
+                clf,
+                idx,
+                y,
+                groups=runs,
+                cv=splits,
+                n_permutations=config.n_permutations,
+                n_jobs=jobs,
+                random_state=permutation_seed(config.seed, subject),
+                scoring="balanced_accuracy",
+            )
+            out["permutation_scores"], out["p_value"] = perms.tolist(), float(p_value)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,10 +448,11 @@ def _fit_score(
 
 
 def decode_subject(files: CuratedFiles, config: DecodeConfig) -> dict[str, Any]:
-    """Load one subject, cross-validate the classifier and the chance models; return its results."""
-    from sklearn.dummy import DummyClassifier
-    from sklearn.metrics import confusion_matrix
+    """Load one subject, cross-validate the classifier and the chance models; return its results.
 
+    Time and peak RSS are logged (INFO), not returned: the results must not change between runs.
+    """
+    from nsdprep.decode_report import subject_results
     from nsdprep.nifti import read_header, volume_count
 
     t0 = time.perf_counter()
@@ -465,73 +461,20 @@ def decode_subject(files: CuratedFiles, config: DecodeConfig) -> dict[str, Any]:
     labels_all, runs_all = load_labels_runs(files, n_volumes)
     trials = select_trials(labels_all, config.subsample)
     y, runs = labels_all[trials], runs_all[trials]
-    classes, counts = np.unique(y, return_counts=True)
+    classes = np.unique(y)
     if classes.size < 2:
         raise FormatError(f"{files.labels}: need >= 2 classes to decode, found {classes.tolist()}")
+    n_runs = np.unique(runs).size
     log.info(
-        "%s: %d of %d trials, %d classes, %d runs",
-        label,
-        len(trials),
-        n_volumes,
-        classes.size,
-        np.unique(runs).size,
+        "%s: %d of %d trials, %d classes, %d runs", label, y.size, n_volumes, classes.size, n_runs
     )
     X, mask, _ = load_masked(files.betas, trials, desc=label)
-    splits = run_grouped_splits(runs, config.n_folds)
-
-    clf = make_classifier(config.seed, config.C, config.max_iter)
-    dummy = DummyClassifier(strategy="stratified", random_state=config.seed)
-    perms = [
-        permute_within_runs(y, runs, (config.seed, files.subject, p))
-        for p in range(config.n_permutations)
-    ]
-    fits = cross_validate_grouped(
-        X,
-        y,
-        splits,
-        [clf, dummy] + [clf] * len(perms),
-        [y, y, *perms],
-        jobs=fold_jobs(X, splits, classes.size, config.jobs, config.memory_gb),
-        desc=label,
-    )
-    true_fit, dummy_fit, perm_fits = fits[0], fits[1], fits[2:]
+    cv = cross_validate(X, y, runs, config, files.subject)
     del X
-
-    mean = float(np.mean(true_fit["fold_scores"]))
-    perm_means = [float(np.mean(f["fold_scores"])) for f in perm_fits]
-    p_value = (
-        (1 + sum(m >= mean for m in perm_means)) / (1 + len(perm_means)) if perm_means else None
-    )
-    cm_counts = confusion_matrix(y, true_fit["y_pred"], labels=classes)
-    cm = cm_counts / cm_counts.sum(axis=1, keepdims=True)
-    return {
-        "subject": label,
-        "n_trials": int(len(trials)),
-        "n_trials_available": int(n_volumes),
-        "n_voxels": int(mask.sum()),
-        "n_runs": int(np.unique(runs).size),
-        "n_folds": len(splits),
-        "n_classes": int(classes.size),
-        "classes": classes.tolist(),
-        "class_counts": counts.astype(int).tolist(),
-        "fold_test_runs": [np.unique(runs[test]).astype(int).tolist() for _, test in splits],
-        "fold_balanced_accuracy": _r(true_fit["fold_scores"]),
-        "mean_balanced_accuracy": _r(mean),
-        "std_balanced_accuracy": _r(float(np.std(true_fit["fold_scores"]))),
-        "chance_theoretical": _r(1.0 / classes.size),
-        "dummy_fold_balanced_accuracy": _r(dummy_fit["fold_scores"]),
-        "dummy_chance": _r(float(np.mean(dummy_fit["fold_scores"]))),
-        "permutation_means": _r(perm_means),
-        "max_solver_iterations": int(
-            max(true_fit["n_iter"] + [n for f in perm_fits for n in f["n_iter"]])
-        ),
-        "permutation_mean": _r(float(np.mean(perm_means))) if perm_means else None,
-        "permutation_p_value": _r(p_value) if p_value is not None else None,
-        "confusion_matrix": _r(cm.tolist()),
-        "confusion_counts": cm_counts.astype(int).tolist(),
-        "seconds": round(time.perf_counter() - t0, 2),
-        "peak_rss_bytes": peak_rss_bytes(),
-    }
+    res = subject_results(label, y, runs, cv, n_available=n_volumes, n_voxels=int(mask.sum()))
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+    log.info("%s: %.1f s, peak RSS %.2f GB", label, time.perf_counter() - t0, peak_gb)
+    return res
 
 
 def decode(
@@ -539,17 +482,24 @@ def decode(
     out_dir: str | Path,
     subjects: Sequence[int] | None = None,
     config: DecodeConfig | None = None,
+    command: str = "",
 ) -> dict[str, Any]:
     """Decode every subject, write ``results.json``, the PNG plots and ``report.md``; return results.
 
     All inputs are checked before any subject is processed, so a missing file fails fast.
+    ``command`` (the command line that ran, if any) is recorded in the results.
     """
     from tqdm.auto import tqdm
+
+    from nsdprep.decode_report import write_outputs
 
     config = DecodeConfig() if config is None else config
     curated_dir, out_dir = Path(curated_dir), Path(out_dir)
     subjects = find_subjects(curated_dir) if not subjects else sorted(set(subjects))
     files = [subject_files(curated_dir, s) for s in subjects]
+    subsample_rule = (
+        "stratified by label, evenly spaced in time" if config.subsample else "all trials"
+    )
     results: dict[str, Any] = {
         "config": {
             **asdict(config),
@@ -557,202 +507,18 @@ def decode(
             "cv": "GroupKFold by run (no shuffling)",
             "metric": "balanced accuracy",
             "mask": MASK_RULE,
-            "subsample_rule": "stratified by label, evenly spaced in time"
-            if config.subsample
-            else "all trials",
-            "permutation_null": "labels shuffled within runs, full cross-validation",
+            "subsample_rule": subsample_rule,
+            "permutation_null": "labels shuffled within runs, full cross-validation each",
         },
-        "software": _versions(),
+        "command": command,
+        "software": provenance.versions("numpy", "scikit-learn", "nibabel", "matplotlib"),
         "subjects": {},
     }
     for f in tqdm(files, desc="subjects", unit="subject", disable=None):
         res = decode_subject(f, config)
         results["subjects"][res["subject"]] = res
-        log.info(
-            "%s: balanced accuracy %.3f (dummy %.3f, permutation %s, chance %.3f) in %.0f s",
-            res["subject"],
-            res["mean_balanced_accuracy"],
-            res["dummy_chance"],
-            res["permutation_mean"],
-            res["chance_theoretical"],
-            res["seconds"],
-        )
     write_outputs(results, out_dir)
     return results
-
-
-def write_outputs(results: dict[str, Any], out_dir: str | Path) -> None:
-    """Write ``results.json``, one confusion PNG per subject, the accuracy PNG and ``report.md``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = copy.deepcopy(results)
-    resources = {
-        name: {key: res.pop(key) for key in RESOURCE_KEYS if key in res}
-        for name, res in results["subjects"].items()
-    }
-    with atomic_path(out_dir / RESULTS_NAME) as tmp:
-        tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    with atomic_path(out_dir / RESOURCES_NAME) as tmp:
-        tmp.write_text(json.dumps(resources, indent=2) + "\n", encoding="utf-8")
-    for res in results["subjects"].values():
-        plot_confusion(res, out_dir / f"confusion_{res['subject']}.png")
-    plot_accuracy_vs_chance(results["subjects"], out_dir / ACCURACY_PLOT_NAME)
-    with atomic_path(out_dir / REPORT_NAME) as tmp:
-        tmp.write_text(render_report(results), encoding="utf-8")
-
-
-# ----------------------------------------------------------------------------------------------
-# report and plots
-
-
-def render_report(results: dict[str, Any]) -> str:
-    """Markdown report: settings, one table row per subject, embedded plots."""
-    cfg = results["config"]
-    subs = results["subjects"]
-    lines = [
-        "# Decoding baseline: COCO supercategory from single-trial 3 mm betas",
-        "",
-        f"Classifier: {cfg['classifier']} (C={cfg['C']}, max_iter={cfg['max_iter']}); "
-        f"cross-validation: {cfg['cv']}, {cfg['n_folds']} folds; metric: {cfg['metric']}; "
-        f"seed {cfg['seed']}.",
-        f"Voxels: {cfg['mask']}. Trials: {cfg['subsample_rule']}"
-        + (f" ({cfg['subsample']} per subject)." if cfg["subsample"] else "."),
-        f"Chance: 1/n_classes; a stratified DummyClassifier in the same folds; "
-        f"{cfg['n_permutations']} label permutations ({cfg['permutation_null']}); "
-        "p = (1 + #perm >= observed) / (1 + n_permutations).",
-        "",
-        "| subject | trials | voxels | classes | runs | folds | balanced accuracy (mean ± sd) "
-        "| 1/n_classes | dummy | permutation mean | p |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in subs.values():
-        perm = "–" if r["permutation_mean"] is None else f"{r['permutation_mean']:.3f}"
-        p = "–" if r["permutation_p_value"] is None else f"{r['permutation_p_value']:.3f}"
-        lines.append(
-            f"| {r['subject']} | {r['n_trials']} | {r['n_voxels']} | {r['n_classes']} "
-            f"| {r['n_runs']} | {r['n_folds']} "
-            f"| {r['mean_balanced_accuracy']:.3f} ± {r['std_balanced_accuracy']:.3f} "
-            f"| {r['chance_theoretical']:.3f} | {r['dummy_chance']:.3f} | {perm} | {p} |"
-        )
-    lines += [
-        "",
-        f"Time and peak RSS per subject are in `{RESOURCES_NAME}` (the only file that differs "
-        "between reruns); this report, `results.json` and the PNGs are deterministic.",
-        "",
-        "## Accuracy versus chance",
-        "",
-        f"![balanced accuracy per subject versus chance]({ACCURACY_PLOT_NAME})",
-        "",
-        "## Confusion matrices (rows: true class, normalized)",
-        "",
-    ]
-    for r in subs.values():
-        lines += [
-            f"### {r['subject']}",
-            "",
-            f"![confusion {r['subject']}](confusion_{r['subject']}.png)",
-            "",
-        ]
-    return "\n".join(lines)
-
-
-def plot_confusion(res: dict[str, Any], target: str | Path) -> None:
-    """Heat map of the row-normalized confusion matrix with class names, values and a colorbar."""
-    plt = _pyplot()
-    cm = np.asarray(res["confusion_matrix"], dtype=float)
-    classes = res["classes"]
-    n = len(classes)
-    size = max(4.5, 0.55 * n + 2.5)
-    fig, ax = plt.subplots(figsize=(size + 1.2, size))
-    im = ax.imshow(cm, cmap="viridis", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(
-        f"{res['subject']}: confusion (row-normalized)\n"
-        f"balanced accuracy {res['mean_balanced_accuracy']:.3f}, chance {res['chance_theoretical']:.3f}"
-    )
-    if n <= 15:
-        for i in range(n):
-            for j in range(n):
-                ax.text(
-                    j,
-                    i,
-                    f"{cm[i, j]:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=9,
-                    color="black" if cm[i, j] > 0.6 else "white",
-                )
-    fig.colorbar(im, ax=ax, label="fraction of true-class trials")
-    fig.tight_layout()
-    _save_png(fig, target)
-
-
-def plot_accuracy_vs_chance(subjects: dict[str, dict[str, Any]], target: str | Path) -> None:
-    """Per-subject mean balanced accuracy with fold values, against the three chance estimates."""
-    plt = _pyplot()
-    names = list(subjects)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names) + 2.5), 4.5))
-    for x, name in enumerate(names):
-        r = subjects[name]
-        folds = np.asarray(r["fold_balanced_accuracy"])
-        jitter = np.linspace(-0.12, 0.12, folds.size) if folds.size > 1 else np.zeros(1)
-        ax.scatter(
-            x + jitter, folds, s=14, color="tab:blue", alpha=0.5, label="fold" if x == 0 else None
-        )
-        ax.errorbar(
-            x,
-            r["mean_balanced_accuracy"],
-            yerr=r["std_balanced_accuracy"],
-            fmt="o",
-            color="tab:blue",
-            ms=8,
-            capsize=5,
-            label="mean ± sd" if x == 0 else None,
-        )
-        ax.hlines(
-            r["chance_theoretical"],
-            x - 0.35,
-            x + 0.35,
-            colors="black",
-            linestyles=":",
-            label="1 / n_classes" if x == 0 else None,
-        )
-        ax.scatter(
-            x + 0.25,
-            r["dummy_chance"],
-            marker="s",
-            color="tab:gray",
-            label="dummy (stratified)" if x == 0 else None,
-        )
-        if r["permutation_means"]:
-            perm = np.asarray(r["permutation_means"])
-            ax.errorbar(
-                x - 0.25,
-                perm.mean(),
-                yerr=[[perm.mean() - perm.min()], [perm.max() - perm.mean()]],
-                fmt="D",
-                color="tab:orange",
-                capsize=4,
-                label="permutation mean (min–max)" if x == 0 else None,
-            )
-    ax.set_xticks(range(len(names)), names)
-    ax.set_xlim(-0.7, len(names) - 0.3)
-    ax.set_ylim(0.0, 1.04)
-    ax.set_xlabel("subject")
-    ax.set_ylabel("balanced accuracy")
-    ax.set_title("Run-grouped cross-validated decoding vs chance")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.tight_layout()
-    _save_png(fig, target)
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far, in bytes (Linux ``ru_maxrss`` is in KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 # ----------------------------------------------------------------------------------------------
@@ -761,128 +527,35 @@ def peak_rss_bytes() -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m nsdprep decode``."""
-    parser.add_argument(
-        "--curated",
-        type=Path,
-        default=Path(nsd.CURATED_DIR),
-        help="curated folder with sub-XX.nii.gz, sub-XX_labels.npy, sub-XX_runs.npy",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path(nsd.DECODING_DIR),
-        help="output folder (results.json, report.md, PNG plots)",
-    )
-    parser.add_argument(
-        "--subjects",
-        type=int,
-        nargs="+",
-        metavar="N",
-        help="subject numbers (default: every sub-XX.nii.gz in --curated)",
-    )
-    parser.add_argument(
-        "--subsample",
-        type=int,
-        default=0,
-        metavar="N",
-        help="keep N trials per subject, stratified and evenly spaced (0 = all)",
-    )
-    parser.add_argument("--jobs", type=int, default=1, help="folds fitted in parallel (threads)")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of classifier, dummy, permutations"
-    )
-    parser.add_argument(
+    add = parser.add_argument
+    add("--curated", type=Path, default=Path(nsd.CURATED_DIR), help="curated folder (sub-XX*)")
+    add("--out", type=Path, default=Path(nsd.DECODING_DIR), help="output folder")
+    add("--subjects", type=int, nargs="+", metavar="N", help="default: all in --curated")
+    add("--subsample", type=int, default=0, metavar="N", help="N trials per subject (0 = all)")
+    add("--jobs", type=int, default=1, help="fits run at once (threads sharing the data)")
+    add("--seed", type=int, default=0, help="seed of classifier, dummy and permutations")
+    add(
         "--n-permutations",
         type=int,
         default=DEFAULT_N_PERMUTATIONS,
-        help="label permutations (within runs) for the chance level; 0 = none",
+        help="label permutations within runs, each a full cross-validation; smallest p is "
+        "1/(N+1); 0 = no permutation test (default: %(default)s)",
     )
-    parser.add_argument(
-        "--n-folds", type=int, default=DEFAULT_N_FOLDS, help="run-grouped cross-validation folds"
-    )
-    parser.add_argument("--C", type=float, default=DEFAULT_C, help="inverse L2 strength")
-    parser.add_argument("--max-iter", type=int, default=DEFAULT_MAX_ITER, help="lbfgs iterations")
-    parser.add_argument(
-        "--memory-gb",
-        type=float,
-        default=DEFAULT_MEMORY_GB,
-        help="memory budget; fewer folds run at once when --jobs would exceed it",
-    )
+    add("--n-folds", type=int, default=DEFAULT_N_FOLDS, help="run-grouped folds")
+    add("--C", type=float, default=DEFAULT_C, help="inverse L2 strength")
+    add("--max-iter", type=int, default=DEFAULT_MAX_ITER, help="lbfgs iterations")
+    add("--memory-gb", type=float, default=DEFAULT_MEMORY_GB, help="caps the jobs run at once")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the decoding stage from parsed arguments; print a one-line summary per subject."""
-    config = DecodeConfig(
-        n_folds=args.n_folds,
-        n_permutations=args.n_permutations,
-        seed=args.seed,
-        subsample=args.subsample,
-        jobs=args.jobs,
-        C=args.C,
-        max_iter=args.max_iter,
-        memory_gb=args.memory_gb,
-    )
-    results = decode(args.curated, args.out, args.subjects, config)
+    from nsdprep.decode_report import REPORT_NAME
+
+    config = DecodeConfig(**{f.name: getattr(args, f.name) for f in fields(DecodeConfig)})
+    results = decode(args.curated, args.out, args.subjects, config, provenance.command_of(args))
     for r in results["subjects"].values():
-        print(
-            f"{r['subject']}: balanced accuracy {r['mean_balanced_accuracy']:.3f} "
-            f"(chance {r['chance_theoretical']:.3f}, dummy {r['dummy_chance']:.3f}, "
-            f"permutation {r['permutation_mean']}, p={r['permutation_p_value']}) "
-            f"{r['n_trials']} trials x {r['n_voxels']} voxels, {r['seconds']:.0f} s, "
-            f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB"
-        )
+        p = r["permutation_p_value"]
+        p_text = "no permutations" if p is None else f"p {p:.3g} >= {r['permutation_p_min']:.3g}"
+        print(f"{r['subject']}: balanced accuracy {r['mean_balanced_accuracy']:.3f} ({p_text})")
     print(f"wrote {args.out / REPORT_NAME}")
     return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except ValueError as exc:  # object arrays need pickle: not the curated format
-        raise FormatError(f"{path}: not a plain numpy array ({exc})") from exc
-    except OSError as exc:
-        raise FormatError(f"{path}: unreadable .npy file ({exc})") from exc
-
-
-def _r(value: Any, ndigits: int = 6) -> Any:
-    """Round floats (also in nested lists) so results.json does not show last-bit noise."""
-    if isinstance(value, list | tuple):
-        return [_r(v, ndigits) for v in value]
-    if isinstance(value, float | np.floating):
-        return round(float(value), ndigits)
-    return value
-
-
-def _versions() -> dict[str, str]:
-    import matplotlib
-    import nibabel
-    import sklearn
-
-    return {
-        "numpy": np.__version__,
-        "scikit-learn": sklearn.__version__,
-        "nibabel": nibabel.__version__,
-        "matplotlib": matplotlib.__version__,
-    }
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_png(fig: Any, target: str | Path) -> None:
-    plt = _pyplot()
-    try:
-        with atomic_path(target) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, metadata=_PNG_METADATA)
-    finally:
-        plt.close(fig)

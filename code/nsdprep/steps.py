@@ -93,6 +93,8 @@ class Options:
     valid: bool = False
     layout: nsd.Layout = field(default_factory=nsd.Layout)
     subsample: int = 0
+    #: decode: label permutations per subject (smallest reachable p = 1/(permutations+1))
+    permutations: int = 100
     rev: str = "HEAD"
     backend: Backend = "local"
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
@@ -104,6 +106,8 @@ class Options:
             raise UsageError(f"PREFETCH must be an integer >= 0, got {self.prefetch}")
         if self.subsample < 0:
             raise UsageError(f"SUBSAMPLE must be >= 0 (0 = all trials), got {self.subsample}")
+        if self.permutations < 0:
+            raise UsageError(f"PERMUTATIONS must be >= 0 (0 = none), got {self.permutations}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,6 +177,7 @@ def steps_for(target: str, ds: Path, opts: Options) -> list[Step]:
         subjects = registry.select_subjects(nsd_ds, opts.subjects)
         cmd = (*py, "decode", "--curated", curated, "--out", out, "--jobs", str(opts.jobs))
         cmd += ("--subjects", *map(str, subjects), "--subsample", str(opts.subsample))
+        cmd += ("--n-permutations", str(opts.permutations))
         inputs = tuple(f"{curated}/{nsd.bids_subject_label(s)}*" for s in subjects)
         return [Step(target, "decode" + suffix, cmd, inputs, (out,))]
     raise UsageError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
@@ -389,6 +394,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs-per-session", default="12")
     parser.add_argument("--trials-per-run", default="63,62")
     parser.add_argument("--subsample", default="0")
+    parser.add_argument("--permutations", default="100", help="decode: label permutations")
     parser.add_argument("--rev", default="HEAD", help="rerun: the commit (or range) to re-execute")
     parser.add_argument("--backend", default="local", help="local, or slurm (see nsdprep.slurm)")
     parser.add_argument("--slurm-opts", default="", help="slurm: extra sbatch arguments")
@@ -410,6 +416,7 @@ def main(args: argparse.Namespace) -> int:
     (jobs,) = _one_int(args.jobs, "JOBS")
     (subsample,) = _one_int(args.subsample, "SUBSAMPLE")
     (prefetch,) = _one_int(args.prefetch, "PREFETCH")
+    (permutations,) = _one_int(args.permutations, "PERMUTATIONS")
     opts = Options(
         subjects=tuple(s for item in args.subjects for s in _subjects(item)),
         jobs=jobs,
@@ -420,6 +427,7 @@ def main(args: argparse.Namespace) -> int:
         valid=args.valid,
         layout=nsd.Layout.parse(args.runs_per_session, args.trials_per_run),
         subsample=subsample,
+        permutations=permutations,
         rev=args.rev,
         backend=args.backend,
         slurm=SlurmOptions(
