@@ -18,10 +18,10 @@ supercategory label of each trial (``sub-XX_labels.npy``). :mod:`nsdprep.decode_
   ``1 / (1 + n_permutations)`` (default 100 permutations: p >= 0.0099).
 - **Cost of permutations**: a subject costs ``n_permutations + 2`` cross-validations (the observed
   labels are fitted for the predictions and again inside ``permutation_test_score``). Measured
-  (``bench/bench_decode.py``, one core): a permutation costs 0.08 s CPU at demo size (87 trials x
-  1.5k voxels), 11 s at 1000 x 69.5k and ~4 min for a real subject (22.5k x 64k): ~7 hours per
-  subject for 100. Lower it with ``--n-permutations`` (``make decode PERMUTATIONS=20``: p >= 0.048)
-  or ``--subsample``; 0 skips the test.
+  on one core: a permutation costs 0.26 s for a demo subject (87 trials x 1.5k voxels), 11 s at
+  1000 x 69.5k and ~4 min for a real-sized one (22.5k x 64k): ~7 hours per subject for 100
+  (``bench/bench_decode.py``; lbfgs iterations, hence times, depend on the data). Lower it with
+  ``--n-permutations`` (``make decode PERMUTATIONS=20``: p >= 0.048) or ``--subsample``; 0 skips it.
 - **Memory**: the 4D file is never loaded whole. Jobs are threads over the one data matrix; each
   fit or prediction gathers its fold's rows (:func:`rows_of`) and scales them in place
   (:class:`BlockwiseStandardScaler`). ``--memory-gb`` caps the jobs run at once.
