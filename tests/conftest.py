@@ -94,8 +94,8 @@ def demo_built(git_env, tmp_path_factory: pytest.TempPathFactory) -> Path:
     over it), the whole pipeline on synthetic data, published to a RIA store and cloned from there
     by a colleague with their own HOME (``<workdir>/colleague``, facts in ``<workdir>/share.json``).
     """
-    from nsdprep.testing.demo import DemoSpec, build_demo
+    from nsdprep.testing.demo import TEST_SPEC, build_demo
 
     work = tmp_path_factory.mktemp("e2e")
     venv = Path(sys.executable).parent.parent
-    return build_demo(work, venv, REPO_ROOT, DemoSpec(), overlay=True, env=git_env, share=True)
+    return build_demo(work, venv, REPO_ROOT, TEST_SPEC, overlay=True, env=git_env, share=True)

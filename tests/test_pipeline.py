@@ -21,9 +21,9 @@ import pandas as pd
 import pytest
 import scipy.io
 
-from nsdprep.testing.demo import DemoSpec, loopback_env
+from nsdprep.testing.demo import TEST_SPEC, loopback_env
 
-LAYOUT = DemoSpec()
+LAYOUT = TEST_SPEC
 VENV = Path(sys.executable).parent.parent
 pytestmark = pytest.mark.datalad
 
@@ -126,6 +126,8 @@ def test_decoding_beats_chance(built: Path) -> None:
         # planted signal, run-grouped CV: well above 1/n_classes on every subject
         assert res["mean_balanced_accuracy"] > res["chance_theoretical"] + 0.1, res
         assert res["mean_balanced_accuracy"] > res["dummy_chance"] + 0.1, res
+        # no permutation within runs reaches it: p is the smallest the permutation count allows
+        assert res["permutation_p_value"] == pytest.approx(1 / (LAYOUT.permutations + 1)), res
 
 
 def test_second_make_does_nothing(built: Path, git_env) -> None:

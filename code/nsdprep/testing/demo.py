@@ -41,12 +41,15 @@ class DemoSpec:
     sessions: tuple[int, ...] = (3, 3, 2, 2)
     layout: Layout = Layout(6, (8, 7))  # noqa: RUF009 (frozen, immutable)
     seed: int = 0
+    #: decode's label permutations per subject (the demo reports p down to 1/101)
+    permutations: int = 100
 
     def make_vars(self) -> list[str]:
-        """The make variables that pass this layout to the stages."""
+        """The make variables that pass this layout and the permutation count to the stages."""
         return [
             f"RUNS_PER_SESSION={self.layout.runs_per_session}",
             f"TRIALS_PER_RUN={','.join(map(str, self.layout.trials_per_run))}",
+            f"PERMUTATIONS={self.permutations}",
         ]
 
     def synth_spec(self) -> SynthSpec:
@@ -136,6 +139,10 @@ def make(
     cmd = ["make", "--no-print-directory", "-C", str(ds), target, f"VENV={venv}", *args]
     log.info("$ %s", " ".join(cmd))
     subprocess.run(cmd, check=True, env=env)
+
+
+#: the end-to-end tests: the demo with 20 permutations (p down to 1/21) to keep ``make test`` short
+TEST_SPEC = DemoSpec(permutations=20)
 
 
 def build_demo(
