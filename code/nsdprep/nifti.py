@@ -214,7 +214,8 @@ def iter_volumes(
         )
         raise FormatError(
             f"{path}: gzip stream truncated or corrupted {where}: {type(exc).__name__}: {exc}. "
-            "Get a fresh copy (`datalad drop` then `datalad get`, and `git annex fsck`)."
+            "Get a fresh, verified copy with `make repair SUBJECTS=..` (a plain drop + get fails "
+            "if this damaged copy's checksum was recorded at its first download)."
         ) from exc
 
 
@@ -305,7 +306,7 @@ class NiftiStreamWriter:
     def __enter__(self) -> NiftiStreamWriter:
         stack = contextlib.ExitStack()
         try:
-            tmp = stack.enter_context(atomic_path(self.path))
+            tmp = stack.enter_context(atomic_path(self.path, expected_size=self._expected_size))
             raw = stack.enter_context(open(tmp, "wb"))
             self._gz = stack.enter_context(
                 igzip.GzipFile(
@@ -319,6 +320,17 @@ class NiftiStreamWriter:
             raise
         self._stack = stack
         return self
+
+    def _expected_size(self, written_bytes: int) -> int:
+        """Whole-file size for a disk-full message (an estimate).
+
+        Extrapolated from the volumes written so far once enough has reached the disk (buffers
+        hold the rest), else the uncompressed size.
+        """
+        total = 1 if self.n_volumes is None else self.n_volumes
+        if self.written and written_bytes >= 1 << 20:
+            return int(written_bytes * total / self.written)
+        return NIFTI1_MIN_OFFSET + total * int(np.prod(self.shape3d)) * self.dtype.itemsize
 
     def write(self, vol: np.ndarray) -> None:
         """Append one 3D volume (cast to the file dtype only when that is lossless)."""
