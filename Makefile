@@ -43,19 +43,33 @@ RIA ?=
 RIA_SIBLING ?= ria
 ALIAS ?= nsdprep
 
+# Options a user may set on the command line; anything else (a typo such as SUBJETCS=01, which make
+# would silently ignore and so process every subject) stops make before any target runs.
+KNOWN_OPTIONS := VENV PYTHON_BOOT NSD_URL COCO_URL SUBJECTS JOBS DROP LABELS FORCE RUNS_PER_SESSION \
+	TRIALS_PER_RUN SUBSAMPLE REV RIA RIA_SIBLING ALIAS PYTEST_ARGS PREFETCH VALID
+UNKNOWN_OPTIONS := $(filter-out $(KNOWN_OPTIONS),$(foreach v,$(.VARIABLES),$(if \
+	$(filter command line,$(origin $(v))),$(v))))
+ifneq ($(strip $(UNKNOWN_OPTIONS)),)
+$(error unknown option $(UNKNOWN_OPTIONS); known: $(KNOWN_OPTIONS) (see `make help`))
+endif
+BOOLEAN_VALUES := 0 1 yes no true false
+$(foreach v,DROP FORCE,$(if $(filter-out $(BOOLEAN_VALUES),$($(v))),$(error \
+	$(v)=$($(v)) is not a yes/no value; use $(v)=1 or $(v)=0)))
+
 STEP_OPTS = $(if $(strip $(SUBJECTS)),--subjects $(SUBJECTS)) --jobs $(JOBS) \
 	$(if $(filter 1 yes true,$(DROP)),--drop) $(if $(filter 1 yes true,$(FORCE)),--force) \
 	--labels $(LABELS) --runs-per-session $(RUNS_PER_SESSION) --trials-per-run $(TRIALS_PER_RUN) \
 	--subsample $(SUBSAMPLE)
 
 .PHONY: help venv demo test test-slow lint format inputs get drop 3mm coco-labels curated decode \
-	bench rerun publish check-identity all
+	bench rerun publish repair check-identity all
 
 help: ## list the targets
 	@echo "nsdprep: NSD + COCO decoding dataset (DataLad). Targets:"
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' \
 		| expand -t 16
 	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 LABELS=legacy FORCE=1 NSD_URL=... COCO_URL=... RIA=..."
+	@echo "A failing target prints one line 'nsdprep <command>: error: ...' and make exits 2 (README, Troubleshooting)."
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -64,12 +78,13 @@ $(STAMP): requirements.txt
 
 venv: $(STAMP) ## create/update the pinned environment in .venv (datalad, git-annex, nibabel, ...)
 
+# Without an identity git-annex writes user.name=root into the dataset and commits as 'root <root>'.
 check-identity: venv
 	@{ [ -n "$${GIT_AUTHOR_NAME:-}" ] || git config user.name >/dev/null; } && \
 	 { [ -n "$${GIT_AUTHOR_EMAIL:-}" ] || git config user.email >/dev/null; } || { \
-	  echo "git has no identity; set one first, e.g.:"; \
-	  echo "  git config --global user.name 'Your Name'"; \
-	  echo "  git config --global user.email you@example.org"; exit 1; }
+	  echo "nsdprep: error: git has no identity (commits need one); set it once:" \
+	    "git config --global user.name 'Your Name' && git config --global user.email you@example.org" >&2; \
+	  exit 2; }
 
 demo: venv ## offline end-to-end run on synthetic data in a scratch clone (.demo/)
 	$(PY) -m nsdprep.testing.demo --source $(CURDIR) --venv $(abspath $(VENV))
@@ -78,8 +93,9 @@ test: venv ## run the test suite (unit + end-to-end in temporary clones)
 	@rc=0; $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) || rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is an error here"; fi; exit $$rc
 
-test-slow: venv ## run the heavy tests too (full-geometry data)
-	$(PY) -m pytest -q
+test-slow: venv ## run the slow tests only (kill loops, full-geometry data); CI runs it after `make test`
+	@rc=0; $(PY) -m pytest -q -m slow $(PYTEST_ARGS) || rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is an error here"; fi; exit $$rc
 
 lint: venv ## ruff check + format check
 	$(PY) -m ruff check code tests bench
@@ -90,13 +106,17 @@ format: venv ## format the code with ruff
 	$(PY) -m ruff check --fix code tests bench
 
 inputs: check-identity ## create/update inputs/nsd and inputs/coco, registered by URL (no download)
-	$(NSDPREP) inputs --nsd-url $(NSD_URL) --coco-url $(COCO_URL)
+	$(NSDPREP) inputs --nsd-url $(NSD_URL) --coco-url $(COCO_URL) \
+		$(if $(strip $(SUBJECTS)),--subjects $(SUBJECTS))
 
-get: venv ## fetch the betas of SUBJECTS (e.g. make get SUBJECTS=01) and the experiment files
+get: check-identity ## fetch the betas of SUBJECTS (e.g. make get SUBJECTS=01) and the experiment files
 	$(NSDPREP) build get $(STEP_OPTS)
 
-drop: venv ## drop the betas content of SUBJECTS again (frees disk; still registered)
+drop: check-identity ## drop the betas content of SUBJECTS again (frees disk; still registered)
 	$(NSDPREP) build drop $(STEP_OPTS)
+
+repair: check-identity ## re-fetch and verify damaged inputs of SUBJECTS, re-key them to their checksum
+	$(NSDPREP) build repair $(STEP_OPTS)
 
 3mm: check-identity ## resample 1 mm betas to 3 mm + GM mask -> derivatives/3mm (datalad run per subject)
 	$(NSDPREP) build 3mm $(STEP_OPTS)
