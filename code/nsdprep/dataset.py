@@ -236,23 +236,27 @@ def is_run_record(ds: str | Path, commit: str) -> bool:
 
 
 def clear_stale_index_lock(ds: str | Path) -> bool:
-    """Remove ``.git/index.lock`` left by a killed git command; True if one was removed.
+    """Remove index locks left by a killed git or git-annex command; True if one was removed.
 
-    Called under the dataset's nsdprep lock, so no other nsdprep run owns it; a lock held by a live
-    process working in the dataset (a user's git command) is left alone and reported instead.
+    ``.git/index.lock`` (git) and ``.git/annex/index.lock`` (the git-annex branch's index) make
+    every later command fail while they exist. Called under the dataset's nsdprep lock, so no other
+    nsdprep run owns them; a lock while a live git, git-annex or DataLad process works in the
+    dataset (a user's command) is left alone and reported instead.
     """
     ds = Path(ds)
-    path = git_dir(ds) / "index.lock"
-    if not path.exists():
+    gd = git_dir(ds)
+    stale = [p for p in (gd / "index.lock", gd / "annex" / "index.lock") if p.exists()]
+    if not stale:
         return False
     users = _processes_in(ds)
     if users:
         raise DatasetStateError(
-            f"{path} exists and process(es) {', '.join(map(str, users[:5]))} are working in {ds}: "
-            "a git command is running there. Wait for it to finish, then run again."
+            f"{stale[0]} exists and process(es) {', '.join(map(str, users[:5]))} are working in "
+            f"{ds}: a git command is running there. Wait for it to finish, then run again."
         )
-    log.warning("removing %s left by an interrupted git command", path)
-    path.unlink(missing_ok=True)
+    for path in stale:
+        log.warning("removing %s left by an interrupted git command", path)
+        path.unlink(missing_ok=True)
     return True
 
 
@@ -352,8 +356,14 @@ def rekey(repo: str | Path, rel: str, new_key: str, urls: Sequence[str]) -> None
 
 
 def annex_initialised(ds: str | Path) -> bool:
-    """True if git-annex is initialised in the repository at ``ds`` (it has an annex UUID)."""
-    return bool(git(ds, "config", "--local", "--get", "annex.uuid", check=False).strip())
+    """True if git-annex is initialised in the repository at ``ds`` (annex UUID and version set).
+
+    A ``git annex init`` killed half-way leaves the UUID without the version, a state git-annex
+    refuses to work in; running ``git annex init`` again completes it (same UUID).
+    """
+    local = [git(ds, "config", "--local", "--get", k, check=False).strip() for k in
+             ("annex.uuid", "annex.version")]  # fmt: skip
+    return all(local)
 
 
 def ensure_annex(ds: str | Path) -> bool:

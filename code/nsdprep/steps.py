@@ -241,7 +241,7 @@ def made_by(rel: str, step: Step | None = None) -> str:
         return "the step that makes it"
     legacy = " LABELS=legacy" if "legacy" in rel else ""
     m = re.search(r"subj(\d{2})|sub-(\d{2})", rel)
-    subject = f" SUBJECTS={m.group(1) or m.group(2)}" if m and target in ("3mm", "curated") else ""
+    subject = f" SUBJECTS={m.group(1)}" if m and m.group(1) and target == "3mm" else ""
     return f"make {target}{subject}{legacy}"
 
 
@@ -401,8 +401,9 @@ def run_target(target: str, ds: Path, opts: Options) -> int:
     ensure_inputs(ds, NEEDS.get(target, ()))
     dataset.ensure_annex(ds)
     with dataset.lock(ds, f"make {target}"):
-        if target in FETCHING:
-            for rel in NEEDS.get(target, ()):
+        for rel in NEEDS.get(target, ()):
+            dataset.clear_stale_index_lock(ds / rel)  # a run killed while fetching
+            if target in FETCHING:
                 dataset.configure_transfers(ds / rel)
         if target == "rerun":
             commit = check_rerun_rev(ds, opts.rev)
