@@ -43,10 +43,10 @@ RIA ?=
 RIA_SIBLING ?= ria
 ALIAS ?= nsdprep
 
-# Options a user may set on the command line; anything else (a typo such as SUBJETCS=01, which make
-# would silently ignore and so process every subject) stops make before any target runs.
-KNOWN_OPTIONS := VENV PYTHON_BOOT NSD_URL COCO_URL SUBJECTS JOBS DROP LABELS FORCE RUNS_PER_SESSION \
-	TRIALS_PER_RUN SUBSAMPLE REV RIA RIA_SIBLING ALIAS PYTEST_ARGS PREFETCH VALID
+# Options a user may set on the command line: every `NAME ?= default` of this Makefile, and
+# PYTEST_ARGS. Anything else (a typo such as SUBJETCS=01, which make would silently ignore and so
+# process every subject) stops make before any target runs.
+KNOWN_OPTIONS := $(sort $(shell sed -nE 's/^([A-Z_][A-Z0-9_]*) *\?=.*/\1/p' $(MAKEFILE_LIST)) PYTEST_ARGS)
 UNKNOWN_OPTIONS := $(filter-out $(KNOWN_OPTIONS),$(foreach v,$(.VARIABLES),$(if \
 	$(filter command line,$(origin $(v))),$(v))))
 ifneq ($(strip $(UNKNOWN_OPTIONS)),)
