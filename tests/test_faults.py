@@ -429,8 +429,8 @@ def fill(folder: Path, leave: int) -> Path:
 @pytest.mark.parametrize(
     ("target", "args", "out"),
     [
-        ("3mm", ("SUBJECTS=01",), "derivatives/3mm/subj01"),
-        # the same path through make; their write sites are also covered in-process above
+        # slow: the write sites are covered in-process above, the refusal up front below
+        pytest.param("3mm", ("SUBJECTS=01",), "derivatives/3mm/subj01", marks=pytest.mark.slow),
         pytest.param("coco-labels", (), "derivatives/coco", marks=pytest.mark.slow),
         pytest.param("curated", (), "derivatives/curated_3mm", marks=pytest.mark.slow),
     ],

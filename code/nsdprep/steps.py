@@ -226,7 +226,7 @@ def fingerprint(ds: Path, step: Step) -> str:
         if not listing:
             raise DatasetStateError(
                 f"{step.name}: its input {rel} has not been made yet; run "
-                f"`{made_by(rel, step)}` first (see `make help` for the order)."
+                f"`{made_by(rel)}` first (see `make help` for the order)."
             )
         h.update(listing.encode())
     for extra in step.extra_fingerprint:
@@ -234,7 +234,7 @@ def fingerprint(ds: Path, step: Step) -> str:
     return h.hexdigest()[:16]
 
 
-def made_by(rel: str, step: Step | None = None) -> str:
+def made_by(rel: str) -> str:
     """The make command that makes the dataset-relative path ``rel`` (``make 3mm SUBJECTS=01``)."""
     target = next((t for prefix, t in MADE_BY if rel.startswith(prefix)), "")
     if not target:
@@ -397,7 +397,7 @@ def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-
 
 
 def run_target(target: str, ds: Path, opts: Options) -> int:
-    """Make ``target`` in ``ds``: its ``datalad run`` steps, or get/drop/rerun/repair, under the lock."""
+    """Make ``target`` in ``ds`` under the lock: its ``datalad run`` steps, or get/drop/rerun/repair."""
     ensure_inputs(ds, NEEDS.get(target, ()))
     dataset.ensure_annex(ds)
     with dataset.lock(ds, f"make {target}"):
@@ -451,7 +451,7 @@ def ensure_inputs(ds: Path, needed: Sequence[str]) -> None:
 
 
 def check_rerun_rev(ds: Path, rev: str) -> str:
-    """The commit ``REV`` names, if it is a ``datalad run`` record; else a clear error."""
+    """Return ``rev`` if it names a ``datalad run`` record (or is a range); else a clear error."""
     commit = dataset.resolve_commit(ds, rev) if ".." not in rev else rev
     if commit is None:
         raise UsageError(
