@@ -30,7 +30,10 @@ COCO_URL ?= http://images.cocodataset.org/annotations/annotations_trainval2017.z
 SUBJECTS ?=
 JOBS ?= 2
 DROP ?= 0
+# Label rule: default (largest annotation), crop (largest inside the crop NSD showed), legacy.
 LABELS ?= default
+# make curated VALID=1: keep only voxels valid in every session (writes sub-XX_mask.nii.gz).
+VALID ?= 0
 FORCE ?= 0
 # Experiment layout (real NSD: 12 runs of 63/62 trials). Smaller synthetic layouts are passed here.
 RUNS_PER_SESSION ?= 12
@@ -42,6 +45,13 @@ REV ?= HEAD
 RIA ?=
 RIA_SIBLING ?= ria
 ALIAS ?= nsdprep
+# Where the derivative targets run: local, or slurm (one job array per target, FAIRly-big workflow;
+# needs RIA= once). SLURM_OPTS passes sbatch options; WAIT=1 waits for the result; SCRATCH is the
+# job-local folder for the temporary clones (default $TMPDIR on the node, else /tmp).
+BACKEND ?= local
+SLURM_OPTS ?=
+WAIT ?= 0
+SCRATCH ?=
 
 # Options a user may set on the command line: every `NAME ?= default` of this Makefile, and
 # PYTEST_ARGS. Anything else (a typo such as SUBJETCS=01, which make would silently ignore and so
@@ -53,22 +63,27 @@ ifneq ($(strip $(UNKNOWN_OPTIONS)),)
 $(error unknown option $(UNKNOWN_OPTIONS); known: $(KNOWN_OPTIONS) (see `make help`))
 endif
 BOOLEAN_VALUES := 0 1 yes no true false
-$(foreach v,DROP FORCE,$(if $(filter-out $(BOOLEAN_VALUES),$($(v))),$(error \
+$(foreach v,DROP FORCE VALID WAIT,$(if $(filter-out $(BOOLEAN_VALUES),$($(v))),$(error \
 	$(v)=$($(v)) is not a yes/no value; use $(v)=1 or $(v)=0)))
 
 STEP_OPTS = $(if $(strip $(SUBJECTS)),--subjects $(SUBJECTS)) --jobs $(JOBS) \
 	$(if $(filter 1 yes true,$(DROP)),--drop) $(if $(filter 1 yes true,$(FORCE)),--force) \
+	$(if $(filter 1 yes true,$(VALID)),--valid) \
 	--labels $(LABELS) --runs-per-session $(RUNS_PER_SESSION) --trials-per-run $(TRIALS_PER_RUN) \
 	--subsample $(SUBSAMPLE)
+BACKEND_OPTS = --backend $(BACKEND) $(if $(filter 1 yes true,$(WAIT)),--wait) \
+	--slurm-opts='$(SLURM_OPTS)' --ria='$(RIA)' --ria-sibling $(RIA_SIBLING) --alias $(ALIAS) \
+	--scratch='$(SCRATCH)'
 
-.PHONY: help venv demo test test-slow lint format inputs get drop 3mm coco-labels curated decode \
-	bench rerun publish repair check-identity all
+.PHONY: help venv demo test test-slow test-slurm lint format inputs get drop 3mm coco-labels \
+	curated decode bench bench-load rerun publish repair check-identity all
 
 help: ## list the targets
 	@echo "nsdprep: NSD + COCO decoding dataset (DataLad). Targets:"
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' \
 		| expand -t 16
-	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 LABELS=legacy FORCE=1 NSD_URL=... COCO_URL=... RIA=..."
+	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 LABELS=crop|legacy VALID=1 FORCE=1 NSD_URL=... COCO_URL=... RIA=..."
+	@echo "           BACKEND=slurm SLURM_OPTS=\"--time=.. --mem=..\" WAIT=1 SCRATCH=... (see README)"
 	@echo "A failing target prints one line 'nsdprep <command>: error: ...' and make exits 2 (README, Troubleshooting)."
 
 $(STAMP): requirements.txt
@@ -90,12 +105,16 @@ demo: venv ## offline end-to-end run on synthetic data in a scratch clone (.demo
 	$(PY) -m nsdprep.testing.demo --source $(CURDIR) --venv $(abspath $(VENV))
 
 test: venv ## run the test suite (unit + end-to-end in temporary clones)
-	@rc=0; $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(PY) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS) || rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is an error here"; fi; exit $$rc
 
 test-slow: venv ## run the slow tests only (kill loops, full-geometry data); CI runs it after `make test`
-	@rc=0; $(PY) -m pytest -q -m slow $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(PY) -m pytest -q -m "slow and not slurm" $(PYTEST_ARGS) || rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is an error here"; fi; exit $$rc
+
+test-slurm: venv ## BACKEND=slurm end to end on a throw-away single-node SLURM (root; installs it)
+	@rc=0; $(PY) -m pytest -q -m slurm tests/test_slurm.py $(PYTEST_ARGS) || rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no SLURM tests: that is an error here"; fi; exit $$rc
 
 lint: venv ## ruff check + format check
 	$(PY) -m ruff check code tests bench
@@ -119,18 +138,20 @@ repair: check-identity ## re-fetch and verify damaged inputs of SUBJECTS, re-key
 	$(NSDPREP) build repair $(STEP_OPTS)
 
 3mm: check-identity ## resample 1 mm betas to 3 mm + GM mask -> derivatives/3mm (datalad run per subject)
-	$(NSDPREP) build 3mm $(STEP_OPTS)
+	$(NSDPREP) build 3mm $(STEP_OPTS) $(BACKEND_OPTS)
 
 coco-labels: check-identity ## COCO labels per NSD image -> derivatives/coco_categories.pkl (datalad run)
-	$(NSDPREP) build coco-labels $(STEP_OPTS)
+	$(NSDPREP) build coco-labels $(STEP_OPTS) $(BACKEND_OPTS)
 
 curated: check-identity ## equalized trials per subject -> derivatives/curated_3mm (datalad run)
-	$(NSDPREP) build curated $(STEP_OPTS)
+	$(NSDPREP) build curated $(STEP_OPTS) $(BACKEND_OPTS)
 
 decode: check-identity ## run-grouped decoding baseline + report -> derivatives/decoding (datalad run)
-	$(NSDPREP) build decode $(STEP_OPTS)
+	$(NSDPREP) build decode $(STEP_OPTS) $(BACKEND_OPTS)
 
 all: 3mm coco-labels curated decode ## every derivative, in order
+# With BACKEND=slurm each target needs the previous one merged: wait for each (no effect locally).
+all: WAIT = 1
 
 rerun: check-identity ## re-execute a recorded run (REV=<commit>, default HEAD) with datalad rerun
 	$(NSDPREP) build rerun --rev $(REV)
@@ -141,3 +162,6 @@ publish: check-identity ## publish to a RIA store: make publish RIA=ria+file:///
 
 bench: venv ## benchmark the 3 mm resample on a full-geometry synthetic session (bench/results/)
 	$(PY) bench/bench_resample.py
+
+bench-load: venv ## curated matrix vs streaming the 4D NIfTI on a full-size subject (bench/results/)
+	$(PY) bench/bench_load.py

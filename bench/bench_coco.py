@@ -4,11 +4,14 @@ Writes (in a temporary directory, removed afterwards unless ``--workdir`` is giv
 ``annotations_trainval2017.zip`` holding instances_train2017.json (118287 images, 860001
 annotations, ~450 MB like the real file) and instances_val2017.json (5000 images, 36781
 annotations), a 73000-row stim info table and an expdesign file (8 x 10000 images, 30000 trials);
-then runs ``python -m nsdprep coco`` (default and ``--legacy``) in a subprocess each and reports
-wall time and peak RSS (of that subprocess, from wait4). Nothing is written into the repository
-unless ``--results`` names a file.
+then runs ``python -m nsdprep coco`` (default, ``--legacy`` and ``--crop``) in a subprocess each and
+reports wall time and peak RSS (of that subprocess, from wait4). Every fake picture is 640 x 480 with a
+square crop (``cropBox`` ``(0, 0, left, right)``, left + right = 0.25, at a random position) and
+compact 22-point polygons (radius 4..150 px), so ``--crop`` rasterizes ~530k annotation masks (those
+of the NSD images).
+Nothing is written into the repository unless ``--results`` names a file.
 
-    python bench/bench_coco.py [--workdir DIR] [--results FILE] [--modes default legacy]
+    python bench/bench_coco.py [--workdir DIR] [--results FILE] [--modes default legacy crop]
 """
 
 from __future__ import annotations
@@ -77,9 +80,7 @@ def _write_split(zf: zipfile.ZipFile, split: str, image_ids, ann_ids, rng) -> No
         for start in range(0, n_ann, CHUNK):
             stop = min(start + CHUNK, n_ann)
             n = stop - start
-            seg = rng.uniform(0, 640, size=(n, COORDS_PER_POLYGON)).round(2).tolist()
-            bbox = rng.uniform(0, 480, size=(n, 4)).round(2).tolist()
-            area = rng.uniform(10, 100000, size=n).round(5).tolist()
+            seg, bbox, area = _polygons(rng, n)
             cats = rng.choice(cat_ids, size=n).tolist()
             img = ann_image[start:stop].tolist()
             aid = ann_ids[start:stop].tolist()
@@ -102,6 +103,27 @@ def _write_split(zf: zipfile.ZipFile, split: str, image_ids, ann_ids, rng) -> No
         w('], "categories": ' + json.dumps(cats_json) + "}")
 
 
+def _polygons(rng: np.random.Generator, n: int) -> tuple[list, list, list]:
+    """``n`` compact, star-shaped polygons in a 640 x 480 picture, like COCO's outlines.
+
+    Centre anywhere in the picture, radius log-uniform 4..150 px (areas ~50..70000 px²), 22 points
+    at sorted angles with the radius jittered; clipped to the picture. Returns the polygons, their
+    bboxes ``[x, y, w, h]`` and areas (shoelace).
+    """
+    k = COORDS_PER_POLYGON // 2
+    centre = rng.uniform([0, 0], [640, 480], size=(n, 1, 2))
+    radius = np.exp(rng.uniform(np.log(4), np.log(150), size=(n, 1, 1)))
+    angle = np.sort(rng.uniform(0, 2 * np.pi, size=(n, k)), axis=1)[..., None]
+    jitter = rng.uniform(0.7, 1.0, size=(n, k, 1))
+    pts = centre + radius * jitter * np.concatenate([np.cos(angle), np.sin(angle)], axis=2)
+    pts = np.clip(pts, 0, [640, 480]).round(2)
+    x, y = pts[..., 0], pts[..., 1]
+    area = 0.5 * np.abs(np.sum(x * np.roll(y, -1, 1) - np.roll(x, -1, 1) * y, axis=1))
+    lo, hi = pts.min(axis=1), pts.max(axis=1)
+    bbox = np.concatenate([lo, hi - lo], axis=1).round(2)
+    return pts.reshape(n, -1).tolist(), bbox.tolist(), area.round(5).tolist()
+
+
 def make_inputs(workdir: Path, seed: int = 0) -> dict[str, Path]:
     rng = np.random.default_rng(seed)
     ids = rng.choice(
@@ -118,8 +140,10 @@ def make_inputs(workdir: Path, seed: int = 0) -> dict[str, Path]:
     all_ids = np.concatenate([train_ids, val_ids])
     split = np.where(pick < N_TRAIN_IMAGES, "train2017", "val2017").astype(object)
     stim = workdir / "nsd_stim_info_merged.pkl"
+    left = rng.integers(0, 161, size=N_NSD)  # 640 x 480 pictures: 160 px cut in all
+    crop = [(0, 0, int(a) / 640, (160 - int(a)) / 640) for a in left]
     pd.DataFrame(
-        {"cocoId": all_ids[pick], "cocoSplit": split, "nsdId": np.arange(N_NSD)}
+        {"cocoId": all_ids[pick], "cocoSplit": split, "cropBox": crop, "nsdId": np.arange(N_NSD)}
     ).to_pickle(stim)
     exp = workdir / "nsd_expdesign.mat"
     subjectim = np.stack([rng.permutation(N_NSD)[:10000] + 1 for _ in range(8)]).astype(float)
@@ -128,14 +152,18 @@ def make_inputs(workdir: Path, seed: int = 0) -> dict[str, Path]:
     return {"zip": zp, "stim": stim, "exp": exp}
 
 
-def run_stage(inputs: dict[str, Path], workdir: Path, legacy: bool) -> dict[str, float]:
-    out = workdir / ("coco_categories_legacy.pkl" if legacy else "coco_categories.pkl")
-    merged = workdir / ("merged_legacy.json" if legacy else "merged.json")
+def run_stage(inputs: dict[str, Path], workdir: Path, mode: str) -> dict[str, float]:
+    out = workdir / f"coco_categories_{mode}.pkl"
+    merged = workdir / f"merged_{mode}.json"
     cmd = [
         sys.executable, "-m", "nsdprep", "coco", "--zip", str(inputs["zip"]),
-        "--stim-info", str(inputs["stim"]), "--merged-out", str(merged), "--out", str(out),
+        "--stim-info", str(inputs["stim"]), "--out", str(out),
     ]  # fmt: skip
-    if legacy:
+    if mode == "crop":
+        cmd += ["--crop", "--expdesign", str(inputs["exp"])]
+    else:
+        cmd += ["--merged-out", str(merged)]
+    if mode == "legacy":
         cmd += ["--legacy", "--expdesign", str(inputs["exp"])]
     env = {**os.environ, "PYTHONPATH": str(REPO / "code")}
     t0 = time.perf_counter()
@@ -148,7 +176,8 @@ def run_stage(inputs: dict[str, Path], workdir: Path, legacy: bool) -> dict[str,
         "wall_s": round(wall, 1),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 0),  # ru_maxrss is in KiB on Linux
-        "merged_json_mb": round(merged.stat().st_size / 1e6, 1),
+        "merged_json_mb": round(merged.stat().st_size / 1e6, 1) if merged.exists() else None,
+        "summary_tail": out.with_name(out.stem + "_summary.tsv").read_text().splitlines()[-8:],
     }
 
 
@@ -156,7 +185,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, help="keep/reuse generated inputs here")
     ap.add_argument("--results", type=Path, help="also write the numbers as JSON here")
-    ap.add_argument("--modes", nargs="+", default=["default", "legacy"])
+    ap.add_argument("--modes", nargs="+", default=["default", "legacy", "crop"])
     args = ap.parse_args()
     tmp = None
     if args.workdir:
@@ -182,7 +211,7 @@ def main() -> int:
             "members_mb": sizes,
         }
         for mode in args.modes:
-            results[mode] = run_stage(inputs, workdir, legacy=mode == "legacy")
+            results[mode] = run_stage(inputs, workdir, mode)
         text = json.dumps(results, indent=1)
         print(text)
         if args.results:

@@ -54,6 +54,14 @@ def _git(repo: Path, *args: str) -> None:
     subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
 
 
+def _write_valid(path: Path, shape: tuple[int, int, int]) -> None:
+    """An all-valid 1 mm mask (int16, as NSD) whose grid the 3 mm AFFINE samples exactly."""
+    one_mm = AFFINE.copy()
+    one_mm[:3, :3] /= 3
+    img = nib.Nifti1Image(np.ones(tuple(3 * n for n in shape), dtype=np.int16), one_mm)
+    nib.save(img, path)
+
+
 def make_inputs(
     root: Path,
     registered: dict[int, int],
@@ -77,7 +85,7 @@ def make_inputs(
         d.mkdir(parents=True)
         for ses in range(1, n + 1):
             (d / f"betas_session{ses:02d}.nii.gz").write_text(f"{subj} {ses}\n")
-            (d / f"valid_session{ses:02d}.nii.gz").write_text(f"{subj} {ses}\n")
+            _write_valid(d / f"valid_session{ses:02d}.nii.gz", shape)
     max_trials = max(registered.values()) * s_per
     masterordering = rng.integers(1, N_IMAGES + 1, size=(1, max_trials)).astype(np.float64)
     subjectim = np.stack([rng.permutation(N_73K)[:N_IMAGES] + 1 for _ in range(8)]).astype(float)
@@ -356,13 +364,9 @@ def test_deterministic_and_subset_identical(big: Inputs, big_out: Path, tmp_path
         assert a == b, f
     subset = tmp_path / "subset"
     assert run_curate(big, subset, subjects=[7]) == 0
-    assert sorted(p.name for p in subset.glob("sub-*")) == [
-        "sub-07.nii.gz",
-        "sub-07_labels.npy",
-        "sub-07_runs.npy",
-        "sub-07_trials.tsv",
-    ]
-    for suffix in (".nii.gz", "_labels.npy", "_runs.npy", "_trials.tsv"):
+    suffixes = (".nii.gz", "_X.npy", "_labels.npy", "_mask.nii.gz", "_runs.npy", "_trials.tsv")
+    assert sorted(p.name for p in subset.glob("sub-*")) == sorted(f"sub-07{x}" for x in suffixes)
+    for suffix in suffixes:
         assert (subset / f"sub-07{suffix}").read_bytes() == (
             big_out / f"sub-07{suffix}"
         ).read_bytes()
@@ -623,4 +627,19 @@ def test_on_synthetic_tree(synth_root: Path, tmp_path: Path, git_env):
             ses, tis = int(tsv["session"][k]), int(tsv["trial_in_session"][k])
             src = nib.load(resampled / f"subj{subj:02d}" / f"betas_session{ses:02d}.nii.gz")
             np.testing.assert_array_equal(img.dataobj[..., k], src.dataobj[..., tis - 1])
+        _check_matrix(cur, f"sub-{subj:02d}")
     assert len(sizes) == 1
+
+
+def _check_matrix(cur: Path, sub: str) -> None:
+    """The trials x voxels matrix is the 4D file's volumes inside the written mask, exactly."""
+    from nsdprep.matrix import open_matrix
+
+    img = nib.load(cur / f"{sub}.nii.gz")
+    mask_img = nib.load(cur / f"{sub}_mask.nii.gz")
+    np.testing.assert_allclose(mask_img.affine, img.affine)
+    mask = np.asarray(mask_img.dataobj) != 0
+    X = open_matrix(cur / f"{sub}_X.npy")
+    data = np.asarray(img.dataobj)
+    assert mask.sum() > 100 and X.shape == (data.shape[3], int(mask.sum()))
+    np.testing.assert_array_equal(np.asarray(X), data[mask].T)

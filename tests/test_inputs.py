@@ -46,6 +46,7 @@ def build_bucket(root: Path, sessions: dict[int, int] = SESSIONS, seed: int = 0)
         (nsdp.EXPDESIGN_KEY, 500),
         (nsdp.STIM_INFO_KEY, 700),
         (nsdp.STIMULI_KEY, 900),
+        (nsdp.STIM_INFO_CSV_KEY, 650),
     ]:
         _write(root / "nsd" / key, size, rng)
     _write(root / "coco" / nsdp.COCO_ZIP_KEY, 400, rng)
@@ -135,7 +136,8 @@ def test_register_matches_bucket_without_download(setup: Setup) -> None:
         assert key in tracked
     assert "nsddata_betas/ppdata/subj01/MNI/betas_fithrf/R2.nii.gz" not in tracked
     assert git(coco, "ls-files", nsdp.COCO_ZIP_NAME).stdout.strip() == nsdp.COCO_ZIP_NAME
-    assert setup.added == {nsdp.NSD_DATASET: len(registered) + 3, nsdp.COCO_DATASET: 1}
+    extra = len(inputs.NSD_EXTRA_KEYS)  # design, stim info (pkl and csv), stimuli
+    assert setup.added == {nsdp.NSD_DATASET: len(registered) + extra, nsdp.COCO_DATASET: 1}
 
     # Nothing downloaded, and each annexed file knows its URL and its size.
     assert present(nsd) == [] and present(coco) == []

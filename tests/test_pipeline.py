@@ -8,6 +8,7 @@ volumes via nibabel), never from the pipeline's own intermediate results.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -208,3 +209,50 @@ def test_git_history_grows_by_kilobytes_not_by_the_derivatives(built: Path) -> N
     git_bytes = sum(map(int, sizes))
     assert git_bytes < 100_000, git_bytes
     assert git_bytes < annexed_bytes / 20, (git_bytes, annexed_bytes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Analysis-ready access: the matrix and load_curated on the demo dataset.
+
+
+def test_load_curated_matches_the_4d_file(built: Path) -> None:
+    import nsdprep
+
+    for subject in range(1, len(LAYOUT.sessions) + 1):
+        d = nsdprep.load_curated(subject, dataset=built)
+        cur = built / "derivatives/curated_3mm"
+        img = nib.load(cur / f"sub-{subject:02d}.nii.gz")
+        data = np.asarray(img.dataobj)
+        mask = np.asarray(d.mask_img.dataobj) != 0
+        assert isinstance(d.X, np.memmap) and not d.X.flags.writeable
+        assert d.X.shape == (data.shape[3], int(mask.sum())) and mask.sum() > 100
+        np.testing.assert_array_equal(np.asarray(d.X), data[mask].T)
+        assert not data[~mask].any()  # the 3 mm stage left nothing outside grey matter
+        np.testing.assert_array_equal(d.labels, np.load(cur / f"sub-{subject:02d}_labels.npy"))
+        np.testing.assert_array_equal(d.runs, d.trials["run"].to_numpy())
+        back = d.to_img([0, len(d.labels) - 1])
+        np.testing.assert_allclose(back.affine, img.affine)
+        np.testing.assert_array_equal(np.asarray(back.dataobj), data[..., [0, -1]])
+
+
+def test_readme_example_runs_as_written(built: Path) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Analysis-ready access", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) == 5
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=built, capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(built / "code")},
+    )  # fmt: skip
+    score = float(proc.stdout.strip())
+    assert 1 / 12 + 0.1 < score <= 1.0, proc.stdout  # planted signal: well above chance
+
+
+def test_load_curated_names_datalad_get_when_content_is_absent(built: Path) -> None:
+    import nsdprep
+    from nsdprep.errors import MissingInputError
+
+    mate = built.parent / "colleague"  # fetched sub-02 only
+    assert nsdprep.load_curated(2, dataset=mate).X.shape[0] > 0
+    with pytest.raises(MissingInputError, match=r"datalad get derivatives/curated_3mm/sub-01\*"):
+        nsdprep.load_curated(1, dataset=mate)

@@ -464,7 +464,7 @@ def test_interrupted_curated_recovers(clone: Path, env, tmp_path: Path) -> None:
     assert _status(clone) == ""
     assert not _parts(clone)
     got = _git(clone, "ls-files", "-s", "derivatives/curated_3mm")
-    assert got.count("sub-0") == 2 * 4  # data, labels, runs, trials per subject
+    assert got.count("sub-0") == 2 * 6  # data, matrix, mask, labels, runs, trials per subject
     # an uninterrupted rebuild gives identical content: same keys, no new commit
     head = _head(clone)
     rc, text = make(clone, env, "curated", "FORCE=1")

@@ -115,7 +115,7 @@ def expected(state: State, target: str) -> str | None:
     if name == "JOBS=0":
         return r"JOBS must be a positive integer, got 0"
     if name == "LABELS=foo":
-        return r"LABELS must be 'default' or 'legacy', got 'foo'"
+        return r"LABELS must be one of default, legacy, crop, got 'foo'"
     raise ValueError(f"no expectation for {state} x {target}")
 
 

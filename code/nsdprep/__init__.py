@@ -9,4 +9,16 @@ paths, layout, design file), ``dataset`` (the one adapter to git, git-annex and 
 Nothing is done at import time.
 """
 
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["load_curated"]
+
+
+def __getattr__(name: str) -> Any:
+    """``nsdprep.load_curated`` without importing its dependencies at ``import nsdprep``."""
+    if name == "load_curated":
+        from nsdprep.load import load_curated
+
+        return load_curated
+    raise AttributeError(f"module 'nsdprep' has no attribute {name!r}")

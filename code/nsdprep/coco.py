@@ -1,6 +1,6 @@
 """COCO 2017 train+val merge and the per-NSD-image labels table.
 
-Two modes:
+Three modes (``LABELS=``):
 
 * **default** (correct): ``instances_train2017.json`` and ``instances_val2017.json`` are merged
   *keeping every original id* (after checking that the splits' category tables are identical and
@@ -18,6 +18,11 @@ Two modes:
   id of the right image: the labels belong to unrelated COCO images. One row per image shown to
   any subject (``np.unique(subjectim[:, masterordering - 1])``), column ``id`` keeping the dtype of
   ``subjectim`` in ``nsd_expdesign.mat``.
+* **crop** (``--crop``): the default table's annotations, labelled by the largest area *inside the
+  square crop NSD showed* (``cropBox``), beside the default labels; see :mod:`nsdprep.coco_crop`.
+
+The stim info is read from the pickle, or from ``nsd_stim_info_merged.csv`` when this pandas cannot
+unpickle it (:func:`load_stim_info`); the summary TSV records which (``input stim_info ...``).
 
 Outputs are deterministic: the JSON is written with fixed separators (sorted keys in default mode;
 the original's ``json.dumps`` defaults in legacy mode), the tables are pickled with a fixed protocol
@@ -30,6 +35,8 @@ import argparse
 import logging
 import pickle
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +45,7 @@ import pandas as pd
 
 from nsdprep import nsd
 from nsdprep._io import atomic_path, require_content
+from nsdprep.coco_crop import crop_boxes, crop_label_table, object_column, parse_box_cell
 from nsdprep.coco_instances import (
     MAX_SHOWN,
     annotation_arrays,
@@ -51,7 +59,7 @@ from nsdprep.coco_instances import (
     validate_splits,
     write_json,
 )
-from nsdprep.errors import FormatError, MissingInputError
+from nsdprep.errors import FormatError, MissingInputError, UsageError
 from nsdprep.nsd import UNKNOWN
 
 log = logging.getLogger(__name__)
@@ -69,20 +77,112 @@ LEGACY_COLUMNS = ("id", "supercats", "cats", "areas", "supercat", "cat")
 # ----------------------------------------------------------------------------------------------
 
 
-def read_stim_info(path: str | Path) -> pd.DataFrame:
-    """Load ``nsd_stim_info_merged.pkl`` and check what the labels need.
+@dataclass(frozen=True)
+class StimInfo:
+    """``nsd_stim_info_merged`` as read, and how: which file and reader gave the table."""
 
-    Needs columns ``cocoId`` (integer) and ``cocoSplit`` (``train2017``/``val2017``); if an
-    ``nsdId`` column exists, row position must equal it (the table is indexed by 0-based nsdId).
+    table: pd.DataFrame
+    path: Path
+    #: ``"pickle"``, ``"pickle (latin1)"`` (a Python 2 pickle) or ``"csv"`` (fallback)
+    reader: str
+    #: why the pickle was not used (empty when it was)
+    fallback_reason: str = ""
+
+    def describe(self) -> str:
+        """One line for logs and the summary TSV."""
+        reason = " ".join(self.fallback_reason.split())  # one line: it goes into a TSV cell
+        why = f" (pickle unreadable: {reason})" if reason else ""
+        return f"{self.path.name} via {self.reader}{why}"
+
+
+def load_stim_info(path: str | Path, csv: str | Path | None = None) -> StimInfo:
+    """Read ``nsd_stim_info_merged.pkl``, falling back to ``nsd_stim_info_merged.csv``.
+
+    The released pickle was written by an old pandas. Readers tried in order: ``pd.read_pickle``;
+    ``pickle.load(encoding="latin1")`` (reads Python 2 pickles, whose numpy buffers are byte
+    strings); then, if ``csv`` is given, ``pd.read_csv(csv, index_col=0)`` (how tknapen/nsd_access
+    reads it). When both files are readable, the columns the labels use (``cocoId``,
+    ``cocoSplit``, ``cropBox``) must agree. Either way the table is normalized (see
+    :func:`normalize_stim_info`) and checked.
     """
     path = Path(path)
-    _require(path, "nsd_stim_info_merged.pkl")
-    try:
-        df = pd.read_pickle(path)
-    except Exception as exc:  # unpickling can raise about anything
-        raise FormatError(f"{path} could not be read as a pandas pickle: {exc!r}") from exc
+    errors: list[str] = []
+    table = reader = None
+    if path.exists():
+        try:
+            table, reader = _read_pickle(path), "pickle"
+        except Exception as exc:  # noqa: BLE001 - unpickling can raise about anything
+            errors.append(f"pd.read_pickle: {exc!r}")
+            try:
+                with open(path, "rb") as fh:
+                    table, reader = pickle.load(fh, encoding="latin1"), "pickle (latin1)"
+            except Exception as exc2:  # noqa: BLE001
+                errors.append(f"pickle.load(encoding='latin1'): {exc2!r}")
+    else:
+        errors.append("content absent" if path.is_symlink() else "no such file")
+    csv = Path(csv) if csv is not None else None
+    csv_table = None
+    if csv is not None and table is None:
+        _require(csv, "nsd_stim_info_merged.csv")
+        csv_table = normalize_stim_info(_read_csv(csv), csv)
+    elif csv is not None and csv.exists():  # only for the cross-check: the pickle was read
+        try:
+            csv_table = normalize_stim_info(_read_csv(csv), csv)
+        except FormatError as exc:
+            log.warning("%s; the pickle was read, so it is used without the cross-check", exc)
+    if table is None:
+        if csv_table is None:
+            _require(path, "nsd_stim_info_merged.pkl")
+            raise FormatError(
+                f"{path} could not be read as a pandas pickle ({'; '.join(errors)}) and no CSV "
+                f"was given; pass --stim-info-csv {nsd.STIM_INFO_CSV_KEY.rsplit('/', 1)[-1]}."
+            )
+        reason = "; ".join(errors)
+        log.warning("%s could not be read (%s); using %s instead", path, reason, csv)
+        return StimInfo(csv_table, csv, "csv", reason)
+    table = normalize_stim_info(table, path)
+    if csv_table is not None:
+        _cross_check(table, path, csv_table, csv)
+    log.info("stim info: %s read with %s", path, reader)
+    return StimInfo(table, path, reader)
+
+
+def read_stim_info(path: str | Path, csv: str | Path | None = None) -> pd.DataFrame:
+    """The stim-info table of :func:`load_stim_info` (pickle, else CSV), normalized and checked."""
+    return load_stim_info(path, csv).table
+
+
+def normalize_stim_info(df: Any, path: str | Path) -> pd.DataFrame:
+    """Check the stim-info table and give it one form, whichever file or pandas wrote it.
+
+    A leading ``Unnamed: 0`` column equal to the row position (an index saved into a CSV and read
+    back without ``index_col``) is dropped; text columns become ``object`` (pandas 3 reads CSV
+    text as ``str``); ``cropBox`` cells written as text, ``"(0, 0, 0.1671875, 0.1671875)"``,
+    become tuples; the index becomes a ``RangeIndex``. Needs columns ``cocoId`` (integer) and
+    ``cocoSplit`` (``train2017``/``val2017``); if an ``nsdId`` column exists, row position must
+    equal it (the table is indexed by 0-based nsdId).
+    """
+    path = Path(path)
     if not isinstance(df, pd.DataFrame):
         raise FormatError(f"{path}: expected a pandas DataFrame, found {type(df).__name__}.")
+    df = df.copy()
+    n = len(df)
+    leftover = "Unnamed: 0"
+    if leftover in df.columns and np.array_equal(df[leftover].to_numpy(), np.arange(n)):
+        df = df.drop(columns=leftover)
+    if not np.array_equal(np.asarray(df.index), np.arange(n)):
+        raise FormatError(
+            f"{path}: the rows must be indexed 0..{n - 1} (row = nsdId); found index "
+            f"{list(df.index[:MAX_SHOWN])}."
+        )
+    df.index = pd.RangeIndex(n)
+    df.columns = pd.Index([str(c) for c in df.columns], dtype=object)
+    for col in df.columns:
+        if pd.api.types.is_string_dtype(df[col].dtype) and df[col].dtype != object:
+            df[col] = df[col].astype(object)
+    if "cropBox" in df.columns:
+        cells = [parse_box_cell(v, path, i) for i, v in enumerate(df["cropBox"].tolist())]
+        df["cropBox"] = object_column(cells)
     missing = [c for c in ("cocoId", "cocoSplit") if c not in df.columns]
     if missing:
         raise FormatError(
@@ -99,6 +199,10 @@ def read_stim_info(path: str | Path) -> pd.DataFrame:
             f"{sorted({str(x) for x in splits[bad]})[:MAX_SHOWN]} (rows "
             f"{np.flatnonzero(bad)[:MAX_SHOWN].tolist()})."
         )
+    # One string object per split name, whichever reader made them: pickles of tables built
+    # from this one are then the same bytes whether the pickle or the CSV was read.
+    canonical = {s: s for s in nsd.COCO_SPLITS}
+    df["cocoSplit"] = object_column([canonical[x] for x in splits])
     if "nsdId" in df.columns:
         nsd_ids = df["nsdId"].to_numpy()
         wrong = np.flatnonzero(nsd_ids != np.arange(len(df)))
@@ -174,9 +278,9 @@ def label_table(
             "nsdId": np.arange(n, dtype=np.int64),
             "cocoId": coco_ids,
             "cocoSplit": pd.array(coco_splits.tolist(), dtype=object),
-            "supercats": _object_column(supercats),
-            "cats": _object_column(cats),
-            "areas": _object_column(areas),
+            "supercats": object_column(supercats),
+            "cats": object_column(cats),
+            "areas": object_column(areas),
             "supercat": pd.array(top_super, dtype=object),
             "cat": pd.array(top_cat, dtype=object),
         },
@@ -213,9 +317,9 @@ def legacy_label_table(merged_legacy: dict[str, Any], ids: np.ndarray) -> pd.Dat
     return pd.DataFrame(
         {
             "id": ids,
-            "supercats": _object_column(cols["supercats"]),
-            "cats": _object_column(cols["cats"]),
-            "areas": _object_column(cols["areas"]),
+            "supercats": object_column(cols["supercats"]),
+            "cats": object_column(cols["cats"]),
+            "areas": object_column(cols["areas"]),
             "supercat": pd.array(cols["supercat"], dtype=object),
             "cat": pd.array(cols["cat"], dtype=object),
         },
@@ -223,10 +327,11 @@ def legacy_label_table(merged_legacy: dict[str, Any], ids: np.ndarray) -> pd.Dat
     )
 
 
-def summary_tsv(table: pd.DataFrame) -> str:
+def summary_tsv(table: pd.DataFrame, extra: Sequence[tuple[str, str, object]] = ()) -> str:
     """Small human-readable summary of a labels table: rows, unknown count, counts per label.
 
-    TSV with columns ``kind``, ``label``, ``count``; labels sorted by count (desc) then name.
+    TSV with columns ``kind``, ``label``, ``count``; labels sorted by count (desc) then name;
+    ``extra`` rows (e.g. which stim-info file was read, what the crop rule changed) at the end.
     """
     lines = ["kind\tlabel\tcount", f"total\trows\t{len(table)}"]
     lines.append(f"total\tunknown\t{int((table['supercat'] == UNKNOWN).sum())}")
@@ -234,6 +339,7 @@ def summary_tsv(table: pd.DataFrame) -> str:
         counts = table[col].astype(object).value_counts()
         for label, count in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0]))):
             lines.append(f"{col}\t{label}\t{int(count)}")
+    lines += [f"{kind}\t{label}\t{value}" for kind, label, value in extra]
     return "\n".join(lines) + "\n"
 
 
@@ -247,23 +353,36 @@ def write_table(table: pd.DataFrame, path: str | Path) -> None:
 def build(
     zip_path: str | Path,
     stim_info: str | Path,
-    merged_out: str | Path,
+    merged_out: str | Path | None,
     out: str | Path,
     *,
     legacy: bool = False,
+    crop: bool = False,
     expdesign: str | Path | None = None,
     summary_out: str | Path | None = None,
+    stim_info_csv: str | Path | None = None,
 ) -> pd.DataFrame:
     """Run the whole stage: check inputs, merge, write the merged JSON, the table and its summary.
 
-    Cheap checks (files present, zip members, stim info / expdesign content) run before the JSON
-    is parsed. Returns the labels table written to ``out``.
+    Modes: default; ``legacy`` (the original renumbering merge and lookup); ``crop`` (largest
+    annotation inside the shown crop, see :mod:`nsdprep.coco_crop`; writes no merged JSON, which is
+    the default mode's). Cheap checks (files present, zip members, stim info / expdesign content)
+    run before the JSON is parsed. Which stim-info file and reader were used goes to the log and to
+    the summary TSV. Returns the labels table written to ``out``.
     """
+    if legacy and crop:
+        raise UsageError("--legacy and --crop are two different label rules; choose one.")
+    if merged_out is None and not crop:
+        raise UsageError("--merged-out is needed (only --crop writes no merged JSON).")
+    mode = "legacy" if legacy else "crop" if crop else "default"
     t0 = time.perf_counter()
     zip_path = Path(zip_path)
     members = instances_members(zip_path)
     sources = {s: f"{zip_path}:{m}" for s, m in members.items()}
-    info = read_stim_info(stim_info)
+    stim = load_stim_info(stim_info, stim_info_csv)
+    info = stim.table
+    extra: list[tuple[str, str, object]] = [("input", "stim_info", stim.describe())]
+    shown = None
     if legacy:
         if expdesign is None:
             raise MissingInputError(
@@ -271,6 +390,10 @@ def build(
                 "the original table has one row per image shown to any subject."
             )
         ids = nsd.read_expdesign(expdesign).shown_images()
+    elif crop:
+        crop_boxes(info, stim.path)  # checked before the big JSON is parsed
+        if expdesign is not None:
+            shown = nsd.read_expdesign(expdesign).shown_images().astype(np.int64) - 1
     data = read_instances(zip_path)
     validate_splits(data, sources)
     if legacy:
@@ -279,6 +402,16 @@ def build(
         write_json(merged, merged_out, legacy=True)
         table = legacy_label_table(merged, ids)
         del merged
+    elif crop:
+        default = label_table(data, info, sources)
+        table, stats = crop_label_table(data, info, default, sources, stim.path)
+        del data, default
+        extra += stats.rows()
+        if shown is not None:
+            shown = shown[(shown >= 0) & (shown < len(table))]
+            changed = table["supercat"].to_numpy() != table["supercat_default"].to_numpy()
+            extra.append(("crop", "changed_supercat_shown", int(changed[shown].sum())))
+            extra.append(("crop", "images_shown", int(shown.size)))
     else:
         table = label_table(data, info, sources)
         merged = merge_instances(data)
@@ -287,14 +420,14 @@ def build(
     write_table(table, out)
     summary_out = Path(summary_out) if summary_out else default_summary_path(out)
     with atomic_path(summary_out) as tmp:
-        tmp.write_text(summary_tsv(table), encoding="utf-8")
+        tmp.write_text(summary_tsv(table, extra), encoding="utf-8")
     log.info(
-        "%s labels: %d rows, %d unknown -> %s, merged -> %s (%.1f s)",
-        "legacy" if legacy else "default",
+        "%s labels: %d rows, %d unknown -> %s%s (%.1f s)",
+        mode,
         len(table),
         int((table["supercat"] == UNKNOWN).sum()),
         out,
-        merged_out,
+        f", merged -> {merged_out}" if merged_out else "",
         time.perf_counter() - t0,
     )
     return table
@@ -328,7 +461,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"nsd_stim_info_merged.pkl (e.g. {nsd.NSD_DATASET}/{nsd.STIM_INFO_KEY})",
     )
     parser.add_argument(
-        "--merged-out", required=True, type=Path, help=f"merged JSON (e.g. {nsd.COCO_MERGED})"
+        "--stim-info-csv",
+        type=Path,
+        default=None,
+        help="nsd_stim_info_merged.csv, read when the pickle cannot be (e.g. "
+        f"{nsd.NSD_DATASET}/{nsd.STIM_INFO_CSV_KEY})",
+    )
+    parser.add_argument(
+        "--merged-out",
+        type=Path,
+        default=None,
+        help=f"merged JSON (e.g. {nsd.COCO_MERGED}); not with --crop",
     )
     parser.add_argument(
         "--out", required=True, type=Path, help=f"labels table (e.g. {nsd.COCO_CATEGORIES})"
@@ -343,6 +486,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--legacy",
         action="store_true",
         help="reproduce the original derivative (renumbering merge, lookup by 73k id)",
+    )
+    parser.add_argument(
+        "--crop",
+        action="store_true",
+        help="label by the largest annotation inside the square crop NSD showed (cropBox)",
     )
     parser.add_argument(
         "--expdesign",
@@ -361,8 +509,10 @@ def main(args: argparse.Namespace) -> int:
         args.merged_out,
         args.out,
         legacy=args.legacy,
+        crop=args.crop,
         expdesign=args.expdesign,
         summary_out=args.summary_out,
+        stim_info_csv=args.stim_info_csv,
     )
     print(
         f"nsdprep coco: {len(table)} rows, {int((table['supercat'] == UNKNOWN).sum())} unknown "
@@ -380,11 +530,45 @@ def _require(path: Path, what: str) -> None:
     require_content(path, what, "it does not exist; run `make inputs` / check the path.")
 
 
-def _object_column(values: list[Any]) -> np.ndarray:
-    col = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        col[i] = v
-    return col
+def _read_pickle(path: Path) -> Any:
+    return pd.read_pickle(path)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, index_col=0)
+    except Exception as exc:  # noqa: BLE001 - the parser raises several types
+        raise FormatError(f"{path} could not be read as CSV (pd.read_csv): {exc!r}") from exc
+
+
+#: Largest difference tolerated between the pickle's and the CSV's crop fractions (text rounding).
+CROP_ATOL = 1e-4
+
+
+def _cross_check(pkl: pd.DataFrame, pkl_path: Path, csv: pd.DataFrame, csv_path: Path) -> None:
+    """The columns the labels use must agree between the pickle and the CSV."""
+    if len(pkl) != len(csv):
+        raise FormatError(
+            f"{pkl_path} has {len(pkl)} rows but {csv_path} has {len(csv)}; they should be the "
+            "same table. Get both files again (`datalad drop` then `datalad get`)."
+        )
+    for col in ("cocoId", "cocoSplit", "cropBox"):
+        if (col in pkl.columns) != (col in csv.columns):
+            raise FormatError(f"column {col!r} is in only one of {pkl_path} and {csv_path}.")
+        if col not in pkl.columns:
+            continue
+        if col == "cropBox":
+            a, b = crop_boxes(pkl, pkl_path), crop_boxes(csv, csv_path)
+            differ = np.flatnonzero(np.any(np.abs(a - b) > CROP_ATOL, axis=1))
+        else:
+            differ = np.flatnonzero(pkl[col].to_numpy() != csv[col].to_numpy())
+        if differ.size:
+            i = differ[:MAX_SHOWN]
+            raise FormatError(
+                f"{pkl_path} and {csv_path} disagree on {col} in {differ.size} rows, e.g. nsdId "
+                f"{i.tolist()}: {pkl[col].iloc[i].tolist()} vs {csv[col].iloc[i].tolist()}. "
+                "They should be the same table; get both files again."
+            )
 
 
 __all__ = [
@@ -395,6 +579,8 @@ __all__ = [
     "default_summary_path",
     "instances_members",
     "label_table",
+    "load_stim_info",
+    "normalize_stim_info",
     "legacy_label_table",
     "merge_instances",
     "merge_instances_legacy",

@@ -10,7 +10,12 @@ Per subject ``sub-XX`` (mapped from ``subjXX`` by number) the output directory h
 - ``sub-XX_trials.tsv``: one row per kept trial (subject, session, run_in_session, run, trial,
   trial_in_session, nsdId, cocoId, supercat, cat);
 
-plus ``README.md`` and ``dataset_description.json``. Selection rules (all computed from the inputs):
+plus ``README.md`` and ``dataset_description.json``, and with ``--valid`` (``make curated VALID=1``)
+``sub-XX_mask.nii.gz``: the 3 mm voxels kept, grey matter valid in every session used (NSD's
+``valid_sessionNN.nii.gz``, nearest-neighbour to 3 mm like the grey-matter mask); every other voxel is 0
+in ``sub-XX.nii.gz``. Without ``--valid`` the data files are as before; the README reports per subject
+the fraction of grey-matter voxels invalid in at least one session either way. Selection rules (all
+computed from the inputs):
 
 1. ``N`` = (fewest sessions registered in ``inputs/nsd`` over all registered subjects) x (trials per
    session); the first ``N`` trials of every subject are candidates;
@@ -36,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nsdprep import curate_docs, nsd, provenance, registry
+from nsdprep import curate_docs, masks, nsd, provenance, registry
 from nsdprep._io import atomic_path, remove_stale_parts
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError
 from nsdprep.nsd import PERSON, TRIAL_COLUMNS, UNKNOWN, Layout
@@ -63,6 +68,8 @@ class Selection:
     n_unknown: dict[int, int]
     n_person_dropped: dict[int, int]
     trials: dict[int, pd.DataFrame] = field(repr=False)
+    #: subject -> kept trials whose supercategory differs under the default rule (crop labels only)
+    n_label_changed: dict[int, int] = field(default_factory=dict)
 
     @property
     def trials_per_subject(self) -> int:
@@ -75,7 +82,7 @@ def load_labels(path: str | os.PathLike[str], legacy: bool = False) -> pd.DataFr
 
     Default table: keyed by ``nsdId`` (0-based). Legacy table: keyed by ``id`` (1-based 73k id).
     Returns a frame indexed by that key with columns ``cocoId`` (``<NA>`` if the table has none),
-    ``supercat``, ``cat``.
+    ``supercat``, ``cat``, and ``supercat_default`` when the table has it (crop labels).
     """
     path = Path(path)
     if not path.exists():
@@ -111,6 +118,8 @@ def load_labels(path: str | os.PathLike[str], legacy: bool = False) -> pd.DataFr
         },
         index=pd.Index(table[key].astype(np.int64).to_numpy(), name=key),
     )
+    if "supercat_default" in table.columns:
+        out["supercat_default"] = table["supercat_default"].astype(str).to_numpy()
     return out
 
 
@@ -189,9 +198,14 @@ def select(
     table = load_labels(labels_path, legacy=legacy)
 
     rows: dict[int, pd.DataFrame] = {}
+    changed: dict[int, np.ndarray] = {}
     for s in subjects:
         ids = design.trial_images(s, n_trials)
         lab = lookup_labels(table, ids, legacy, labels_path)
+        if "supercat_default" in lab.columns:
+            changed[s] = lab["supercat"].to_numpy(dtype=str) != lab["supercat_default"].to_numpy(
+                dtype=str
+            )
         t = np.arange(n_trials)
         k = t % S
         session = t // S + 1
@@ -221,6 +235,7 @@ def select(
         n_unknown={s: int(np.sum(v == UNKNOWN)) for s, v in supercats.items()},
         n_person_dropped=dropped,
         trials={s: rows[s].iloc[kept[s]].reset_index(drop=True) for s in subjects},
+        n_label_changed={s: int(changed[s][kept[s]].sum()) for s in changed},
     )
 
 
@@ -318,16 +333,104 @@ def check_resampled(
     return grid
 
 
+@dataclass(frozen=True)
+class ValidVoxels:
+    """One subject's grey-matter voxels on the 3 mm grid and which are valid in every used session.
+
+    ``valid_all`` is None when a used session has no registered ``valid_sessionNN.nii.gz``
+    (``missing``).
+    """
+
+    subject: int
+    sessions: tuple[int, ...]
+    missing: tuple[int, ...]
+    grey_matter: np.ndarray = field(repr=False)
+    valid_all: np.ndarray | None = field(repr=False)
+
+    @property
+    def n_grey_matter(self) -> int:
+        """Grey-matter voxels on the 3 mm grid."""
+        return int(self.grey_matter.sum())
+
+    @property
+    def n_invalid(self) -> int | None:
+        """Grey-matter voxels invalid in at least one used session (None if masks are missing)."""
+        if self.valid_all is None:
+            return None
+        return int((self.grey_matter & ~self.valid_all).sum())
+
+    @property
+    def fraction_invalid(self) -> float | None:
+        """``n_invalid / n_grey_matter`` (None if unknown or no grey matter on the grid)."""
+        bad = self.n_invalid
+        return None if bad is None or self.n_grey_matter == 0 else bad / self.n_grey_matter
+
+    def mask(self) -> np.ndarray:
+        """Grey matter valid in every used session (what ``--valid`` keeps)."""
+        if self.valid_all is None:
+            listing = ", ".join(nsd.valid_key(self.subject, s) for s in self.missing)
+            raise MissingInputError(
+                f"--valid needs the valid masks of every session used; not registered: {listing}. "
+                "Run `make inputs` (or curate without VALID=1)."
+            )
+        return self.grey_matter & self.valid_all
+
+
+def valid_voxels(
+    nsd_ds: str | os.PathLike[str], subject: int, n_sessions: int, grid: Grid
+) -> ValidVoxels:
+    """Read the 1 mm valid masks of sessions ``1..n_sessions`` and put them on the 3 mm grid.
+
+    Each ``valid_sessionNN.nii.gz`` (3D, nonzero = valid) goes to the 3 mm grid by nearest
+    neighbour (:func:`nsdprep.resample.nearest_on_grid`), as the grey-matter mask does; a voxel
+    counts as valid when it is valid in every session.
+    """
+    from nsdprep import nifti
+    from nsdprep.resample import nearest_on_grid
+
+    registered = set(registry.registered_sessions(nsd_ds, subject, kind="valid"))
+    sessions = tuple(s for s in range(1, n_sessions + 1) if s in registered)
+    missing = tuple(s for s in range(1, n_sessions + 1) if s not in registered)
+    valid_all: np.ndarray | None = np.ones(grid.shape, dtype=bool)
+    for ses in sessions:
+        path = Path(nsd_ds) / nsd.valid_key(subject, ses)
+        hdr = nifti.read_header(path)
+        if nifti.volume_count(hdr) != 1:
+            raise FormatError(
+                f"{path}: expected a 3D valid-voxel mask, found shape {hdr.get_data_shape()}"
+            )
+        (vol,) = nifti.iter_volumes(path, header=hdr)  # exhausted: the gzip CRC is checked
+        on_grid = nearest_on_grid(vol != 0, nifti.header_affine(hdr), grid.shape, grid.affine)
+        valid_all &= on_grid
+    if missing:
+        log.warning(
+            "%s: no valid mask registered for session(s) %s",
+            nsd.subject_label(subject),
+            ", ".join(f"{s:02d}" for s in missing),
+        )
+        valid_all = None
+    gm = np.asarray(masks.gm_mask(grid.shape, grid.affine), dtype=bool)
+    return ValidVoxels(subject, sessions, missing, gm, valid_all)
+
+
 def write_subject(
     out: str | os.PathLike[str],
     resampled: str | os.PathLike[str],
     subject: int,
     trials: pd.DataFrame,
     grid: Grid,
+    keep: np.ndarray | None = None,
 ) -> dict[str, Path]:
-    """Write ``sub-XX.nii.gz`` (streamed), ``_labels.npy``, ``_runs.npy``, ``_trials.tsv``."""
+    """Write one subject's curated files; the 4D image and the matrix in one streaming pass.
+
+    ``sub-XX.nii.gz``, ``sub-XX_X.npy`` (trials x voxels of the mask), ``sub-XX_mask.nii.gz``
+    (uint8 0/1), ``_labels.npy``, ``_runs.npy``, ``_trials.tsv``. The mask is the grey-matter mask
+    of the grid, or ``keep`` (3D bool, ``--valid``: grey matter valid in every session), in which
+    case voxels outside it are also written as 0 in the 4D image.
+    """
     from tqdm import tqdm
 
+    from nsdprep.matrix import MatrixWriter
     from nsdprep.nifti import NiftiStreamWriter, iter_volumes
 
     out = Path(out)
@@ -337,25 +440,43 @@ def write_subject(
         "labels": out / f"{name}_labels.npy",
         "runs": out / f"{name}_runs.npy",
         "trials": out / f"{name}_trials.tsv",
+        "matrix": out / f"{name}_X.npy",
+        "mask": out / f"{name}_mask.nii.gz",
     }
     n = int(trials.shape[0])
     by_session = {
         int(ses): set((grp["trial_in_session"] - 1).tolist())
         for ses, grp in trials.groupby("session", sort=True)
     }
+    mask = keep if keep is not None else masks.gm_mask(grid.shape, grid.affine)
+    outside = 0  # kept volumes with nonzero voxels outside the mask (none after `make 3mm`)
     with (
         NiftiStreamWriter(
             files["bold"], grid.shape, grid.affine, grid.dtype, n, header=grid.header
         ) as writer,
+        MatrixWriter(files["matrix"], mask, n) as matrix,
         tqdm(total=n, desc=name, unit="vol", disable=None) as bar,
     ):
         for ses in sorted(by_session):
             wanted = by_session[ses]
+            src = resampled_file(resampled, subject, ses)
             # Read every volume (not only up to the last kept one) so the gzip CRC is verified.
-            for k, vol in enumerate(iter_volumes(resampled_file(resampled, subject, ses))):
+            for k, vol in enumerate(iter_volumes(src)):
                 if k in wanted:
+                    if keep is not None:
+                        vol[~keep] = 0  # a fresh array per volume: safe to change
+                    outside += bool(np.any(vol[~mask]))
                     writer.write(vol)
+                    matrix.write(vol)
                     bar.update(1)
+    if outside:
+        log.warning(
+            "%s: %d of %d volumes have nonzero voxels outside the mask; those voxels are in %s "
+            "but not in the matrix %s (the 3 mm stage zeroes them)",
+            name, outside, n, files["bold"].name, files["matrix"].name,
+        )  # fmt: skip
+    with NiftiStreamWriter(files["mask"], grid.shape, grid.affine, np.uint8, None) as mask_out:
+        mask_out.write(mask.astype(np.uint8))
     with atomic_path(files["labels"]) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, np.asarray(trials["supercat"].to_numpy(dtype=str), dtype=str))
@@ -379,16 +500,20 @@ def curate(
     expdesign: str | os.PathLike[str] | None = None,
     legacy: bool = False,
     command: str = "",
+    valid: bool = False,
 ) -> Selection:
     """Build the curated derivative for ``subjects`` (default: all registered) into ``out``.
 
-    Checks every input (registry, design, labels, 3 mm files and grids) before writing anything.
+    Checks every input (registry, design, labels, 3 mm files and grids, valid masks) before
+    writing anything. ``valid``: keep only grey-matter voxels valid in every session used.
     """
     layout = layout or Layout()
     expdesign = Path(expdesign) if expdesign else Path(nsd_ds) / nsd.EXPDESIGN_KEY
     chosen = registry.select_subjects(nsd_ds, list(subjects) if subjects else None)
     selection = select(nsd_ds, expdesign, labels, layout, legacy=legacy)
     grid = check_resampled(resampled, chosen, selection.n_sessions, layout)
+    validity = {s: valid_voxels(nsd_ds, s, selection.n_sessions, grid) for s in chosen}
+    keep = {s: validity[s].mask() for s in chosen} if valid else {}
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -400,9 +525,18 @@ def curate(
             selection.trials[s].shape[0],
             selection.n_sessions,
         )
-        write_subject(out, resampled, s, selection.trials[s], grid)
+        if valid:
+            log.info(
+                "%s: keeping %d of %d grey-matter voxels (valid in every session)",
+                nsd.bids_subject_label(s),
+                int(keep[s].sum()),
+                validity[s].n_grey_matter,
+            )
+        write_subject(out, resampled, s, selection.trials[s], grid, keep.get(s))
 
-    description = curate_docs.description(selection, grid, labels, expdesign, legacy, command)
+    description = curate_docs.description(
+        selection, grid, labels, expdesign, legacy, command, validity, valid
+    )
     with atomic_path(out / "dataset_description.json") as tmp:
         tmp.write_text(json.dumps(description, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     with atomic_path(out / "README.md") as tmp:
@@ -433,6 +567,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="trials per run A,B: odd runs A, even runs B (default: %(default)s)",
     )
     parser.add_argument(
+        "--valid",
+        action="store_true",
+        help="keep only grey-matter voxels valid in every session used (valid_sessionNN.nii.gz); "
+        "writes sub-XX_mask.nii.gz",
+    )
+    parser.add_argument(
         "--legacy-labels",
         action="store_true",
         help="labels table is the legacy one (keyed by 1-based 73k 'id')",
@@ -452,6 +592,7 @@ def main(args: argparse.Namespace) -> int:
         expdesign=args.expdesign,
         legacy=args.legacy_labels,
         command=provenance.command_of(args),
+        valid=args.valid,
     )
     print(
         f"curated: {selection.trials_per_subject} trials per subject "

@@ -28,8 +28,14 @@ def description(
     expdesign: str | os.PathLike[str],
     legacy: bool,
     command: str,
+    validity: dict[int, Any] | None = None,
+    valid: bool = False,
 ) -> dict:
-    """The machine-readable provenance, selection and counts (BIDS ``dataset_description.json``)."""
+    """The machine-readable provenance, selection and counts (BIDS ``dataset_description.json``).
+
+    ``validity`` maps subject -> :class:`nsdprep.curate.ValidVoxels` (subjects written by this run);
+    ``valid``: the data were restricted to those voxels (``--valid``).
+    """
     label_counts = {
         nsd.bids_subject_label(s): {
             str(k): int(v) for k, v in df["supercat"].value_counts().sort_index().items()
@@ -37,7 +43,18 @@ def description(
         for s, df in sorted(sel.trials.items())
     }
     lay = sel.layout
-    return {
+    rules = [
+        "N = fewest sessions registered in inputs/nsd (over all registered subjects) x "
+        "trials per session; keep the first N trials of every subject",
+        "drop trials whose picture is labelled 'unknown'",
+        "equalize: subjects with more trials drop their earliest 'person' trials",
+    ]
+    if valid:
+        rules.append(
+            "voxels: grey matter valid in every session used (valid_sessionNN.nii.gz, nearest "
+            "neighbour to 3 mm); all other voxels are 0; the mask is sub-XX_mask.nii.gz"
+        )
+    desc = {
         "Name": "NSD single-trial betas, 3 mm, equalized trials with COCO supercategory labels"
         + (" (legacy labels)" if legacy else ""),
         "BIDSVersion": "1.9.0",
@@ -78,12 +95,7 @@ def description(
             "Dtype": str(grid.dtype),
         },
         "Selection": {
-            "Rules": [
-                "N = fewest sessions registered in inputs/nsd (over all registered subjects) x "
-                "trials per session; keep the first N trials of every subject",
-                "drop trials whose picture is labelled 'unknown'",
-                "equalize: subjects with more trials drop their earliest 'person' trials",
-            ],
+            "Rules": rules,
             "RegisteredSessions": {
                 nsd.subject_label(s): len(v) for s, v in sorted(sel.registered_sessions.items())
             },
@@ -104,12 +116,38 @@ def description(
             "Labels": label_counts,
         },
     }
+    if sel.n_label_changed:
+        desc["Counts"]["LabelChangedFromDefault"] = {
+            nsd.bids_subject_label(s): v for s, v in sorted(sel.n_label_changed.items())
+        }
+    if validity:
+        desc["ValidVoxels"] = {
+            "Applied": valid,
+            "Rule": "a 3 mm grey-matter voxel is valid when NSD's valid_sessionNN.nii.gz (nearest "
+            "neighbour to 3 mm) marks it in every session used",
+            "PerSubject": {
+                nsd.bids_subject_label(s): {
+                    "SessionsChecked": len(v.sessions),
+                    "SessionsWithoutMask": list(v.missing),
+                    "GreyMatterVoxels": v.n_grey_matter,
+                    "InvalidInAnySession": v.n_invalid,
+                    "FractionInvalid": None
+                    if v.fraction_invalid is None
+                    else round(v.fraction_invalid, 6),
+                    "VoxelsKept": int(v.mask().sum()) if valid else None,
+                }
+                for s, v in sorted(validity.items())
+            },
+        }
+    return desc
 
 
 def readme(sel: Selection, desc: dict, out: Path) -> str:
     """The folder's README: files, selection rules and counts per subject, in words."""
     subs = [nsd.bids_subject_label(s) for s in sorted(sel.trials)]
-    present = sorted(p.name[: -len(".nii.gz")] for p in out.glob("sub-*.nii.gz"))
+    present = sorted(
+        f"sub-{m[1]}" for p in out.iterdir() if (m := nsd.CURATED_BETAS_RE.match(p.name))
+    )
     labels = sorted({k for counts in desc["Counts"]["Labels"].values() for k in counts})
     lay = sel.layout
     lines = [
@@ -132,6 +170,15 @@ def readme(sel: Selection, desc: dict, out: Path) -> str:
         "- `sub-XX_trials.tsv`: one row per kept trial: "
         + ", ".join(f"`{c}`" for c in TRIAL_COLUMNS)
         + " (`trial`, `trial_in_session`, `session`, runs: 1-based; `nsdId`: 0-based).",
+        "- `sub-XX_X.npy`: the same trials as a trials x voxels int16 matrix (rows in trial order, "
+        "columns = the voxels of `sub-XX_mask.nii.gz` in C order of (i, j, k)); open it with "
+        "`numpy.load(f, mmap_mode='r')` or `nsdprep.load_curated(XX)`: any trial is one read, "
+        "nothing is decompressed. For a real subject (about 22.3k kept trials x about 64k "
+        "grey-matter voxels) it is about 2.9 GB, against about 12.8 GB decompressed for the 4D "
+        "file, which must be read from its first byte.",
+        "- `sub-XX_mask.nii.gz`: the 3 mm mask of the matrix columns (uint8 0/1): grey matter as "
+        "the 3 mm stage applied it; with `make curated VALID=1` only the grey-matter voxels valid "
+        "in every session used (the others are 0 in `sub-XX.nii.gz` too). `make decode` uses it.",
         "- `dataset_description.json`: provenance, selection and counts (machine readable).",
         "",
         f"Subjects with files in this directory: {', '.join(present) if present else 'none'}.",
@@ -164,6 +211,25 @@ def readme(sel: Selection, desc: dict, out: Path) -> str:
             + " | ".join(str(counts.get(k, 0)) for k in labels)
             + " |"
         )
+    changed = desc["Counts"].get("LabelChangedFromDefault")
+    if changed:
+        lines += [
+            "",
+            "## Crop-aware labels",
+            "",
+            "Labels follow the crop rule: the largest annotation inside the square crop NSD "
+            "showed (`cropBox`). Kept trials whose supercategory differs under the default rule "
+            "(largest annotation on the whole picture):",
+            "",
+            "| subject | kept | label differs from default | % |",
+            "|---|---|---|---|",
+        ]
+        for s in sorted(sel.trials):
+            bids = nsd.bids_subject_label(s)
+            kept = sel.trials[s].shape[0]
+            n = changed.get(bids, 0)
+            lines.append(f"| {bids} | {kept} | {n} | {100 * n / kept if kept else 0:.1f} |")
+    lines += _valid_section(desc.get("ValidVoxels"))
     lines += [
         "",
         "## Versions",
@@ -172,3 +238,38 @@ def readme(sel: Selection, desc: dict, out: Path) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _valid_section(valid: dict | None) -> list[str]:
+    """README lines about NSD's valid-voxel masks (None: nothing to say)."""
+    if not valid:
+        return []
+    applied = valid["Applied"]
+    lines = [
+        "",
+        "## Valid voxels",
+        "",
+        "NSD stores voxels without valid data in a session as 0, which looks like a measurement. "
+        + (
+            "This folder keeps only grey-matter voxels valid in every session used (`VALID=1`); "
+            "`sub-XX_mask.nii.gz` is the mask and every other voxel is 0."
+            if applied
+            else "This folder keeps every grey-matter voxel (`make curated VALID=1` keeps only "
+            "those valid in every session used)."
+        ),
+        "",
+        "| subject | sessions checked | grey-matter voxels | invalid in >= 1 session | fraction | "
+        "voxels kept |",
+        "|---|---|---|---|---|---|",
+    ]
+    for bids, v in valid["PerSubject"].items():
+        frac = "n/a" if v["FractionInvalid"] is None else f"{v['FractionInvalid']:.4f}"
+        bad = "n/a" if v["InvalidInAnySession"] is None else str(v["InvalidInAnySession"])
+        if v["SessionsWithoutMask"]:
+            bad += f" (no mask for session(s) {', '.join(map(str, v['SessionsWithoutMask']))})"
+        kept = str(v["VoxelsKept"]) if applied else f"{v['GreyMatterVoxels']} (VALID=0)"
+        lines.append(
+            f"| {bids} | {v['SessionsChecked']} | {v['GreyMatterVoxels']} | {bad} | {frac} | "
+            f"{kept} |"
+        )
+    return lines

@@ -63,7 +63,10 @@ DEFAULT_C = 0.01
 DEFAULT_MAX_ITER = 500
 #: Memory budget used to cap the number of folds fitted at once (the machine has 24 GB, shared).
 DEFAULT_MEMORY_GB = 16.0
-MASK_RULE = "voxels nonzero in at least one selected trial (grey-matter mask as written by curate)"
+MASK_RULE = (
+    "sub-XX_mask.nii.gz when present (make curated VALID=1), else voxels nonzero in at least one "
+    "selected trial (grey-matter mask as written by curate)"
+)
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.md"
 RESOURCES_NAME = "resources.json"
@@ -186,9 +189,11 @@ def load_masked(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stream the selected volumes of a 4D file into a float32 ``(n_trials, n_voxels)`` matrix.
 
-    Two sequential passes: the first builds the mask (voxels nonzero in any selected trial), the
-    second fills the preallocated matrix. Memory: the matrix plus one volume. Voxel columns are
-    in numpy's boolean-mask (C) order, as ``volume[mask]`` and nilearn's ``apply_mask`` give.
+    Two sequential passes: the first builds the mask (voxels nonzero in any selected trial, within
+    ``sub-XX_mask.nii.gz`` when it lies next to the betas: grey matter, or with ``make curated
+    VALID=1`` grey matter valid in every session), the second fills the preallocated matrix.
+    Memory: the matrix plus one volume. Voxel columns are in numpy's boolean-mask (C) order, as
+    ``volume[mask]`` and nilearn's ``apply_mask`` give.
 
     Returns
     -------
@@ -218,6 +223,12 @@ def load_masked(
     ):
         if wanted[i]:
             mask |= vol != 0
+    mask_file = Path(str(betas)[: -len(".nii.gz")] + "_mask.nii.gz")
+    if mask_file.exists():  # the curated mask: grey matter (VALID=1: valid in every session)
+        (written,) = (v != 0 for v in iter_volumes(mask_file))
+        if written.shape != tuple(shape[:3]):
+            raise FormatError(f"{mask_file}: grid {written.shape}, betas grid {tuple(shape[:3])}")
+        mask &= written
     n_voxels = int(mask.sum())
     if n_voxels == 0:
         raise FormatError(f"{betas}: every selected trial is 0 everywhere; nothing to decode")

@@ -52,9 +52,9 @@ TABLE_PATH = nsd.ADDURLS_TABLE
 TABLE_COLUMNS = ("filename", "url", "size")
 BETAS_ROOT_KEY = nsd.BETAS_ROOT_KEY
 #: NSD files registered besides the betas (never fetched by default; the stimuli are ~37 GB).
-NSD_EXTRA_KEYS = (nsd.EXPDESIGN_KEY, nsd.STIM_INFO_KEY, nsd.STIMULI_KEY)
+NSD_EXTRA_KEYS = (nsd.EXPDESIGN_KEY, nsd.STIM_INFO_KEY, nsd.STIM_INFO_CSV_KEY, nsd.STIMULI_KEY)
 #: Small experiment files fetched together with any subject's betas.
-NSD_EXPERIMENT_KEYS = (nsd.EXPDESIGN_KEY, nsd.STIM_INFO_KEY)
+NSD_EXPERIMENT_KEYS = (nsd.EXPDESIGN_KEY, nsd.STIM_INFO_KEY, nsd.STIM_INFO_CSV_KEY)
 
 _KEY_SIZE_RE = re.compile(r"^[A-Z0-9]+-s(?P<size>\d+)--")
 

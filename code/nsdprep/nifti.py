@@ -44,6 +44,13 @@ READ_BUFFER = 1 << 20
 DEFAULT_COMPRESSLEVEL = 1
 #: NIfTI xform code of MNI space (``mni`` in nibabel).
 MNI_XFORM_CODE = 4
+#: NSD's 1 mm MNI grid (the MNI152 1 mm box): its shape, and the world coordinates (mm, RAS) of
+#: its first and last voxel centres. NSD's MATLAB tools store it with x running left to right,
+#: affine ``[[1,0,0,-91],[0,1,0,-126],[0,0,1,-72]]``, ``sform_code`` 1 ("scanner"),
+#: ``qform_code`` 0; FSL stores the same box x-flipped, ``[[-1,0,0,90],...]``, codes 4.
+MNI152_1MM_SHAPE = (182, 218, 182)
+MNI152_1MM_WORLD_MIN = (-91.0, -126.0, -72.0)
+MNI152_1MM_WORLD_MAX = (90.0, 91.0, 109.0)
 
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     EOFError,
@@ -124,6 +131,34 @@ def check_betas_header(
     if affine is not None and not np.allclose(aff, affine, atol=atol, rtol=0):
         raise FormatError(f"{path}: expected affine\n{np.asarray(affine)}\nfound\n{aff}")
     return hdr
+
+
+def on_mni152_grid(shape: tuple[int, ...], affine: np.ndarray, *, atol: float = 1e-3) -> bool:
+    """True if the grid is NSD's 1 mm MNI grid or a box of it, in either x orientation.
+
+    That is: 1 mm voxels along the world axes (x may run either way, y and z run forward), every
+    voxel centre on an integer millimetre, and every voxel inside the MNI152 1 mm box
+    (:data:`MNI152_1MM_WORLD_MIN` .. :data:`MNI152_1MM_WORLD_MAX`). Whatever xform code such a file
+    carries (NSD's own files say 1), its world coordinates are MNI.
+    """
+    aff = np.asarray(affine, dtype=np.float64)
+    if aff.shape != (4, 4) or len(shape) < 3:
+        return False
+    axes = aff[:3, :3]
+    if not np.allclose(np.abs(axes), np.eye(3), atol=atol) or not (
+        axes[1, 1] > 0 and axes[2, 2] > 0
+    ):
+        return False
+    origin = aff[:3, 3]
+    if not np.allclose(origin, np.round(origin), atol=atol):
+        return False
+    corners = np.array([[0, 0, 0], [s - 1 for s in shape[:3]]], dtype=np.float64)
+    world = corners @ axes.T + origin
+    lo, hi = world.min(axis=0), world.max(axis=0)
+    return bool(
+        np.all(lo >= np.asarray(MNI152_1MM_WORLD_MIN) - atol)
+        and np.all(hi <= np.asarray(MNI152_1MM_WORLD_MAX) + atol)
+    )
 
 
 def header_affine(hdr: nib.Nifti1Header) -> np.ndarray:
@@ -246,7 +281,12 @@ class NiftiStreamWriter:
     compresslevel
         ISA-L level 0..3 (fixed per call so a rerun gives identical bytes with the pinned isal).
     xform_code
-        qform/sform code (4 = MNI by default).
+        sform code, and qform code unless ``qform_code`` is given (4 = MNI by default).
+    qform_code
+        qform code when it differs (NSD's MATLAB tools write sform 1, qform 0).
+    scl_fields
+        Values stored in ``scl_slope``/``scl_inter``; both defaults mean "no scaling": NaN (as
+        nibabel writes) or 0 (as NSD's MATLAB tools write).
 
     Use as a context manager; :meth:`write` appends one volume. On exit without error the count is
     checked and the file renamed into place; on any error the temporary is removed.
@@ -263,6 +303,8 @@ class NiftiStreamWriter:
         header: nib.Nifti1Header | None = None,
         compresslevel: int = DEFAULT_COMPRESSLEVEL,
         xform_code: int = MNI_XFORM_CODE,
+        qform_code: int | None = None,
+        scl_fields: tuple[float, float] = (np.nan, np.nan),
     ) -> None:
         self.path = Path(path)
         self.shape3d = tuple(int(s) for s in shape3d)
@@ -276,12 +318,17 @@ class NiftiStreamWriter:
         if self.affine.shape != (4, 4) or not np.all(np.isfinite(self.affine)):
             raise UsageError(f"affine must be a finite 4x4 array, got\n{self.affine}")
         self.compresslevel = int(compresslevel)
-        self.header = self._make_header(header, int(xform_code))
+        self.header = self._make_header(
+            header, int(xform_code), int(xform_code if qform_code is None else qform_code)
+        )
+        self.header["scl_slope"], self.header["scl_inter"] = scl_fields
         self.written = 0
         self._stack: contextlib.ExitStack | None = None
         self._gz: igzip.GzipFile | None = None
 
-    def _make_header(self, template: nib.Nifti1Header | None, code: int) -> nib.Nifti1Header:
+    def _make_header(
+        self, template: nib.Nifti1Header | None, code: int, qcode: int
+    ) -> nib.Nifti1Header:
         hdr = nib.Nifti1Header(endianness="<")
         tr = 1.0
         if template is not None:
@@ -293,7 +340,7 @@ class NiftiStreamWriter:
         shape = self.shape3d + (() if self.n_volumes is None else (self.n_volumes,))
         hdr.set_data_shape(shape)
         hdr.set_data_dtype(self.dtype)
-        hdr.set_qform(self.affine, code=code)
+        hdr.set_qform(self.affine, code=qcode)
         hdr.set_sform(self.affine, code=code)
         if self.n_volumes is not None:
             hdr.set_zooms(tuple(hdr.get_zooms()[:3]) + (tr,))

@@ -24,6 +24,8 @@ COCO_ANNOTATIONS_URL = "http://images.cocodataset.org/annotations/annotations_tr
 
 EXPDESIGN_KEY = "nsddata/experiments/nsd/nsd_expdesign.mat"
 STIM_INFO_KEY = "nsddata/experiments/nsd/nsd_stim_info_merged.pkl"
+#: The same table as CSV (``pd.read_csv(path, index_col=0)``, as tknapen/nsd_access reads it).
+STIM_INFO_CSV_KEY = "nsddata/experiments/nsd/nsd_stim_info_merged.csv"
 STIMULI_KEY = "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
 BETAS_ROOT_KEY = "nsddata_betas/ppdata/"
 COCO_ZIP_NAME = "annotations_trainval2017.zip"
@@ -52,6 +54,13 @@ CURATED_DIR = "derivatives/curated_3mm"
 CURATED_LEGACY_DIR = "derivatives/curated_3mm_legacy"
 DECODING_DIR = "derivatives/decoding"
 DECODING_LEGACY_DIR = "derivatives/decoding_legacy"
+COCO_CATEGORIES_CROP = "derivatives/coco_categories_crop.pkl"
+CURATED_CROP_DIR = "derivatives/curated_3mm_crop"
+DECODING_CROP_DIR = "derivatives/decoding_crop"
+
+#: Label rules (``LABELS=``): largest annotation on the whole COCO picture (default), the
+#: original defective lookup (legacy), largest annotation inside the crop NSD showed (crop).
+LABEL_MODES = ("default", "legacy", "crop")
 
 _BETAS_RE = re.compile(
     r"^nsddata_betas/ppdata/subj(?P<subject>\d{2})/MNI/betas_fithrf/"
@@ -143,6 +152,40 @@ def decoding_dir(legacy: bool = False) -> str:
     return DECODING_LEGACY_DIR if legacy else DECODING_DIR
 
 
+def _check_mode(mode: str) -> str:
+    if mode not in LABEL_MODES:
+        raise UsageError(f"LABELS must be one of {', '.join(LABEL_MODES)}; got {mode!r}")
+    return mode
+
+
+def labels_table_for(mode: str) -> str:
+    """The labels table of a label rule (``default``, ``legacy`` or ``crop``)."""
+    return {
+        "default": COCO_CATEGORIES,
+        "legacy": COCO_CATEGORIES_LEGACY,
+        "crop": COCO_CATEGORIES_CROP,
+    }[_check_mode(mode)]
+
+
+def curated_dir_for(mode: str) -> str:
+    """Output folder of ``make curated`` under a label rule."""
+    return {"default": CURATED_DIR, "legacy": CURATED_LEGACY_DIR, "crop": CURATED_CROP_DIR}[
+        _check_mode(mode)
+    ]
+
+
+def decoding_dir_for(mode: str) -> str:
+    """Output folder of ``make decode`` under a label rule."""
+    return {"default": DECODING_DIR, "legacy": DECODING_LEGACY_DIR, "crop": DECODING_CROP_DIR}[
+        _check_mode(mode)
+    ]
+
+
+def curated_mask_path(subject: int, folder: str | os.PathLike[str] = CURATED_DIR) -> Path:
+    """``sub-XX_mask.nii.gz``: the 3 mm voxels of the matrix (grey matter; with VALID=1 also valid)."""
+    return curated_files(subject, folder).mask
+
+
 @dataclass(frozen=True)
 class CuratedFiles:
     """The curated files of one subject, in a curated folder."""
@@ -152,14 +195,13 @@ class CuratedFiles:
     labels: Path
     runs: Path
     trials: Path
-
-    def all(self) -> tuple[Path, ...]:
-        """Every file, in a fixed order."""
-        return (self.betas, self.labels, self.runs, self.trials)
+    #: trials x voxels int16 matrix (memory-maps) and the 3 mm mask of its columns
+    matrix: Path
+    mask: Path
 
 
 def curated_files(subject: int, folder: str | os.PathLike[str] = CURATED_DIR) -> CuratedFiles:
-    """``sub-XX.nii.gz``, ``sub-XX_labels.npy``, ``sub-XX_runs.npy``, ``sub-XX_trials.tsv``."""
+    """``sub-XX.nii.gz``, ``_labels.npy``, ``_runs.npy``, ``_trials.tsv``, ``_X.npy``, ``_mask.nii.gz``."""
     folder, name = Path(folder), bids_subject_label(subject)
     return CuratedFiles(
         subject=subject,
@@ -167,6 +209,8 @@ def curated_files(subject: int, folder: str | os.PathLike[str] = CURATED_DIR) ->
         labels=folder / f"{name}_labels.npy",
         runs=folder / f"{name}_runs.npy",
         trials=folder / f"{name}_trials.tsv",
+        matrix=folder / f"{name}_X.npy",
+        mask=folder / f"{name}_mask.nii.gz",
     )
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import logging
 import multiprocessing as mp
 import os
@@ -47,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from nsdprep import dataset, nsd
+from nsdprep import dataset, masks, nsd
 from nsdprep._io import remove_stale_parts
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError, UsageError
 from nsdprep.nifti import (
@@ -56,6 +55,7 @@ from nsdprep.nifti import (
     check_betas_header,
     header_affine,
     iter_volumes,
+    on_mni152_grid,
     volume_count,
 )
 
@@ -136,31 +136,51 @@ def grid_map(
 
 
 def gm_mask(gmap: GridMap) -> np.ndarray:
-    """MNI152 grey-matter mask (nilearn's, threshold 0.2) on the target grid, nearest neighbour.
+    """MNI152 grey-matter mask on the target grid (see :func:`nsdprep.masks.gm_mask`)."""
+    return masks.gm_mask(gmap.shape, gmap.affine)
 
-    Cached per grid within a process (every session of a subject shares it); read-only array.
+
+def output_xform_code(hdr: Any) -> int:
+    """The xform code of the 3 mm output: MNI (4) for NSD's MNI grid, whatever code the input says.
+
+    NSD's MATLAB tools write its MNI files with ``sform_code`` 1; the world coordinates are MNI
+    all the same (:func:`nsdprep.nifti.on_mni152_grid`). Other grids keep the input's code.
     """
-    return _gm_mask_cached(gmap.shape, gmap.affine.tobytes())
+    if on_mni152_grid(hdr.get_data_shape()[:3], header_affine(hdr)):
+        return MNI_XFORM_CODE
+    return int(hdr["sform_code"]) or int(hdr["qform_code"]) or MNI_XFORM_CODE
 
 
-@functools.lru_cache(maxsize=4)
-def _gm_mask_cached(shape: tuple[int, int, int], affine_bytes: bytes) -> np.ndarray:
+def nearest_on_grid(
+    vol: np.ndarray, src_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray
+) -> np.ndarray:
+    """Nearest-neighbour resample of a 3D volume onto the grid ``shape``/``affine`` (0 outside).
+
+    The way the grey-matter mask goes to 3 mm (nilearn's ``resample_to_img``, nearest), with a
+    shortcut: when target voxels land exactly on source voxels (the 3 mm grid of a 1 mm MNI
+    file), it is a strided pick, which is what nilearn computes there too.
+    """
+    shape3 = tuple(int(s) for s in shape[:3])
+    src_affine = np.asarray(src_affine, dtype=np.float64)
+    affine = np.asarray(affine, dtype=np.float64)
+    vox = np.linalg.inv(src_affine) @ affine
+    tsl, ssl = _strided_map(tuple(vol.shape[:3]), shape3, vox[:3, :3], vox[:3, 3], GRID_TOL)
+    if tsl is not None and ssl is not None:
+        out = np.zeros(shape3, dtype=vol.dtype)
+        out[tsl] = vol[ssl]
+        return out
     import nibabel as nib
-    from nilearn.datasets import load_mni152_gm_mask
     from nilearn.image import resample_to_img
 
-    affine = np.frombuffer(affine_bytes, dtype=np.float64).reshape(4, 4)
-    target = nib.Nifti1Image(np.zeros(shape, np.int8), affine)
-    mask = resample_to_img(
-        load_mni152_gm_mask(),
-        target,
+    data = vol.astype(np.uint8) if vol.dtype == bool else vol
+    img = resample_to_img(
+        nib.Nifti1Image(data, src_affine),
+        nib.Nifti1Image(np.zeros(shape3, np.int8), affine),
         interpolation="nearest",
         force_resample=True,
         copy_header=True,
     )
-    out = np.asarray(mask.dataobj) != 0
-    out.flags.writeable = False
-    return out
+    return np.asarray(img.dataobj).astype(vol.dtype)
 
 
 def output_dtype(gmap: GridMap, in_dtype: np.dtype[Any]) -> np.dtype[Any]:
@@ -251,7 +271,7 @@ def resample_session(
     del probe
     mask = gm_mask(gmap)
     clip = None if gmap.fast else _value_range(src, hdr, cancelled)
-    code = int(hdr["sform_code"]) or int(hdr["qform_code"]) or MNI_XFORM_CODE
+    code = output_xform_code(hdr)
     log.debug("%s -> %s: %s path, %s, %d volumes", src, dst, _path_name(gmap), dtype, n_vol)
     with NiftiStreamWriter(
         dst,

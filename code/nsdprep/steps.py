@@ -81,7 +81,26 @@ class Step:
         return f"{TAG} {self.name} (inputs {fingerprint})"
 
 
-Labels = Literal["default", "legacy"]
+Labels = Literal["default", "legacy", "crop"]
+Backend = Literal["local", "slurm"]
+#: Targets that ``BACKEND=slurm`` can run on a cluster (the ones made of ``datalad run`` steps).
+CLUSTER_TARGETS: tuple[str, ...] = ("3mm", "coco-labels", "curated", "decode")
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """``BACKEND=slurm`` settings (see :mod:`nsdprep.slurm`)."""
+
+    #: extra ``sbatch`` arguments (``SLURM_OPTS``, split like a shell would)
+    sbatch_args: tuple[str, ...] = ()
+    #: ``WAIT=1``: wait for the finishing job and report its result
+    wait: bool = False
+    #: the output store (``RIA``); empty: the store the ``sibling`` already points at
+    ria: str = ""
+    sibling: str = "ria"
+    alias: str = "nsdprep"
+    #: job-local folder for the temporary clones (``SCRATCH``); empty: ``$TMPDIR``, else ``/tmp``
+    scratch: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,9 +112,13 @@ class Options:
     drop: bool = False
     force: bool = False
     labels: Labels = "default"
+    #: curated: keep only voxels valid in every session (and write sub-XX_mask.nii.gz)
+    valid: bool = False
     layout: nsd.Layout = field(default_factory=nsd.Layout)
     subsample: int = 0
     rev: str = "HEAD"
+    backend: Backend = "local"
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
 
     def __post_init__(self) -> None:
         if self.jobs < 1:
@@ -112,10 +135,10 @@ def steps_for(target: str, ds: Path, opts: Options) -> list[Step]:
     """Return the ``datalad run`` steps that make ``target`` in dataset ``ds``."""
     nsd_ds = ds / nsd.NSD_DATASET
     py = ("python", "-m", "nsdprep")
-    legacy = opts.labels == "legacy"
-    labels_pkl = nsd.labels_table(legacy)
+    legacy, crop = opts.labels == "legacy", opts.labels == "crop"
+    labels_pkl = nsd.labels_table_for(opts.labels)
     expdesign = f"{nsd.NSD_DATASET}/{nsd.EXPDESIGN_KEY}"
-    suffix = " legacy" if legacy else ""
+    suffix = "" if opts.labels == "default" else f" {opts.labels}"
     if target == "3mm":
         steps = []
         for subject in registry.select_subjects(nsd_ds, opts.subjects):
@@ -130,20 +153,35 @@ def steps_for(target: str, ds: Path, opts: Options) -> list[Step]:
     if target == "coco-labels":
         zip_in = f"{nsd.COCO_DATASET}/{nsd.COCO_ZIP_NAME}"
         stim = f"{nsd.NSD_DATASET}/{nsd.STIM_INFO_KEY}"
-        merged = nsd.merged_json(legacy)
+        stim_csv = f"{nsd.NSD_DATASET}/{nsd.STIM_INFO_CSV_KEY}"
         summary = nsd.summary_path(labels_pkl)
-        cmd = (*py, "coco", "--zip", zip_in, "--stim-info", stim, "--expdesign", expdesign)
-        cmd += ("--merged-out", merged, "--out", labels_pkl) + (("--legacy",) if legacy else ())
-        outputs = (merged, labels_pkl, summary)
-        return [Step(target, "coco-labels" + suffix, cmd, (zip_in, stim, expdesign), outputs)]
+        cmd = (*py, "coco", "--zip", zip_in, "--stim-info", stim, "--stim-info-csv", stim_csv)
+        cmd += ("--expdesign", expdesign)
+        if crop:  # the merged JSON is the default mode's; crop writes none
+            cmd += ("--out", labels_pkl, "--crop")
+            outputs: tuple[str, ...] = (labels_pkl, summary)
+        else:
+            merged = nsd.merged_json(legacy)
+            cmd += ("--merged-out", merged, "--out", labels_pkl)
+            cmd += ("--legacy",) if legacy else ()
+            outputs = (merged, labels_pkl, summary)
+        inputs = (zip_in, stim, stim_csv, expdesign)
+        return [Step(target, "coco-labels" + suffix, cmd, inputs, outputs)]
     if target == "curated":
         subjects = registry.select_subjects(nsd_ds, opts.subjects)
-        out = nsd.curated_dir(legacy)
+        out = nsd.curated_dir_for(opts.labels)
         cmd = (*py, "curate", "--nsd", nsd.NSD_DATASET, "--resampled", nsd.RESAMPLED_DIR)
         cmd += ("--labels", labels_pkl, "--expdesign", expdesign)
         cmd += ("--out", out, "--subjects", *map(str, subjects), *opts.layout.cli_args())
         cmd += ("--legacy-labels",) if legacy else ()
+        cmd += ("--valid",) if opts.valid else ()
         inputs = tuple(nsd.resampled_subject_dir(s) for s in subjects) + (labels_pkl, expdesign)
+        # Valid masks: counted in the README always, applied with VALID=1.
+        inputs += tuple(
+            f"{nsd.NSD_DATASET}/{nsd.valid_key(s, ses)}"
+            for s in subjects
+            for ses in registry.registered_sessions(nsd_ds, s, kind="valid")
+        )
         outputs = tuple(f"{out}/{nsd.bids_subject_label(s)}*" for s in subjects)
         outputs += (f"{out}/README.md", f"{out}/dataset_description.json")
         # Which sessions are registered decides N (rule 1), so it is part of the inputs' identity.
@@ -151,8 +189,8 @@ def steps_for(target: str, ds: Path, opts: Options) -> list[Step]:
         name = f"curated{suffix} {' '.join(nsd.bids_subject_label(s) for s in subjects)}"
         return [Step(target, name, cmd, inputs, outputs, extra_fingerprint=extra)]
     if target == "decode":
-        curated = nsd.curated_dir(legacy)
-        out = nsd.decoding_dir(legacy)
+        curated = nsd.curated_dir_for(opts.labels)
+        out = nsd.decoding_dir_for(opts.labels)
         subjects = registry.select_subjects(nsd_ds, opts.subjects)
         cmd = (*py, "decode", "--curated", curated, "--out", out, "--jobs", str(opts.jobs))
         cmd += ("--subjects", *map(str, subjects), "--subsample", str(opts.subsample))
@@ -332,16 +370,11 @@ def _json_sizes(zip_path: Path) -> int:
         return 0
 
 
-def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-to-date"]:
-    """Run one step with ``datalad run`` (see module docstring for the guarantees)."""
-    cleaned = restore_outputs(ds, step)
-    if cleaned:
-        log.warning(
-            "%s: removed %d leftover(s) of an interrupted or failed run (never recorded): %s",
-            step.name,
-            len(cleaned),
-            ", ".join(cleaned[:5]) + (" ..." if len(cleaned) > 5 else ""),
-        )
+def to_run(ds: Path, step: Step, *, force: bool = False) -> str | None:
+    """The inputs' fingerprint if ``step`` has to run, None if it is up to date.
+
+    Raises if the outputs were made from other inputs and ``force`` is not given.
+    """
     fp = fingerprint(ds, step)
     record = last_record(ds, step)
     if record and outputs_present(ds, step) and not force:
@@ -352,12 +385,29 @@ def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-
                 step.name,
                 commit[:8],
             )
-            return "up-to-date"
+            return None
         raise DatasetStateError(
-            f"{step.name}: inputs changed since {commit[:8]} made {', '.join(step.outputs)}. "
+            f"{step.name}: inputs changed since {commit[:8]} made {', '.join(step.outputs)} "
+            "(the command's options count too, e.g. VALID). "
             f"Outputs are kept read-only; rebuild explicitly with FORCE=1 (e.g. `make {step.target} "
             "FORCE=1`)."
         )
+    return fp
+
+
+def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-to-date"]:
+    """Run one step with ``datalad run`` (see module docstring for the guarantees)."""
+    cleaned = restore_outputs(ds, step)
+    if cleaned:
+        log.warning(
+            "%s: removed %d leftover(s) of an interrupted or failed run (never recorded): %s",
+            step.name,
+            len(cleaned),
+            ", ".join(cleaned[:5]) + (" ..." if len(cleaned) > 5 else ""),
+        )
+    fp = to_run(ds, step, force=force)
+    if fp is None:
+        return "up-to-date"
     needed, folder = space_needed(ds, step)
     if needed:
         require_free_space(
@@ -400,6 +450,14 @@ def run_target(target: str, ds: Path, opts: Options) -> int:
     """Make ``target`` in ``ds`` under the lock: its ``datalad run`` steps, or get/drop/rerun/repair."""
     ensure_inputs(ds, NEEDS.get(target, ()))
     dataset.ensure_annex(ds)
+    if opts.backend == "slurm":
+        if target not in CLUSTER_TARGETS:
+            raise UsageError(
+                f"BACKEND=slurm runs {', '.join(CLUSTER_TARGETS)}; `make {target}` runs locally"
+            )
+        from nsdprep import slurm
+
+        return slurm.submit(target, ds, opts)
     with dataset.lock(ds, f"make {target}"):
         for rel in NEEDS.get(target, ()):
             dataset.clear_stale_index_lock(ds / rel)  # a run killed while fetching
@@ -483,17 +541,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", default="2", help="worker processes inside one step")
     parser.add_argument("--drop", action="store_true", help="3mm: get/drop each input session")
     parser.add_argument("--force", action="store_true", help="rebuild even if inputs changed")
-    parser.add_argument("--labels", default="default", help="default or legacy")
+    parser.add_argument("--labels", default="default", help="default, legacy or crop")
+    parser.add_argument(
+        "--valid", action="store_true", help="curated: keep voxels valid in every session only"
+    )
     parser.add_argument("--runs-per-session", default="12")
     parser.add_argument("--trials-per-run", default="63,62")
     parser.add_argument("--subsample", default="0")
     parser.add_argument("--rev", default="HEAD", help="rerun: the commit (or range) to re-execute")
+    parser.add_argument("--backend", default="local", help="local, or slurm (see nsdprep.slurm)")
+    parser.add_argument("--slurm-opts", default="", help="slurm: extra sbatch arguments")
+    parser.add_argument("--wait", action="store_true", help="slurm: wait for the result")
+    parser.add_argument("--ria", default="", help="slurm: output store (RIA URL)")
+    parser.add_argument("--ria-sibling", default="ria", help="slurm: the store's sibling name")
+    parser.add_argument(
+        "--alias", default="nsdprep", help="slurm: the dataset's alias in the store"
+    )
+    parser.add_argument("--scratch", default="", help="slurm: folder for job clones ($TMPDIR)")
 
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``nsdprep build``: check the options, then make the target."""
-    if args.labels not in ("default", "legacy"):
-        raise UsageError(f"LABELS must be 'default' or 'legacy', got {args.labels!r}")
+    if args.labels not in nsd.LABEL_MODES:
+        raise UsageError(f"LABELS must be one of {', '.join(nsd.LABEL_MODES)}, got {args.labels!r}")
+    if args.backend not in ("local", "slurm"):
+        raise UsageError(f"BACKEND must be 'local' or 'slurm', got {args.backend!r}")
     (jobs,) = _one_int(args.jobs, "JOBS")
     (subsample,) = _one_int(args.subsample, "SUBSAMPLE")
     opts = Options(
@@ -502,9 +574,19 @@ def main(args: argparse.Namespace) -> int:
         drop=args.drop,
         force=args.force,
         labels=args.labels,
+        valid=args.valid,
         layout=nsd.Layout.parse(args.runs_per_session, args.trials_per_run),
         subsample=subsample,
         rev=args.rev,
+        backend=args.backend,
+        slurm=SlurmOptions(
+            sbatch_args=tuple(shlex.split(args.slurm_opts)),
+            wait=args.wait,
+            ria=args.ria,
+            sibling=args.ria_sibling,
+            alias=args.alias,
+            scratch=args.scratch,
+        ),
     )
     for s in opts.subjects:
         nsd.subject_label(s)  # 1..99, or a clear error

@@ -5,6 +5,7 @@
     OUTDIR/nsd/nsddata_betas/ppdata/subjXX/MNI/betas_fithrf/{betas,valid}_sessionNN.nii.gz
     OUTDIR/nsd/nsddata/experiments/nsd/nsd_expdesign.mat
     OUTDIR/nsd/nsddata/experiments/nsd/nsd_stim_info_merged.pkl
+    OUTDIR/nsd/nsddata/experiments/nsd/nsd_stim_info_merged.csv
     OUTDIR/nsd/nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5
     OUTDIR/coco/annotations/annotations_trainval2017.zip
     OUTDIR/synth_manifest.json        (spec + planted labels; for tests, never read by the pipeline)
@@ -21,14 +22,23 @@ Grid. ``full=True`` writes NSD's 1 mm MNI grid, shape 182x218x182, with FSL's MN
 ``[[-1,0,0,90],[0,1,0,-126],[0,0,1,-72]]`` (x flipped). ``full=False`` writes a brain-centred crop of
 that grid (same spacing and orientation; the translation moves by whole voxels, so the crop lies ON the
 1 mm grid). ``flip_x=False`` uses a non-flipped grid covering the same box,
-``[[1,0,0,-91],[0,1,0,-126],[0,0,1,-72]]``. qform and sform codes are both 4 (MNI): the real headers
-were written by the NSD team's MATLAB tools and their codes are unconfirmed; 4 is what an MNI-space
-file should say, and readers must not depend on it.
+``[[1,0,0,-91],[0,1,0,-126],[0,0,1,-72]]``, with its own noise. qform and sform codes are both 4 (MNI).
+
+Header (``header=``, ``--header``). ``"fsl"`` (default): as above. ``"nsd"``: the header NSD's MATLAB
+tools most likely wrote (cvnlab/nsdcode ``nsd_savenifti.m`` via the NIfTI toolbox's ``make_nii`` /
+``save_nii``; inferred from the code, not read from a real file): the same world data stored with x
+running left to right (voxel ``i`` of the full grid at ``x = i - 91``), affine
+``[[1,0,0,-91],[0,1,0,-126],[0,0,1,-72]]`` in the sform with ``sform_code`` 1 and ``qform_code`` 0,
+``scl_slope``/``scl_inter`` 0 (no scaling). Both headers hold the SAME values at the same world
+positions (the nsd files are the fsl files flipped on axis 0), so every derivative must come out
+identical.
 
 Betas are int16, value = beta (% signal change) x 300, one volume per trial in chronological order.
 Voxels outside a liberal brain mask (the MNI152 brain mask dilated by 4 mm), or outside a session's
-field of view (``k = session % 3`` top slices of the written grid, so sessions differ), are 0 in every
-trial; ``valid_sessionNN.nii.gz`` (uint8 0/1; the real dtype is unconfirmed) marks the others. All
+field of view (``k = 3 * (session % 3)`` top slices of the generated grid, so sessions differ by whole
+3 mm slices), are 0 in every
+trial; ``valid_sessionNN.nii.gz`` (int16 0/1, 3D, same grid and header style, as NSD's MATLAB tools
+write it: "not all betas are 0 in that voxel") marks the others. All
 NIfTI files are written volume by volume with :class:`nsdprep.nifti.NiftiStreamWriter`, so even the
 full grid never holds a 4D array in memory.
 
@@ -46,11 +56,20 @@ than 3x ``images_per_subject``). ``stimpattern`` has ``max(trials_per_run) + 12`
 (NSD: 75) with 1 where a stimulus was shown; ``basiccnt[k, s]`` counts the trials of design session s
 that are the (k+1)-th presentation of their image (row 3: 3rd or later; the real definition is
 unconfirmed). ``nsd_stim_info_merged.pkl`` has NSD's columns, starting with the saved-CSV leftover
-``Unnamed: 0``; ``subjectN_repK`` hold the 1-based trial number of the K-th presentation (0 = none).
+``Unnamed: 0``; ``subjectN_repK`` hold the 1-based trial number of the K-th presentation (0 = none). The same table is
+written as ``nsd_stim_info_merged.csv`` the way the released CSV reads (``DataFrame.to_csv`` defaults:
+a leading unnamed index column, ``True``/``False``, each cropBox tuple as its text), without the
+``Unnamed: 0`` leftover. ``cropBox`` is ``(top, bottom, left, right)``: the square crop along the
+longer side of the picture's real size, at a random position (a third of them centred), in whole
+pixels.
 
 COCO. The real 80 categories (ids 1..90 with gaps, 12 supercategories). Image ids are drawn from the
 real range, train and val interleaved and disjoint; extra COCO images are not used by NSD; some NSD
-images have no annotation, many have several of different areas, some have an exact area tie. The
+images have no annotation, many have several of different areas, some have an exact area tie. Crop
+disagreements are planted in shown images: in ``crop_planted`` the largest object is mostly cut away by
+the crop and a smaller object of another supercategory lies wholly inside it (default and crop rules
+disagree); in ``crop_gone`` the only object lies wholly in the cut-away margin (crop rule: "unknown").
+The manifest holds the crop rule's labels computed from the rectangles' geometry. The
 original broken merge (train ids renumbered to list positions, looked up by the 1-based 73k id) gives
 labels of unrelated images here too.
 
@@ -224,6 +243,8 @@ class SynthSpec:
         True: NSD's 182x218x182 grid, written volume by volume; False: ``crop_shape`` crop.
     flip_x : bool
         True: NSD/FSL x-flipped MNI affine; False: a non-flipped grid over the same box.
+    header : {"fsl", "nsd"}
+        ``"nsd"``: the same data as ``"fsl"``, stored as NSD's MATLAB tools write (see module doc).
     crop_shape : (int, int, int)
         Crop size in 1 mm voxels (unequal on purpose so axis mix-ups fail).
     amplitude, noise_sd : float
@@ -242,6 +263,7 @@ class SynthSpec:
     n_shared: int = 50
     full: bool = False
     flip_x: bool = True
+    header: str = "fsl"
     crop_shape: tuple[int, int, int] = (36, 42, 36)
     amplitude: float = 0.45
     noise_sd: float = 2.0
@@ -270,7 +292,27 @@ class SynthSpec:
 
     def affine(self) -> np.ndarray:
         """4x4 affine of the written grid (a whole-voxel translate of the 1 mm MNI grid)."""
+        base = self.generation_affine()
+        if self.header == "nsd":
+            return base @ _x_flip(self.shape[0])
+        return base
+
+    def generation_affine(self) -> np.ndarray:
+        """Affine of the grid the data are generated on (the nsd header writes it flipped)."""
         return grid_affine(self.full, self.flip_x, self.crop_shape)
+
+    def writer_options(self) -> dict[str, Any]:
+        """Header codes and scaling fields of the written NIfTI files."""
+        if self.header == "nsd":
+            return {"xform_code": 1, "qform_code": 0, "scl_fields": (0.0, 0.0)}
+        return {}
+
+
+def _x_flip(n0: int) -> np.ndarray:
+    """Voxel map ``i -> n0 - 1 - i`` (an affine ``A`` becomes ``A @ flip`` for data ``[::-1]``)."""
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1.0, n0 - 1.0
+    return flip
 
 
 def grid_affine(full: bool, flip_x: bool, crop_shape: Sequence[int]) -> np.ndarray:
@@ -298,7 +340,7 @@ def make_synthetic(outdir: Path, spec: SynthSpec = SynthSpec()) -> Path:  # noqa
     labels = coco["labels"]  # supercategory per nsdId
 
     _write_expdesign(bucket / nsd.EXPDESIGN_KEY, design)
-    _write_stim_info(bucket / nsd.STIM_INFO_KEY, spec, design, coco)
+    _write_stim_info(bucket / nsd.STIM_INFO_KEY, bucket / nsd.STIM_INFO_CSV_KEY, spec, design, coco)
     _write_stimuli(bucket / nsd.STIMULI_KEY, spec)
     _write_coco_zip(outdir / "coco" / "annotations" / nsd.COCO_ZIP_NAME, coco)
     _write_betas(bucket, spec, design, labels)
@@ -349,6 +391,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-flip", action="store_true", help="use a non-flipped (x+) grid")
     parser.add_argument(
+        "--header",
+        choices=("fsl", "nsd"),
+        default=d.header,
+        help="fsl: x-flipped affine, codes 4 (default); nsd: the same data as NSD's MATLAB tools "
+        "store it (x+ affine, sform_code 1, qform_code 0, no scaling)",
+    )
+    parser.add_argument(
         "--crop-shape", type=_int_tuple, default=d.crop_shape, help="crop size, e.g. 36,42,36"
     )
     parser.add_argument(
@@ -372,6 +421,7 @@ def main(args: argparse.Namespace) -> int:
         n_shared=args.n_shared,
         full=args.full,
         flip_x=not args.no_flip,
+        header=args.header,
         crop_shape=tuple(args.crop_shape),
         amplitude=args.amplitude,
         noise_sd=args.noise_sd,
@@ -380,7 +430,8 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"synthetic data in {args.outdir}: {spec.n_subjects} subjects, sessions {spec.sessions}, "
         f"{spec.trials_per_session} trials/session ({spec.layout.runs_per_session} runs of "
-        f"{spec.layout.trials_per_run[0]}/{spec.layout.trials_per_run[1]}), grid {spec.shape}"
+        f"{spec.layout.trials_per_run[0]}/{spec.layout.trials_per_run[1]}), grid {spec.shape}, "
+        f"{spec.header} header"
     )
     return 0
 
@@ -411,6 +462,13 @@ def _check_spec(spec: SynthSpec) -> None:
             f"n_images={spec.n_images} too small: {spec.n_subjects} subjects x "
             f"{spec.images_per_subject} images with {spec.n_shared} shared need {needed}; "
             "raise --n-images or lower --images-per-subject"
+        )
+    if spec.header not in ("fsl", "nsd"):
+        raise UsageError(f"header must be 'fsl' or 'nsd', got {spec.header!r}")
+    if spec.header == "nsd" and not spec.flip_x:
+        raise UsageError(
+            "header 'nsd' stores the fsl data flipped on axis 0; it does not combine with "
+            "flip_x=False (--no-flip)"
         )
     if not spec.full and len(spec.crop_shape) != 3:
         raise UsageError(f"crop_shape must have 3 sizes, got {spec.crop_shape}")
@@ -502,6 +560,14 @@ def _make_coco(spec: SynthSpec, design: dict[str, Any]) -> dict[str, Any]:
     special = rng.permutation(np.setdiff1d(used, shared))[: 2 * n_special].tolist()
     empty = set(special[:n_special]) | {int(shared[0])}
     ties = set(special[n_special:]) | {int(shared[1])}
+    # Crop disagreements (own random stream, so the rest of the data does not move).
+    prng = _rng(spec, 6)
+    free = prng.permutation(np.setdiff1d(used, np.concatenate([shared, special])))
+    n_gone = max(1, n_special // 2)
+    planted = set(free[:n_special].tolist()) | ({int(shared[2])} if shared.size > 2 else set())
+    gone = set(free[n_special : n_special + n_gone].tolist())
+    crng = _rng(spec, 7)
+    crop_px: list[tuple[int, int, int, int]] = []  # x0, x1, y0, y1 of each NSD image's crop
 
     cats_by_super: dict[str, list[int]] = {}
     for cid, _name, sup in COCO_CATEGORIES:
@@ -516,6 +582,17 @@ def _make_coco(spec: SynthSpec, design: dict[str, Any]) -> dict[str, Any]:
     anns_by_image: list[list[dict[str, Any]]] = []
     for i in range(n_total):
         h, w = _IMAGE_SIZES[rng.integers(len(_IMAGE_SIZES))]
+        if (i in planted or i in gone) and h == w:
+            h, w = 480, 640  # a disagreement needs a crop
+        if i < spec.n_images:
+            extra = max(h, w) - min(h, w)
+            if i in planted or i in gone:
+                off = int(prng.choice([0, extra]))
+            else:
+                off = extra // 2 if crng.random() < 1 / 3 else int(crng.integers(0, extra + 1))
+            crop_px.append(
+                (off, off + h, 0, h) if w > h else (0, w, off, off + w) if h > w else (0, w, 0, h)
+            )
         images.append(
             {
                 "license": int(rng.integers(1, 9)),
@@ -531,6 +608,11 @@ def _make_coco(spec: SynthSpec, design: dict[str, Any]) -> dict[str, Any]:
         )
         if i in empty:
             anns_by_image.append([])
+            continue
+        if i in planted or i in gone:
+            anns_by_image.append(
+                _planted_anns(i in gone, int(ids[i]), h, w, crop_px[i], prng, cats_by_super)
+            )
             continue
         sup = supers[rng.choice(len(supers), p=weights)]
         big_cat = int(rng.choice(cats_by_super[sup]))
@@ -568,6 +650,12 @@ def _make_coco(spec: SynthSpec, design: dict[str, Any]) -> dict[str, Any]:
         anns_by_image.append(anns)
 
     labels = [_largest_label(anns_by_image[i], super_of) for i in range(spec.n_images)]
+    crop_labels = [
+        _largest_label(anns_by_image[i], super_of, crop_px[i]) for i in range(spec.n_images)
+    ]
+    crop_boxes = [
+        _crop_box(crop_px[i], images[i]["height"], images[i]["width"]) for i in range(spec.n_images)
+    ]
 
     splits: dict[str, dict[str, Any]] = {}
     ann_ids = iter(
@@ -612,16 +700,104 @@ def _make_coco(spec: SynthSpec, design: dict[str, Any]) -> dict[str, Any]:
         "labels": labels,
         "empty": sorted(int(e) for e in empty),
         "ties": sorted(int(t) for t in ties),
+        "crop_boxes": crop_boxes,
+        "crop_labels": crop_labels,
+        "crop_planted": sorted(int(t) for t in planted),
+        "crop_gone": sorted(int(t) for t in gone),
     }
 
 
-def _largest_label(anns: list[dict[str, Any]], super_of: dict[int, str]) -> str:
-    """Supercategory of the largest-area annotation (first on ties), "unknown" if none."""
-    best = None
+def _largest_label(
+    anns: list[dict[str, Any]],
+    super_of: dict[int, str],
+    crop: tuple[int, int, int, int] | None = None,
+) -> str:
+    """Supercategory of the largest-area annotation (first on ties), "unknown" if none.
+
+    With ``crop`` (pixels ``x0, x1, y0, y1``) the area is that of the annotation's rectangle inside
+    the crop, from geometry (the synthetic annotations are whole-pixel rectangles), and an image
+    whose objects all lie outside the crop is "unknown".
+    """
+    best, best_area = None, -1.0
     for ann in anns:
-        if best is None or ann["area"] > best["area"]:
-            best = ann
-    return UNKNOWN if best is None else super_of[best["category_id"]]
+        if crop is None:
+            area = ann["area"]
+        else:
+            x, y, bw, bh = ann["bbox"]
+            area = max(0.0, min(x + bw, crop[1]) - max(x, crop[0])) * max(
+                0.0, min(y + bh, crop[3]) - max(y, crop[2])
+            )
+        if area > best_area:
+            best, best_area = ann, area
+    if best is None or (crop is not None and best_area <= 0):
+        return UNKNOWN
+    return super_of[best["category_id"]]
+
+
+def _crop_box(px: tuple[int, int, int, int], height: int, width: int) -> tuple[Any, ...]:
+    """NSD's cropBox ``(top, bottom, left, right)`` of a pixel crop; the uncut axis as int 0s."""
+    x0, x1, y0, y1 = px
+    if width > height:
+        return (0, 0, x0 / width, (width - x1) / width)
+    if height > width:
+        return (y0 / height, (height - y1) / height, 0, 0)
+    return (0, 0, 0, 0)
+
+
+def _planted_anns(
+    gone: bool,
+    image_id: int,
+    height: int,
+    width: int,
+    crop: tuple[int, int, int, int],
+    rng: np.random.Generator,
+    cats_by_super: dict[str, list[int]],
+) -> list[dict[str, Any]]:
+    """Annotations of a planted crop disagreement (see the module docstring), whole-pixel boxes.
+
+    Works along the long side ``L`` (crop ``[c0, c0 + S)``, cut-away margin ``E = L - S`` at one
+    end). ``gone``: one object, wholly in the margin. Otherwise: a big object reaching ``0.6 E``
+    into the crop from the margin (area ``(E + a) x 0.9 S``, ``a x 0.9 S`` of it inside), and an
+    object of another supercategory wholly inside the crop with an area halfway between the two.
+    """
+    landscape = width > height
+    long_, short = (width, height) if landscape else (height, width)
+    c0 = crop[0] if landscape else crop[2]
+    extra = long_ - short
+    at_start = c0 == 0  # crop at the start, margin at the end
+    supers = list(cats_by_super)
+    first, second = rng.choice(len(supers), size=2, replace=False)
+
+    def box(cat: int, lpos: int, llen: int, spos: int, slen: int) -> dict[str, Any]:
+        x, y, bw, bh = (lpos, spos, llen, slen) if landscape else (spos, lpos, slen, llen)
+        x, y, bw, bh = float(x), float(y), float(bw), float(bh)
+        return {
+            "segmentation": [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]],
+            "area": bw * bh,
+            "iscrowd": 0,
+            "image_id": image_id,
+            "bbox": [x, y, bw, bh],
+            "category_id": cat,
+        }
+
+    def cat_of(k: int) -> int:
+        return int(rng.choice(cats_by_super[supers[k]]))
+
+    if gone:
+        llen = max(1, extra // 2)
+        lpos = (short if at_start else 0) + (extra - llen) // 2
+        slen = max(1, round(0.5 * short))
+        return [box(cat_of(first), lpos, llen, int(rng.integers(0, short - slen + 1)), slen)]
+    inside = max(1, round(0.6 * extra))
+    big_l, big_s = extra + inside, round(0.9 * short)
+    big_pos = short - inside if at_start else 0
+    big = box(cat_of(first), big_pos, big_l, int(rng.integers(0, short - big_s + 1)), big_s)
+    target = (big_l * big_s + inside * big_s) // 2
+    sec_s = round(0.8 * short)
+    sec_l = min(short, max(1, target // sec_s))
+    sec_pos = c0 + int(rng.integers(0, short - sec_l + 1))
+    sec = box(cat_of(second), sec_pos, sec_l, int(rng.integers(0, short - sec_s + 1)), sec_s)
+    return [sec, big] if rng.random() < 0.5 else [big, sec]
 
 
 # ----------------------------------------------------------------------------------- writers
@@ -645,7 +821,7 @@ def _write_expdesign(target: Path, design: dict[str, Any]) -> None:
 
 
 def _write_stim_info(
-    target: Path, spec: SynthSpec, design: dict[str, Any], coco: dict[str, Any]
+    target: Path, csv_target: Path, spec: SynthSpec, design: dict[str, Any], coco: dict[str, Any]
 ) -> None:
     import pandas as pd
 
@@ -653,12 +829,11 @@ def _write_stim_info(
     n = spec.n_images
     shared = np.zeros(n, dtype=bool)
     shared[design["sharedix"][0].astype(np.int64) - 1] = True
-    crop = [(0.0, 0.0, 0.125, 0.125), (0.125, 0.125, 0.0, 0.0), (0.0, 0.0, 0.0, 0.0)]
     cols: dict[str, Any] = {
         "Unnamed: 0": np.arange(n, dtype=np.int64),
         "cocoId": coco["coco_ids"],
         "cocoSplit": np.where(coco["is_val"], "val2017", "train2017").astype(object),
-        "cropBox": [crop[k] for k in rng.integers(0, 3, size=n)],
+        "cropBox": list(coco["crop_boxes"]),
         "loss": np.round(rng.random(n) * 0.2, 4),
         "nsdId": np.arange(n, dtype=np.int64),
         "flagged": rng.random(n) < 0.01,
@@ -683,6 +858,9 @@ def _write_stim_info(
     buf = io.BytesIO()
     df.to_pickle(buf, compression=None)
     _write_bytes(target, buf.getvalue())
+    # The CSV as released: the index as a leading unnamed column, no saved-CSV leftover.
+    text = df.drop(columns="Unnamed: 0").to_csv(lineterminator="\n")
+    _write_bytes(csv_target, text.encode())
 
 
 def _write_stimuli(target: Path, spec: SynthSpec) -> None:
@@ -752,6 +930,9 @@ def _write_manifest(
         "supercategories": list(SUPERCATEGORIES),
         "labels": coco["labels"],
         "unannotated_nsd_ids": coco["empty"],
+        "crop_labels": coco["crop_labels"],
+        "crop_planted_nsd_ids": coco["crop_planted"],
+        "crop_gone_nsd_ids": coco["crop_gone"],
         "area_tie_nsd_ids": coco["ties"],
         "coco_images": {k: len(v["images"]) for k, v in coco["splits"].items()},
     }
@@ -769,7 +950,7 @@ def _liberal_mask(spec: SynthSpec) -> np.ndarray:
     mni = datasets.load_mni152_brain_mask(resolution=1)
     res = image.resample_img(
         mni,
-        target_affine=spec.affine(),
+        target_affine=spec.generation_affine(),
         target_shape=spec.shape,
         interpolation="nearest",
         force_resample=True,
@@ -805,9 +986,13 @@ def _patterns(spec: SynthSpec, subject: int, xyz: np.ndarray) -> np.ndarray:
 
 
 def _session_valid(spec: SynthSpec, liberal: np.ndarray, session: int) -> np.ndarray:
-    """Valid voxels of a session: the liberal mask minus ``session % 3`` top slices (field of view)."""
+    """Valid voxels of a session: the liberal mask minus ``3 * (session % 3)`` top slices.
+
+    A field of view that moves between sessions by at least one 3 mm slice, so some grey matter is
+    valid in one session and not in another (what ``make curated VALID=1`` removes).
+    """
     valid = liberal.copy()
-    cut = session % 3
+    cut = 3 * (session % 3)
     if cut:
         valid[:, :, -cut:] = False
     return valid
@@ -819,7 +1004,10 @@ def _write_betas(bucket: Path, spec: SynthSpec, design: dict[str, Any], labels: 
 
     from nsdprep.nifti import NiftiStreamWriter
 
-    affine = spec.affine()
+    affine = spec.generation_affine()
+    out_affine, opts = spec.affine(), spec.writer_options()
+    # The nsd header stores the generated (x-flipped) grid with x running forward: data [::-1].
+    store = (lambda v: v[::-1]) if spec.header == "nsd" else (lambda v: v)
     liberal = _liberal_mask(spec)
     ijk = np.argwhere(liberal)
     xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
@@ -834,15 +1022,20 @@ def _write_betas(bucket: Path, spec: SynthSpec, design: dict[str, Any], labels: 
             rng = _rng(spec, 5, subject, session)
             valid = _session_valid(spec, liberal, session)
             with NiftiStreamWriter(
-                subj_dir / f"valid_session{session:02d}.nii.gz", spec.shape, affine, np.uint8, None
+                subj_dir / f"valid_session{session:02d}.nii.gz",
+                spec.shape,
+                out_affine,
+                np.int16,
+                None,
+                **opts,
             ) as writer:
-                writer.write(valid.astype(np.uint8))
+                writer.write(store(valid.astype(np.int16)))
             keep = valid[liberal]  # which liberal-mask voxels are valid this session
             trial_ids = nsd_ids[(session - 1) * tps : session * tps]
             volumes = _trial_volumes(spec, rng, patterns, trial_ids, labels, label_index, keep)
             target = subj_dir / f"betas_session{session:02d}.nii.gz"
             # Volume by volume: the full grid never holds a 4D array in memory.
-            with NiftiStreamWriter(target, spec.shape, affine, np.int16, tps) as writer:
+            with NiftiStreamWriter(target, spec.shape, out_affine, np.int16, tps, **opts) as writer:
                 for vals in tqdm(
                     volumes,
                     total=tps,
@@ -850,7 +1043,7 @@ def _write_betas(bucket: Path, spec: SynthSpec, design: dict[str, Any], labels: 
                     disable=not spec.full,
                 ):
                     vol[liberal] = vals
-                    writer.write(vol)
+                    writer.write(store(vol))
             log.debug("wrote subj%02d session %02d", subject, session)
 
 

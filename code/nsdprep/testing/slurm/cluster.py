@@ -142,6 +142,8 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
+# Trust CPUs= below even if it exceeds the machine's cores (tests oversubscribe on purpose).
+SlurmdParameters=config_overrides
 # The default starts a couple of batch jobs every 3 s; this starts them at once.
 SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
 AccountingStorageType=accounting_storage/none
@@ -169,7 +171,8 @@ class SlurmCluster:
     workdir
         Folder for ``slurm.conf``, state, spool and logs (created if missing).
     cpus
-        CPUs of the node; default ``os.cpu_count()``.
+        CPUs of the node; default ``os.cpu_count()``. More than the machine has is accepted
+        (``SlurmdParameters=config_overrides``): tasks that mostly wait on I/O then overlap.
     timeout
         Seconds to wait for the node to become idle.
 

@@ -1,0 +1,109 @@
+"""``nsdprep.load_curated(subject)``: one call from a curated subject to ``X, y, groups``.
+
+Like nilearn's fetchers, it returns a :class:`sklearn.utils.Bunch`; unlike a 4D NIfTI, the matrix is
+memory-mapped, so opening it costs nothing and any trial is one read. Example (run-grouped CV)::
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold, cross_val_score
+    d = nsdprep.load_curated(1, dataset="path/to/dataset")
+    scores = cross_val_score(LogisticRegression(C=0.01, max_iter=500), d.X[:, :5000], d.labels,
+                             groups=d.runs, cv=GroupKFold(5), scoring="balanced_accuracy")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from nsdprep import nsd
+from nsdprep.errors import MissingInputError, UsageError
+
+Labels = Literal["default", "legacy"]
+
+
+def load_curated(
+    subject: int, dataset: str | os.PathLike[str] = ".", labels: Labels = "default"
+) -> object:
+    """Open one curated subject for analysis.
+
+    Parameters
+    ----------
+    subject
+        NSD subject number, 1-based (``1`` -> ``sub-01``).
+    dataset
+        Root of the nsdprep dataset (the folder holding ``derivatives/``).
+    labels
+        ``"default"`` (``derivatives/curated_3mm``) or ``"legacy"`` (``curated_3mm_legacy``).
+
+    Returns
+    -------
+    sklearn.utils.Bunch
+        ``X``: memory-mapped ``(n_trials, n_voxels)`` int16 matrix, read-only; values are the betas
+        (% signal change) x 300, as NSD stores them (divide by 300 for % change).
+        ``labels``: COCO supercategory per trial; ``runs``: run per trial across the experiment
+        (use as ``groups`` in cross-validation); ``trials``: the per-trial table (DataFrame);
+        ``mask_img``: 3 mm mask of the columns; ``to_img(rows)``: trials back to a 4D image;
+        ``subject``, ``files``.
+    """
+    import nibabel as nib
+    import pandas as pd
+    from sklearn.utils import Bunch
+
+    from nsdprep.matrix import open_matrix, unmask
+
+    if labels not in ("default", "legacy"):
+        raise UsageError(f"labels must be 'default' or 'legacy', got {labels!r}")
+    rel = nsd.curated_dir(labels == "legacy")
+    folder = Path(dataset) / rel
+    files = nsd.curated_files(subject, folder)
+    _require_all(files, Path(dataset), rel, subject)
+    X = open_matrix(files.matrix)
+    lab = np.load(files.labels, allow_pickle=False)
+    runs = np.load(files.runs, allow_pickle=False)
+    trials = pd.read_csv(files.trials, sep="\t")
+    mask_img = nib.load(files.mask)
+    mask = np.asarray(mask_img.dataobj) != 0
+    if not (X.shape[0] == lab.size == runs.size == len(trials)) or X.shape[1] != int(mask.sum()):
+        raise MissingInputError(
+            f"{folder}: the files of {nsd.bids_subject_label(subject)} disagree (matrix "
+            f"{X.shape}, {lab.size} labels, {runs.size} runs, {len(trials)} trial rows, "
+            f"{int(mask.sum())} mask voxels); rebuild with `make curated FORCE=1`."
+        )
+
+    def to_img(rows: np.ndarray | slice | list[int] | int) -> nib.Nifti1Image:
+        """The given trials (row indices of ``X``) as a 4D image on the mask's grid."""
+        data = unmask(np.asarray(X[rows]).reshape(-1, X.shape[1]), mask)
+        return nib.Nifti1Image(data, mask_img.affine, mask_img.header)
+
+    return Bunch(
+        X=X,
+        labels=lab,
+        runs=runs,
+        trials=trials,
+        mask_img=mask_img,
+        to_img=to_img,
+        subject=subject,
+        files=files,
+    )
+
+
+def _require_all(files: nsd.CuratedFiles, dataset: Path, rel: str, subject: int) -> None:
+    """Every file present with content, or one error naming the ``datalad get`` command."""
+    absent = [p for p in (files.matrix, files.mask, files.labels, files.runs, files.trials)
+              if not p.is_file()]  # fmt: skip
+    if not absent:
+        return
+    label = nsd.bids_subject_label(subject)
+    registered = [p for p in absent if p.is_symlink()]
+    if registered:
+        raise MissingInputError(
+            f"{label}: content of {', '.join(p.name for p in registered)} is not here; fetch it "
+            f"with `datalad get {rel}/{label}*` (in {dataset})."
+        )
+    raise MissingInputError(
+        f"{label}: {', '.join(p.name for p in absent)} missing in {dataset / rel}; build the curated "
+        f"derivative with `make curated` (or check the subject and the dataset path)."
+    )
