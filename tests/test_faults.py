@@ -230,7 +230,9 @@ def test_3mm_drop_survives_a_stalled_transfer(ds: Path, served: Mirror, env) -> 
 
 def test_persistent_failure_is_one_line_naming_the_url(ds: Path, served: Mirror, env) -> None:
     key = BETAS.format(s=1, n=1)
-    served.reset_after(f"nsd/{key}", 100_000, times=-1)
+    # reset before any byte: a connection that resets after some bytes every time still completes,
+    # as each retry resumes where the last one stopped
+    served.reset_after(f"nsd/{key}", 0, times=-1)
     head = _git(ds, "rev-parse", "HEAD")
     rc, text = run_make(ds, env, "get", "SUBJECTS=01")
     assert rc == 2, text
@@ -239,7 +241,7 @@ def test_persistent_failure_is_one_line_naming_the_url(ds: Path, served: Mirror,
     assert len(lines) == 1, text
     assert f"{served.url}/nsd/{key}" in lines[0], text
     assert "Connection reset by peer" in lines[0] and "annex.retry" in lines[0], text
-    assert served.fault_hits() >= 4  # the first try and 3 retries
+    assert served.fault_hits() >= 3  # retried (git-annex 10.20261026: 3 tries, 1 s and 2 s apart)
     assert _git(ds, "rev-parse", "HEAD") == head
     assert not (ds / "inputs/nsd" / key).exists()  # nothing partial under the final name
 
@@ -345,7 +347,8 @@ def betas_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_full_disk_writing_a_3mm_session(betas_file: Path, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "derivatives/3mm/subj01"
     out.mkdir(parents=True)
-    monkeypatch.setattr(nifti, "open", _full_disk_open(20_000), raising=False)
+    size = resample_session(betas_file, tmp_path / "whole.nii.gz").dst.stat().st_size
+    monkeypatch.setattr(nifti, "open", _full_disk_open(size // 2), raising=False)
     with pytest.raises(DiskFullError) as info:
         resample_session(betas_file, out / "betas_session01.nii.gz")
     msg = str(info.value)
@@ -361,13 +364,19 @@ def test_full_disk_writing_the_curated_4d_file(tmp_path: Path, monkeypatch, caps
     from test_curate import make_inputs, run_curate
 
     inp = make_inputs(tmp_path, {1: 2, 2: 2})
+    whole = tmp_path / "derivatives/whole"
+    assert run_curate(inp, whole) == 0
+    size = (whole / "sub-01.nii.gz").stat().st_size
     out = tmp_path / "derivatives/curated_3mm"
-    monkeypatch.setattr(nifti, "open", _full_disk_open(4_000), raising=False)
+    monkeypatch.setattr(nifti, "open", _full_disk_open(size // 2), raising=False)
     assert run_curate(inp, out) == 2
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("nsdprep ")]
     assert len(err) == 1 and err[0].startswith("nsdprep curate: error: no space left in "), err
     assert f"{out} while writing sub-01.nii.gz" in err[0]
-    assert not any(p.name.startswith("sub-") or p.name.endswith(".part") for p in out.iterdir())
+    left = sorted(p.name for p in out.iterdir())
+    # no partial file: the 4D file is absent and no temporary is left (files finished before it
+    # are complete; `make curated` removes every unrecorded output after a failure)
+    assert "sub-01.nii.gz" not in left and not any(n.endswith(".part") for n in left), left
     monkeypatch.undo()  # space freed: the same command now succeeds
     assert run_curate(inp, out) == 0
     assert (out / "sub-01.nii.gz").is_file()
