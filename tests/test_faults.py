@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
@@ -380,6 +381,26 @@ def test_full_disk_writing_the_curated_4d_file(tmp_path: Path, monkeypatch, caps
     monkeypatch.undo()  # space freed: the same command now succeeds
     assert run_curate(inp, out) == 0
     assert (out / "sub-01.nii.gz").is_file()
+
+
+def test_full_disk_writing_the_curated_matrix(tmp_path: Path, monkeypatch) -> None:
+    """The memory-mapped ``sub-XX_X.npy``: space is reserved up front, so a full disk is a clear
+    error, not a SIGBUS at the first write to an unallocated page."""
+    from nsdprep import matrix
+
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(matrix.os, "posix_fallocate", no_space)
+    target = tmp_path / "derivatives/curated_3mm/sub-01_X.npy"
+    mask = np.ones((13, 15, 13), dtype=bool)
+    with pytest.raises(DiskFullError) as info:
+        with matrix.MatrixWriter(target, mask, 700) as writer:
+            writer.write(np.zeros(mask.shape, dtype=np.int16))
+    msg = str(info.value)
+    assert f"no space left in {target.parent} while writing sub-01_X.npy" in msg
+    assert "it needs up to about 3.4 MiB in all" in msg, msg  # 700 x 2535 int16 + header
+    assert _leftovers(target.parent) == []
 
 
 def test_full_disk_writing_the_merged_coco_json(tmp_path: Path, monkeypatch) -> None:

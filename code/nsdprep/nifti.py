@@ -16,6 +16,7 @@ import contextlib
 import io
 import logging
 import os
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -363,8 +364,11 @@ class NiftiStreamWriter:
             block = self.header.binaryblock
             self._gz.write(block + b"\0" * (NIFTI1_MIN_OFFSET - len(block)))
         except BaseException:
-            stack.close()
-            raise
+            # unwind *with* the exception: a plain close() would let atomic_path rename the
+            # partial temporary into place as if it were finished
+            if not stack.__exit__(*sys.exc_info()):
+                raise
+            raise  # pragma: no cover (nothing in the stack suppresses exceptions)
         self._stack = stack
         return self
 
