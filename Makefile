@@ -31,6 +31,10 @@ SUBJECTS ?=
 JOBS ?= 2
 DROP ?= 0
 # Label rule: default (largest annotation), crop (largest inside the crop NSD showed), legacy.
+# DROP=1: sessions downloaded ahead of the ones being processed (disk holds JOBS + PREFETCH sessions).
+PREFETCH ?= 1
+# bench-pipeline: the link bandwidth (MB/s) of the whole-NSD time projection.
+RATE_MB_S ?= 50
 LABELS ?= default
 # make curated VALID=1: keep only voxels valid in every session (writes sub-XX_mask.nii.gz).
 VALID ?= 0
@@ -67,7 +71,8 @@ $(foreach v,DROP FORCE VALID WAIT,$(if $(filter-out $(BOOLEAN_VALUES),$($(v))),$
 	$(v)=$($(v)) is not a yes/no value; use $(v)=1 or $(v)=0)))
 
 STEP_OPTS = $(if $(strip $(SUBJECTS)),--subjects $(SUBJECTS)) --jobs $(JOBS) \
-	$(if $(filter 1 yes true,$(DROP)),--drop) $(if $(filter 1 yes true,$(FORCE)),--force) \
+	$(if $(filter 1 yes true,$(DROP)),--drop) --prefetch $(PREFETCH) \
+	$(if $(filter 1 yes true,$(FORCE)),--force) \
 	$(if $(filter 1 yes true,$(VALID)),--valid) \
 	--labels $(LABELS) --runs-per-session $(RUNS_PER_SESSION) --trials-per-run $(TRIALS_PER_RUN) \
 	--subsample $(SUBSAMPLE)
@@ -76,13 +81,13 @@ BACKEND_OPTS = --backend $(BACKEND) $(if $(filter 1 yes true,$(WAIT)),--wait) \
 	--scratch='$(SCRATCH)'
 
 .PHONY: help venv demo test test-slow test-slurm lint format inputs get drop 3mm coco-labels \
-	curated decode bench bench-load rerun publish repair check-identity all
+	curated decode bench bench-load bench-pipeline rerun publish repair check-identity all
 
 help: ## list the targets
 	@echo "nsdprep: NSD + COCO decoding dataset (DataLad). Targets:"
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' \
 		| expand -t 16
-	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 LABELS=crop|legacy VALID=1 FORCE=1 NSD_URL=... COCO_URL=... RIA=..."
+	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 PREFETCH=1 LABELS=crop|legacy VALID=1 FORCE=1 NSD_URL=... COCO_URL=... RIA=..."
 	@echo "           BACKEND=slurm SLURM_OPTS=\"--time=.. --mem=..\" WAIT=1 SCRATCH=... (see README)"
 	@echo "A failing target prints one line 'nsdprep <command>: error: ...' and make exits 2 (README, Troubleshooting)."
 
@@ -165,3 +170,6 @@ bench: venv ## benchmark the 3 mm resample on a full-geometry synthetic session 
 
 bench-load: venv ## curated matrix vs streaming the 4D NIfTI on a full-size subject (bench/results/)
 	$(PY) bench/bench_load.py
+
+bench-pipeline: venv ## benchmark make 3mm DROP=1 (downloads overlapping compute) + whole-NSD projection
+	$(PY) bench/bench_pipeline.py --jobs $(JOBS) --prefetch $(PREFETCH) --link-rate $(RATE_MB_S)

@@ -27,6 +27,13 @@ Two paths, chosen from the affines (never from the data):
   Output is float32 (nilearn's dtype for int16 input), bit-identical to nilearn.
 
 Not reproduced: nilearn's NaN handling for float input with non-finite values (NSD betas are int16).
+
+Bounded disk (``--drop``, ``make 3mm DROP=1``): a fetcher thread ``datalad get``s the sessions one at a
+time, in order, ahead of the workers, and a session's content is ``datalad drop``ped as soon as its
+worker is done. At most ``jobs + prefetch`` sessions are on disk at any time (the one downloading
+included), so the link works while the CPUs do. Sessions this mode fetched are listed in a journal
+in the NSD subdataset's git directory until dropped; a later ``--drop`` run drops what a killed run
+left. Content that was present before is never dropped.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import resource
+import signal
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
@@ -46,9 +55,10 @@ from typing import Any
 
 import numpy as np
 
-from nsdprep import dataset, masks, nsd
+from nsdprep import masks, nsd
 from nsdprep._io import remove_stale_parts
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError, UsageError
+from nsdprep.grid import SPLINE_ORDER, GridMap, grid_map, nearest_on_grid  # noqa: F401 (re-export)
 from nsdprep.nifti import (
     MNI_XFORM_CODE,
     NiftiStreamWriter,
@@ -58,81 +68,16 @@ from nsdprep.nifti import (
     on_mni152_grid,
     volume_count,
 )
+from nsdprep.prefetch import (  # noqa: F401 (re-exported for users of the stage)
+    DEFAULT_PREFETCH,
+    JOURNAL_NAME,
+    PREFETCH_ENV,
+    PipelineStats,
+    Prefetcher,
+    prefetch_from_env,
+)
 
 log = logging.getLogger(__name__)
-
-#: Target voxel axes (mm) of the original processing: ``target_affine=np.diag((3, 3, 3))``.
-TARGET_AXES = np.diag((3.0, 3.0, 3.0))
-#: How far (in source voxels) a target voxel centre may be from a source voxel centre and still
-#: count as sampling it exactly. The spline error this allows is far below int16 rounding.
-GRID_TOL = 1e-6
-#: nilearn's spline order for ``interpolation="continuous"``.
-SPLINE_ORDER = 3
-
-
-@dataclass(frozen=True)
-class GridMap:
-    """Target grid and voxel map of one resample, computed from the input grid only.
-
-    ``matrix``/``offset`` map target voxel indices to source voxel indices (nilearn's ``A``, ``b``);
-    ``slices`` is set on the fast path: ``out[target] = vol[source]`` (tuples of slices).
-    """
-
-    in_shape: tuple[int, int, int]
-    in_affine: np.ndarray
-    shape: tuple[int, int, int]
-    affine: np.ndarray
-    matrix: np.ndarray
-    offset: np.ndarray
-    target_slices: tuple[slice, slice, slice] | None
-    source_slices: tuple[slice, slice, slice] | None
-
-    @property
-    def fast(self) -> bool:
-        """True when the target grid samples the source grid exactly (strided subsample)."""
-        return self.target_slices is not None
-
-
-def grid_map(
-    in_shape: Sequence[int],
-    in_affine: np.ndarray,
-    target_axes: np.ndarray = TARGET_AXES,
-    tol: float = GRID_TOL,
-) -> GridMap:
-    """Reproduce nilearn's target grid for a 3x3 ``target_affine`` and derive the voxel map.
-
-    Same arithmetic as ``nilearn.image.resample_img`` (0.14.1): the bounding box of the input's
-    corners in target voxel units gives the offset (``axes @ mins``) and the shape
-    (``ceil(max - min) + 1``); ``A, b`` = ``inv(in_affine) @ target_affine``.
-    """
-    from nilearn.image.resampling import get_bounds
-    from scipy import linalg
-
-    in_shape = tuple(int(s) for s in in_shape[:3])
-    affine = np.asarray(in_affine, dtype=np.float64)
-    target = np.eye(4)
-    target[:3, :3] = np.asarray(target_axes, dtype=np.float64)
-    transform = np.linalg.inv(target).dot(affine)
-    (xmin, xmax), (ymin, ymax), (zmin, zmax) = get_bounds(in_shape, transform)
-    target[:3, 3] = target[:3, :3].dot([xmin, ymin, zmin])
-    xmax, ymax, zmax = xmax - xmin, ymax - ymin, zmax - zmin
-    shape = (int(np.ceil(xmax)) + 1, int(np.ceil(ymax)) + 1, int(np.ceil(zmax)) + 1)
-    if np.all(target == affine):
-        vox = np.eye(4)
-    else:
-        vox = np.dot(linalg.inv(affine), target)
-    matrix, offset = vox[:3, :3].copy(), vox[:3, 3].copy()
-    tslices, sslices = _strided_map(in_shape, shape, matrix, offset, tol)
-    return GridMap(
-        in_shape=in_shape,
-        in_affine=affine,
-        shape=shape,
-        affine=target,
-        matrix=matrix,
-        offset=offset,
-        target_slices=tslices,
-        source_slices=sslices,
-    )
 
 
 def gm_mask(gmap: GridMap) -> np.ndarray:
@@ -149,38 +94,6 @@ def output_xform_code(hdr: Any) -> int:
     if on_mni152_grid(hdr.get_data_shape()[:3], header_affine(hdr)):
         return MNI_XFORM_CODE
     return int(hdr["sform_code"]) or int(hdr["qform_code"]) or MNI_XFORM_CODE
-
-
-def nearest_on_grid(
-    vol: np.ndarray, src_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray
-) -> np.ndarray:
-    """Nearest-neighbour resample of a 3D volume onto the grid ``shape``/``affine`` (0 outside).
-
-    The way the grey-matter mask goes to 3 mm (nilearn's ``resample_to_img``, nearest), with a
-    shortcut: when target voxels land exactly on source voxels (the 3 mm grid of a 1 mm MNI
-    file), it is a strided pick, which is what nilearn computes there too.
-    """
-    shape3 = tuple(int(s) for s in shape[:3])
-    src_affine = np.asarray(src_affine, dtype=np.float64)
-    affine = np.asarray(affine, dtype=np.float64)
-    vox = np.linalg.inv(src_affine) @ affine
-    tsl, ssl = _strided_map(tuple(vol.shape[:3]), shape3, vox[:3, :3], vox[:3, 3], GRID_TOL)
-    if tsl is not None and ssl is not None:
-        out = np.zeros(shape3, dtype=vol.dtype)
-        out[tsl] = vol[ssl]
-        return out
-    import nibabel as nib
-    from nilearn.image import resample_to_img
-
-    data = vol.astype(np.uint8) if vol.dtype == bool else vol
-    img = resample_to_img(
-        nib.Nifti1Image(data, src_affine),
-        nib.Nifti1Image(np.zeros(shape3, np.int8), affine),
-        interpolation="nearest",
-        force_resample=True,
-        copy_header=True,
-    )
-    return np.asarray(img.dataobj).astype(vol.dtype)
 
 
 def output_dtype(gmap: GridMap, in_dtype: np.dtype[Any]) -> np.dtype[Any]:
@@ -243,6 +156,8 @@ class SessionResult:
     fast: bool
     dtype: str
     seconds: float
+    #: peak resident memory of the process that ran it (a worker), MB
+    peak_rss_mb: float = 0.0
 
 
 def resample_session(
@@ -289,7 +204,10 @@ def resample_session(
             writer.write(resample_volume(vol, gmap, mask, dtype, clip))
             if progress is not None:
                 progress(1)
-    return SessionResult(src, dst, n_vol, gmap.fast, str(dtype), time.perf_counter() - t0)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return SessionResult(
+        src, dst, n_vol, gmap.fast, str(dtype), time.perf_counter() - t0, peak_rss_mb=rss_mb
+    )
 
 
 # ---------------------------------------------------------------- command line
@@ -304,7 +222,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--drop",
         action="store_true",
-        help="per session: `datalad get` the input, process it, `datalad drop` it again",
+        help="bounded disk: `datalad get` each input ahead of the workers, `datalad drop` it "
+        "when processed",
+    )
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help=f"with --drop: sessions fetched ahead of the ones being processed (default: "
+        f"${PREFETCH_ENV} or {DEFAULT_PREFETCH}); disk holds at most jobs + prefetch sessions",
     )
     parser.add_argument(
         "--sessions", type=int, nargs="+", help="only these sessions (1-based; default: all)"
@@ -314,21 +240,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Resample every registered (or selected) session of one subject; see module docstring."""
+    # SIGTERM (a scheduler cancelling the job, `kill`) unwinds like Ctrl-C: temporaries are removed
+    # and what --drop fetched is dropped, instead of dying on the spot.
+    signal.signal(signal.SIGTERM, _interrupt)
+    stats = PipelineStats()
     results = resample_subject(
         args.nsd,
         args.subject,
         args.out,
         jobs=args.jobs,
         drop=args.drop,
+        prefetch=prefetch_from_env(args.prefetch),
         sessions=args.sessions,
         progress=not args.no_progress,
+        stats=stats,
     )
     n = sum(r.n_volumes for r in results)
     print(
         f"resample: {nsd.subject_label(args.subject)}: {len(results)} sessions, "
         f"{n} volumes -> {args.out}"
     )
+    if args.drop:
+        print(f"resample: {stats.summary()}")
     return 0
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def resample_subject(
@@ -338,19 +276,25 @@ def resample_subject(
     *,
     jobs: int = 2,
     drop: bool = False,
+    prefetch: int = DEFAULT_PREFETCH,
     sessions: Sequence[int] | None = None,
     progress: bool = True,
+    stats: PipelineStats | None = None,
 ) -> list[SessionResult]:
     """Resample the registered sessions of ``subject`` from ``nsd_ds`` into ``out`` with ``jobs`` workers.
 
     All headers are checked first (without ``drop``); a failing session stops the run with its file
-    named, leaves no output for it and keeps the outputs of sessions already finished.
+    named, leaves no output for it and keeps the outputs of sessions already finished. With ``drop``
+    the inputs are fetched ahead of the workers and dropped after them, at most ``jobs + prefetch``
+    on disk (module docstring); on any failure or interruption what this run fetched is dropped.
     """
     from nsdprep.registry import registered_sessions
 
     nsd_ds, out = Path(nsd_ds), Path(out)
     if jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    if prefetch < 0:
+        raise UsageError(f"--prefetch must be >= 0, got {prefetch}")
     registered = registered_sessions(nsd_ds, subject)
     if not registered:
         raise MissingInputError(
@@ -396,12 +340,16 @@ def resample_subject(
             )
             n_volumes[s] = volume_count(hdr)
 
+    stats = stats if stats is not None else PipelineStats()
+    stats.jobs, stats.prefetch = jobs, prefetch
+    t_start = stats.t0 = time.monotonic()
     ctx = mp.get_context("fork")
     events = ctx.Queue()
     stop = ctx.Event()
     results: list[SessionResult] = []
     failure: BaseException | None = None
     futures: dict[Future[SessionResult], int] = {}
+    fetcher: Prefetcher | None = None
     bars = _Bars(len(todo), sum(n_volumes.values()) or None, enabled=progress)
     try:
         with ProcessPoolExecutor(
@@ -410,27 +358,62 @@ def resample_subject(
             initializer=_worker_init,
             initargs=(events, stop),
         ) as pool:
-            futures = {
-                pool.submit(_worker_session, str(nsd_ds), str(srcs[s]), str(dsts[s]), drop): s
-                for s in todo
-            }
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-                bars.drain(events)
-                for fut in done:
-                    exc = fut.exception()
-                    if exc is None:
-                        results.append(fut.result())
-                        bars.session_done()
-                    elif failure is None and not isinstance(exc, _Cancelled):
-                        failure = exc
-                if failure is not None and not stop.is_set():
-                    stop.set()
-                    for fut in pending:
-                        fut.cancel()
+
+            def submit(s: int) -> None:
+                fut = pool.submit(_worker_session, str(srcs[s]), str(dsts[s]), drop)
+                futures[fut] = s
+                pending.add(fut)
+                stats.event("start", s)
+
+            pending: set[Future[SessionResult]] = set()
+            if drop:
+                # Fork every worker now, before the fetcher's threads exist.
+                pool.submit(int).result()
+                fetcher = Prefetcher(nsd_ds, [(s, srcs[s]) for s in todo], jobs + prefetch, stats)
+                fetcher.start()
+            else:
+                for s in todo:
+                    submit(s)
+            try:
+                while pending or (fetcher is not None and fetcher.active()):
+                    if fetcher is not None:
+                        for s in fetcher.ready(block=not pending):
+                            if failure is None:
+                                submit(s)
+                        if fetcher.error is not None and failure is None:
+                            failure = fetcher.error
+                    done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+                    bars.drain(events)
+                    for fut in sorted(done, key=futures.__getitem__):  # drops in session order
+                        stats.event("done", futures[fut])
+                        if fetcher is not None:
+                            fetcher.release(futures[fut])
+                        exc = fut.exception() if not fut.cancelled() else None
+                        if fut.cancelled() or isinstance(exc, _Cancelled):
+                            continue
+                        if exc is None:
+                            results.append(fut.result())
+                            bars.session_done()
+                        elif failure is None:
+                            failure = exc
+                    if failure is not None and not stop.is_set():
+                        stop.set()
+                        if fetcher is not None:
+                            fetcher.stop()
+                        for fut in pending:
+                            fut.cancel()
+            except BaseException:  # Ctrl-C, SIGTERM: stop the workers at their next volume
+                stop.set()
+                if fetcher is not None:
+                    fetcher.stop()
+                for fut in pending:
+                    fut.cancel()
+                raise
             bars.drain(events)
     finally:
+        if fetcher is not None:
+            fetcher.close()
+        stats.wall_seconds = time.monotonic() - t_start
         bars.close()
     if failure is not None:
         kept = sorted(
@@ -443,46 +426,12 @@ def resample_subject(
     return sorted(results, key=lambda r: str(r.dst))
 
 
-# ---------------------------------------------------------------- internals
-
-
 class _Cancelled(NsdPrepError):
     """Another session failed; this one stopped without output."""
 
 
 def _path_name(gmap: GridMap) -> str:
     return "fast (strided subsample)" if gmap.fast else "general (spline)"
-
-
-def _strided_map(
-    in_shape: tuple[int, int, int],
-    out_shape: tuple[int, int, int],
-    matrix: np.ndarray,
-    offset: np.ndarray,
-    tol: float,
-) -> tuple[tuple[slice, slice, slice] | None, tuple[slice, slice, slice] | None]:
-    """Slices with ``out[t] = vol[s]`` if target voxels land exactly on source voxels, else None."""
-    if not np.allclose(matrix, np.diag(np.diag(matrix)), rtol=0, atol=tol):
-        return None, None
-    tsl, ssl = [], []
-    for axis in range(3):
-        step_f, off_f = matrix[axis, axis], offset[axis]
-        step, off = int(round(step_f)), int(round(off_f))
-        if step == 0 or abs(step_f - step) > tol or abs(off_f - off) > tol:
-            return None, None
-        n_in, n_out = in_shape[axis], out_shape[axis]
-        src = off + step * np.arange(n_out)
-        inside = np.flatnonzero((src >= 0) & (src <= n_in - 1))
-        if inside.size == 0:  # no overlap on this axis: output all zeros
-            tsl.append(slice(0, 0))
-            ssl.append(slice(0, 0))
-            continue
-        t0, t1 = int(inside[0]), int(inside[-1]) + 1
-        s0, s_last = int(src[t0]), int(src[t1 - 1])
-        stop = s_last + (1 if step > 0 else -1)
-        tsl.append(slice(t0, t1))
-        ssl.append(slice(s0, None if stop < 0 else stop, step))
-    return (tsl[0], tsl[1], tsl[2]), (ssl[0], ssl[1], ssl[2])
 
 
 def _value_range(src: Path, hdr: Any, cancelled: Callable[[], bool] | None) -> tuple[float, float]:
@@ -504,14 +453,13 @@ def _worker_init(events: Any, stop: Any) -> None:
     _EVENTS, _STOP = events, stop
 
 
-def _worker_session(nsd_ds: str, src: str, dst: str, drop: bool) -> SessionResult:
-    """One session in a worker process: optional get, resample, optional drop."""
+def _worker_session(src: str, dst: str, count_total: bool) -> SessionResult:
+    """One session in a worker process (its content is present).
+
+    ``count_total``: add its volumes to the progress bar's total (not known up front when the
+    inputs are fetched on the way).
+    """
     src_p = Path(src)
-    fetched = False
-    if drop and not src_p.exists():
-        log.info("datalad get %s", src_p)
-        dataset.get(nsd_ds, [src_p])
-        fetched = True
     pending = [0]
     last = [time.monotonic()]
 
@@ -522,15 +470,10 @@ def _worker_session(nsd_ds: str, src: str, dst: str, drop: bool) -> SessionResul
             _EVENTS.put(("vol", pending[0]))
             pending[0], last[0] = 0, now
 
-    try:
-        hdr_total = volume_count(check_betas_header(src_p))
-        _EVENTS.put(("total", hdr_total if drop else 0))
-        result = resample_session(src_p, dst, progress=progress, cancelled=_STOP.is_set)
-        _EVENTS.put(("vol", pending[0]))
-    finally:
-        if fetched:
-            log.info("datalad drop %s", src_p)
-            dataset.drop(nsd_ds, [src_p])
+    hdr_total = volume_count(check_betas_header(src_p))
+    _EVENTS.put(("total", hdr_total if count_total else 0))
+    result = resample_session(src_p, dst, progress=progress, cancelled=_STOP.is_set)
+    _EVENTS.put(("vol", pending[0]))
     return result
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import re
 import shlex
 import shutil
@@ -110,6 +111,9 @@ class Options:
     subjects: tuple[int, ...] = ()
     jobs: int = 2
     drop: bool = False
+    #: 3mm with ``drop``: sessions fetched ahead; passed by environment, never recorded (no byte
+    #: of output depends on it, so changing it must not make the outputs look out of date)
+    prefetch: int = 1
     force: bool = False
     labels: Labels = "default"
     #: curated: keep only voxels valid in every session (and write sub-XX_mask.nii.gz)
@@ -123,6 +127,8 @@ class Options:
     def __post_init__(self) -> None:
         if self.jobs < 1:
             raise UsageError(f"JOBS must be a positive integer, got {self.jobs}")
+        if self.prefetch < 0:
+            raise UsageError(f"PREFETCH must be an integer >= 0, got {self.prefetch}")
         if self.subsample < 0:
             raise UsageError(f"SUBSAMPLE must be >= 0 (0 = all trials), got {self.subsample}")
 
@@ -318,7 +324,7 @@ def space_needed(ds: Path, step: Step) -> tuple[int, str]:
     """``(bytes, folder)``: what ``step`` will write into ``ds`` (estimated), and where.
 
     Inputs whose content is absent are downloaded first (their size is in their keys; with
-    ``--drop`` one session per worker at a time), and git-annex keeps ``annex.diskreserve`` free
+    ``--drop`` at most ``jobs + prefetch`` sessions at a time), and git-annex keeps ``annex.diskreserve`` free
     on top (it refuses a download otherwise); outputs are estimated from the inputs (3 mm: 1/27 of
     the input; curated: at most its 3 mm inputs; COCO: the JSON sizes in the zip).
     """
@@ -327,11 +333,13 @@ def space_needed(ds: Path, step: Step) -> tuple[int, str]:
     folder = str(Path(first).parent) if is_file else first
     sizes = _input_sizes(ds, step)
     absent = [size for size, present in sizes if not present]
-    if step.inputs_ready:  # --drop: each worker holds one session at a time
+    if step.inputs_ready:  # --drop: at most jobs + prefetch sessions on disk at a time
+        from nsdprep.prefetch import prefetch_from_env
+
         jobs = (
             int(step.command[step.command.index("--jobs") + 1]) if "--jobs" in step.command else 1
         )
-        fetch = sum(sorted(absent, reverse=True)[:jobs])
+        fetch = sum(sorted(absent, reverse=True)[: jobs + prefetch_from_env()])
     else:
         fetch = sum(absent)
     if fetch:
@@ -450,6 +458,10 @@ def run_target(target: str, ds: Path, opts: Options) -> int:
     """Make ``target`` in ``ds`` under the lock: its ``datalad run`` steps, or get/drop/rerun/repair."""
     ensure_inputs(ds, NEEDS.get(target, ()))
     dataset.ensure_annex(ds)
+    if target == "3mm":
+        from nsdprep.resample import PREFETCH_ENV
+
+        os.environ[PREFETCH_ENV] = str(opts.prefetch)  # read by the stage, not in its record
     if opts.backend == "slurm":
         if target not in CLUSTER_TARGETS:
             raise UsageError(
@@ -540,6 +552,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subjects", nargs="*", default=[], help="e.g. 01 02 (default: all)")
     parser.add_argument("--jobs", default="2", help="worker processes inside one step")
     parser.add_argument("--drop", action="store_true", help="3mm: get/drop each input session")
+    parser.add_argument("--prefetch", default="1", help="3mm --drop: sessions fetched ahead")
     parser.add_argument("--force", action="store_true", help="rebuild even if inputs changed")
     parser.add_argument("--labels", default="default", help="default, legacy or crop")
     parser.add_argument(
@@ -568,10 +581,12 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"BACKEND must be 'local' or 'slurm', got {args.backend!r}")
     (jobs,) = _one_int(args.jobs, "JOBS")
     (subsample,) = _one_int(args.subsample, "SUBSAMPLE")
+    (prefetch,) = _one_int(args.prefetch, "PREFETCH")
     opts = Options(
         subjects=tuple(s for item in args.subjects for s in _subjects(item)),
         jobs=jobs,
         drop=args.drop,
+        prefetch=prefetch,
         force=args.force,
         labels=args.labels,
         valid=args.valid,

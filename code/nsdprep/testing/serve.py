@@ -11,8 +11,9 @@ client code against this mirror as against the public NSD bucket, offline.
 Why a server of our own and not ``moto``: moto (``moto[server]``) would do as well and emulates far more of
 S3; this one is a few hundred lines of standard library (no extra dependency in the pinned environment), gives
 exact control of the faults the tests need (``403 AccessDenied`` for chosen keys, a download cut short
-after N bytes, a connection reset or a stall in the middle of a transfer for the first K requests) and its listing answers are the documented ListObjectsV2 XML, so nothing in the client is
-written for the mirror. ETags are the content MD5 for files up to 16 MiB (as S3 for single-part uploads)
+after N bytes, a connection reset or a stall in the middle of a transfer for the first K requests, a
+bandwidth cap that models a real link) and its listing answers are the documented ListObjectsV2 XML,
+so nothing in the client is written for the mirror. ETags are the content MD5 for files up to 16 MiB (as S3 for single-part uploads)
 and a size/mtime fingerprint in S3's multipart form (``"<hex>-1"``) above that, which clients must not
 read as an MD5 anyway.
 
@@ -53,6 +54,8 @@ S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
 MAX_KEYS = 1000
 _MD5_LIMIT = 16 * 1024 * 1024
 _CHUNK = 1024 * 1024
+#: Block size while a rate cap applies (small blocks keep the rate smooth).
+_THROTTLED_CHUNK = 64 * 1024
 
 
 class Mirror:
@@ -72,6 +75,12 @@ class Mirror:
     truncate
         ``{pattern: n_bytes}``: object downloads matching ``pattern`` send the full ``Content-Length``
         header, then only ``n_bytes`` of the body, then close the connection.
+    rate_mb_s
+        Bandwidth cap of object bodies in MB/s (10^6 bytes), shared by all connections (a link);
+        None = as fast as possible. See :meth:`limit`.
+    connection_rate_mb_s
+        Cap per connection in MB/s (one download stream, as S3 limits a single GET); None = only the
+        shared cap applies (a single stream then gets all of it).
 
     Flaky-network faults (:meth:`reset_after`, :meth:`stall_after`) hit only the first K downloads of
     a matching object, then it is served normally, as a transient network fault would be.
@@ -87,6 +96,8 @@ class Mirror:
         *,
         deny: Iterable[str] = (),
         truncate: dict[str, int] | None = None,
+        rate_mb_s: float | None = None,
+        connection_rate_mb_s: float | None = None,
     ) -> None:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
@@ -98,6 +109,9 @@ class Mirror:
         self._truncate: dict[str, int] = dict(truncate or {})
         self._flaky: list[_Flaky] = []
         self._etags: dict[tuple[str, int, int], str] = {}
+        self._rate: _Throttle | None = None
+        self._connection_rate: float | None = None
+        self.limit(rate_mb_s, connection_rate_mb_s)
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -141,6 +155,25 @@ class Mirror:
             self._deny.clear()
             self._truncate.clear()
             self._flaky.clear()
+
+    def limit(self, rate_mb_s: float | None, connection_rate_mb_s: float | None = None) -> None:
+        """Cap object downloads at ``rate_mb_s`` in total and ``connection_rate_mb_s`` per connection.
+
+        MB = 10^6 bytes; None lifts a cap. Applies to bodies sent from now on (running downloads
+        included); listings and headers are not counted.
+        """
+        for value in (rate_mb_s, connection_rate_mb_s):
+            if value is not None and not value > 0:
+                raise NsdPrepError(f"a rate cap must be a positive number of MB/s, got {value}")
+        with self._lock:
+            self._rate = None if rate_mb_s is None else _Throttle(rate_mb_s * 1e6)
+            self._connection_rate = (
+                None if connection_rate_mb_s is None else connection_rate_mb_s * 1e6
+            )
+
+    def _throttles(self) -> tuple[_Throttle | None, float | None]:
+        with self._lock:
+            return self._rate, self._connection_rate
 
     def _denied(self, path: str) -> bool:
         with self._lock:
@@ -277,6 +310,32 @@ class _Flaky:
     ) -> None:
         self.pattern, self.kind, self.n_bytes = pattern, kind, n_bytes
         self.times, self.seconds, self.hits = times, seconds, 0
+
+
+class _Throttle:
+    """Token bucket in bytes per second, shared by the threads that send through it.
+
+    :meth:`take` books ``n`` bytes and sleeps until the bucket has paid for them, so the long-run
+    rate never exceeds ``rate`` whatever the number of senders; bursts are at most 50 ms worth.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.rate = float(rate)
+        self.capacity = max(self.rate * 0.05, float(_THROTTLED_CHUNK))
+        self._tokens = self.capacity
+        self._stamp = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        """Wait until ``n`` more bytes may be sent."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            self._tokens -= n
+            delay = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if delay > 0:
+            time.sleep(delay)
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -538,12 +597,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send_flaky(path, start, length, flaky)
             return
         remaining = length if cut is None else min(length, cut)
+        total, per_connection = self.mirror._throttles()
+        own = None if per_connection is None else _Throttle(per_connection)
         with path.open("rb") as f:
             f.seek(start)
             while remaining > 0:
-                block = f.read(min(_CHUNK, remaining))
+                total, _ = self.mirror._throttles()
+                limited = total is not None or own is not None
+                block = f.read(min(_THROTTLED_CHUNK if limited else _CHUNK, remaining))
                 if not block:
                     break
+                for throttle in (own, total):
+                    if throttle is not None:
+                        throttle.take(len(block))
                 self.wfile.write(block)
                 remaining -= len(block)
         if cut is not None and cut < length:
@@ -583,12 +649,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 # -- CLI ----------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``python -m nsdprep serve DIR [--port 0] [--host 127.0.0.1]``."""
+    """``python -m nsdprep serve DIR [--port 0] [--host 127.0.0.1] [--rate MB/S]``."""
     parser.add_argument(
         "root", metavar="DIR", help="directory of buckets (e.g. synth output: nsd/, coco/)"
     )
     parser.add_argument("--port", type=int, default=0, help="TCP port (default 0: a free one)")
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        metavar="MB/S",
+        help="cap downloads at MB/s (10^6 bytes) in total, like a link (default: no cap)",
+    )
+    parser.add_argument(
+        "--rate-per-connection",
+        type=float,
+        default=None,
+        metavar="MB/S",
+        help="cap each connection at MB/s too (default: only the total cap)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -607,7 +687,13 @@ def main(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with Mirror(args.root, host=args.host, port=args.port) as mirror:
+        with Mirror(
+            args.root,
+            host=args.host,
+            port=args.port,
+            rate_mb_s=args.rate,
+            connection_rate_mb_s=args.rate_per_connection,
+        ) as mirror:
             print(f"NSD_URL={mirror.url}/nsd", flush=True)
             print(f"COCO_URL={mirror.url}/coco/{nsd.COCO_ZIP_KEY}", flush=True)
             print("serving; Ctrl-C to stop", flush=True)

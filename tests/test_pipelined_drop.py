@@ -1,0 +1,356 @@
+"""``make 3mm DROP=1`` pipelined: downloads ahead of the workers, disk bounded, interruptions clean.
+
+One small dataset is registered once (``make inputs`` against a loopback mirror of synthetic data:
+subject 01 with 5 sessions); each test works in its own ``datalad clone`` of it. The disk bound is
+measured (annexed content files counted whenever a download ends, which is when the most sessions
+are on disk), never taken from the pipeline's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+from nsdprep import dataset, resample, steps
+from nsdprep.errors import UsageError
+from nsdprep.nsd import Layout
+from nsdprep.testing.demo import DemoSpec, build_demo, loopback_env
+from nsdprep.testing.serve import Mirror
+
+VENV = Path(sys.executable).parent.parent
+LAYOUT = DemoSpec(sessions=(5, 1), layout=Layout(2, (4, 3)))
+SUBJ01 = "nsddata_betas/ppdata/subj01"
+BETAS = SUBJ01 + "/MNI/betas_fithrf/betas_session{n:02d}.nii.gz"
+pytestmark = pytest.mark.datalad
+
+
+def _git(ds: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(ds), *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def _present(nsd: Path) -> list[str]:
+    """Betas of subject 01 whose content is in the annex."""
+    return _git(nsd, "annex", "find", "--in", "here", SUBJ01).split()
+
+
+def _annex_files(nsd: Path) -> int:
+    """Content files on disk in the annex: objects plus partial downloads."""
+    annex = dataset.git_dir(nsd) / "annex"
+    return sum(len(files) for sub in ("objects", "tmp") for _r, _d, files in os.walk(annex / sub))
+
+
+def _journal(nsd: Path) -> Path:
+    return dataset.git_dir(nsd) / resample.JOURNAL_NAME
+
+
+@pytest.fixture(scope="module")
+def env(git_env) -> dict[str, str]:
+    out = loopback_env(git_env)
+    out["PATH"] = f"{VENV / 'bin'}{os.pathsep}{out['PATH']}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def origin(env, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Inputs registered, nothing fetched, no derivative made."""
+    work = tmp_path_factory.mktemp("pipelined")
+    return build_demo(work, VENV, REPO_ROOT, LAYOUT, targets=(), overlay=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def served(origin: Path) -> Iterator[Mirror]:
+    """The mirror again, on the port the inputs were registered with."""
+    url = _git(origin / "inputs/nsd", "annex", "whereis", "--json", "--", BETAS.format(n=1))
+    port = int(re.search(r"http://127\.0\.0\.1:(\d+)/nsd/", url).group(1))
+    with Mirror(origin.parent / "synth", port=port) as mirror:
+        yield mirror
+
+
+@pytest.fixture
+def clone(origin: Path, served: Mirror, env, tmp_path: Path) -> Path:
+    dest = tmp_path / "clone"
+    subprocess.run(["datalad", "clone", str(origin), str(dest)], check=True, env=env,
+                   capture_output=True)  # fmt: skip
+    subprocess.run(["datalad", "get", "-n", "inputs/nsd", "inputs/coco"], check=True, env=env,
+                   cwd=dest, capture_output=True)  # fmt: skip
+    os.utime(dest / "requirements.txt", (0, 0))  # the venv is current: no pip run
+    return dest
+
+
+def _digests(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.nii.gz"))}
+
+
+# ------------------------------------------------------------------------------------------------
+# in-process: the bound, the overlap, the clean-up, the bytes
+
+
+@pytest.mark.parametrize(
+    ("jobs", "prefetch"),
+    [(1, 0), (1, 1), (2, 1), pytest.param(1, 3, marks=pytest.mark.slow)],
+)
+def test_disk_bound_and_overlap(
+    clone: Path, env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, jobs: int, prefetch: int
+) -> None:
+    nsd = clone / "inputs/nsd"
+    seen: list[int] = []
+    real_get = dataset.get
+
+    def counting_get(ds, paths, **kw):  # type: ignore[no-untyped-def]
+        result = real_get(ds, paths, **kw)
+        seen.append(_annex_files(nsd))  # a download just ended: the most content on disk
+        return result
+
+    monkeypatch.setattr(dataset, "get", counting_get)
+    stats = resample.PipelineStats()
+    results = resample.resample_subject(
+        nsd, 1, tmp_path / "drop", jobs=jobs, drop=True, prefetch=prefetch, progress=False,
+        stats=stats,
+    )  # fmt: skip
+    assert len(results) == LAYOUT.sessions[0]
+    assert len(seen) == LAYOUT.sessions[0]  # every session fetched once
+    assert max(seen) <= jobs + prefetch, seen
+    assert stats.peak_sessions_on_disk <= jobs + prefetch
+    assert _present(nsd) == [] and _annex_files(nsd) == 0  # everything dropped again
+    assert not _journal(nsd).exists()
+
+    t = {(kind, s): when for when, kind, s in stats.events}
+    sessions = range(1, LAYOUT.sessions[0] + 1)
+    if prefetch == 0 and jobs == 1:
+        # no look-ahead: the next download starts only after the previous session is dropped
+        assert all(t["fetch", s + 1] >= t["dropped", s] for s in sessions[:-1]), stats.events
+    else:
+        # look-ahead: the next download starts while the current session is still on disk
+        # (being processed or waiting), whatever the speed of the machine
+        assert all(t["fetch", s + 1] < t["dropped", s] for s in sessions[:-1]), stats.events
+
+    # same bytes as the ordinary mode (content fetched up front)
+    monkeypatch.setattr(dataset, "get", real_get)
+    dataset.get(nsd, [nsd / BETAS.format(n=s) for s in sessions])
+    resample.resample_subject(nsd, 1, tmp_path / "plain", jobs=2, progress=False)
+    assert _digests(tmp_path / "drop") == _digests(tmp_path / "plain")
+    assert len(_digests(tmp_path / "plain")) == LAYOUT.sessions[0]
+
+
+def test_present_content_is_kept_and_journaled_content_is_dropped(clone: Path, env) -> None:
+    """Content the user fetched stays; content an interrupted --drop run fetched goes."""
+    nsd = clone / "inputs/nsd"
+    mine, leftover = BETAS.format(n=2), BETAS.format(n=4)
+    dataset.get(nsd, [nsd / mine, nsd / leftover])
+    _journal(nsd).write_text(f"{leftover}\n{SUBJ01}/MNI/betas_fithrf/betas_session99.nii.gz\n")
+    resample.resample_subject(nsd, 1, clone / "out", jobs=2, drop=True, progress=False)
+    assert _present(nsd) == [mine]
+    assert not _journal(nsd).exists()
+
+
+def test_failed_session_stops_fetching_and_drops(
+    clone: Path, env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nsd = clone / "inputs/nsd"
+    real = resample.resample_session
+
+    def broken(src, dst, **kw):  # type: ignore[no-untyped-def]
+        if Path(src).name == "betas_session02.nii.gz":
+            raise resample.FormatError(f"{src}: damaged on purpose")
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(resample, "resample_session", broken)
+    with pytest.raises(resample.FormatError, match="betas_session02"):
+        resample.resample_subject(
+            nsd, 1, clone / "out", jobs=1, drop=True, prefetch=1, progress=False
+        )
+    assert _present(nsd) == [] and _annex_files(nsd) == 0
+    assert not _journal(nsd).exists()
+    assert not list((clone / "out").glob("*.part"))
+    assert not (clone / "out/betas_session02.nii.gz").exists()
+
+
+def test_prefetch_option_checks() -> None:
+    assert resample.prefetch_from_env(3) == 3
+    with pytest.raises(UsageError, match="prefetch"):
+        resample.prefetch_from_env(-1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(resample.PREFETCH_ENV, "2")
+        assert resample.prefetch_from_env() == 2
+        mp.setenv(resample.PREFETCH_ENV, "two")
+        with pytest.raises(UsageError, match=resample.PREFETCH_ENV):
+            resample.prefetch_from_env()
+        mp.delenv(resample.PREFETCH_ENV)
+        assert resample.prefetch_from_env() == resample.DEFAULT_PREFETCH
+    with pytest.raises(UsageError, match="PREFETCH"):
+        steps.Options(prefetch=-1)
+
+
+def test_prefetch_is_not_in_the_recorded_command(origin: Path) -> None:
+    """PREFETCH changes no output byte: the command (and so the fingerprint) must not depend on it."""
+    plans = [
+        steps.steps_for("3mm", origin, steps.Options(drop=True, prefetch=p, subjects=(1,)))
+        for p in (0, 1, 4)
+    ]
+    commands = {plan[0].command for plan in plans}
+    assert len(commands) == 1
+    assert not any("prefetch" in part for part in commands.pop())
+
+
+# ------------------------------------------------------------------------------------------------
+# through make, as a user: interrupted runs
+
+
+def _make_cmd(ds: Path, *args: str) -> list[str]:
+    return ["make", "--no-print-directory", "-C", str(ds), *args, f"VENV={VENV}",
+            *LAYOUT.make_vars(), "JOBS=2"]  # fmt: skip
+
+
+def _wait_group_gone(pgid: int, timeout: float = 120) -> None:
+    """Wait until no process of group ``pgid`` is left (a stage may outlive make while cleaning)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.killpg(pgid, signal.SIGKILL)
+    raise AssertionError(f"processes of group {pgid} still running after {timeout} s")
+
+
+def _interrupt_when_fetching(ds: Path, env, log: Path, sig: int) -> int:
+    """``make 3mm DROP=1``; send ``sig`` to its process group once a download has ended and the
+    first output appeared; return make's exit code after every process of the group is gone."""
+    nsd = ds / "inputs/nsd"
+    out = ds / "derivatives/3mm/subj01"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            _make_cmd(ds, "3mm", "SUBJECTS=01", "DROP=1", "PREFETCH=1"), env=env, stdout=fh,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            while proc.poll() is None:
+                if out.is_dir() and any(out.iterdir()) and _journal(nsd).exists():
+                    os.killpg(proc.pid, sig)
+                    break
+                time.sleep(0.002)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+    _wait_group_gone(proc.pid)
+    assert rc != 0, f"make finished before it was interrupted:\n{log.read_text()}"
+    return rc
+
+
+def _status(ds: Path) -> list[str]:
+    return _git(ds, "status", "--porcelain", "--untracked-files=all").splitlines()
+
+
+def _finish_and_compare(clone: Path, env, head: str, plain: bool = True) -> None:
+    """The next DROP run recovers: recorded, nothing left in the annex (``plain``: same keys as
+    an ordinary run)."""
+    nsd = clone / "inputs/nsd"
+    proc = subprocess.run(_make_cmd(clone, "3mm", "SUBJECTS=01", "DROP=1", "PREFETCH=2"),
+                          env=env, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _git(clone, "rev-parse", "HEAD~1").strip() == head
+    record = _git(clone, "log", "-1", "--format=%B")
+    assert '"cmd": "python -m nsdprep resample --nsd inputs/nsd --subject 1' in record
+    assert "prefetch" not in record
+    assert _present(nsd) == [] and _annex_files(nsd) == 0
+    assert not _journal(nsd).exists()
+    assert _status(clone) == []
+    keys = _git(clone, "ls-files", "-s", "derivatives/3mm/subj01")
+    assert keys.count("betas_session") == LAYOUT.sessions[0]
+    if not plain:
+        return
+    proc = subprocess.run(_make_cmd(clone, "3mm", "SUBJECTS=01", "FORCE=1"), env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _git(clone, "ls-files", "-s", "derivatives/3mm/subj01") == keys
+
+
+def test_killed_pipelined_run_is_cleaned_by_the_next(clone: Path, env, tmp_path: Path) -> None:
+    """SIGKILL (no clean-up possible): at most JOBS + PREFETCH sessions stay, journaled; the next
+    DROP run drops them and gives the same outputs as an uninterrupted run."""
+    nsd = clone / "inputs/nsd"
+    head = _git(clone, "rev-parse", "HEAD").strip()
+    _interrupt_when_fetching(clone, env, tmp_path / "make.log", signal.SIGKILL)
+    assert _git(clone, "rev-parse", "HEAD").strip() == head
+    assert all(line.startswith("?? derivatives/3mm/subj01/") for line in _status(clone))
+    left = _present(nsd)
+    assert _annex_files(nsd) <= 2 + 1  # JOBS + PREFETCH, partial downloads included
+    assert set(left) <= set(_journal(nsd).read_text().split())
+    _finish_and_compare(clone, env, head)
+
+
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_interrupted_pipelined_run_drops_what_it_fetched(
+    clone: Path, env, tmp_path: Path, sig: int
+) -> None:
+    """Ctrl-C or SIGTERM to the whole job: nothing recorded, no content left, no temporaries."""
+    nsd = clone / "inputs/nsd"
+    head = _git(clone, "rev-parse", "HEAD").strip()
+    _interrupt_when_fetching(clone, env, tmp_path / "make.log", sig)
+    log = (tmp_path / "make.log").read_text()
+    assert _git(clone, "rev-parse", "HEAD").strip() == head
+    assert _present(nsd) == [], log
+    assert not _journal(nsd).exists(), log
+    assert not list((clone / "derivatives").rglob("*.part")), log
+    assert all(line.startswith("?? derivatives/3mm/subj01/") for line in _status(clone))
+    _finish_and_compare(clone, env, head, plain=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# the mirror's rate cap (lower bounds only: a loaded machine can be slower, never faster)
+
+
+def test_rate_cap_total_and_per_connection(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    size = 600_000
+    (tmp_path / "b/f").write_bytes(os.urandom(size))
+
+    def fetch_all(url: str, n: int) -> float:
+        got: list[int] = []
+        threads = [
+            threading.Thread(target=lambda: got.append(len(urllib.request.urlopen(url).read())))
+            for _ in range(n)
+        ]
+        t0 = time.monotonic()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert got == [size] * n
+        return time.monotonic() - t0
+
+    # a token bucket may send its initial burst at once: max(50 ms worth, 64 KiB)
+    with Mirror(tmp_path, rate_mb_s=2.0) as m:
+        # two connections share 2 MB/s: 1.2 MB take >= 0.6 s, less the 0.05 s burst
+        assert fetch_all(f"{m.url}/b/f", 2) >= (2 * size - 100_000) / 2e6 - 0.01
+        m.limit(None)
+        fast = fetch_all(f"{m.url}/b/f", 1)
+        m.limit(None, connection_rate_mb_s=1.0)
+        # per connection: each stream 1 MB/s, so two streams together still take >= 0.6 s,
+        # less each stream's 64 KiB burst
+        assert fetch_all(f"{m.url}/b/f", 2) >= (size - 65_536) / 1e6 - 0.01
+    assert fast < 0.5
+    with pytest.raises(Exception, match="positive"):
+        Mirror(tmp_path, rate_mb_s=0)
