@@ -59,6 +59,19 @@ SLURM_OPTS ?=
 WAIT ?= 0
 SCRATCH ?=
 
+# Options a user may set on the command line: every `NAME ?= default` of this Makefile, and
+# PYTEST_ARGS. Anything else (a typo such as SUBJETCS=01, which make would silently ignore and so
+# process every subject) stops make before any target runs.
+KNOWN_OPTIONS := $(sort $(shell sed -nE 's/^([A-Z_][A-Z0-9_]*) *\?=.*/\1/p' $(MAKEFILE_LIST)) PYTEST_ARGS)
+UNKNOWN_OPTIONS := $(filter-out $(KNOWN_OPTIONS),$(foreach v,$(.VARIABLES),$(if \
+	$(filter command line,$(origin $(v))),$(v))))
+ifneq ($(strip $(UNKNOWN_OPTIONS)),)
+$(error unknown option $(UNKNOWN_OPTIONS); known: $(KNOWN_OPTIONS) (see `make help`))
+endif
+BOOLEAN_VALUES := 0 1 yes no true false
+$(foreach v,DROP FORCE VALID WAIT,$(if $(filter-out $(BOOLEAN_VALUES),$($(v))),$(error \
+	$(v)=$($(v)) is not a yes/no value; use $(v)=1 or $(v)=0)))
+
 STEP_OPTS = $(if $(strip $(SUBJECTS)),--subjects $(SUBJECTS)) --jobs $(JOBS) \
 	$(if $(filter 1 yes true,$(DROP)),--drop) --prefetch $(PREFETCH) \
 	$(if $(filter 1 yes true,$(FORCE)),--force) \
@@ -69,8 +82,8 @@ BACKEND_OPTS = --backend $(BACKEND) $(if $(filter 1 yes true,$(WAIT)),--wait) \
 	--slurm-opts='$(SLURM_OPTS)' --ria='$(RIA)' --ria-sibling $(RIA_SIBLING) --alias $(ALIAS) \
 	--scratch='$(SCRATCH)'
 
-.PHONY: help venv demo test test-slow test-slurm lint format inputs get drop 3mm coco-labels curated \
-	decode bench bench-load bench-pipeline rerun publish check-identity all
+.PHONY: help venv demo test test-slow test-slurm lint format inputs get drop 3mm coco-labels \
+	curated decode bench bench-load bench-pipeline rerun publish repair check-identity all
 
 help: ## list the targets
 	@echo "nsdprep: NSD + COCO decoding dataset (DataLad). Targets:"
@@ -78,6 +91,7 @@ help: ## list the targets
 		| expand -t 16
 	@echo "Variables: SUBJECTS=\"01 02\" JOBS=2 DROP=1 PREFETCH=1 LABELS=crop|legacy VALID=1 FORCE=1 PERMUTATIONS=100 NSD_URL=... COCO_URL=... RIA=..."
 	@echo "           BACKEND=slurm SLURM_OPTS=\"--time=.. --mem=..\" WAIT=1 SCRATCH=... (see README)"
+	@echo "A failing target prints one line 'nsdprep <command>: error: ...' and make exits 2 (README, Troubleshooting)."
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -86,12 +100,13 @@ $(STAMP): requirements.txt
 
 venv: $(STAMP) ## create/update the pinned environment in .venv (datalad, git-annex, nibabel, ...)
 
+# Without an identity git-annex writes user.name=root into the dataset and commits as 'root <root>'.
 check-identity: venv
 	@{ [ -n "$${GIT_AUTHOR_NAME:-}" ] || git config user.name >/dev/null; } && \
 	 { [ -n "$${GIT_AUTHOR_EMAIL:-}" ] || git config user.email >/dev/null; } || { \
-	  echo "git has no identity; set one first, e.g.:"; \
-	  echo "  git config --global user.name 'Your Name'"; \
-	  echo "  git config --global user.email you@example.org"; exit 1; }
+	  echo "nsdprep: error: git has no identity (commits need one); set it once:" \
+	    "git config --global user.name 'Your Name' && git config --global user.email you@example.org" >&2; \
+	  exit 2; }
 
 demo: venv ## offline end-to-end run on synthetic data in a scratch clone (.demo/)
 	$(PY) -m nsdprep.testing.demo --source $(CURDIR) --venv $(abspath $(VENV))
@@ -100,8 +115,9 @@ test: venv ## run the test suite (unit + end-to-end in temporary clones)
 	@rc=0; $(PY) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS) || rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is an error here"; fi; exit $$rc
 
-test-slow: venv ## run the heavy tests too (full-geometry data)
-	$(PY) -m pytest -q -m "not slurm"
+test-slow: venv ## run the slow tests only (kill loops, full-geometry data); CI runs it after `make test`
+	@rc=0; $(PY) -m pytest -q -m "slow and not slurm" $(PYTEST_ARGS) || rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is an error here"; fi; exit $$rc
 
 test-slurm: venv ## BACKEND=slurm end to end on a throw-away single-node SLURM (root; installs it)
 	@rc=0; $(PY) -m pytest -q -m slurm tests/test_slurm.py $(PYTEST_ARGS) || rc=$$?; \
@@ -116,13 +132,17 @@ format: venv ## format the code with ruff
 	$(PY) -m ruff check --fix code tests bench
 
 inputs: check-identity ## create/update inputs/nsd and inputs/coco, registered by URL (no download)
-	$(NSDPREP) inputs --nsd-url $(NSD_URL) --coco-url $(COCO_URL)
+	$(NSDPREP) inputs --nsd-url $(NSD_URL) --coco-url $(COCO_URL) \
+		$(if $(strip $(SUBJECTS)),--subjects $(SUBJECTS))
 
-get: venv ## fetch the betas of SUBJECTS (e.g. make get SUBJECTS=01) and the experiment files
+get: check-identity ## fetch the betas of SUBJECTS (e.g. make get SUBJECTS=01) and the experiment files
 	$(NSDPREP) build get $(STEP_OPTS)
 
-drop: venv ## drop the betas content of SUBJECTS again (frees disk; still registered)
+drop: check-identity ## drop the betas content of SUBJECTS again (frees disk; still registered)
 	$(NSDPREP) build drop $(STEP_OPTS)
+
+repair: check-identity ## re-fetch and verify damaged inputs of SUBJECTS, re-key them to their checksum
+	$(NSDPREP) build repair $(STEP_OPTS)
 
 3mm: check-identity ## resample 1 mm betas to 3 mm + GM mask -> derivatives/3mm (datalad run per subject)
 	$(NSDPREP) build 3mm $(STEP_OPTS) $(BACKEND_OPTS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,14 @@ VENV_BIN = Path(sys.executable).parent
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(REPO_ROOT / "code"), *filter(None, [os.environ.get("PYTHONPATH")])]
 )
+
+# `make test &` from a script (a background job of a non-interactive shell) starts with SIGINT
+# *ignored*, and every child inherits that: make, datalad, the stages and `nsdprep serve` would then
+# ignore the SIGINT some tests send them, and those tests fail only in the background. A handled
+# signal is reset to its default in an exec'd child, so installing Python's own handler here gives
+# every child the SIGINT it would have in the foreground.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 #: Small synthetic layout used throughout the tests (documented in nsdprep.testing.synth).
 RUNS_PER_SESSION = 4

@@ -9,6 +9,7 @@ synthetic data); every test works in its own ``datalad clone`` of it, as a colla
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import signal
@@ -210,7 +211,9 @@ def _assert_untouched(ds: Path, head: str) -> None:
 # 2. corrupted input content
 
 
-def _make_3mm_from_damaged_server(clone: Path, served: Mirror, env) -> tuple[int, str, bytes]:
+def _make_3mm_from_damaged_server(
+    clone: Path, served: Mirror, env, target: str = "3mm"
+) -> tuple[int, str, bytes]:
     """``make 3mm SUBJECTS=02`` while the server sends subj02's betas with 64 bytes flipped."""
     src = served.root / "nsd" / _key(2, 1)
     original = src.read_bytes()
@@ -219,7 +222,7 @@ def _make_3mm_from_damaged_server(clone: Path, served: Mirror, env) -> tuple[int
     damaged[mid : mid + 64] = bytes(b ^ 0xFF for b in damaged[mid : mid + 64])
     try:
         src.write_bytes(bytes(damaged))
-        rc, text = make(clone, env, "3mm", "SUBJECTS=02")
+        rc, text = make(clone, env, target, "SUBJECTS=02")
     finally:
         src.write_bytes(original)
     return rc, text, bytes(damaged)
@@ -239,19 +242,46 @@ def test_corrupted_betas_fail_naming_the_file(clone: Path, served: Mirror, env) 
     _assert_untouched(clone, head)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: git-annex records a VURL key's checksum from the first download, so damaged "
-    "content poisons the key and the good copy then fails with 'Verification of content failed'",
-)
 def test_corrupted_betas_recover_after_drop(clone: Path, served: Mirror, env) -> None:
-    """What the error message advises (drop, get again) once the server is right again."""
-    rc, _, _ = _make_3mm_from_damaged_server(clone, served, env)
+    """The damaged first download recorded its checksum (VURL key); `make repair` recovers.
+
+    (A plain drop + get, the old advice, fails verification against that checksum: see
+    ``test_faults.py::test_repair_of_a_poisoned_key_whose_content_is_absent``.) `make repair` finds
+    the damaged copy, drops it, fetches a fresh one without the recorded checksum, checks it (gzip
+    stream and CRC, the server's MD5 ETag) and re-keys the file to MD5E of the good copy.
+    """
+    betas = BETAS.format(s=2, n=1)
+    rc, text, damaged = _make_3mm_from_damaged_server(clone, served, env)
     assert rc != 0
-    subprocess.run(["datalad", "drop", BETAS.format(s=2, n=1)], cwd=clone, env=env, check=True,
-                   capture_output=True)  # fmt: skip
+    assert "`make repair SUBJECTS=02`" in text, text  # the failure says what to do
+    assert (clone / betas).read_bytes() == damaged  # present, and its checksum recorded
+    assert _git(clone / "inputs/nsd", "annex", "lookupkey", _key(2, 1)).startswith("VURL-")
+
+    head = _head(clone)
+    rc, text = make(clone, env, "repair", "SUBJECTS=02")
+    assert rc == 0, text
+    assert "Traceback" not in text
+    new_key = _git(clone / "inputs/nsd", "annex", "lookupkey", _key(2, 1)).strip()
+    good = (served.root / "nsd" / _key(2, 1)).read_bytes()
+    assert new_key == f"MD5E-s{len(good)}--{hashlib.md5(good).hexdigest()}.nii.gz"
+    assert (clone / betas).read_bytes() == good
+    assert _head(clone) != head and _status(clone) == ""
+    assert _git(clone, "log", "-1", "--format=%s").startswith("Repair 1 input file(s)")
+    _git(clone / "inputs/nsd", "annex", "fsck", "--", _key(2, 1))  # verifies against MD5E
+
     rc, text = make(clone, env, "3mm", "SUBJECTS=02")
     assert rc == 0, text
+    assert _readable(clone / "derivatives/3mm/subj02/betas_session01.nii.gz")
+    # nothing left to repair: no new commit
+    head = _head(clone)
+    rc, text = make(clone, env, "repair", "SUBJECTS=02")
+    assert rc == 0 and _head(clone) == head, text
+    # the new key cannot be poisoned: a damaged server copy now fails verification at once
+    subprocess.run(["datalad", "drop", betas], cwd=clone, env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    rc, text, _ = _make_3mm_from_damaged_server(clone, served, env, target="get")
+    assert rc != 0 and "Verification of content failed" in text, text
+    assert not (clone / betas).exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -131,5 +131,5 @@ def test_rerun_reproduces_identical_output(ds: Path, git_env) -> None:
 
 def test_unregistered_input_is_a_clear_error(ds: Path) -> None:
     step = steps.Step("test", "x", ("true",), ("missing.txt",), ("out",))
-    with pytest.raises(DatasetStateError, match="missing.txt is not registered"):
+    with pytest.raises(DatasetStateError, match="input missing.txt has not been made yet"):
         steps.execute(ds, step)

@@ -3,8 +3,18 @@
 Pipeline stages are what ``datalad run`` records; ``build`` is what each make target calls (it plans
 and runs those records); tools serve the demo and the tests. Each command's module defines
 ``add_arguments(parser)`` and ``main(args) -> int``; only the chosen one is imported, so ``--help`` is
-fast and one stage's heavy imports never slow another. Every error this package raises on purpose,
-and every wrong option, ends as one line on stderr and exit code 2, without a traceback.
+fast and one stage's heavy imports never slow another.
+
+Exit codes, each with one line on stderr and no traceback:
+
+- 0: done;
+- 2: an error this package raises on purpose (:mod:`nsdprep.errors`), a wrong option, or an
+  operating-system error a user can act on (disk full, read-only folder, no permission);
+- 3: anything else, i.e. a bug: the line names the exception; ``NSDPREP_DEBUG=1`` (or ``-v``) shows
+  the traceback;
+- 130: interrupted (SIGINT).
+
+``make`` itself exits 2 whenever a target's command fails, whatever that command's code was.
 """
 
 from __future__ import annotations
@@ -12,10 +22,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
+from nsdprep._io import describe_os_error
 from nsdprep.errors import NsdPrepError
 from nsdprep.provenance import command_line
+
+#: Set to a non-empty value to get the traceback of unexpected errors (also ``nsdprep -v``).
+DEBUG_ENV = "NSDPREP_DEBUG"
+EXIT_ERROR = 2
+EXIT_BUG = 3
+EXIT_INTERRUPTED = 130
+#: Commands that write into the dataset they get as ``--dataset`` (refused at once if read-only).
+WRITES_DATASET = ("inputs", "build", "publish")
 
 #: Pipeline stages (recorded by ``datalad run``): command -> (module, make target, one-line help).
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -74,9 +94,35 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    module = importlib.import_module(modules[args.command][0])
+    debug = args.verbose or bool(os.environ.get(DEBUG_ENV))
+    prefix = f"nsdprep {args.command}"
     try:
+        if args.command in WRITES_DATASET:
+            from nsdprep.dataset import require_writable
+
+            require_writable(args.dataset)
+        module = importlib.import_module(modules[args.command][0])
         return int(module.main(args) or 0)
     except NsdPrepError as exc:
-        print(f"nsdprep {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        if debug:
+            raise
+        print(f"{prefix}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(
+            f"{prefix}: interrupted; run it again to resume (finished work is kept)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
+        if debug:
+            raise
+        print(
+            f"{prefix}: internal error: {type(exc).__name__}: {exc} (a bug; `{DEBUG_ENV}=1` shows "
+            "the traceback: please report it)",
+            file=sys.stderr,
+        )
+        return EXIT_BUG

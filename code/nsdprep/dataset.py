@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -53,6 +54,24 @@ def annex_json(
         except json.JSONDecodeError:
             continue
     return records, proc
+
+
+def annex(repo: str | Path, *args: str, what: str = "", config: Sequence[str] = ()) -> str:
+    """Run ``git [-c k=v ...] annex <args>`` in ``repo``; return stdout, raise naming ``what``."""
+    cfg = [item for kv in config for item in ("-c", kv)]
+    proc = subprocess.run(
+        ["git", "-C", str(repo), *cfg, "annex", *args], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        detail = " / ".join(
+            line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()
+        )
+        raise DatasetStateError(
+            f"`git annex {' '.join(args[:2])}` failed in {repo}"
+            + (f" ({what})" if what else "")
+            + f": {detail[-600:]}"
+        )
+    return proc.stdout
 
 
 def is_dataset(ds: str | Path) -> bool:
@@ -141,9 +160,211 @@ def lock(ds: str | Path, what: str) -> Iterator[None]:
         held.release()
 
 
+def require_writable(ds: str | Path) -> None:
+    """Raise :class:`DatasetStateError` unless ``ds`` and its git directory can be written.
+
+    ``os.access`` also reports a read-only mount (``EROFS``), even to root, so a read-only dataset
+    is refused before anything (``git annex init``, the lock file, ``datalad run``) tries to write.
+    """
+    ds = Path(ds)
+    for folder in (ds, ds / ".git"):
+        target = folder.resolve() if folder.exists() else folder
+        if target.exists() and not os.access(target, os.W_OK):
+            raise DatasetStateError(
+                f"the dataset folder {ds} is read-only ({target} cannot be written); every target "
+                "records its outputs and history there. Work in a writable clone "
+                f"(`datalad clone {ds} <folder>`) or get write access, then run again."
+            )
+
+
+#: git-annex transfer settings of the input subdatasets (see README, "A flaky network"):
+#: retry a failed download 3 times, waiting 1 s then doubling (1, 2, 4 s), each retry resuming what
+#: already arrived; cancel (and so retry) a download that moves less than 1 MiB in 60 s.
+TRANSFER_SETTINGS: dict[str, str] = {
+    "annex.retry": "3",
+    "annex.retry-delay": "1",
+    "annex.stalldetection": "1MiB/60s",
+}
+
+
+def configure_transfers(repo: str | Path, settings: dict[str, str] | None = None) -> list[str]:
+    """Set git-annex's retry and stall-detection settings in ``repo`` unless it has its own.
+
+    Written to the repository's own ``.git/config`` (``git annex config`` cannot store these), so
+    every clone sets them again (``make inputs``, ``make get`` and the targets that fetch do). A
+    value the user configured (any scope) is kept. Returns the names that were set now.
+    """
+    changed = []
+    for key, value in (settings or TRANSFER_SETTINGS).items():
+        if git(repo, "config", "--get", key, check=False).strip():
+            continue
+        git(repo, "config", "--local", key, value)
+        changed.append(key)
+    if changed:
+        log.info("%s: set git-annex transfer settings %s", repo, ", ".join(changed))
+    return changed
+
+
+#: git-annex's default ``annex.diskreserve`` (it keeps this much free when downloading).
+DEFAULT_DISK_RESERVE = 100_000_000
+_SIZE_UNITS = {
+    "": 1, "b": 1, "byte": 1, "bytes": 1,
+    "k": 1000, "kb": 1000, "kilobyte": 1000, "kilobytes": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "megabyte": 1000**2, "megabytes": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gigabyte": 1000**3, "gigabytes": 1000**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "terabyte": 1000**4, "terabytes": 1000**4, "tib": 1024**4,
+}  # fmt: skip
+
+
+def disk_reserve(repo: str | Path) -> int:
+    """``annex.diskreserve`` of ``repo`` in bytes (git-annex's default, 100 MB, if unset/unreadable)."""
+    text = git(repo, "config", "--get", "annex.diskreserve", check=False).strip().lower()
+    m = re.fullmatch(r"([\d.]+)\s*([a-z]*)", text)
+    if not m or m.group(2) not in _SIZE_UNITS:
+        return DEFAULT_DISK_RESERVE
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def resolve_commit(ds: str | Path, rev: str) -> str | None:
+    """The commit ``rev`` names in ``ds``, or ``None`` if it names none."""
+    out = git(ds, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False).strip()
+    return out or None
+
+
+def is_run_record(ds: str | Path, commit: str) -> bool:
+    """True if ``commit`` carries a ``datalad run`` record (what ``datalad rerun`` re-executes)."""
+    return "[DATALAD RUNCMD]" in git(ds, "log", "-1", "--format=%B", commit, check=False)
+
+
+def clear_stale_index_lock(ds: str | Path) -> bool:
+    """Remove index locks left by a killed git or git-annex command; True if one was removed.
+
+    ``.git/index.lock`` (git) and ``.git/annex/index.lock`` (the git-annex branch's index) make
+    every later command fail while they exist. Called under the dataset's nsdprep lock, so no other
+    nsdprep run owns them; a lock while a live git, git-annex or DataLad process works in the
+    dataset (a user's command) is left alone and reported instead.
+    """
+    ds = Path(ds)
+    gd = git_dir(ds)
+    stale = [p for p in (gd / "index.lock", gd / "annex" / "index.lock") if p.exists()]
+    if not stale:
+        return False
+    users = _processes_in(ds)
+    if users:
+        raise DatasetStateError(
+            f"{stale[0]} exists and process(es) {', '.join(map(str, users[:5]))} are working in "
+            f"{ds}: a git command is running there. Wait for it to finish, then run again."
+        )
+    for path in stale:
+        log.warning("removing %s left by an interrupted git command", path)
+        path.unlink(missing_ok=True)
+    return True
+
+
+def _processes_in(ds: Path) -> list[int]:
+    """PIDs of git, git-annex or DataLad processes working inside ``ds`` (Linux ``/proc``).
+
+    This process and its ancestors (make, the user's shell) are not counted.
+    """
+    mine, pid = set(), os.getpid()
+    while pid > 1 and pid not in mine:
+        mine.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    root, found = str(ds.resolve()), []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cwd = os.readlink(entry / "cwd")
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(entry.name) in mine or not (cwd == root or cwd.startswith(root + os.sep)):
+            continue
+        if any(word in b" ".join(argv[:3]) for word in (b"git", b"datalad")):
+            found.append(int(entry.name))
+    return found
+
+
+def lookup_key(repo: str | Path, rel: str) -> str:
+    """The annex key of the file ``rel`` of ``repo`` (content present or not)."""
+    return annex(repo, "lookupkey", "--", rel, what=rel).strip()
+
+
+def key_size(key: str) -> int | None:
+    """The size recorded in an annex key (``...-s<bytes>--...``), if it has one."""
+    head = key.split("--", 1)[0]
+    for field in head.split("-")[1:]:
+        if field.startswith("s") and field[1:].isdigit():
+            return int(field[1:])
+    return None
+
+
+def key_is_checksum(key: str) -> bool:
+    """True for keys that carry a content checksum (MD5E, SHA256E, ...), not URL/VURL/WORM keys."""
+    return not key.startswith(("URL-", "VURL-", "WORM-"))
+
+
+def has_key(repo: str | Path, key: str) -> bool:
+    """True if the content of ``key`` is present in ``repo`` (``git annex contentlocation``)."""
+    proc = subprocess.run(
+        ["git", "-C", str(repo), "annex", "contentlocation", key], capture_output=True, text=True
+    )
+    return proc.returncode == 0 and bool(proc.stdout.strip())
+
+
+def key_urls(repo: str | Path, key: str) -> list[str]:
+    """The web URLs registered for ``key`` in ``repo``."""
+    records, _ = annex_json(repo, "whereis", "--key", key)
+    return [u for rec in records for w in rec.get("whereis", []) for u in w.get("urls", [])]
+
+
+def annex_get(repo: str | Path, rel: str, *, verify: bool = True) -> tuple[bool, str]:
+    """``git annex get rel`` in ``repo`` (retry settings apply); ``(succeeded, messages)``.
+
+    ``verify=False`` skips git-annex's check against the recorded checksum: only for a repair,
+    whose caller then checks the content itself.
+    """
+    cfg = [] if verify else ["-c", "annex.verify=false"]
+    proc = subprocess.run(
+        ["git", "-C", str(repo), *cfg, "annex", "get", "--", rel], capture_output=True, text=True
+    )
+    text = " / ".join(ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip())
+    return proc.returncode == 0, text
+
+
+def drop_key(repo: str | Path, key: str) -> None:
+    """Remove the local content of ``key`` (``git annex dropkey --force``), whatever it is."""
+    if has_key(repo, key):
+        annex(repo, "dropkey", "--force", "--", key, what=key)
+
+
+def calc_key(repo: str | Path, path: str | Path, backend: str = "MD5E") -> str:
+    """The ``backend`` key of the file at ``path`` (``git annex calckey``; the extension from its name)."""
+    return annex(repo, "calckey", f"--backend={backend}", "--", str(path)).strip()
+
+
+def rekey(repo: str | Path, rel: str, new_key: str, urls: Sequence[str]) -> None:
+    """Point ``rel`` at ``new_key`` (its present content moves along) and register ``urls`` for it.
+
+    ``git annex rekey`` is git-annex's plumbing for changing a file's key; ``registerurl`` makes the
+    web remote serve the new key from the same URLs. The change is staged, not committed.
+    """
+    annex(repo, "rekey", "--", rel, new_key, what=rel)
+    for url in urls:
+        annex(repo, "registerurl", new_key, url, what=url)
+
+
 def annex_initialised(ds: str | Path) -> bool:
-    """True if git-annex is initialised in the repository at ``ds`` (it has an annex UUID)."""
-    return bool(git(ds, "config", "--local", "--get", "annex.uuid", check=False).strip())
+    """True if git-annex is initialised in the repository at ``ds`` (annex UUID and version set).
+
+    A ``git annex init`` killed half-way leaves the UUID without the version, a state git-annex
+    refuses to work in; running ``git annex init`` again completes it (same UUID).
+    """
+    local = [git(ds, "config", "--local", "--get", k, check=False).strip() for k in
+             ("annex.uuid", "annex.version")]  # fmt: skip
+    return all(local)
 
 
 def ensure_annex(ds: str | Path) -> bool:
@@ -171,12 +392,30 @@ def ensure_annex(ds: str | Path) -> bool:
     return True
 
 
+def _record_text(r: dict[str, Any]) -> str:
+    """DataLad's message of one result record, on one line (repeated lines dropped)."""
+    msg = r.get("message")
+    if isinstance(msg, tuple):
+        try:
+            msg = msg[0] % msg[1:]
+        except (TypeError, ValueError):
+            msg = " ".join(map(str, msg))
+    text = " ".join(str(x) for x in (msg, r.get("error_message")) if x)
+    unique = list(dict.fromkeys(t.strip() for t in text.splitlines() if t.strip()))
+    return " / ".join(unique[-3:])
+
+
 def check_results(
-    results: Sequence[dict[str, Any]], what: str, remote: bool = False, hint_403: str = ""
+    results: Sequence[dict[str, Any]],
+    what: str,
+    remote: bool = False,
+    hint_403: str = "",
+    urls: dict[str, list[str]] | None = None,
 ) -> None:
     """Raise one of our errors if any DataLad result record failed (``remote``: a download failed).
 
-    Names up to ten failing paths with DataLad's own message, plus what to do next.
+    Names up to ten failing paths with DataLad's own message (and their URLs, from ``urls``), plus
+    what to do next. One failing file gives one line.
     """
     bad = [r for r in results if r.get("status") in ("error", "impossible")]
     if not bad:
@@ -184,29 +423,43 @@ def check_results(
     files = [r for r in bad if r.get("type") == "file"] or bad
     lines: list[str] = []
     for r in files[:10]:
-        msg = r.get("message")
-        if isinstance(msg, tuple):
-            try:
-                msg = msg[0] % msg[1:]
-            except (TypeError, ValueError):
-                msg = " ".join(map(str, msg))
-        text = " ".join(str(x) for x in (msg, r.get("error_message")) if x)
-        unique = list(dict.fromkeys(t.strip() for t in text.splitlines() if t.strip()))
-        lines.append(f"  {r.get('path', '?')}: {' / '.join(unique[-3:])}")
+        path = str(r.get("path", "?"))
+        where = (urls or {}).get(path)
+        source = f" (from {', '.join(where)})" if where else ""
+        lines.append(f"{path}{source}: {_record_text(r)}")
     more = f"\n  ... and {len(files) - 10} more" if len(files) > 10 else ""
-    message = f"{what} failed for {len(files)} item(s):\n" + "\n".join(lines) + more
+    if len(files) == 1:
+        message = f"{what} failed for {lines[0]}."
+    else:
+        message = f"{what} failed for {len(files)} item(s):\n  " + "\n  ".join(lines) + more + "\n"
     if remote:
         if any(s in message for s in ("403", "Forbidden", "AccessDenied")):
-            message += "\n" + (hint_403 or "Access denied: check the URL.")
+            message += " " + (hint_403 or "Access denied: check the URL.")
         elif "Verification of content failed" in message:
             message += (
-                "\nThe file on the server differs from the one whose checksum was recorded at its "
-                "first download: nothing was kept. Check the source before using it."
+                " The file on the server differs from the checksum recorded at its first download; "
+                "nothing was kept. If that first download was the damaged one, `make repair "
+                "SUBJECTS=..` fetches it again, checks it and records the good checksum."
             )
         else:
-            message += "\nRun it again to retry (partial downloads resume)."
+            message += (
+                " Transfers were retried (annex.retry) and partial downloads resume: run it again "
+                "later, and check that the URL is reachable if it keeps failing."
+            )
         raise RemoteError(message)
     raise NsdPrepError(message)
+
+
+def web_urls(paths: Sequence[str | Path]) -> dict[str, list[str]]:
+    """``{path: [url, ...]}``: the web URLs git-annex knows for annexed ``paths`` (absolute)."""
+    found: dict[str, list[str]] = {}
+    for path in paths:
+        path = Path(path)
+        records, _ = annex_json(path.parent, "whereis", "--", path.name)
+        urls = [u for rec in records for w in rec.get("whereis", []) for u in w.get("urls", [])]
+        if urls:
+            found[str(path)] = urls
+    return found
 
 
 def api_call(
@@ -221,11 +474,21 @@ def api_call(
 
 
 def get(ds: str | Path, paths: Sequence[str | Path], *, hint_403: str = "") -> list[dict[str, Any]]:
-    """``datalad get`` ``paths`` of dataset ``ds`` (a failed download is a :class:`RemoteError`)."""
-    return api_call(
-        "get", "datalad get", remote=True, hint_403=hint_403,
-        path=[os.path.abspath(p) for p in paths], dataset=str(ds),
-    )  # fmt: skip
+    """``datalad get`` ``paths`` of dataset ``ds`` (a failed download is a :class:`RemoteError`).
+
+    The error names each failing file with the URL(s) it was fetched from.
+    """
+    import datalad.api as dl
+
+    results = dl.get(path=[os.path.abspath(p) for p in paths], dataset=str(ds), **QUIET)
+    failed = [
+        str(r["path"])
+        for r in results
+        if r.get("status") in ("error", "impossible") and r.get("type") == "file" and "path" in r
+    ]
+    urls = web_urls(failed[:10]) if failed else {}
+    check_results(results, "datalad get", remote=True, hint_403=hint_403, urls=urls)
+    return results
 
 
 def drop(ds: str | Path, paths: Sequence[str | Path]) -> list[dict[str, Any]]:

@@ -13,7 +13,9 @@ renamed into place on success, so memory stays at one volume whatever the number
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import sys
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -56,15 +58,25 @@ class MatrixWriter:
     def __enter__(self) -> MatrixWriter:
         stack = contextlib.ExitStack()
         try:
-            tmp = stack.enter_context(atomic_path(self.path))
+            tmp = stack.enter_context(
+                atomic_path(self.path, expected_size=lambda _written: self._nbytes())
+            )
             self._out = np.lib.format.open_memmap(
                 tmp, mode="w+", dtype=MATRIX_DTYPE, shape=(self.n_rows, self.n_cols)
             )
+            _reserve(tmp)
         except BaseException:
-            stack.close()
-            raise
+            # unwind *with* the exception: a plain close() would let atomic_path rename the
+            # partial temporary into place as if it were finished
+            if not stack.__exit__(*sys.exc_info()):
+                raise
+            raise  # pragma: no cover (nothing in the stack suppresses exceptions)
         self._stack = stack
         return self
+
+    def _nbytes(self) -> int:
+        """Size of the finished file: the data plus an upper bound of the ``.npy`` header."""
+        return self.n_rows * self.n_cols * MATRIX_DTYPE.itemsize + 128
 
     def write(self, vol: np.ndarray) -> None:
         """Append one volume's masked voxels as the next row (values must fit int16 exactly)."""
@@ -104,6 +116,21 @@ class MatrixWriter:
             stack.__exit__(FormatError, err, None)
             raise err
         return bool(stack.__exit__(exc_type, exc, tb))
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the whole (sparse) memory-mapped file now, so a full disk fails here as ``ENOSPC``.
+
+    Without it the first write to an unallocated page of a full file system kills the process
+    with SIGBUS, with no message. File systems without ``fallocate`` are left as they are.
+    """
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+            # EOPNOTSUPP/EINVAL: no fallocate here; the pages are allocated as they are written
 
 
 def open_matrix(path: str | os.PathLike[str]) -> np.memmap:

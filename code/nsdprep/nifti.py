@@ -16,6 +16,7 @@ import contextlib
 import io
 import logging
 import os
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -249,7 +250,8 @@ def iter_volumes(
         )
         raise FormatError(
             f"{path}: gzip stream truncated or corrupted {where}: {type(exc).__name__}: {exc}. "
-            "Get a fresh copy (`datalad drop` then `datalad get`, and `git annex fsck`)."
+            "Get a fresh, verified copy with `make repair SUBJECTS=..` (a plain drop + get fails "
+            "if this damaged copy's checksum was recorded at its first download)."
         ) from exc
 
 
@@ -352,7 +354,7 @@ class NiftiStreamWriter:
     def __enter__(self) -> NiftiStreamWriter:
         stack = contextlib.ExitStack()
         try:
-            tmp = stack.enter_context(atomic_path(self.path))
+            tmp = stack.enter_context(atomic_path(self.path, expected_size=self._expected_size))
             raw = stack.enter_context(open(tmp, "wb"))
             self._gz = stack.enter_context(
                 igzip.GzipFile(
@@ -362,10 +364,24 @@ class NiftiStreamWriter:
             block = self.header.binaryblock
             self._gz.write(block + b"\0" * (NIFTI1_MIN_OFFSET - len(block)))
         except BaseException:
-            stack.close()
-            raise
+            # unwind *with* the exception: a plain close() would let atomic_path rename the
+            # partial temporary into place as if it were finished
+            if not stack.__exit__(*sys.exc_info()):
+                raise
+            raise  # pragma: no cover (nothing in the stack suppresses exceptions)
         self._stack = stack
         return self
+
+    def _expected_size(self, written_bytes: int) -> int:
+        """Whole-file size for a disk-full message (an estimate).
+
+        Extrapolated from the volumes written so far once enough has reached the disk (buffers
+        hold the rest), else the uncompressed size.
+        """
+        total = 1 if self.n_volumes is None else self.n_volumes
+        if self.written and written_bytes >= 1 << 20:
+            return int(written_bytes * total / self.written)
+        return NIFTI1_MIN_OFFSET + total * int(np.prod(self.shape3d)) * self.dtype.itemsize
 
     def write(self, vol: np.ndarray) -> None:
         """Append one 3D volume (cast to the file dtype only when that is lossless)."""

@@ -9,7 +9,11 @@ what ``datalad run`` alone does not:
 - clean-up of the leftovers of an interrupted or failed run of the same step, so the next attempt
   starts from the last recorded state;
 - "nothing to do" when the outputs were already made from identical inputs (a fingerprint of the
-  inputs' git/annex keys and the command is stored in the run message); changed inputs need ``--force``.
+  inputs' git/annex keys and the command is stored in the run message); changed inputs need ``--force``;
+- before anything starts: a clear message naming the make target to run when a prerequisite is
+  missing (inputs not registered, 3 mm or labels not made), when the dataset is read-only, or when
+  the disk clearly lacks the space the step needs (an estimate from the inputs' sizes);
+- leftovers of a run killed at any moment (a stale ``.git/index.lock``, staged outputs) are undone.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import re
 import shlex
 import shutil
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -28,13 +33,35 @@ from pathlib import Path
 from typing import Literal
 
 from nsdprep import dataset, nsd, registry
+from nsdprep._io import require_free_space
 from nsdprep.errors import DatasetStateError, NsdPrepError, UsageError
 
 log = logging.getLogger(__name__)
 
-Target = Literal["3mm", "coco-labels", "curated", "decode", "get", "drop", "rerun"]
-TARGETS: tuple[str, ...] = ("3mm", "coco-labels", "curated", "decode", "get", "drop", "rerun")
+Target = Literal["3mm", "coco-labels", "curated", "decode", "get", "drop", "rerun", "repair"]
+TARGETS: tuple[str, ...] = (
+    "3mm", "coco-labels", "curated", "decode", "get", "drop", "rerun", "repair",
+)  # fmt: skip
 TAG = "[nsdprep]"
+#: Input subdatasets each target reads (installed on demand when a clone knows them).
+NEEDS: dict[str, tuple[str, ...]] = {
+    "3mm": (nsd.NSD_DATASET,),
+    "coco-labels": (nsd.NSD_DATASET, nsd.COCO_DATASET),
+    "curated": (nsd.NSD_DATASET,),
+    "decode": (nsd.NSD_DATASET,),
+    "get": (nsd.NSD_DATASET,),
+    "drop": (nsd.NSD_DATASET,),
+    "repair": (nsd.NSD_DATASET,),
+}
+#: Targets whose steps download input content (they get git-annex's retry settings first).
+FETCHING = ("3mm", "coco-labels", "get", "repair")
+#: Which make target makes a declared input (for "run `make X` first").
+MADE_BY: tuple[tuple[str, str], ...] = (
+    ("inputs/", "inputs"),
+    (nsd.RESAMPLED_DIR, "3mm"),
+    ("derivatives/coco", "coco-labels"),
+    (nsd.CURATED_DIR, "curated"),
+)
 
 
 @dataclass(frozen=True)
@@ -199,7 +226,10 @@ def restore_outputs(ds: Path, step: Step) -> list[str]:
     """Put the step's outputs back to their last committed state; return what was cleaned.
 
     Raises if anything *else* in the dataset is uncommitted: that is the user's work, never touched.
+    A run killed during DataLad's save can leave outputs staged (even new ones, unknown to ``HEAD``):
+    they are unstaged first, then removed or checked out like any other leftover.
     """
+    dataset.clear_stale_index_lock(ds)
     dirty = dataset.dirty_paths(ds)
     foreign = [(s, p) for s, p in dirty if not _matches(p, step.outputs)]
     if foreign:
@@ -209,6 +239,10 @@ def restore_outputs(ds: Path, step: Step) -> list[str]:
             f"the dataset {ds} has uncommitted changes; `datalad run` needs a clean dataset:\n  "
             f"{listing}{more}\nSave them (`datalad save -m '...'`) or remove them, then run again."
         )
+    staged = [p for s, p in dirty if s[0] not in " ?"]
+    if staged:
+        dataset.git(ds, "reset", "-q", "HEAD", "--", *staged)
+        dirty = dataset.dirty_paths(ds)
     cleaned = []
     for status, rel in dirty:
         target = ds / rel
@@ -240,13 +274,24 @@ def fingerprint(ds: Path, step: Step) -> str:
         listing = "".join(line + "\n" for line in dataset.ls_files(repo, inner, stage=True))
         if not listing:
             raise DatasetStateError(
-                f"declared input {rel} is not registered in {repo}; run the step that makes it first "
-                "(see `make help`)."
+                f"{step.name}: its input {rel} has not been made yet; run "
+                f"`{made_by(rel)}` first (see `make help` for the order)."
             )
         h.update(listing.encode())
     for extra in step.extra_fingerprint:
         h.update(extra.encode())
     return h.hexdigest()[:16]
+
+
+def made_by(rel: str) -> str:
+    """The make command that makes the dataset-relative path ``rel`` (``make 3mm SUBJECTS=01``)."""
+    target = next((t for prefix, t in MADE_BY if rel.startswith(prefix)), "")
+    if not target:
+        return "the step that makes it"
+    legacy = " LABELS=legacy" if "legacy" in rel else ""
+    m = re.search(r"subj(\d{2})|sub-(\d{2})", rel)
+    subject = f" SUBJECTS={m.group(1)}" if m and m.group(1) and target == "3mm" else ""
+    return f"make {target}{subject}{legacy}"
 
 
 def _repo_of(ds: Path, rel: str) -> tuple[Path, str]:
@@ -273,6 +318,69 @@ def outputs_present(ds: Path, step: Step) -> bool:
         if not dataset.ls_files(ds, out):
             return False
     return True
+
+
+#: Output size relative to input size, per target (upper estimates, for the up-front space check):
+#: 3 mm keeps 1/27 of the 1 mm voxels (then masks); curated re-packs a subset of the 3 mm volumes.
+OUTPUT_RATIO = {"3mm": 1 / 27, "curated": 1.0}
+
+
+def space_needed(ds: Path, step: Step) -> tuple[int, str]:
+    """``(bytes, folder)``: what ``step`` will write into ``ds`` (estimated), and where.
+
+    Inputs whose content is absent are downloaded first (their size is in their keys; with
+    ``--drop`` at most ``jobs + prefetch`` sessions at a time), and git-annex keeps ``annex.diskreserve`` free
+    on top (it refuses a download otherwise); outputs are estimated from the inputs (3 mm: 1/27 of
+    the input; curated: at most its 3 mm inputs; COCO: the JSON sizes in the zip).
+    """
+    first = step.outputs[0] if step.outputs else "."
+    is_file = any(c in first for c in "*?[") or bool(Path(first).suffix)
+    folder = str(Path(first).parent) if is_file else first
+    sizes = _input_sizes(ds, step)
+    absent = [size for size, present in sizes if not present]
+    if step.inputs_ready:  # --drop: at most jobs + prefetch sessions on disk at a time
+        from nsdprep.prefetch import prefetch_from_env
+
+        jobs = (
+            int(step.command[step.command.index("--jobs") + 1]) if "--jobs" in step.command else 1
+        )
+        fetch = sum(sorted(absent, reverse=True)[: jobs + prefetch_from_env()])
+    else:
+        fetch = sum(absent)
+    if fetch:
+        fetch += dataset.disk_reserve(ds)
+    total_in = sum(size for size, _ in sizes)
+    if step.target == "coco-labels":
+        zip_in = ds / nsd.COCO_DATASET / nsd.COCO_ZIP_NAME
+        out = _json_sizes(zip_in) if zip_in.is_file() else 0
+    else:
+        out = int(total_in * OUTPUT_RATIO.get(step.target, 0.0))
+    return fetch + out, folder
+
+
+def _input_sizes(ds: Path, step: Step) -> list[tuple[int, bool]]:
+    """``(bytes, content present)`` of every annexed file among the step's declared inputs."""
+    by_repo: dict[Path, list[str]] = {}
+    for rel in step.inputs:
+        repo, inner = _repo_of(ds, rel)
+        by_repo.setdefault(repo, []).append(inner)
+    sizes: list[tuple[int, bool]] = []
+    for repo, paths in by_repo.items():
+        for present, selector in ((True, ("--in", "here")), (False, ("--not", "--in", "here"))):
+            records, _ = dataset.annex_json(repo, "find", *selector, "--", *paths)
+            sizes += [
+                (int(r["bytesize"]), present) for r in records if r.get("bytesize", "").isdigit()
+            ]
+    return sizes
+
+
+def _json_sizes(zip_path: Path) -> int:
+    """Uncompressed size of the COCO instances JSONs in the annotations zip (merged JSON estimate)."""
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            return sum(i.file_size for i in zf.infolist() if "instances_" in i.filename)
+    except (OSError, zipfile.BadZipFile):
+        return 0
 
 
 def to_run(ds: Path, step: Step, *, force: bool = False) -> str | None:
@@ -313,6 +421,11 @@ def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-
     fp = to_run(ds, step, force=force)
     if fp is None:
         return "up-to-date"
+    needed, folder = space_needed(ds, step)
+    if needed:
+        require_free_space(
+            ds / folder, needed, f"{step.name} (inputs to fetch + outputs, estimated)"
+        )
     log.info("%s: %s", step.name, shlex.join(step.command))
     ok = dataset.run(
         ds,
@@ -324,10 +437,18 @@ def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-
     )
     if not ok:
         cleaned = restore_outputs(ds, step)
+        repair = ""
+        if step.target == "3mm":
+            m = re.search(r"subj(\d{2})", step.name)
+            repair = (
+                " If a message above says an input is truncated or corrupted, `make repair "
+                f"SUBJECTS={m.group(1) if m else '..'}` fetches it again, checks it and records its "
+                "checksum."
+            )
         raise NsdPrepError(
             f"{step.name} failed (see the messages above); nothing was recorded"
             + (f", and {len(cleaned)} unrecorded output(s) were removed" if cleaned else "")
-            + f". Outputs are as at the last commit. Command: {shlex.join(step.command)}"
+            + f". Outputs are as at the last commit.{repair} Command: {shlex.join(step.command)}"
         )
     left = dataset.dirty_paths(ds)
     if left:
@@ -339,7 +460,8 @@ def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-
 
 
 def run_target(target: str, ds: Path, opts: Options) -> int:
-    """Make ``target`` in ``ds``: its ``datalad run`` steps, or get/drop/rerun, under the lock."""
+    """Make ``target`` in ``ds`` under the lock: its ``datalad run`` steps, or get/drop/rerun/repair."""
+    ensure_inputs(ds, NEEDS.get(target, ()))
     dataset.ensure_annex(ds)
     if target == "3mm":
         from nsdprep.resample import PREFETCH_ENV
@@ -354,20 +476,70 @@ def run_target(target: str, ds: Path, opts: Options) -> int:
 
         return slurm.submit(target, ds, opts)
     with dataset.lock(ds, f"make {target}"):
+        for rel in NEEDS.get(target, ()):
+            dataset.clear_stale_index_lock(ds / rel)  # a run killed while fetching
+            if target in FETCHING:
+                dataset.configure_transfers(ds / rel)
         if target == "rerun":
-            if not dataset.rerun(ds, opts.rev):
+            commit = check_rerun_rev(ds, opts.rev)
+            dataset.clear_stale_index_lock(ds)
+            if not dataset.rerun(ds, commit):
                 raise NsdPrepError(f"`datalad rerun {opts.rev}` failed (see the messages above)")
             return 0
-        if target in ("get", "drop"):
+        if target in ("get", "drop", "repair"):
             from nsdprep import inputs
 
             subjects = registry.select_subjects(ds / nsd.NSD_DATASET, opts.subjects)
-            fn = inputs.get_subjects if target == "get" else inputs.drop_subjects
+            fn = {
+                "get": inputs.get_subjects,
+                "drop": inputs.drop_subjects,
+                "repair": inputs.repair_subjects,
+            }[target]
             fn(ds, subjects)
             return 0
         for step in steps_for(target, ds, opts):
             execute(ds, step, force=opts.force)
     return 0
+
+
+def ensure_inputs(ds: Path, needed: Sequence[str]) -> None:
+    """Install the input subdatasets ``needed`` if the dataset knows them; else say to register them."""
+    if not needed:
+        return
+    from nsdprep import inputs
+
+    for rel in needed:
+        if dataset.is_installed(ds / rel):
+            continue
+        if (ds / rel).exists() and any((ds / rel).iterdir()):
+            raise DatasetStateError(
+                f"{ds / rel} exists but is not a dataset: expected the input subdataset {rel} "
+                "there. Move it away, then run `make inputs`."
+            )
+        if rel not in dataset.git(ds, "config", "-f", ".gitmodules", "--get-regexp", "path",
+                                  check=False).split():  # fmt: skip
+            raise DatasetStateError(
+                f"{rel} does not exist yet: the inputs are not registered. Run `make inputs` first "
+                "(it lists the NSD bucket and registers every file by URL, without downloading)."
+            )
+        inputs.ensure_subdataset(ds, rel)
+
+
+def check_rerun_rev(ds: Path, rev: str) -> str:
+    """Return ``rev`` if it names a ``datalad run`` record (or is a range); else a clear error."""
+    commit = dataset.resolve_commit(ds, rev) if ".." not in rev else rev
+    if commit is None:
+        raise UsageError(
+            f"REV={rev!r} names no commit in {ds}; pick a run record from "
+            "`git log --oneline --grep='DATALAD RUNCMD'`, e.g. `make rerun REV=<commit>`."
+        )
+    if ".." not in rev and not dataset.is_run_record(ds, commit):
+        raise UsageError(
+            f"REV={rev} ({commit[:8]}) is not a `datalad run` record, so there is nothing to "
+            "re-execute; pick one from `git log --oneline --grep='DATALAD RUNCMD'` "
+            "(e.g. `make rerun REV=<commit>`)."
+        )
+    return rev
 
 
 # ----------------------------------------------------------------------------------------------

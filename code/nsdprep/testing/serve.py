@@ -11,8 +11,9 @@ client code against this mirror as against the public NSD bucket, offline.
 Why a server of our own and not ``moto``: moto (``moto[server]``) would do as well and emulates far more of
 S3; this one is a few hundred lines of standard library (no extra dependency in the pinned environment), gives
 exact control of the faults the tests need (``403 AccessDenied`` for chosen keys, a download cut short
-after N bytes, a bandwidth cap that models a real link) and its listing answers are the documented
-ListObjectsV2 XML, so nothing in the client is written for the mirror. ETags are the content MD5 for files up to 16 MiB (as S3 for single-part uploads)
+after N bytes, a connection reset or a stall in the middle of a transfer for the first K requests, a
+bandwidth cap that models a real link) and its listing answers are the documented ListObjectsV2 XML,
+so nothing in the client is written for the mirror. ETags are the content MD5 for files up to 16 MiB (as S3 for single-part uploads)
 and a size/mtime fingerprint in S3's multipart form (``"<hex>-1"``) above that, which clients must not
 read as an MD5 anyway.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import email.utils
 import fnmatch
 import hashlib
@@ -30,7 +32,9 @@ import http.server
 import ipaddress
 import logging
 import os
+import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -78,6 +82,8 @@ class Mirror:
         Cap per connection in MB/s (one download stream, as S3 limits a single GET); None = only the
         shared cap applies (a single stream then gets all of it).
 
+    Flaky-network faults (:meth:`reset_after`, :meth:`stall_after`) hit only the first K downloads of
+    a matching object, then it is served normally, as a transient network fault would be.
     Faults can also be changed while serving with :meth:`deny` / :meth:`truncate` / :meth:`clear_faults`.
     Use as a context manager (``with Mirror(root) as m: ... m.url``) or call :meth:`start`/:meth:`stop`.
     """
@@ -101,6 +107,7 @@ class Mirror:
         self._lock = threading.Lock()
         self._deny: list[str] = list(deny)
         self._truncate: dict[str, int] = dict(truncate or {})
+        self._flaky: list[_Flaky] = []
         self._etags: dict[tuple[str, int, int], str] = {}
         self._rate: _Throttle | None = None
         self._connection_rate: float | None = None
@@ -119,11 +126,35 @@ class Mirror:
         with self._lock:
             self._truncate[pattern] = int(n_bytes)
 
+    def reset_after(self, pattern: str, n_bytes: int, times: int = 1) -> None:
+        """Reset the connection (TCP RST) after ``n_bytes`` of body, for the next ``times`` downloads.
+
+        ``times`` < 0: every download. Downloads of objects matching ``pattern`` count, including
+        resumed ones (``Range``), whose ``n_bytes`` count from the start of the range.
+        """
+        with self._lock:
+            self._flaky.append(_Flaky(pattern, "reset", int(n_bytes), int(times)))
+
+    def stall_after(self, pattern: str, n_bytes: int, seconds: float, times: int = 1) -> None:
+        """Stop sending for ``seconds`` after ``n_bytes`` of body, for the next ``times`` downloads.
+
+        The connection stays open and silent (a hung transfer), then it is closed without the rest
+        of the body; ``times`` < 0: every download.
+        """
+        with self._lock:
+            self._flaky.append(_Flaky(pattern, "stall", int(n_bytes), int(times), float(seconds)))
+
+    def fault_hits(self, pattern: str | None = None) -> int:
+        """How many downloads the flaky-network faults (of ``pattern``, or all) have hit so far."""
+        with self._lock:
+            return sum(f.hits for f in self._flaky if pattern is None or f.pattern == pattern)
+
     def clear_faults(self) -> None:
         """Serve everything normally again."""
         with self._lock:
             self._deny.clear()
             self._truncate.clear()
+            self._flaky.clear()
 
     def limit(self, rate_mb_s: float | None, connection_rate_mb_s: float | None = None) -> None:
         """Cap object downloads at ``rate_mb_s`` in total and ``connection_rate_mb_s`` per connection.
@@ -153,6 +184,16 @@ class Mirror:
             for pattern, n in self._truncate.items():
                 if fnmatch.fnmatchcase(path, pattern):
                     return n
+        return None
+
+    def _take_flaky(self, path: str) -> _Flaky | None:
+        """The flaky fault for this download, if one still applies (counts the hit)."""
+        with self._lock:
+            for fault in self._flaky:
+                if fault.times != 0 and fnmatch.fnmatchcase(path, fault.pattern):
+                    fault.times -= 1 if fault.times > 0 else 0
+                    fault.hits += 1
+                    return fault
         return None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -259,6 +300,16 @@ class Mirror:
         with self._lock:
             self._etags[cache_key] = tag
         return tag
+
+
+class _Flaky:
+    """One flaky-network fault: ``kind`` "reset" or "stall" after ``n_bytes``, ``times`` left."""
+
+    def __init__(
+        self, pattern: str, kind: str, n_bytes: int, times: int, seconds: float = 0.0
+    ) -> None:
+        self.pattern, self.kind, self.n_bytes = pattern, kind, n_bytes
+        self.times, self.seconds, self.hits = times, seconds, 0
 
 
 class _Throttle:
@@ -536,10 +587,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         cut = None if head else self.mirror._cut_after(f"{bucket}/{key}")
+        flaky = None if head else self.mirror._take_flaky(f"{bucket}/{key}")
         if cut is not None:
             self.send_header("Connection", "close")
         self.end_headers()
         if head:
+            return
+        if flaky is not None:
+            self._send_flaky(path, start, length, flaky)
             return
         remaining = length if cut is None else min(length, cut)
         total, per_connection = self.mirror._throttles()
@@ -565,6 +620,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def _send_flaky(self, path: Path, start: int, length: int, fault: _Flaky) -> None:
+        """Send ``fault.n_bytes`` of the body, then reset the connection or stall and close it."""
+        n = min(fault.n_bytes, length)
+        with path.open("rb") as f:
+            f.seek(start)
+            while n > 0:
+                block = f.read(min(_CHUNK, n))
+                if not block:
+                    break
+                self.wfile.write(block)
+                n -= len(block)
+        self.wfile.flush()
+        self.close_connection = True
+        if fault.kind == "stall":
+            log.debug("stalling %s for %.1f s", path, fault.seconds)
+            time.sleep(fault.seconds)
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        log.debug("resetting the connection during %s", path)
+        # SO_LINGER with a zero timeout makes close() send a TCP RST instead of a FIN.
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
 
 
 # -- CLI ----------------------------------------------------------------------------------------
@@ -592,20 +672,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Serve until interrupted, after printing the NSD and COCO base URLs."""
-    with Mirror(
-        args.root,
-        host=args.host,
-        port=args.port,
-        rate_mb_s=args.rate,
-        connection_rate_mb_s=args.rate_per_connection,
-    ) as mirror:
-        print(f"NSD_URL={mirror.url}/nsd", flush=True)
-        print(f"COCO_URL={mirror.url}/coco/{nsd.COCO_ZIP_KEY}", flush=True)
-        print("serving; Ctrl-C to stop", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+    """Serve until SIGINT or SIGTERM, after printing the NSD and COCO base URLs.
+
+    Both signals get explicit handlers: a process started as a background job of a non-interactive
+    shell inherits SIGINT as *ignored*, and Python then installs no KeyboardInterrupt handler, so
+    relying on the default would leave the server deaf to Ctrl-C (``kill -INT``).
+    """
+    stop = threading.Event()
+    received: list[int] = []
+
+    def _stop(signum: int, _frame: object) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with Mirror(
+            args.root,
+            host=args.host,
+            port=args.port,
+            rate_mb_s=args.rate,
+            connection_rate_mb_s=args.rate_per_connection,
+        ) as mirror:
+            print(f"NSD_URL={mirror.url}/nsd", flush=True)
+            print(f"COCO_URL={mirror.url}/coco/{nsd.COCO_ZIP_KEY}", flush=True)
+            print("serving; Ctrl-C to stop", flush=True)
+            while not stop.wait(3600):
+                pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("stopping on %s", signal.Signals(received[0]).name if received else "request")
     return 0
