@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
-from nsdprep import nsd, slurm, steps
+from nsdprep import build, nsd, slurm, steps
 from nsdprep.errors import UsageError
 from nsdprep.nsd import Layout
 from nsdprep.testing.demo import DemoSpec, loopback_env, user_clone
@@ -341,7 +341,7 @@ def test_submit_without_slurm_commands_says_where_to_run(monkeypatch, tmp_path: 
 def test_backend_slurm_runs_only_datalad_run_targets(git_env, tmp_path: Path) -> None:
     ds = _git_init(tmp_path / "ds")
     with pytest.raises(UsageError, match="BACKEND=slurm runs 3mm, coco-labels, curated, decode"):
-        steps.run_target("rerun", ds, steps.Options(backend="slurm"))
+        build.run_target("rerun", ds, steps.Options(backend="slurm"))
     proc = subprocess.run(
         [sys.executable, "-m", "nsdprep", "build", "3mm", "--backend", "cloud"],
         cwd=ds, capture_output=True, text=True,

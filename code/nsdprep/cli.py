@@ -47,7 +47,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
 }
 #: Commands around the stages: command -> (module, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "build": ("nsdprep.steps", "make a target through `datalad run` (what the Makefile calls)"),
+    "build": ("nsdprep.build", "make a target through `datalad run` (what the Makefile calls)"),
     "publish": ("nsdprep.publish", "publish the dataset to a RIA store (create-sibling-ria, push)"),
 }
 #: Tools for the demo and the tests (synthetic data, a loopback mirror), not pipeline stages.
