@@ -70,6 +70,23 @@ def git_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return dict(os.environ)
 
 
+def git_out(ds: Path, *args: str) -> str:
+    """The output of ``git -C ds args...`` (raises on failure)."""
+    return subprocess.run(
+        ["git", "-C", str(ds), *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+@pytest.fixture(scope="session")
+def env(git_env) -> dict[str, str]:
+    """``git_env`` for make targets: the loopback mirror allowed, the venv's tools first on PATH."""
+    from nsdprep.testing.demo import loopback_env
+
+    out = loopback_env(git_env)
+    out["PATH"] = f"{VENV_BIN}{os.pathsep}{out['PATH']}"
+    return out
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One seeded synthetic NSD + COCO tree (``nsd/`` bucket layout, ``coco/``), made once."""

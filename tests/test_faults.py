@@ -27,24 +27,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, git_out
 from nsdprep import coco_instances, nifti
 from nsdprep._io import DiskFullError, describe_os_error, require_free_space
 from nsdprep.nsd import Layout
 from nsdprep.resample import resample_session
-from nsdprep.testing.demo import DemoSpec, loopback_env, user_clone
+from nsdprep.testing.demo import DemoSpec, user_clone
 from nsdprep.testing.serve import Mirror
 from nsdprep.testing.synth import make_synthetic
 
 VENV = Path(sys.executable).parent.parent
 SPEC = DemoSpec(sessions=(2, 1), layout=Layout(2, (4, 3)))
 BETAS = "nsddata_betas/ppdata/subj{s:02d}/MNI/betas_fithrf/betas_session{n:02d}.nii.gz"
-
-
-def _git(ds: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(ds), *args], check=True, capture_output=True, text=True
-    ).stdout
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,13 +135,6 @@ def test_background_job_of_a_non_interactive_shell_stops_the_mirror(small_tree: 
 
 
 @pytest.fixture(scope="module")
-def env(git_env) -> dict[str, str]:
-    out = loopback_env(git_env)
-    out["PATH"] = f"{VENV / 'bin'}{os.pathsep}{out['PATH']}"
-    return out
-
-
-@pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirror]:
     root = tmp_path_factory.mktemp("faults-synth")
     make_synthetic(root, SPEC.synth_spec())
@@ -190,7 +177,7 @@ def ds(registered: Path, served: Mirror, tmp_path: Path) -> Iterator[Path]:
 def test_inputs_sets_the_transfer_settings(ds: Path) -> None:
     for sub in ("inputs/nsd", "inputs/coco"):
         cfg = {
-            k: _git(ds / sub, "config", "--get", k).strip()
+            k: git_out(ds / sub, "config", "--get", k).strip()
             for k in ("annex.retry", "annex.retry-delay", "annex.stalldetection")
         }
         assert cfg == {
@@ -210,12 +197,12 @@ def test_get_survives_connection_resets(ds: Path, served: Mirror, env) -> None:
         assert (nsd / BETAS.format(s=1, n=n)).read_bytes() == (
             served.root / "nsd" / BETAS.format(s=1, n=n)
         ).read_bytes()
-    _git(nsd, "annex", "fsck", "--", "nsddata_betas/ppdata/subj01")
+    git_out(nsd, "annex", "fsck", "--", "nsddata_betas/ppdata/subj01")
 
 
 def test_3mm_drop_survives_a_stalled_transfer(ds: Path, served: Mirror, env) -> None:
     # the project's stall threshold is 1 MiB per minute; a test cannot wait a minute
-    _git(ds / "inputs/nsd", "config", "annex.stalldetection", "1KiB/2s")
+    git_out(ds / "inputs/nsd", "config", "annex.stalldetection", "1KiB/2s")
     served.stall_after(f"nsd/{BETAS.format(s=1, n=1)}", 200_000, seconds=30, times=1)
     t0 = time.monotonic()
     rc, text = run_make(ds, env, "3mm", "SUBJECTS=01", "DROP=1")
@@ -226,7 +213,7 @@ def test_3mm_drop_survives_a_stalled_transfer(ds: Path, served: Mirror, env) -> 
         "betas_session01.nii.gz",
         "betas_session02.nii.gz",
     ]
-    assert _git(ds, "status", "--porcelain") == ""
+    assert git_out(ds, "status", "--porcelain") == ""
 
 
 def test_persistent_failure_is_one_line_naming_the_url(ds: Path, served: Mirror, env) -> None:
@@ -234,7 +221,7 @@ def test_persistent_failure_is_one_line_naming_the_url(ds: Path, served: Mirror,
     # reset before any byte: a connection that resets after some bytes every time still completes,
     # as each retry resumes where the last one stopped
     served.reset_after(f"nsd/{key}", 0, times=-1)
-    head = _git(ds, "rev-parse", "HEAD")
+    head = git_out(ds, "rev-parse", "HEAD")
     rc, text = run_make(ds, env, "get", "SUBJECTS=01")
     assert rc == 2, text
     assert "Traceback" not in text
@@ -243,7 +230,7 @@ def test_persistent_failure_is_one_line_naming_the_url(ds: Path, served: Mirror,
     assert f"{served.url}/nsd/{key}" in lines[0], text
     assert "Connection reset by peer" in lines[0] and "annex.retry" in lines[0], text
     assert served.fault_hits() >= 3  # retried (git-annex 10.20261026: 3 tries, 1 s and 2 s apart)
-    assert _git(ds, "rev-parse", "HEAD") == head
+    assert git_out(ds, "rev-parse", "HEAD") == head
     assert not (ds / "inputs/nsd" / key).exists()  # nothing partial under the final name
 
 
@@ -272,14 +259,14 @@ def test_repair_of_a_poisoned_key_whose_content_is_absent(ds: Path, served: Mirr
     with damaged(served, key):
         rc, text = run_make(ds, env, "get", "SUBJECTS=01")  # accepted: only the size is known
         assert rc == 0, text
-    _git(nsd, "annex", "drop", "--", key)
+    git_out(nsd, "annex", "drop", "--", key)
     # the server is right again, but a plain get checks against the damaged copy's checksum
     rc, text = run_make(ds, env, "get", "SUBJECTS=01")
     assert rc == 2, text
     line = next(x for x in text.splitlines() if x.startswith("nsdprep build: error:"))
     assert "Verification of content failed" in line and "`make repair SUBJECTS=..`" in line
     assert f"{served.url}/nsd/{key}" in line
-    head = _git(ds, "rev-parse", "HEAD")
+    head = git_out(ds, "rev-parse", "HEAD")
     # the server stays damaged: the repair refuses, naming the URL, and changes nothing
     with damaged(served, key):
         rc, text = run_make(ds, env, "repair", "SUBJECTS=01")
@@ -287,19 +274,19 @@ def test_repair_of_a_poisoned_key_whose_content_is_absent(ds: Path, served: Mirr
     line = next(x for x in text.splitlines() if x.startswith("nsdprep build: error:"))
     assert "the server still sends a bad copy (the gzip stream is corrupted" in line, text
     assert f"{served.url}/nsd/{key}" in line
-    assert _git(ds, "rev-parse", "HEAD") == head and _git(ds, "status", "--porcelain") == ""
+    assert git_out(ds, "rev-parse", "HEAD") == head and git_out(ds, "status", "--porcelain") == ""
     assert not (nsd / key).exists()
     # the server is right again
     rc, text = run_make(ds, env, "repair", "SUBJECTS=01")
     assert rc == 0, text
     good = (served.root / "nsd" / key).read_bytes()
     assert (nsd / key).read_bytes() == good
-    assert _git(nsd, "annex", "lookupkey", key).startswith("MD5E-")
-    assert _git(ds, "log", "-1", "--format=%s").startswith("Repair 1 input file(s)")
-    assert _git(ds, "status", "--porcelain") == ""
-    _git(nsd, "annex", "fsck", "--", "nsddata_betas/ppdata/subj01")
+    assert git_out(nsd, "annex", "lookupkey", key).startswith("MD5E-")
+    assert git_out(ds, "log", "-1", "--format=%s").startswith("Repair 1 input file(s)")
+    assert git_out(ds, "status", "--porcelain") == ""
+    git_out(nsd, "annex", "fsck", "--", "nsddata_betas/ppdata/subj01")
     # every other file of the subject kept its key (only the damaged one was re-keyed)
-    assert _git(nsd, "annex", "lookupkey", BETAS.format(s=1, n=1)).startswith("VURL-")
+    assert git_out(nsd, "annex", "lookupkey", BETAS.format(s=1, n=1)).startswith("VURL-")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -481,7 +468,7 @@ def test_disk_fills_during_the_write(
         else:  # fetch the inputs first, so that only the outputs are left to write
             rc, text = run_make(ds, env, "get", "SUBJECTS=01")
             assert rc == 0, text
-        head = _git(ds, "rev-parse", "HEAD")
+        head = git_out(ds, "rev-parse", "HEAD")
         cmd = ["make", "--no-print-directory", "-C", str(ds), target, f"VENV={VENV}",
                *SPEC.make_vars(), *args]  # fmt: skip
         filler: list[Path] = []
@@ -508,20 +495,20 @@ def test_disk_fills_during_the_write(
         errors = [x for x in text.splitlines() if re.match(r"nsdprep \S+: error: no space left", x)]
         assert errors, text
         assert str(ds / out) in errors[0], text
-        assert _git(ds, "rev-parse", "HEAD") == head
-        assert _git(ds, "status", "--porcelain") == ""
+        assert git_out(ds, "rev-parse", "HEAD") == head
+        assert git_out(ds, "status", "--porcelain") == ""
         assert not list((ds / "derivatives").rglob("*.part"))
         filler[0].unlink()
         rc, text = run_make(ds, env, target, *args)
         assert rc == 0, text
-        assert _git(ds, "status", "--porcelain") == ""
+        assert git_out(ds, "status", "--porcelain") == ""
 
 
 def test_clearly_too_small_disk_refuses_to_start(registered: Path, env, tmp_path: Path) -> None:
     with tmpfs(tmp_path / "disk", "300m") as disk:
         ds = disk / "ds"
         shutil.copytree(registered, ds, symlinks=True)
-        head = _git(ds, "rev-parse", "HEAD")
+        head = git_out(ds, "rev-parse", "HEAD")
         # subj01's two sessions are about 1.2 MB, and git-annex keeps annex.diskreserve (100 MB) free
         filler = fill(disk, 50 << 20)
         rc, text = run_make(ds, env, "3mm", "SUBJECTS=01")
@@ -530,7 +517,9 @@ def test_clearly_too_small_disk_refuses_to_start(registered: Path, env, tmp_path
         assert f"not enough free space in {ds}/derivatives/3mm/subj01 for 3mm subj01" in line
         assert re.search(r"it needs about 9\d\.\d MiB, [45]\d\.\d MiB are free", line), line
         assert "Command start" not in text  # refused before datalad run started
-        assert _git(ds, "rev-parse", "HEAD") == head and _git(ds, "status", "--porcelain") == ""
+        assert (
+            git_out(ds, "rev-parse", "HEAD") == head and git_out(ds, "status", "--porcelain") == ""
+        )
         filler.unlink()
         rc, text = run_make(ds, env, "3mm", "SUBJECTS=01")
         assert rc == 0, text

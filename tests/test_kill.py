@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, git_out
 from nsdprep.nsd import Layout
-from nsdprep.testing.demo import DemoSpec, loopback_env, user_clone
+from nsdprep.testing.demo import DemoSpec, user_clone
 from nsdprep.testing.serve import Mirror
 from nsdprep.testing.synth import make_synthetic
 
@@ -48,19 +48,6 @@ SUBS = ("inputs/nsd", "inputs/coco")
 #: Files that differ between any two uninterrupted runs by design: a new subdataset's random
 #: DataLad id, and decode's timing and memory record (README, Determinism).
 NOT_REPRODUCIBLE = (".datalad/config", "derivatives/decoding/resources.json")
-
-
-def _git(ds: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(ds), *args], check=True, capture_output=True, text=True
-    ).stdout
-
-
-@pytest.fixture(scope="module")
-def env(git_env) -> dict[str, str]:
-    out = loopback_env(git_env)
-    out["PATH"] = f"{VENV / 'bin'}{os.pathsep}{out['PATH']}"
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +108,7 @@ def keys(ds: Path, paths: tuple[str, ...]) -> str:
     out = []
     for rel in paths:
         repo, inner = (ds / rel, ".") if rel in SUBS else (ds, rel)
-        listing = _git(repo, "ls-files", "-s", "--", inner).splitlines()
+        listing = git_out(repo, "ls-files", "-s", "--", inner).splitlines()
         kept = [x for x in listing if not x.endswith(tuple("\t" + n for n in NOT_REPRODUCIBLE))]
         out.append(f"# {rel}\n" + "".join(x + "\n" for x in kept))
     return "".join(out)
@@ -190,8 +177,8 @@ def kill_run(ds: Path, target: str, env, mirror: Mirror, offset: float | None) -
 
 def check_clean(ds: Path) -> None:
     for repo in (ds, *(ds / s for s in SUBS if (ds / s / ".git").exists())):
-        assert _git(repo, "status", "--porcelain") == "", repo
-        _git(repo, "fsck", "--no-progress")
+        assert git_out(repo, "status", "--porcelain") == "", repo
+        git_out(repo, "fsck", "--no-progress")
         proc = subprocess.run(["git", "-C", str(repo), "annex", "fsck", "--fast", "--quiet"],
                               capture_output=True, text=True)  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -21,17 +21,12 @@ import pandas as pd
 import pytest
 import scipy.io
 
+from conftest import git_out
 from nsdprep.testing.demo import TEST_SPEC, loopback_env
 
 LAYOUT = TEST_SPEC
 VENV = Path(sys.executable).parent.parent
 pytestmark = pytest.mark.datalad
-
-
-def _git(ds: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(ds), *args], check=True, capture_output=True, text=True
-    ).stdout
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +57,13 @@ def _coco_label(synth: Path, coco_id: int) -> str:
 
 
 def test_history_has_one_run_record_per_step(built: Path) -> None:
-    log = _git(built, "log", "--format=%s")
+    log = git_out(built, "log", "--format=%s")
     assert "[nsdprep] coco-labels (inputs " in log
     for subject in range(1, len(LAYOUT.sessions) + 1):
         assert f"[nsdprep] 3mm subj{subject:02d} (inputs " in log
     assert "[nsdprep] curated sub-01" in log
     assert "[nsdprep] decode (inputs " in log
-    assert _git(built, "status", "--porcelain") == ""
+    assert git_out(built, "status", "--porcelain") == ""
 
 
 def test_curated_trials_match_raw_inputs(built: Path) -> None:
@@ -131,7 +126,7 @@ def test_decoding_beats_chance(built: Path) -> None:
 
 
 def test_second_make_does_nothing(built: Path, git_env) -> None:
-    head = _git(built, "rev-parse", "HEAD")
+    head = git_out(built, "rev-parse", "HEAD")
     env = loopback_env(git_env)
     for target in ("coco-labels", "3mm", "curated"):
         subprocess.run(
@@ -139,21 +134,23 @@ def test_second_make_does_nothing(built: Path, git_env) -> None:
             check=True,
             env=env,
         )
-    assert _git(built, "rev-parse", "HEAD") == head
+    assert git_out(built, "rev-parse", "HEAD") == head
 
 
 @pytest.mark.parametrize("step", ["coco-labels", "3mm subj02", "curated", "decode"])
 def test_rerun_reproduces_identical_checksums(built: Path, git_env, step: str) -> None:
-    commit = _git(built, "log", "-F", f"--grep=[nsdprep] {step}", "--format=%H", "-n1").strip()
+    commit = git_out(built, "log", "-F", f"--grep=[nsdprep] {step}", "--format=%H", "-n1").strip()
     assert commit
-    changed = _git(built, "diff-tree", "--no-commit-id", "--name-only", "-r", commit, "--").split()
+    changed = git_out(
+        built, "diff-tree", "--no-commit-id", "--name-only", "-r", commit, "--"
+    ).split()
     assert changed
-    before = _git(built, "ls-files", "-s", "--", *changed)
-    head = _git(built, "rev-parse", "HEAD")
+    before = git_out(built, "ls-files", "-s", "--", *changed)
+    head = git_out(built, "rev-parse", "HEAD")
     env = {**loopback_env(git_env), "PYTHONPATH": str(built / "code"), "OMP_NUM_THREADS": "1"}
     subprocess.run(["datalad", "rerun", commit], cwd=built, check=True, env=env)
-    assert _git(built, "ls-files", "-s", "--", *changed) == before
-    assert _git(built, "rev-parse", "HEAD") == head  # identical outputs: no new commit
+    assert git_out(built, "ls-files", "-s", "--", *changed) == before
+    assert git_out(built, "rev-parse", "HEAD") == head  # identical outputs: no new commit
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,16 +162,16 @@ IN_GIT = ("README.md", "dataset_description.json", "report.md")
 
 def _tracked(ds: Path, where: str) -> dict[str, str]:
     """``path -> git mode`` of every tracked file under ``where``."""
-    out = _git(ds, "ls-files", "-s", "--", where)
+    out = git_out(ds, "ls-files", "-s", "--", where)
     return {line.split("\t", 1)[1]: line.split()[0] for line in out.splitlines()}
 
 
 def test_user_clone_had_no_annex_branch(built: Path) -> None:
     # The setting under test: a plain `git clone` of the project, which carries no git-annex branch;
     # only the make targets can have initialised the annex.
-    origin_refs = _git(built, "for-each-ref", "--format=%(refname)", "refs/remotes/origin")
+    origin_refs = git_out(built, "for-each-ref", "--format=%(refname)", "refs/remotes/origin")
     assert "git-annex" not in origin_refs
-    assert _git(built, "config", "--local", "annex.uuid").strip()
+    assert git_out(built, "config", "--local", "annex.uuid").strip()
 
 
 def test_every_derivative_binary_is_annexed_and_locked(built: Path) -> None:
@@ -182,7 +179,7 @@ def test_every_derivative_binary_is_annexed_and_locked(built: Path) -> None:
     binaries = sorted(p for p in tracked if Path(p).name not in IN_GIT)
     texts = sorted(p for p in tracked if Path(p).name in IN_GIT)
     assert len(binaries) >= 30 and len(texts) == 3, tracked
-    annexed = set(_git(built, "annex", "find", "--include=*", "derivatives").splitlines())
+    annexed = set(git_out(built, "annex", "find", "--include=*", "derivatives").splitlines())
     assert annexed == set(binaries)
     annex_objects = (built / ".git/annex/objects").resolve()
     for rel in binaries:
@@ -199,8 +196,8 @@ def test_every_derivative_binary_is_annexed_and_locked(built: Path) -> None:
 def test_git_history_grows_by_kilobytes_not_by_the_derivatives(built: Path) -> None:
     annexed_bytes = sum((built / p).stat().st_size for p in _tracked(built, "derivatives"))
     # everything the pipeline added to git: history since the clone, plus the git-annex branch
-    first = _git(built, "log", "--reverse", "--format=%H", "--", ".gitmodules").split()[0]
-    listing = _git(built, "rev-list", "--objects", f"{first}^..HEAD", "git-annex")
+    first = git_out(built, "log", "--reverse", "--format=%H", "--", ".gitmodules").split()[0]
+    listing = git_out(built, "rev-list", "--objects", f"{first}^..HEAD", "git-annex")
     ids = "\n".join(line.split()[0] for line in listing.splitlines()) + "\n"
     sizes = subprocess.run(
         ["git", "-C", str(built), "cat-file", "--batch-check=%(objectsize)"],

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, git_out
 from nsdprep import dataset, resample, steps
 from nsdprep.errors import UsageError
 from nsdprep.nsd import Layout
-from nsdprep.testing.demo import DemoSpec, build_demo, loopback_env
+from nsdprep.testing.demo import DemoSpec, build_demo
 from nsdprep.testing.serve import Mirror
 
 VENV = Path(sys.executable).parent.parent
@@ -37,15 +37,9 @@ BETAS = SUBJ01 + "/MNI/betas_fithrf/betas_session{n:02d}.nii.gz"
 pytestmark = pytest.mark.datalad
 
 
-def _git(ds: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(ds), *args], check=True, capture_output=True, text=True
-    ).stdout
-
-
 def _present(nsd: Path) -> list[str]:
     """Betas of subject 01 whose content is in the annex."""
-    return _git(nsd, "annex", "find", "--in", "here", SUBJ01).split()
+    return git_out(nsd, "annex", "find", "--in", "here", SUBJ01).split()
 
 
 def _annex_files(nsd: Path) -> int:
@@ -59,13 +53,6 @@ def _journal(nsd: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def env(git_env) -> dict[str, str]:
-    out = loopback_env(git_env)
-    out["PATH"] = f"{VENV / 'bin'}{os.pathsep}{out['PATH']}"
-    return out
-
-
-@pytest.fixture(scope="module")
 def origin(env, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Inputs registered, nothing fetched, no derivative made."""
     work = tmp_path_factory.mktemp("pipelined")
@@ -75,7 +62,7 @@ def origin(env, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def served(origin: Path) -> Iterator[Mirror]:
     """The mirror again, on the port the inputs were registered with."""
-    url = _git(origin / "inputs/nsd", "annex", "whereis", "--json", "--", BETAS.format(n=1))
+    url = git_out(origin / "inputs/nsd", "annex", "whereis", "--json", "--", BETAS.format(n=1))
     port = int(re.search(r"http://127\.0\.0\.1:(\d+)/nsd/", url).group(1))
     with Mirror(origin.parent / "synth", port=port) as mirror:
         yield mirror
@@ -256,7 +243,7 @@ def _interrupt_when_fetching(ds: Path, env, log: Path, sig: int) -> int:
 
 
 def _status(ds: Path) -> list[str]:
-    return _git(ds, "status", "--porcelain", "--untracked-files=all").splitlines()
+    return git_out(ds, "status", "--porcelain", "--untracked-files=all").splitlines()
 
 
 def _finish_and_compare(clone: Path, env, head: str, plain: bool = True) -> None:
@@ -266,30 +253,30 @@ def _finish_and_compare(clone: Path, env, head: str, plain: bool = True) -> None
     proc = subprocess.run(_make_cmd(clone, "3mm", "SUBJECTS=01", "DROP=1", "PREFETCH=2"),
                           env=env, capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert _git(clone, "rev-parse", "HEAD~1").strip() == head
-    record = _git(clone, "log", "-1", "--format=%B")
+    assert git_out(clone, "rev-parse", "HEAD~1").strip() == head
+    record = git_out(clone, "log", "-1", "--format=%B")
     assert '"cmd": "python -m nsdprep resample --nsd inputs/nsd --subject 1' in record
     assert "prefetch" not in record
     assert _present(nsd) == [] and _annex_files(nsd) == 0
     assert not _journal(nsd).exists()
     assert _status(clone) == []
-    keys = _git(clone, "ls-files", "-s", "derivatives/3mm/subj01")
+    keys = git_out(clone, "ls-files", "-s", "derivatives/3mm/subj01")
     assert keys.count("betas_session") == LAYOUT.sessions[0]
     if not plain:
         return
     proc = subprocess.run(_make_cmd(clone, "3mm", "SUBJECTS=01", "FORCE=1"), env=env,
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert _git(clone, "ls-files", "-s", "derivatives/3mm/subj01") == keys
+    assert git_out(clone, "ls-files", "-s", "derivatives/3mm/subj01") == keys
 
 
 def test_killed_pipelined_run_is_cleaned_by_the_next(clone: Path, env, tmp_path: Path) -> None:
     """SIGKILL (no clean-up possible): at most JOBS + PREFETCH sessions stay, journaled; the next
     DROP run drops them and gives the same outputs as an uninterrupted run."""
     nsd = clone / "inputs/nsd"
-    head = _git(clone, "rev-parse", "HEAD").strip()
+    head = git_out(clone, "rev-parse", "HEAD").strip()
     _interrupt_when_fetching(clone, env, tmp_path / "make.log", signal.SIGKILL)
-    assert _git(clone, "rev-parse", "HEAD").strip() == head
+    assert git_out(clone, "rev-parse", "HEAD").strip() == head
     assert all(line.startswith("?? derivatives/3mm/subj01/") for line in _status(clone))
     left = _present(nsd)
     assert _annex_files(nsd) <= 2 + 1  # JOBS + PREFETCH, partial downloads included
@@ -307,10 +294,10 @@ def test_interrupted_pipelined_run_drops_what_it_fetched(
 ) -> None:
     """Ctrl-C or SIGTERM to the whole job: nothing recorded, no content left, no temporaries."""
     nsd = clone / "inputs/nsd"
-    head = _git(clone, "rev-parse", "HEAD").strip()
+    head = git_out(clone, "rev-parse", "HEAD").strip()
     _interrupt_when_fetching(clone, env, tmp_path / "make.log", sig)
     log = (tmp_path / "make.log").read_text()
-    assert _git(clone, "rev-parse", "HEAD").strip() == head
+    assert git_out(clone, "rev-parse", "HEAD").strip() == head
     assert _present(nsd) == [], log
     assert not _journal(nsd).exists(), log
     assert not list((clone / "derivatives").rglob("*.part")), log

@@ -23,9 +23,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, git_out
 from nsdprep.nsd import Layout
-from nsdprep.testing.demo import DemoSpec, build_demo, clone_dataset, loopback_env
+from nsdprep.testing.demo import DemoSpec, build_demo, clone_dataset
 from nsdprep.testing.serve import Mirror
 
 VENV = Path(sys.executable).parent.parent
@@ -35,29 +35,16 @@ BETAS = "inputs/nsd/nsddata_betas/ppdata/subj{s:02d}/MNI/betas_fithrf/betas_sess
 pytestmark = pytest.mark.datalad
 
 
-def _git(ds: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(ds), *args], check=True, capture_output=True, text=True
-    ).stdout
-
-
 def _status(ds: Path) -> str:
-    return _git(ds, "status", "--porcelain", "--untracked-files=all")
+    return git_out(ds, "status", "--porcelain", "--untracked-files=all")
 
 
 def _head(ds: Path) -> str:
-    return _git(ds, "rev-parse", "HEAD").strip()
+    return git_out(ds, "rev-parse", "HEAD").strip()
 
 
 def _parts(ds: Path) -> list[Path]:
     return sorted(p for p in (ds / "derivatives").rglob("*.part"))
-
-
-@pytest.fixture(scope="module")
-def env(git_env) -> dict[str, str]:
-    out = loopback_env(git_env)
-    out["PATH"] = f"{VENV / 'bin'}{os.pathsep}{out['PATH']}"
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +59,7 @@ def origin(env, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def served(origin: Path) -> Iterator[Mirror]:
     """The mirror again, on the port the inputs were registered with (their URLs name it)."""
-    url = _git(origin / "inputs/nsd", "annex", "whereis", "--json", "--", _key(1, 1))
+    url = git_out(origin / "inputs/nsd", "annex", "whereis", "--json", "--", _key(1, 1))
     port = int(re.search(r"http://127\.0\.0\.1:(\d+)/nsd/", url).group(1))
     with Mirror(origin.parent / "synth", port=port) as mirror:
         yield mirror
@@ -183,16 +170,16 @@ def test_interrupted_3mm_recovers_to_identical_outputs(
         assert "leftover(s) of an interrupted or failed run" in text, text
     assert _status(clone) == ""
     assert not _parts(clone)
-    assert _git(clone, "log", "-1", "--format=%s").startswith(
+    assert git_out(clone, "log", "-1", "--format=%s").startswith(
         "[DATALAD RUNCMD] [nsdprep] 3mm subj01"
     )
-    got = _git(clone, "ls-files", "-s", "derivatives/3mm")
+    got = git_out(clone, "ls-files", "-s", "derivatives/3mm")
 
     # an uninterrupted run in another clone gives the same annex keys (MD5E: identical bytes)
     other = _clone(origin, tmp_path / "other", env)
     rc, text = make(other, env, "3mm", "SUBJECTS=01")
     assert rc == 0, text
-    assert _git(other, "ls-files", "-s", "derivatives/3mm") == got
+    assert git_out(other, "ls-files", "-s", "derivatives/3mm") == got
     assert got.count("betas_session") == LAYOUT.sessions[0]
 
 
@@ -255,19 +242,19 @@ def test_corrupted_betas_recover_after_drop(clone: Path, served: Mirror, env) ->
     assert rc != 0
     assert "`make repair SUBJECTS=02`" in text, text  # the failure says what to do
     assert (clone / betas).read_bytes() == damaged  # present, and its checksum recorded
-    assert _git(clone / "inputs/nsd", "annex", "lookupkey", _key(2, 1)).startswith("VURL-")
+    assert git_out(clone / "inputs/nsd", "annex", "lookupkey", _key(2, 1)).startswith("VURL-")
 
     head = _head(clone)
     rc, text = make(clone, env, "repair", "SUBJECTS=02")
     assert rc == 0, text
     assert "Traceback" not in text
-    new_key = _git(clone / "inputs/nsd", "annex", "lookupkey", _key(2, 1)).strip()
+    new_key = git_out(clone / "inputs/nsd", "annex", "lookupkey", _key(2, 1)).strip()
     good = (served.root / "nsd" / _key(2, 1)).read_bytes()
     assert new_key == f"MD5E-s{len(good)}--{hashlib.md5(good).hexdigest()}.nii.gz"
     assert (clone / betas).read_bytes() == good
     assert _head(clone) != head and _status(clone) == ""
-    assert _git(clone, "log", "-1", "--format=%s").startswith("Repair 1 input file(s)")
-    _git(clone / "inputs/nsd", "annex", "fsck", "--", _key(2, 1))  # verifies against MD5E
+    assert git_out(clone, "log", "-1", "--format=%s").startswith("Repair 1 input file(s)")
+    git_out(clone / "inputs/nsd", "annex", "fsck", "--", _key(2, 1))  # verifies against MD5E
 
     rc, text = make(clone, env, "3mm", "SUBJECTS=02")
     assert rc == 0, text
@@ -328,7 +315,7 @@ def test_missing_content_named_by_stage_fetched_by_make(clone: Path, env) -> Non
     assert _outputs(clone, 2) == ["betas_session01.nii.gz"]
     assert _readable(clone / "derivatives/3mm/subj02/betas_session01.nii.gz")
     assert _status(clone) == ""
-    assert _git(clone, "log", "-1", "--format=%s").startswith(
+    assert git_out(clone, "log", "-1", "--format=%s").startswith(
         "[DATALAD RUNCMD] [nsdprep] 3mm subj02"
     )
 
@@ -337,21 +324,21 @@ def test_bounded_disk_mode_gets_processes_and_drops(clone: Path, env) -> None:
     """make 3mm DROP=1: each session is fetched, processed and dropped; nothing stays in the annex."""
     nsd = clone / "inputs/nsd"
     subj01 = "nsddata_betas/ppdata/subj01"
-    assert _git(nsd, "annex", "find", "--in", "here", subj01).strip() == ""
+    assert git_out(nsd, "annex", "find", "--in", "here", subj01).strip() == ""
     rc, text = make(clone, env, "3mm", "SUBJECTS=01", "DROP=1")
     assert rc == 0, text
     assert "datalad drop" in text, text
-    assert _git(nsd, "annex", "find", "--in", "here", subj01).strip() == ""  # dropped again
+    assert git_out(nsd, "annex", "find", "--in", "here", subj01).strip() == ""  # dropped again
     outputs = _outputs(clone, 1)
     assert outputs == [f"betas_session{s:02d}.nii.gz" for s in range(1, LAYOUT.sessions[0] + 1)]
     for name in outputs:
         assert _readable(clone / "derivatives/3mm/subj01" / name)
     assert _status(clone) == ""
     # the same outputs as the ordinary mode (inputs fetched up front), byte for byte
-    keys = _git(clone, "ls-files", "-s", "derivatives/3mm/subj01")
+    keys = git_out(clone, "ls-files", "-s", "derivatives/3mm/subj01")
     rc, text = make(clone, env, "3mm", "SUBJECTS=01", "FORCE=1")
     assert rc == 0, text
-    assert _git(clone, "ls-files", "-s", "derivatives/3mm/subj01") == keys
+    assert git_out(clone, "ls-files", "-s", "derivatives/3mm/subj01") == keys
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,8 +368,8 @@ def test_concurrent_make_is_refused(origin: Path, clone: Path, env, tmp_path: Pa
     subprocess.run(["git", "-C", str(clone), "fsck", "--no-progress"], check=True,
                    capture_output=True)  # fmt: skip
     assert _status(clone) == ""
-    assert _git(clone, "rev-list", "--merges", f"{start}..HEAD") == ""
-    subjects = _git(clone, "log", "--format=%s", f"{start}..HEAD").splitlines()
+    assert git_out(clone, "rev-list", "--merges", f"{start}..HEAD") == ""
+    subjects = git_out(clone, "log", "--format=%s", f"{start}..HEAD").splitlines()
     # one run record per step, nothing from the refused invocation
     assert sorted(re.sub(r" \(inputs [0-9a-f]+\)$", "", x) for x in subjects) == [
         "[DATALAD RUNCMD] [nsdprep] 3mm subj01",
@@ -463,11 +450,11 @@ def test_interrupted_curated_recovers(clone: Path, env, tmp_path: Path) -> None:
         assert "leftover(s) of an interrupted or failed run" in text, text
     assert _status(clone) == ""
     assert not _parts(clone)
-    got = _git(clone, "ls-files", "-s", "derivatives/curated_3mm")
+    got = git_out(clone, "ls-files", "-s", "derivatives/curated_3mm")
     assert got.count("sub-0") == 2 * 6  # data, matrix, mask, labels, runs, trials per subject
     # an uninterrupted rebuild gives identical content: same keys, no new commit
     head = _head(clone)
     rc, text = make(clone, env, "curated", "FORCE=1")
     assert rc == 0, text
-    assert _git(clone, "ls-files", "-s", "derivatives/curated_3mm") == got
+    assert git_out(clone, "ls-files", "-s", "derivatives/curated_3mm") == got
     assert _head(clone) == head

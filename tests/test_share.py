@@ -13,16 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import git_out
 from nsdprep.testing.demo import loopback_env
 
 VENV = Path(sys.executable).parent.parent
 pytestmark = pytest.mark.datalad
-
-
-def _git(ds: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(ds), *args], check=True, capture_output=True, text=True
-    ).stdout
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +36,7 @@ def facts(demo_built: Path) -> dict:
 
 
 def _present(ds: Path, where: str = ".") -> set[str]:
-    return set(_git(ds, "annex", "find", "--", where).splitlines())
+    return set(git_out(ds, "annex", "find", "--", where).splitlines())
 
 
 def test_colleague_got_only_subject_02_curated(mate: Path) -> None:
@@ -62,7 +57,7 @@ def test_colleague_got_only_subject_02_curated(mate: Path) -> None:
     # grey-matter mask, identical for every subject on one grid
     keys = dict(
         line.split(" ", 1)[::-1]
-        for line in _git(
+        for line in git_out(
             mate, "annex", "find", "--format=${key} ${file}\n", "derivatives"
         ).splitlines()
     )
@@ -80,22 +75,22 @@ def test_colleague_fetched_subject_01_inputs_from_the_web_urls(mate: Path, origi
     assert "nsddata/experiments/nsd/nsd_expdesign.mat" in got
     # the store holds no input content: the subdataset's only source is the web (the mirror)
     whereis = json.loads(
-        _git(nsd, "annex", "whereis", "--json", "--", sorted(betas)[0]).splitlines()[0]
+        git_out(nsd, "annex", "whereis", "--json", "--", sorted(betas)[0]).splitlines()[0]
     )
     remotes = {w["description"] for w in whereis["whereis"]}
     assert "web" in remotes and not any("ria" in r for r in remotes), remotes
-    assert _git(nsd, "config", "remote.origin.url").startswith(str(mate.parent / "ria-store"))
+    assert git_out(nsd, "config", "remote.origin.url").startswith(str(mate.parent / "ria-store"))
 
 
 def test_colleague_rerun_reproduced_identical_keys(mate: Path, origin: Path, facts: dict) -> None:
     assert facts["rerun_commit"]
     assert not facts["rerun_new_commit"]
     # nothing committed on top of what was cloned from the store
-    assert _git(mate, "rev-parse", "HEAD") == _git(mate, "rev-parse", "@{upstream}")
-    keys = _git(mate, "ls-files", "-s", "--", "derivatives/3mm/subj01")
-    assert keys and keys == _git(origin, "ls-files", "-s", "--", "derivatives/3mm/subj01")
+    assert git_out(mate, "rev-parse", "HEAD") == git_out(mate, "rev-parse", "@{upstream}")
+    keys = git_out(mate, "ls-files", "-s", "--", "derivatives/3mm/subj01")
+    assert keys and keys == git_out(origin, "ls-files", "-s", "--", "derivatives/3mm/subj01")
     assert facts["curated_up_to_date"]
-    assert _git(mate, "status", "--porcelain") == ""
+    assert git_out(mate, "status", "--porcelain") == ""
 
 
 def test_clone_is_small_until_content_is_fetched(facts: dict) -> None:
@@ -125,9 +120,11 @@ def test_second_publish_pushes_nothing_new(origin: Path, facts: dict, git_env) -
     publish()  # other tests may have added commits to the origin since the demo published it
     before = snapshot()
     assert any("/annex/objects/" in p for p, _ in before)  # derivative content is in the store
-    head = _git(origin, "rev-parse", "HEAD").strip()
-    branch = _git(origin, "rev-parse", "--abbrev-ref", "HEAD").strip()
-    assert head in _git(store / "alias/nsdprep", "rev-parse", f"refs/heads/{branch}")  # up to date
+    head = git_out(origin, "rev-parse", "HEAD").strip()
+    branch = git_out(origin, "rev-parse", "--abbrev-ref", "HEAD").strip()
+    assert head in git_out(
+        store / "alias/nsdprep", "rev-parse", f"refs/heads/{branch}"
+    )  # up to date
     publish()
     assert snapshot() == before
 

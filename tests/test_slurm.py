@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, git_out
 from nsdprep import build, nsd, slurm, steps
 from nsdprep.errors import UsageError
 from nsdprep.nsd import Layout
@@ -47,12 +47,6 @@ JOBS = "JOBS=1"
 SLURM_OPTS = "SLURM_OPTS=--time=10 --comment=nsdprep-test"
 #: The end-to-end tests need the cluster: only `make test-slurm` selects them (`-m slurm`).
 on_slurm = pytest.mark.slurm
-
-
-def _git(ds: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(ds), *args], check=True, capture_output=True, text=True
-    ).stdout
 
 
 def _make(ds: Path, env: dict[str, str], *args: str) -> tuple[int, str, float]:
@@ -134,15 +128,15 @@ def run(cluster: SlurmCluster, git_env, tmp_path_factory: pytest.TempPathFactory
         mid = len(damaged) // 2
         damaged[mid : mid + 64] = bytes(b ^ 0xFF for b in damaged[mid : mid + 64])
         src.write_bytes(bytes(damaged))
-        facts["head_before_3mm"] = _git(ds, "rev-parse", "HEAD").strip()
+        facts["head_before_3mm"] = git_out(ds, "rev-parse", "HEAD").strip()
         facts["3mm_first"] = _make(ds, env, "3mm", *slurm, "WAIT=1")
         facts["after_failure"] = {
-            "tree": _git(ds, "ls-files", "derivatives/3mm"),
-            "log": _git(ds, "log", "--format=%s", f"{facts['head_before_3mm']}..HEAD"),
-            "status": _git(ds, "status", "--porcelain"),
-            "store_branches": _git(ds, "ls-remote", "--heads", "ria"),
+            "tree": git_out(ds, "ls-files", "derivatives/3mm"),
+            "log": git_out(ds, "log", "--format=%s", f"{facts['head_before_3mm']}..HEAD"),
+            "status": git_out(ds, "status", "--porcelain"),
+            "store_branches": git_out(ds, "ls-remote", "--heads", "ria"),
             "store_objects": _store_objects(store),
-            "keys": _git(
+            "keys": git_out(
                 ds, "annex", "find", "--include=*", "--format=${key}\\n", "derivatives/3mm"
             ),
             "scratch": sorted(p.name for p in scratch.iterdir()),
@@ -169,10 +163,10 @@ def run(cluster: SlurmCluster, git_env, tmp_path_factory: pytest.TempPathFactory
         facts["3mm_local_after"] = _make(ds, env, "3mm")
         # datalad rerun of a record made on SLURM, here (its inputs come from the mirror)
         grep = "--grep=[nsdprep] 3mm subj02 ("
-        facts["rerun_commit"] = _git(ds, "log", "-F", grep, "--format=%H", "-n1").strip()
-        facts["head_before_rerun"] = _git(ds, "rev-parse", "HEAD").strip()
+        facts["rerun_commit"] = git_out(ds, "log", "-F", grep, "--format=%H", "-n1").strip()
+        facts["head_before_rerun"] = git_out(ds, "rev-parse", "HEAD").strip()
         facts["rerun"] = _make(ds, env, "rerun", f"REV={facts['rerun_commit']}")
-        facts["head_after_rerun"] = _git(ds, "rev-parse", "HEAD").strip()
+        facts["head_after_rerun"] = git_out(ds, "rev-parse", "HEAD").strip()
         thread.join(timeout=600)
     facts["seconds"]["both pipelines"] = time.monotonic() - facts["began"]
     facts.update(ds=ds, ref=ref, store=store, scratch=scratch, env=env)
@@ -256,10 +250,10 @@ def test_slurm_outputs_have_the_keys_of_the_local_run(run: dict) -> None:
     assert differ == [VARYING], differ
     # the same run records: identical messages (step name + inputs' fingerprint) and commands
     grep = ["log", "--format=%B", "--grep=^\\[DATALAD RUNCMD\\]"]
-    records = [_records(_git(d, *grep)) for d in (ds, ref)]
+    records = [_records(git_out(d, *grep)) for d in (ds, ref)]
     assert len(records[0]) == 3 + len(SPEC.sessions) and records[0] == records[1]
     # the content is here, as after a local run
-    assert _git(ds, "annex", "find", "--not", "--in", "here", "derivatives") == ""
+    assert git_out(ds, "annex", "find", "--not", "--in", "here", "derivatives") == ""
 
 
 #: The one output documented to differ between runs (seconds, peak RSS; see test_pipeline).
@@ -268,7 +262,7 @@ VARYING = "derivatives/decoding/resources.json"
 
 def _derivatives(ds: Path) -> dict[str, str]:
     """``{path: git object}`` of every derivative (for annexed files the object names the key)."""
-    lines = _git(ds, "ls-files", "-s", "derivatives").splitlines()
+    lines = git_out(ds, "ls-files", "-s", "derivatives").splitlines()
     return {ln.split("\t")[1]: ln.split()[1] for ln in lines}
 
 
@@ -280,7 +274,7 @@ def _records(log: str) -> set[tuple[str, str]]:
 
 @on_slurm
 def test_history_holds_run_records_and_merges(run: dict) -> None:
-    log = _git(run["ds"], "log", "--format=%p|%s", f"{run['head_before_3mm']}~1..HEAD")
+    log = git_out(run["ds"], "log", "--format=%p|%s", f"{run['head_before_3mm']}~1..HEAD")
     commits = [ln.split("|", 1) for ln in log.splitlines()]
     merges = [(subject, parents.split()) for parents, subject in commits if " " in parents]
     assert len(merges) == 5, log  # coco-labels, 3mm twice, curated, decode
@@ -295,7 +289,7 @@ def test_datalad_rerun_of_a_slurm_record_reproduces_it(run: dict) -> None:
     rc, out, _ = run["rerun"]
     assert rc == 0, out
     assert run["head_after_rerun"] == run["head_before_rerun"]  # identical outputs: no new commit
-    assert _git(run["ds"], "status", "--porcelain") == ""
+    assert git_out(run["ds"], "status", "--porcelain") == ""
 
 
 @on_slurm

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, git_out
 from nsdprep.nsd import Layout
-from nsdprep.testing.demo import DemoSpec, loopback_env, user_clone
+from nsdprep.testing.demo import DemoSpec, user_clone
 from nsdprep.testing.serve import Mirror
 from nsdprep.testing.synth import make_synthetic
 
@@ -127,19 +127,6 @@ ALLOWED = [
     for s, t in CASES
     if expected(s, t) is None
 ]
-
-
-def _git(ds: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(ds), *args], check=True, capture_output=True, text=True
-    ).stdout
-
-
-@pytest.fixture(scope="module")
-def env(git_env) -> dict[str, str]:
-    out = loopback_env(git_env)
-    out["PATH"] = f"{VENV / 'bin'}{os.pathsep}{out['PATH']}"
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +274,7 @@ def refused(
     work = tmp_path_factory.mktemp("refused")
 
     def snapshot(ds: Path) -> tuple[str, str]:
-        return _git(ds, "rev-parse", "HEAD"), _git(ds, "status", "--porcelain")
+        return git_out(ds, "rev-parse", "HEAD"), git_out(ds, "status", "--porcelain")
 
     def run_state(state: State) -> dict[tuple[str, str], Outcome]:
         ds, out = state_datasets[state.name], {}
@@ -340,7 +327,7 @@ def test_allowed_succeeds(
     rc, text = run_make(ds, env, target, *args)
     assert rc == 0, text
     assert "Traceback" not in text, text
-    assert _git(ds, "status", "--porcelain") == ""
+    assert git_out(ds, "status", "--porcelain") == ""
 
 
 def test_matrix_covers_every_target_and_state() -> None:

@@ -8,14 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import git_out
 from nsdprep import dataset, steps
 from nsdprep.errors import DatasetStateError, NsdPrepError
-
-
-def _git(ds: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(ds), *args], check=True, capture_output=True, text=True
-    ).stdout
 
 
 @pytest.fixture
@@ -40,14 +35,14 @@ def _step(code: str = "", name: str = "sum") -> steps.Step:
 
 
 def _n_commits(ds: Path) -> int:
-    return int(_git(ds, "rev-list", "--count", "HEAD"))
+    return int(git_out(ds, "rev-list", "--count", "HEAD"))
 
 
 def test_run_records_and_second_call_does_nothing(ds: Path) -> None:
     step = _step()
     assert steps.execute(ds, step) == "ran"
     assert (ds / "out/sum.txt").read_text() == "6"
-    msg = _git(ds, "log", "-1", "--format=%B")
+    msg = git_out(ds, "log", "-1", "--format=%B")
     assert "[DATALAD RUNCMD]" in msg and "[nsdprep] sum (inputs " in msg
     n = _n_commits(ds)
     assert steps.execute(ds, step) == "up-to-date"
@@ -78,7 +73,7 @@ def test_dirty_dataset_is_refused_with_what_to_do(ds: Path) -> None:
 
 def test_failed_run_leaves_last_recorded_state(ds: Path) -> None:
     steps.execute(ds, _step())
-    before = _git(ds, "rev-parse", "HEAD")
+    before = git_out(ds, "rev-parse", "HEAD")
     # writes a partial output, then fails
     bad = _step(
         "pathlib.Path('out').mkdir(exist_ok=True);pathlib.Path('out/half.txt').write_text('x');"
@@ -86,7 +81,7 @@ def test_failed_run_leaves_last_recorded_state(ds: Path) -> None:
     )
     with pytest.raises(NsdPrepError, match="failed .* nothing was recorded"):
         steps.execute(ds, bad, force=True)
-    assert _git(ds, "rev-parse", "HEAD") == before
+    assert git_out(ds, "rev-parse", "HEAD") == before
     assert not (ds / "out/half.txt").exists()
     assert (ds / "out/sum.txt").read_text() == "6"
     assert dataset.dirty_paths(ds) == []
@@ -123,9 +118,9 @@ def test_concurrent_run_is_refused(ds: Path) -> None:
 
 def test_rerun_reproduces_identical_output(ds: Path, git_env) -> None:
     steps.execute(ds, _step())
-    key_before = _git(ds, "ls-files", "-s", "out")
+    key_before = git_out(ds, "ls-files", "-s", "out")
     subprocess.run(["datalad", "rerun"], cwd=ds, check=True, env=git_env)
-    assert _git(ds, "ls-files", "-s", "out") == key_before
+    assert git_out(ds, "ls-files", "-s", "out") == key_before
     assert dataset.dirty_paths(ds) == []
 
 
