@@ -30,9 +30,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, git_out
-from nsdprep import build, nsd, slurm, steps
+from nsdprep import build, nsd, steps
 from nsdprep.errors import UsageError
 from nsdprep.nsd import Layout
+from nsdprep.slurm import plan as slurm_plan
+from nsdprep.slurm import submit as slurm_submit
 from nsdprep.testing.demo import DemoSpec, loopback_env, user_clone
 from nsdprep.testing.serve import Mirror
 from nsdprep.testing.slurm.cluster import SlurmCluster
@@ -327,9 +329,9 @@ def _git_init(path: Path) -> Path:
 
 
 def test_submit_without_slurm_commands_says_where_to_run(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(slurm.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(slurm_submit.shutil, "which", lambda tool: None)
     with pytest.raises(UsageError, match=r"sbatch, squeue, scontrol not found on PATH.*login node"):
-        slurm.submit("3mm", tmp_path, steps.Options(backend="slurm"))
+        slurm_submit.submit("3mm", tmp_path, steps.Options(backend="slurm"))
 
 
 def test_backend_slurm_runs_only_datalad_run_targets(git_env, tmp_path: Path) -> None:
@@ -346,14 +348,14 @@ def test_backend_slurm_runs_only_datalad_run_targets(git_env, tmp_path: Path) ->
 def test_an_output_store_is_required(tmp_path: Path) -> None:
     ds = _git_init(tmp_path / "ds")
     with pytest.raises(UsageError, match=r"needs an output store.*RIA=ria\+file://"):
-        slurm._store_url(ds, steps.SlurmOptions())
+        slurm_submit.store_url(ds, steps.SlurmOptions())
     url = "ria+file:///shared/store"
-    assert slurm._store_url(ds, steps.SlurmOptions(ria=url)) == url
+    assert slurm_submit.store_url(ds, steps.SlurmOptions(ria=url)) == url
 
 
-def _plan(ds: Path, opts: steps.Options) -> slurm.Plan:
+def _plan(ds: Path, opts: steps.Options) -> slurm_plan.Plan:
     tasks = tuple(
-        slurm.Task(
+        slurm_plan.Task(
             step=steps.Step("3mm", f"3mm subj{s:02d}", ("python", "-c", "1"), ("in",), ("out",)),
             fingerprint=f"{s:016x}",
             branch=f"nsdprep-slurm/x/task-{i}",
@@ -361,10 +363,10 @@ def _plan(ds: Path, opts: steps.Options) -> slurm.Plan:
         )
         for i, s in enumerate((1, 3))
     )
-    return slurm.Plan(
+    return slurm_plan.Plan(
         id="x", target="3mm", dataset=str(ds), branch="main", base="0" * 40, store="ria+file:///s",
         source="ria+file:///s#id", sibling="ria", storage="ria-storage", scratch="",
-        make_vars=tuple(slurm._make_vars(opts)), tasks=tasks, array_job="7", finish_job="8",
+        make_vars=tuple(slurm_submit.make_variables(opts)), tasks=tasks, array_job="7", finish_job="8",
     )  # fmt: skip
 
 
@@ -391,4 +393,4 @@ def test_plan_survives_its_json_file(tmp_path: Path) -> None:
     plan = _plan(_git_init(tmp_path / "ds"), steps.Options(backend="slurm"))
     plan.save()
     assert (tmp_path / "ds/.git/nsdprep-slurm/x/plan.json").is_file()
-    assert slurm.Plan.load(plan.folder) == plan
+    assert slurm_plan.Plan.load(plan.folder) == plan

@@ -40,9 +40,9 @@ def run_target(target: str, ds: Path, opts: Options) -> int:
             raise UsageError(
                 f"BACKEND=slurm runs {', '.join(CLUSTER_TARGETS)}; `make {target}` runs locally"
             )
-        from nsdprep import slurm
+        from nsdprep.slurm.submit import submit
 
-        return slurm.submit(target, ds, opts)
+        return submit(target, ds, opts)
     with dataset.lock(ds, f"make {target}"):
         for rel in NEEDS.get(target, ()):
             dataset.clear_stale_index_lock(ds / rel)  # a run killed while fetching
