@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nsdprep.errors import FormatError, MissingInputError
+from nsdprep.errors import FormatError, MissingInputError, UsageError
 from nsdprep.nifti import (
     NiftiStreamWriter,
     check_betas_header,
@@ -115,6 +115,22 @@ def test_writer_count_mismatch_leaves_nothing(tmp_path: Path) -> None:
             w.write(data[..., 0])
             w.write(data[..., 1])
     assert not list(tmp_path.iterdir())
+
+
+def test_writer_refuses_values_its_dtype_cannot_hold(tmp_path: Path) -> None:
+    target = tmp_path / "v.nii.gz"
+    data = _data(2)
+    exact = data[..., 0].astype(np.float64)  # integral floats are stored as they are
+    for bad, what in ((exact + 0.5, "float64"), (exact + 70000, "float64")):
+        with pytest.raises(UsageError, match=f"values of {what} not exact in int16"):
+            with NiftiStreamWriter(target, SHAPE, AFFINE, np.int16, 2) as w:
+                w.write(exact)
+                w.write(bad)
+        assert not list(tmp_path.iterdir())
+    with NiftiStreamWriter(target, SHAPE, AFFINE, np.int16, 2) as w:
+        w.write(exact)
+        w.write(data[..., 1])
+    np.testing.assert_array_equal(np.asarray(nib.load(target).dataobj), data)
 
 
 def test_writer_error_in_body_removes_temporary(tmp_path: Path) -> None:

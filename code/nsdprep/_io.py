@@ -18,7 +18,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from nsdprep.errors import MissingInputError, NsdPrepError
+import numpy as np
+
+from nsdprep.errors import MissingInputError, NsdPrepError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -196,3 +198,17 @@ def remove_stale_parts(out: Path) -> list[Path]:
     if removed:
         log.info("removed %d stale temporaries in %s", len(removed), out)
     return removed
+
+
+def exact_cast(values: np.ndarray, dtype: np.dtype | type, where: object) -> np.ndarray:
+    """``values`` as ``dtype``, or a :class:`UsageError` naming ``where`` if any value would change.
+
+    The writers store what the stages computed, and never round or wrap it silently.
+    """
+    if values.dtype == dtype:
+        return values
+    with np.errstate(invalid="ignore", over="ignore"):
+        cast = values.astype(dtype)
+    if not np.array_equal(cast, values):
+        raise UsageError(f"{where}: values of {values.dtype} not exact in {np.dtype(dtype)}")
+    return cast

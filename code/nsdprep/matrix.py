@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from nsdprep._io import atomic_path
+from nsdprep._io import atomic_path, exact_cast
 from nsdprep.errors import FormatError, UsageError
 
 #: On-disk dtype of the matrix (the curated betas' dtype; NSD units, beta x 300).
@@ -87,13 +87,7 @@ class MatrixWriter:
         vol = np.asarray(vol)
         if vol.shape != self.mask.shape:
             raise UsageError(f"{self.path}: volume shape {vol.shape}, mask {self.mask.shape}")
-        row = vol[self.mask]
-        if row.dtype != MATRIX_DTYPE:
-            cast = row.astype(MATRIX_DTYPE)
-            if not np.array_equal(cast, row):
-                raise UsageError(f"{self.path}: values of {row.dtype} not exact in int16")
-            row = cast
-        self._out[self.written] = row
+        self._out[self.written] = exact_cast(vol[self.mask], MATRIX_DTYPE, self.path)
         self.written += 1
 
     def __exit__(

@@ -28,7 +28,7 @@ import numpy as np
 from isal import igzip, isal_zlib
 from nibabel.volumeutils import apply_read_scaling
 
-from nsdprep._io import atomic_path, require_content
+from nsdprep._io import atomic_path, exact_cast, require_content
 from nsdprep.errors import FormatError, UsageError
 
 log = logging.getLogger(__name__)
@@ -393,12 +393,7 @@ class NiftiStreamWriter:
         vol = np.asarray(vol)
         if vol.shape != self.shape3d:
             raise UsageError(f"{self.path}: volume shape {vol.shape}, expected {self.shape3d}")
-        if vol.dtype != self.dtype:
-            with np.errstate(invalid="ignore", over="ignore"):
-                cast = vol.astype(self.dtype)
-            if not np.array_equal(cast, vol):
-                raise UsageError(f"{self.path}: values of {vol.dtype} not exact in {self.dtype}")
-            vol = cast
+        vol = exact_cast(vol, self.dtype, self.path)
         # Fortran order on disk; the transpose of a Fortran array is a C-contiguous view of it.
         self._gz.write(np.asfortranarray(vol).T.reshape(-1))
         self.written += 1
