@@ -273,7 +273,7 @@ def test_decode_reads_the_matrix_with_identical_results(built: Path, tmp_path: P
     env = {**os.environ, "PYTHONPATH": str(built / "code"), "OMP_NUM_THREADS": "1"}
     subprocess.run(
         [sys.executable, "-m", "nsdprep", "decode", "--curated", str(stream), "--out", str(out),
-         "--subjects", "2"],
+         "--subjects", "2", "--n-permutations", str(LAYOUT.permutations)],
         check=True, env=env, capture_output=True,
     )  # fmt: skip
     recorded = json.loads((built / "derivatives/decoding/results.json").read_text())
