@@ -334,3 +334,15 @@ def test_matrix_covers_every_target_and_state() -> None:
     """The table is complete: every target x state has an expectation (121 cases)."""
     assert len(CASES) == len(TARGETS) * len(STATES) == len(REFUSED) + len(ALLOWED)
     assert len(REFUSED) > len(ALLOWED)
+
+
+@pytest.mark.parametrize("option", ["SUBJETCS=01", "DROP=maybe"])
+def test_readme_quotes_the_makefile_lines_make_prints(option: str) -> None:
+    """The Troubleshooting table quotes make's own line, line number included; it must stay true."""
+    proc = subprocess.run(
+        ["make", "-n", "-C", str(REPO_ROOT), "3mm", option], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[0]
+    head = line.split(";", 1)[0]  # "Makefile:N: *** unknown option SUBJETCS" (the rest is elided)
+    assert head.startswith("Makefile:") and f"`` {head}" in (REPO_ROOT / "README.md").read_text()
