@@ -482,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                 note = ""
                 if args.rate is not None:
                     rate: float | None = args.rate
+                    note = f"fixed by --rate {args.rate:g}"
                 elif fetch_free["seconds"] >= 0.9 * c_s:
                     rate = None
                     note = (
