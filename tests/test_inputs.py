@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nsdprep import inputs, registry
+from nsdprep import dataset, inputs, registry
 from nsdprep import nsd as nsdp
 from nsdprep.errors import DatasetStateError, RemoteError
 from nsdprep.testing.serve import Mirror
@@ -402,3 +402,24 @@ def test_register_synthetic_mirror(git_env, mirror, synth_root: Path, tmp_path: 
     tracked = set(git(nsd, "ls-files").stdout.split())
     assert set(inputs.NSD_EXTRA_KEYS) <= tracked
     assert present(nsd) == [] and present(ds / nsdp.COCO_DATASET) == []
+
+
+def test_subdataset_killed_inside_git_init_is_created_again(
+    git_env, mirror, synth_root: Path, tmp_path: Path
+) -> None:
+    """A ``.git`` without ``HEAD`` (``git init`` killed) is no repository: git would use the
+    dataset above it. ``make inputs`` must create the subdataset again, not reset the dataset."""
+    ds = new_dataset(tmp_path / "ds")
+    nsd_url, coco_url = f"{mirror.url}/nsd", f"{mirror.url}/coco/{nsdp.COCO_ZIP_KEY}"
+    inputs.register_inputs(ds, nsd_url, coco_url)
+    coco = ds / nsdp.COCO_DATASET
+    inputs._rmtree(coco)
+    git(ds, "rm", "-q", "-r", "--cached", nsdp.COCO_DATASET)
+    git(ds, "config", "-f", ".gitmodules", "--remove-section", f"submodule.{nsdp.COCO_DATASET}")
+    git(ds, "commit", "-q", "-a", "-m", "as if inputs/coco had never been created")
+    (coco / ".git" / "objects").mkdir(parents=True)  # what a kill inside `git init` leaves
+    (ds / "notes.txt").write_text("the user's own file, not to be cleaned away\n")
+    inputs.register_inputs(ds, nsd_url, coco_url)
+    assert dataset.is_own_repository(coco)
+    assert (coco / nsdp.COCO_ZIP_KEY.rsplit("/", 1)[-1]).is_symlink()
+    assert (ds / "notes.txt").read_text() == "the user's own file, not to be cleaned away\n"

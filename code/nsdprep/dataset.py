@@ -85,6 +85,16 @@ def is_installed(repo: str | Path) -> bool:
     return (Path(repo) / ".git").exists()
 
 
+def is_own_repository(repo: str | Path) -> bool:
+    """True if git, run in ``repo``, works in ``repo`` itself and not in a repository above it.
+
+    A ``.git`` that a killed ``git init`` left without its ``HEAD`` is no repository to git: it
+    silently uses the enclosing one, where a reset or clean would act on the wrong dataset.
+    """
+    out = git(repo, "rev-parse", "--show-toplevel", check=False).strip()
+    return bool(out) and Path(out).resolve() == Path(repo).resolve()
+
+
 def ls_files(repo: str | Path, *paths: str, stage: bool = False) -> list[str]:
     """Tracked paths under ``paths`` in ``repo`` (``stage``: git's ``ls-files -s`` lines)."""
     if stage:

@@ -218,8 +218,11 @@ def ensure_subdataset(ds_root: str | Path, rel: str) -> Path:
     """Return the installed subdataset ``rel`` of ``ds_root``: installed (``get -n``) or created."""
     ds_root = Path(ds_root).resolve()
     sub = ds_root / rel
-    if dataset.is_installed(sub) and dataset.resolve_commit(sub, "HEAD") is None:
-        # `datalad create` was killed before the subdataset's first commit: start it again
+    if dataset.is_installed(sub) and (
+        not dataset.is_own_repository(sub) or dataset.resolve_commit(sub, "HEAD") is None
+    ):
+        # `datalad create` was killed before the subdataset's first commit (or inside its
+        # `git init`, leaving a `.git` that git does not take for a repository): start it again
         log.warning("%s was left half-created by an interrupted run; creating it again", rel)
         _rmtree(sub)
     if dataset.is_installed(sub):
