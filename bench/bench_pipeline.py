@@ -46,6 +46,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import _child
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
 
@@ -313,16 +315,8 @@ CHILDREN = {
 
 def run_child(env: dict[str, str], *args: str) -> dict:
     """Run this script as ``--child ...``; return its JSON plus its peak RSS (``wait4``)."""
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE, env=env
-    )
-    out = proc.stdout.read()  # type: ignore[union-attr]
-    _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"benchmark child {args[0]} failed ({code})")
-    result = json.loads(out)
-    result["process_peak_rss_mb"] = usage.ru_maxrss / 1024
+    result, peak_rss_mb = _child.run_child(__file__, args, env)
+    result["process_peak_rss_mb"] = peak_rss_mb
     result["loadavg_after"] = os.getloadavg()
     return result
 

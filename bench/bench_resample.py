@@ -31,13 +31,13 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
+import _child
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,18 +224,9 @@ CHILDREN = {
 
 def run_child(*args: str) -> dict:
     """Run this script as ``--child ...``; return its JSON plus its own peak RSS (wait4)."""
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", *args],
-        stdout=subprocess.PIPE,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
-    )
-    out = proc.stdout.read()  # type: ignore[union-attr]
-    _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"benchmark child {args} failed ({code})")
-    result = json.loads(out)
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    result, peak_rss_mb = _child.run_child(__file__, args, env)
+    result["peak_rss_mb"] = peak_rss_mb
     return result
 
 
