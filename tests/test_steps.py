@@ -95,6 +95,29 @@ def test_leftovers_of_an_interrupted_run_are_removed(ds: Path) -> None:
     assert (ds / "out/sum.txt").read_text() == "6"
 
 
+def _writer(out: str) -> steps.Step:
+    script = (
+        f"import pathlib;pathlib.Path('{out}').mkdir();pathlib.Path('{out}/a.txt').write_text('a')"
+    )
+    return steps.Step("test", f"write {out}", (sys.executable, "-c", script), ("in.txt",), (out,))
+
+
+def test_run_killed_in_a_later_step_is_resumed_from_the_first(ds: Path) -> None:
+    # `make 3mm` is one step per subject; a kill in the second leaves its outputs behind, and the
+    # next run, which starts with the (up-to-date) first step, must clean them, not refuse them.
+    plan = [_writer("one"), _writer("two")]
+    steps.execute(ds, plan[0])
+    (ds / "two").mkdir()
+    (ds / "two" / "a.txt").write_text("partial")  # never recorded
+    (ds / "two" / "b.nii.gz.part").write_text("partial")
+    head = git_out(ds, "rev-parse", "HEAD").strip()
+    steps.run_plan(ds, plan)
+    assert (ds / "two/a.txt").read_text() == "a"
+    assert not (ds / "two/b.nii.gz.part").exists()
+    assert git_out(ds, "rev-list", "--count", f"{head}..HEAD").strip() == "1"  # only step two ran
+    assert dataset.dirty_paths(ds) == []
+
+
 def test_concurrent_run_is_refused(ds: Path) -> None:
     # another process holds the dataset's lock (POSIX locks are per process, so not this one)
     holder = subprocess.Popen(

@@ -22,7 +22,7 @@ from nsdprep.steps import (
     TARGETS,
     Options,
     SlurmOptions,
-    execute,
+    run_plan,
     steps_for,
 )
 
@@ -65,8 +65,7 @@ def run_target(target: str, ds: Path, opts: Options) -> int:
             }[target]
             fn(ds, subjects)
             return 0
-        for step in steps_for(target, ds, opts):
-            execute(ds, step, force=opts.force)
+        run_plan(ds, steps_for(target, ds, opts), force=opts.force)
     return 0
 
 

@@ -222,8 +222,29 @@ def _matches(path: str, patterns: Sequence[str]) -> bool:
     return False
 
 
-def restore_outputs(ds: Path, step: Step) -> list[str]:
-    """Put the step's outputs back to their last committed state; return what was cleaned.
+def clean_leftovers(ds: Path, plan: Sequence[Step]) -> list[str]:
+    """Undo what an interrupted or failed run left in the outputs of *any* step of ``plan``.
+
+    A target is several steps (``make 3mm``: one per subject). A run killed in its second step
+    leaves that step's outputs behind; the next run starts with the first step, which must not
+    take them for the user's uncommitted work. So the whole plan is cleaned before any step runs.
+    """
+    if not plan:
+        return []
+    outputs = tuple(o for step in plan for o in step.outputs)
+    cleaned = restore_outputs(ds, outputs)
+    if cleaned:
+        log.warning(
+            "%s: removed %d leftover(s) of an interrupted or failed run (never recorded): %s",
+            plan[0].name if len(plan) == 1 else f"make {plan[0].target}",
+            len(cleaned),
+            ", ".join(cleaned[:5]) + (" ..." if len(cleaned) > 5 else ""),
+        )
+    return cleaned
+
+
+def restore_outputs(ds: Path, outputs: Sequence[str]) -> list[str]:
+    """Put the paths matching ``outputs`` back to their last committed state; return what was cleaned.
 
     Raises if anything *else* in the dataset is uncommitted: that is the user's work, never touched.
     A run killed during DataLad's save can leave outputs staged (even new ones, unknown to ``HEAD``):
@@ -231,7 +252,7 @@ def restore_outputs(ds: Path, step: Step) -> list[str]:
     """
     dataset.clear_stale_index_lock(ds)
     dirty = dataset.dirty_paths(ds)
-    foreign = [(s, p) for s, p in dirty if not _matches(p, step.outputs)]
+    foreign = [(s, p) for s, p in dirty if not _matches(p, outputs)]
     if foreign:
         listing = "\n  ".join(f"{s} {p}" for s, p in foreign[:10])
         more = f"\n  ... and {len(foreign) - 10} more" if len(foreign) > 10 else ""
@@ -256,7 +277,7 @@ def restore_outputs(ds: Path, step: Step) -> list[str]:
         cleaned.append(rel)
     # A never-recorded output directory holding only ignored temporaries (``*.part`` of a killed
     # run) or nothing: `datalad run -o` fails on it ("File unknown to git"), so remove it too.
-    for pattern in step.outputs:
+    for pattern in outputs:
         for target in sorted(ds.glob(pattern)):
             rel = target.relative_to(ds).as_posix()
             if target.is_dir() and not target.is_symlink() and not dataset.ls_files(ds, rel):
@@ -408,16 +429,16 @@ def to_run(ds: Path, step: Step, *, force: bool = False) -> str | None:
     return fp
 
 
+def run_plan(ds: Path, plan: Sequence[Step], *, force: bool = False) -> None:
+    """Run a target's steps in order, after cleaning what an interrupted run of any of them left."""
+    clean_leftovers(ds, plan)
+    for step in plan:
+        execute(ds, step, force=force)
+
+
 def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-to-date"]:
     """Run one step with ``datalad run`` (see module docstring for the guarantees)."""
-    cleaned = restore_outputs(ds, step)
-    if cleaned:
-        log.warning(
-            "%s: removed %d leftover(s) of an interrupted or failed run (never recorded): %s",
-            step.name,
-            len(cleaned),
-            ", ".join(cleaned[:5]) + (" ..." if len(cleaned) > 5 else ""),
-        )
+    clean_leftovers(ds, [step])
     fp = to_run(ds, step, force=force)
     if fp is None:
         return "up-to-date"
@@ -436,7 +457,7 @@ def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-
         assume_inputs_ready=step.inputs_ready,
     )
     if not ok:
-        cleaned = restore_outputs(ds, step)
+        cleaned = restore_outputs(ds, step.outputs)
         repair = ""
         if step.target == "3mm":
             m = re.search(r"subj(\d{2})", step.name)

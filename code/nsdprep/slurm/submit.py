@@ -47,12 +47,9 @@ def submit(target: str, ds: Path, opts: steps.Options) -> int:
     with dataset.lock(ds, f"make {target} BACKEND=slurm (submitting)"):
         queued = _settle_earlier(ds, root)
         todo: list[tuple[steps.Step, str]] = []
-        for step in steps.steps_for(target, ds, opts):
-            cleaned = steps.restore_outputs(ds, step)
-            if cleaned:
-                log.warning(
-                    "%s: removed %d leftover(s) of an interrupted run", step.name, len(cleaned)
-                )
+        plan = steps.steps_for(target, ds, opts)
+        steps.clean_leftovers(ds, plan)
+        for step in plan:
             fp = steps.to_run(ds, step, force=opts.force)
             if fp is None:
                 continue
