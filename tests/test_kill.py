@@ -34,7 +34,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.datalad]
 
 VENV = Path(sys.executable).parent.parent
 SPEC = DemoSpec(sessions=(2, 1), layout=Layout(2, (4, 3)))
-SEED = 20261127
+#: The kill offsets' seed; another one (``NSDPREP_KILL_SEED=...``) tries other moments.
+SEED = os.environ.get("NSDPREP_KILL_SEED", "20261127")
 N_RANDOM = 10
 #: target -> (starting dataset, paths whose keys must match the reference)
 TARGETS = {
