@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import scipy.io
 
-from nsdprep import curate
+from nsdprep import curate, curate_select
 from nsdprep.cli import main
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError
 from nsdprep.nsd import Layout
@@ -259,7 +259,7 @@ def test_equalize_drops_earliest_person():
         1: np.array(["person", "animal", "person", "unknown", "person", "food"]),
         2: np.array(["unknown", "person", "unknown", "animal", "food", "person"]),
     }
-    kept, dropped = curate.equalize(sc)
+    kept, dropped = curate_select.equalize(sc)
     assert kept[2].tolist() == [1, 3, 4, 5]
     assert kept[1].tolist() == [1, 2, 4, 5]  # the earliest "person" (0) dropped, not 2 or 4
     assert dropped == {1: 1, 2: 0}
@@ -270,12 +270,12 @@ def test_equalize_counts_and_error():
         1: np.array(["person", "animal", "person", "unknown", "person", "food"]),  # 5 known
         2: np.array(["unknown", "person", "unknown", "animal", "food", "unknown"]),  # 3 known
     }
-    kept, dropped = curate.equalize(sc)
+    kept, dropped = curate_select.equalize(sc)
     assert kept[1].tolist() == [1, 4, 5] and kept[2].tolist() == [1, 3, 4]
     assert dropped == {1: 2, 2: 0}
     bad = {1: np.array(["animal", "food", "animal"]), 2: np.array(["unknown", "food", "animal"])}
     with pytest.raises(NsdPrepError, match=r"subj01 has 3 labelled trials.*only 0 'person'"):
-        curate.equalize(bad)
+        curate_select.equalize(bad)
 
 
 def test_outputs_match_independent_reads(big: Inputs, big_out: Path):
@@ -402,9 +402,9 @@ def test_legacy_labels(big: Inputs, tmp_path: Path):
     assert set(tsv["cocoId"]) == {"n/a"}
     # the default table is refused as legacy and vice versa, with a hint
     with pytest.raises(FormatError, match="lacks column"):
-        curate.load_labels(big.labels, legacy=True)
+        curate_select.load_labels(big.labels, legacy=True)
     with pytest.raises(FormatError, match="--legacy-labels"):
-        curate.load_labels(big.legacy_labels, legacy=False)
+        curate_select.load_labels(big.legacy_labels, legacy=False)
 
 
 @pytest.fixture

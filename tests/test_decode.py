@@ -15,7 +15,7 @@ import sklearn.model_selection as ms
 from sklearn.base import clone
 
 from nsdprep import decode as dec
-from nsdprep import steps
+from nsdprep import decode_data, steps
 from nsdprep.cli import build_parser, main
 from nsdprep.decode_report import write_outputs
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError, UsageError
@@ -213,7 +213,7 @@ def test_results_report_and_pngs(decoded, tmp_path: Path) -> None:
 def test_load_masked_matches_full_read(decoded) -> None:
     root, _, _, truth = decoded
     trials = np.array([0, 5, 6, 60, 100, truth[1]["runs"].size - 1])
-    X, mask, affine = dec.load_masked(root / "sub-01.nii.gz", trials)
+    X, mask, affine = decode_data.load_masked(root / "sub-01.nii.gz", trials)
     full = np.asarray(nib.load(root / "sub-01.nii.gz").dataobj)[..., trials]
     expect_mask = (full != 0).any(axis=-1)
     assert np.array_equal(mask, expect_mask)
@@ -226,11 +226,14 @@ def test_select_trials_stratified_and_deterministic() -> None:
     labels = np.array(["a"] * 50 + ["b"] * 30 + ["c"] * 20)
     rng = np.random.default_rng(0)
     labels = labels[rng.permutation(100)]
-    idx = dec.select_trials(labels, 10)
+    idx = decode_data.select_trials(labels, 10)
     assert idx.size == 10 and np.all(np.diff(idx) > 0)
     assert [int((labels[idx] == c).sum()) for c in "abc"] == [5, 3, 2]
-    assert np.array_equal(idx, dec.select_trials(labels, 10))
-    assert dec.select_trials(labels, 0).size == 100 and dec.select_trials(labels, 500).size == 100
+    assert np.array_equal(idx, decode_data.select_trials(labels, 10))
+    assert (
+        decode_data.select_trials(labels, 0).size == 100
+        and decode_data.select_trials(labels, 500).size == 100
+    )
 
 
 def test_subsample_and_cli(decoded, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -275,7 +278,7 @@ def test_missing_inputs_raise(tmp_path: Path, decoded) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(MissingInputError, match="no sub-XX.nii.gz"):
-        dec.find_subjects(empty)
+        decode_data.find_subjects(empty)
     with pytest.raises(MissingInputError, match="sub-05.nii.gz: missing curated file of sub-05"):
         dec.decode(root, tmp_path / "out", [1, 5])
     assert not (tmp_path / "out").exists()  # checked before any work
@@ -283,10 +286,10 @@ def test_missing_inputs_raise(tmp_path: Path, decoded) -> None:
     make_curated(part, 1, n_runs=2)
     (part / "sub-01_runs.npy").unlink()
     with pytest.raises(MissingInputError, match="sub-01_runs.npy: missing"):
-        dec.subject_files(part, 1)
+        decode_data.subject_files(part, 1)
     (part / "sub-01_runs.npy").symlink_to(part / ".git/annex/objects/absent")  # annexed, not got
     with pytest.raises(MissingInputError, match="content is absent: `datalad get` it"):
-        dec.subject_files(part, 1)
+        decode_data.subject_files(part, 1)
     rc = main(["decode", "--curated", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert rc == 2
 
@@ -374,7 +377,7 @@ def test_cross_validate_leaves_data_untouched_and_uses_run_splits(
     decoded, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, _, _, truth = decoded
-    X, _, _ = dec.load_masked(root / "sub-01.nii.gz", np.arange(truth[1]["runs"].size))
+    X, _, _ = decode_data.load_masked(root / "sub-01.nii.gz", np.arange(truth[1]["runs"].size))
     before = X.copy()
     y, runs = truth[1]["labels"], truth[1]["runs"]
     seen = {}

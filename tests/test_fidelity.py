@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nsdprep import coco, nsd
+from nsdprep import coco, nsd, stim_info
 from nsdprep.errors import FormatError
 from nsdprep.nifti import (
     NiftiStreamWriter,
@@ -60,7 +60,7 @@ def test_old_pickles_read_or_fall_back_to_csv(folder: str, reader: str, caplog) 
     pkl = DATA / folder / "nsd_stim_info_merged.pkl"
     csv = DATA / folder / "nsd_stim_info_merged.csv"
     with caplog.at_level(logging.INFO, logger="nsdprep.coco"):
-        got = coco.load_stim_info(pkl, csv)
+        got = stim_info.load_stim_info(pkl, csv)
     assert got.reader == reader
     assert got.path == (csv if reader == "csv" else pkl)
     if reader == "csv":
@@ -70,7 +70,7 @@ def test_old_pickles_read_or_fall_back_to_csv(folder: str, reader: str, caplog) 
     else:
         assert got.fallback_reason == ""
     # The CSV read the way nsd_access reads it gives the same table, cell by cell.
-    reference = coco.normalize_stim_info(pd.read_csv(csv, index_col=0), csv)
+    reference = stim_info.normalize_stim_info(pd.read_csv(csv, index_col=0), csv)
     pd.testing.assert_frame_equal(got.table, reference, check_exact=True)
     assert got.table["cropBox"].iloc[0] == (0, 0, 0.1671875, 0.1671875)
     assert list(got.table.columns[:8]) == [
@@ -99,9 +99,9 @@ def test_every_fixture_pickle_equals_its_csv() -> None:
 def test_unreadable_pickle_without_csv_names_both_errors(tmp_path: Path) -> None:
     pkl = DATA / "stim_info_pandas019/nsd_stim_info_merged.pkl"
     with pytest.raises(FormatError, match=r"pd.read_pickle: .*latin1.*--stim-info-csv"):
-        coco.load_stim_info(pkl)
+        stim_info.load_stim_info(pkl)
     absent = tmp_path / "nsd_stim_info_merged.pkl"
-    got = coco.load_stim_info(absent, DATA / "stim_info_pandas1/nsd_stim_info_merged.csv")
+    got = stim_info.load_stim_info(absent, DATA / "stim_info_pandas1/nsd_stim_info_merged.csv")
     assert got.reader == "csv" and "no such file" in got.fallback_reason
 
 
@@ -112,15 +112,15 @@ def test_pickle_and_csv_must_agree(tmp_path: Path) -> None:
     lines[3] = lines[3].replace(",train2017,", ",val2017,", 1)
     csv.write_text("".join(lines))
     with pytest.raises(FormatError, match="disagree on cocoSplit in 1 rows, e.g. nsdId \\[2\\]"):
-        coco.load_stim_info(src / "nsd_stim_info_merged.pkl", csv)
+        stim_info.load_stim_info(src / "nsd_stim_info_merged.pkl", csv)
 
 
 def test_synthetic_pickle_and_csv_are_one_table(synth_root: Path) -> None:
     bucket = synth_root / "nsd"
-    pkl = coco.normalize_stim_info(pd.read_pickle(bucket / nsd.STIM_INFO_KEY), "pkl")
+    pkl = stim_info.normalize_stim_info(pd.read_pickle(bucket / nsd.STIM_INFO_KEY), "pkl")
     csv_path = bucket / nsd.STIM_INFO_CSV_KEY
     assert csv_path.read_text().startswith(",cocoId,cocoSplit,cropBox,")
-    csv = coco.normalize_stim_info(pd.read_csv(csv_path, index_col=0), csv_path)
+    csv = stim_info.normalize_stim_info(pd.read_csv(csv_path, index_col=0), csv_path)
     pd.testing.assert_frame_equal(pkl, csv, check_exact=True)
 
 

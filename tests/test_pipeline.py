@@ -257,7 +257,7 @@ def test_load_curated_names_datalad_get_when_content_is_absent(built: Path) -> N
 
 def test_decode_reads_the_matrix_with_identical_results(built: Path, tmp_path: Path) -> None:
     """The recorded decode read the matrix; streaming the 4D file gives the same data and results."""
-    from nsdprep.decode import load_masked
+    from nsdprep.decode_data import load_masked
 
     cur = built / "derivatives/curated_3mm"
     stream = tmp_path / "curated"  # the same subject without its matrix: decode streams the 4D file

@@ -55,13 +55,13 @@ def run_target(target: str, ds: Path, opts: Options) -> int:
                 raise NsdPrepError(f"`datalad rerun {opts.rev}` failed (see the messages above)")
             return 0
         if target in ("get", "drop", "repair"):
-            from nsdprep import inputs
+            from nsdprep import inputs, repair
 
             subjects = registry.select_subjects(ds / nsd.NSD_DATASET, opts.subjects)
             fn = {
                 "get": inputs.get_subjects,
                 "drop": inputs.drop_subjects,
-                "repair": inputs.repair_subjects,
+                "repair": repair.repair_subjects,
             }[target]
             fn(ds, subjects)
             return 0

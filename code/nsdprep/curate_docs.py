@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 
 from nsdprep import __version__, nsd, provenance
+from nsdprep.curate_select import Selection
 from nsdprep.nsd import TRIAL_COLUMNS
 
-#: ``sel`` below is a :class:`nsdprep.curate.Selection`, ``grid`` a :class:`nsdprep.curate.Grid`
-#: (not imported: this module sits below the stage that calls it).
-Selection = Any
+#: ``grid`` below is a :class:`nsdprep.curate.Grid` (not imported: this module sits below the stage
+#: that calls it).
 Grid = Any
 
 
