@@ -42,13 +42,13 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import _shared
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
 
 DATA = REPO / "bench" / "data"
-RESULTS = REPO / "bench" / "results"
 #: name -> (n_trials, n_voxels, n_classes, run lengths, permutation counts, repeats)
 CASES: dict[str, tuple[int, int, int, tuple[int, int], tuple[int, ...], int]] = {
     "demo": (87, 1500, 12, (8, 7), (5, 100), 3),
@@ -323,11 +323,7 @@ def main() -> int:
         "runs": runs,
         "summary": summary["table"],
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    text = json.dumps(record, indent=2) + "\n"
-    (RESULTS / f"decode_{stamp}.json").write_text(text)
-    (RESULTS / "decode_latest.json").write_text(text)
+    _shared.save_results("decode", record)
     return 0
 
 

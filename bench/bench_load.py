@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import _shared
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,11 +208,7 @@ def main() -> int:
         },  # fmt: skip
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    results_dir = ROOT / "bench/results"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(out, indent=1, sort_keys=True) + "\n"
-    (results_dir / "load_latest.json").write_text(text)
-    (results_dir / f"load_{time.strftime('%Y%m%dT%H%M%S')}.json").write_text(text)
+    _shared.save_results("load", out)
     print(
         f"{'':8} {'matrix s':>10} {'NIfTI s':>10} {'speedup':>8} {'RSS matrix':>11} {'RSS NIfTI':>10}"
     )
@@ -224,7 +221,6 @@ def main() -> int:
             f"cold cache, 1000 random: matrix {cold['matrix']['s']:.3f} s, "
             f"NIfTI {cold['nifti']['s']:.1f} s"
         )
-    print(f"results: {results_dir / 'load_latest.json'}")
     if not args.keep:
         for f in ("sub-01.nii.gz", "sub-01_X.npy", "sub-01_mask.nii.gz", "rows.npy", "info.json"):
             (args.data / f).unlink(missing_ok=True)

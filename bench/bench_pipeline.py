@@ -46,13 +46,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import _child
+import _shared
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
 
 DATA = REPO / "bench" / "data" / "pipeline"
-RESULTS = REPO / "bench" / "results"
 VENV_BIN = Path(sys.executable).parent
 SUBJECT = 1
 #: NSD facts for the projection when no registered dataset tells (see docs: nsd-notes).
@@ -315,7 +314,7 @@ CHILDREN = {
 
 def run_child(env: dict[str, str], *args: str) -> dict:
     """Run this script as ``--child ...``; return its JSON plus its peak RSS (``wait4``)."""
-    result, peak_rss_mb = _child.run_child(__file__, args, env)
+    result, peak_rss_mb = _shared.run_child(__file__, args, env)
     result["process_peak_rss_mb"] = peak_rss_mb
     result["loadavg_after"] = os.getloadavg()
     return result
@@ -653,12 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     report["targets_met"] = targets
     print_table(report)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=2, default=float) + "\n"
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    (RESULTS / f"pipeline_{stamp}.json").write_text(text)
-    (RESULTS / "pipeline_latest.json").write_text(text)
-    print(f"written bench/results/pipeline_{stamp}.json and pipeline_latest.json")
+    _shared.save_results("pipeline", report)
     return 0
 
 

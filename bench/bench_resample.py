@@ -37,14 +37,13 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-import _child
+import _shared
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
 
 DATA = REPO / "bench" / "data"
-RESULTS = REPO / "bench" / "results"
 SHAPE = (182, 218, 182)
 NSD_AFFINE = np.array(
     [[-1.0, 0, 0, 90], [0, 1.0, 0, -126], [0, 0, 1.0, -72], [0, 0, 0, 1]], dtype=np.float64
@@ -225,7 +224,7 @@ CHILDREN = {
 def run_child(*args: str) -> dict:
     """Run this script as ``--child ...``; return its JSON plus its own peak RSS (wait4)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    result, peak_rss_mb = _child.run_child(__file__, args, env)
+    result, peak_rss_mb = _shared.run_child(__file__, args, env)
     result["peak_rss_mb"] = peak_rss_mb
     return result
 
@@ -431,12 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets_met": targets,
     }
     print_table(report, args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=2, default=float) + "\n"
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    (RESULTS / f"resample_{stamp}.json").write_text(text)
-    (RESULTS / "resample_latest.json").write_text(text)
-    print(f"written bench/results/resample_{stamp}.json and resample_latest.json")
+    _shared.save_results("resample", report)
     return 0
 
 

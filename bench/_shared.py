@@ -1,0 +1,44 @@
+"""What the benchmark scripts share: a fresh process per measurement, and where results go.
+
+Each measurement runs in its own interpreter (:func:`run_child`) so that its peak RSS (``wait4``'s
+``ru_maxrss``) is its own; the child prints its result as JSON on standard output. Results are
+written as ``bench/results/<kind>_<stamp>.json`` plus ``<kind>_latest.json`` (:func:`save_results`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_child(
+    script: str, args: Sequence[str], env: Mapping[str, str] | None = None
+) -> tuple[dict, float]:
+    """Run ``python script --child args...``; return its JSON result and its peak RSS in MB."""
+    proc = subprocess.Popen(
+        [sys.executable, script, "--child", *args], stdout=subprocess.PIPE, env=env
+    )
+    out = proc.stdout.read()  # type: ignore[union-attr]
+    _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"benchmark child {' '.join(args)} failed ({code})")
+    return json.loads(out), usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def save_results(kind: str, report: dict) -> Path:
+    """Write ``report`` as ``<kind>_<stamp>.json`` and ``<kind>_latest.json``; return the dated one."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2, default=float) + "\n"
+    dated = RESULTS / f"{kind}_{time.strftime('%Y%m%dT%H%M%S')}.json"
+    dated.write_text(text)
+    (RESULTS / f"{kind}_latest.json").write_text(text)
+    print(f"written bench/results/{dated.name} and {kind}_latest.json")
+    return dated
