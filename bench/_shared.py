@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,3 +44,14 @@ def save_results(kind: str, report: dict) -> Path:
     (RESULTS / f"{kind}_latest.json").write_text(text)
     print(f"written bench/results/{dated.name} and {kind}_latest.json")
     return dated
+
+
+def versions(packages: Sequence[str]) -> dict[str, str | None]:
+    """Python's version and that of each installed package in ``packages`` (None if absent)."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in packages:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out

@@ -42,7 +42,6 @@ import subprocess
 import sys
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -706,12 +705,7 @@ def max_session_mb(synth: Path) -> float:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("numpy", "nibabel", "nilearn", "isal", "datalad"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
+    out = _shared.versions(("numpy", "nibabel", "nilearn", "isal", "datalad"))
     annex = subprocess.run(["git", "annex", "version", "--raw"], capture_output=True, text=True)
     out["git-annex"] = annex.stdout.strip() or None
     return out

@@ -34,7 +34,6 @@ import statistics
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import _shared
@@ -273,13 +272,7 @@ def summarise(runs: dict[int, list[dict]]) -> dict:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("numpy", "scipy", "nibabel", "nilearn", "isal"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return _shared.versions(("numpy", "scipy", "nibabel", "nilearn", "isal"))
 
 
 def main(argv: list[str] | None = None) -> int:
