@@ -13,7 +13,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -33,6 +33,13 @@ def run_child(
     if code != 0:
         raise SystemExit(f"benchmark child {' '.join(args)} failed ({code})")
     return json.loads(out), usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def answer_child(children: Mapping[str, Callable[..., dict]], argv: Sequence[str]) -> int:
+    """The ``--child kind args...`` side of :func:`run_child`: run ``children[kind]``, print its JSON."""
+    kind, *rest = argv
+    print(json.dumps(children[kind](*rest)))
+    return 0
 
 
 def save_results(kind: str, report: dict) -> Path:

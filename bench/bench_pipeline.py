@@ -32,7 +32,6 @@ the end unless ``--keep-data``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -427,9 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        kind, *rest = args.child
-        print(json.dumps(CHILDREN[kind](*rest)))
-        return 0
+        return _shared.answer_child(CHILDREN, args.child)
     if args.sessions < 4:
         p.error("--sessions must be >= 4")
 

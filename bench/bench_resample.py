@@ -26,7 +26,6 @@ reference| is taken over all volumes of the reference's larger session.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -287,9 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        kind, *rest = args.child
-        print(json.dumps(CHILDREN[kind](*rest)))
-        return 0
+        return _shared.answer_child(CHILDREN, args.child)
     if len(set(args.counts)) != 2 or len(set(args.ref_counts)) != 2:
         p.error("--counts and --ref-counts need two different lengths each")
 
