@@ -4,7 +4,8 @@ For each saving target (``inputs`` during addurls, ``coco-labels``, ``3mm``, ``c
 an uninterrupted run in a copy of its starting dataset gives the reference keys and the duration D.
 Then, in fresh copies, the target is killed (its whole session: make, datalad, git, git-annex, the
 stage's workers) at 10 offsets drawn from a seeded RNG in (0, D), and once more as soon as a save
-(``git annex add``/``git commit``) is seen running. After each kill the same ``make`` target runs
+(``git annex add``/``git commit``) is seen running; a run that ends before its kill (faster than
+the reference one) is repeated with half the offset. After each kill the same ``make`` target runs
 again and must succeed, end with the same keys as the reference, a clean ``git status``, and clean
 ``git fsck`` and ``git annex fsck --fast`` in the dataset and its input subdatasets.
 
@@ -202,6 +203,14 @@ def test_kill_at_any_moment_recovers(
     for i, offset in enumerate(offsets):
         ds = copy(starts[start], tmp_path / f"k{i}")
         when = kill_run(ds, target, env, served, offset)
+        retries = 0
+        while when == "finished first" and retries < 3:
+            # this run was faster than the reference one (a busy machine slows either), or its
+            # save was missed: again in a fresh copy, killed earlier, so no kill point is lost
+            shutil.rmtree(ds)
+            ds = copy(starts[start], tmp_path / f"k{i}")
+            offset, retries = (None if offset is None else offset / 2), retries + 1
+            when = kill_run(ds, target, env, served, offset)
         rc, text, _ = run_make(ds, target, env, served)
         label = (
             f"{target} kill {i} ({'during save' if offset is None else f'{offset:.2f} s'}, {when})"
@@ -214,6 +223,6 @@ def test_kill_at_any_moment_recovers(
         shutil.rmtree(ds, ignore_errors=True)
     killed = [r for r in report[:-1] if "killed at" in r]
     print(f"\n{target}: uninterrupted {duration:.1f} s; " + "; ".join(report))
-    # a run can be faster than the reference one; most random kills must land inside it
-    assert len(killed) >= N_RANDOM - 2, report
+    # a run faster than the reference one is killed earlier instead: every kill lands inside a run
+    assert len(killed) == N_RANDOM, report
     assert "killed at" in report[-1], report  # the save was caught and killed
