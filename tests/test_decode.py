@@ -15,7 +15,7 @@ import sklearn.model_selection as ms
 from sklearn.base import clone
 
 from nsdprep import decode as dec
-from nsdprep import decode_data, steps
+from nsdprep import decode_data, nsd, steps
 from nsdprep.cli import build_parser, main
 from nsdprep.decode_report import write_outputs
 from nsdprep.errors import FormatError, MissingInputError, NsdPrepError, UsageError
@@ -213,7 +213,7 @@ def test_results_report_and_pngs(decoded, tmp_path: Path) -> None:
 def test_load_masked_matches_full_read(decoded) -> None:
     root, _, _, truth = decoded
     trials = np.array([0, 5, 6, 60, 100, truth[1]["runs"].size - 1])
-    X, mask, affine = decode_data.load_masked(root / "sub-01.nii.gz", trials)
+    X, mask, affine = decode_data.load_masked(nsd.curated_files(1, root), trials)
     full = np.asarray(nib.load(root / "sub-01.nii.gz").dataobj)[..., trials]
     expect_mask = (full != 0).any(axis=-1)
     assert np.array_equal(mask, expect_mask)
@@ -377,7 +377,7 @@ def test_cross_validate_leaves_data_untouched_and_uses_run_splits(
     decoded, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, _, _, truth = decoded
-    X, _, _ = decode_data.load_masked(root / "sub-01.nii.gz", np.arange(truth[1]["runs"].size))
+    X, _, _ = decode_data.load_masked(nsd.curated_files(1, root), np.arange(truth[1]["runs"].size))
     before = X.copy()
     y, runs = truth[1]["labels"], truth[1]["runs"]
     seen = {}

@@ -258,6 +258,7 @@ def test_load_curated_names_datalad_get_when_content_is_absent(built: Path) -> N
 def test_decode_reads_the_matrix_with_identical_results(built: Path, tmp_path: Path) -> None:
     """The recorded decode read the matrix; streaming the 4D file gives the same data and results."""
     from nsdprep.decode_data import load_masked
+    from nsdprep.nsd import curated_files
 
     cur = built / "derivatives/curated_3mm"
     stream = tmp_path / "curated"  # the same subject without its matrix: decode streams the 4D file
@@ -265,8 +266,8 @@ def test_decode_reads_the_matrix_with_identical_results(built: Path, tmp_path: P
     for suffix in (".nii.gz", "_mask.nii.gz", "_labels.npy", "_runs.npy"):
         shutil.copy(cur / f"sub-02{suffix}", stream / f"sub-02{suffix}")
     trials = np.arange(0, 80, 3)
-    X_matrix, mask_matrix, _ = load_masked(cur / "sub-02.nii.gz", trials)
-    X_stream, mask_stream, _ = load_masked(stream / "sub-02.nii.gz", trials)
+    X_matrix, mask_matrix, _ = load_masked(curated_files(2, cur), trials)
+    X_stream, mask_stream, _ = load_masked(curated_files(2, stream), trials)
     np.testing.assert_array_equal(mask_matrix, mask_stream)
     np.testing.assert_array_equal(X_matrix, X_stream)
     out = tmp_path / "decoding"

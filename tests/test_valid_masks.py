@@ -18,7 +18,7 @@ import pytest
 
 from conftest import RUNS_PER_SESSION, TRIALS_PER_RUN
 from nsdprep import coco, curate, nsd, registry
-from nsdprep.decode import load_masked
+from nsdprep.decode_data import load_masked
 from nsdprep.errors import MissingInputError
 from nsdprep.nsd import Layout
 from nsdprep.resample import resample_subject
@@ -116,10 +116,10 @@ def test_decode_uses_the_mask_when_present(built: dict) -> None:
     s = 1
     trials = np.arange(5)
     for valid in (False, True):
-        betas = nsd.curated_files(s, built["out"][valid]).betas
-        X, mask, _ = load_masked(betas, trials)
-        data = np.asarray(nib.load(betas).dataobj)
-        written = np.asarray(nib.load(nsd.curated_mask_path(s, built["out"][valid])).dataobj) != 0
+        files = nsd.curated_files(s, built["out"][valid])
+        X, mask, _ = load_masked(files, trials)
+        data = np.asarray(nib.load(files.betas).dataobj)
+        written = np.asarray(nib.load(files.mask).dataobj) != 0
         want = written & np.any(data[..., trials] != 0, axis=3)
         np.testing.assert_array_equal(mask, want)
         np.testing.assert_array_equal(X, data[..., trials][want].T.astype(np.float32))

@@ -231,7 +231,7 @@ def write_subject(
     trials: pd.DataFrame,
     grid: Grid,
     keep: np.ndarray | None = None,
-) -> dict[str, Path]:
+) -> nsd.CuratedFiles:
     """Write one subject's curated files; the 4D image and the matrix in one streaming pass.
 
     ``sub-XX.nii.gz``, ``sub-XX_X.npy`` (trials x voxels of the mask), ``sub-XX_mask.nii.gz``
@@ -244,16 +244,8 @@ def write_subject(
     from nsdprep.matrix import MatrixWriter
     from nsdprep.nifti import NiftiStreamWriter, iter_volumes
 
-    out = Path(out)
     name = nsd.bids_subject_label(subject)
-    files = {
-        "bold": out / f"{name}.nii.gz",
-        "labels": out / f"{name}_labels.npy",
-        "runs": out / f"{name}_runs.npy",
-        "trials": out / f"{name}_trials.tsv",
-        "matrix": out / f"{name}_X.npy",
-        "mask": out / f"{name}_mask.nii.gz",
-    }
+    files = nsd.curated_files(subject, out)
     n = int(trials.shape[0])
     by_session = {
         int(ses): set((grp["trial_in_session"] - 1).tolist())
@@ -263,9 +255,9 @@ def write_subject(
     outside = 0  # kept volumes with nonzero voxels outside the mask (none after `make 3mm`)
     with (
         NiftiStreamWriter(
-            files["bold"], grid.shape, grid.affine, grid.dtype, n, header=grid.header
+            files.betas, grid.shape, grid.affine, grid.dtype, n, header=grid.header
         ) as writer,
-        MatrixWriter(files["matrix"], mask, n) as matrix,
+        MatrixWriter(files.matrix, mask, n) as matrix,
         tqdm(total=n, desc=name, unit="vol", disable=None) as bar,
     ):
         for ses in sorted(by_session):
@@ -284,17 +276,17 @@ def write_subject(
         log.warning(
             "%s: %d of %d volumes have nonzero voxels outside the mask; those voxels are in %s "
             "but not in the matrix %s (the 3 mm stage zeroes them)",
-            name, outside, n, files["bold"].name, files["matrix"].name,
+            name, outside, n, files.betas.name, files.matrix.name,
         )  # fmt: skip
-    with NiftiStreamWriter(files["mask"], grid.shape, grid.affine, np.uint8, None) as mask_out:
+    with NiftiStreamWriter(files.mask, grid.shape, grid.affine, np.uint8, None) as mask_out:
         mask_out.write(mask.astype(np.uint8))
-    with atomic_path(files["labels"]) as tmp:
+    with atomic_path(files.labels) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, np.asarray(trials["supercat"].to_numpy(dtype=str), dtype=str))
-    with atomic_path(files["runs"]) as tmp:
+    with atomic_path(files.runs) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, trials["run"].to_numpy(dtype=np.int64))
-    with atomic_path(files["trials"]) as tmp:
+    with atomic_path(files.trials) as tmp:
         trials.loc[:, list(TRIAL_COLUMNS)].to_csv(
             tmp, sep="\t", index=False, lineterminator="\n", na_rep="n/a"
         )

@@ -295,7 +295,7 @@ def decode_subject(files: CuratedFiles, config: DecodeConfig) -> dict[str, Any]:
     log.info(
         "%s: %d of %d trials, %d classes, %d runs", label, y.size, n_volumes, classes.size, n_runs
     )
-    X, mask, _ = load_masked(files.betas, trials, desc=label)
+    X, mask, _ = load_masked(files, trials, desc=label)
     cv = cross_validate(X, y, runs, config, files.subject)
     del X
     res = subject_results(label, y, runs, cv, n_available=n_volumes, n_voxels=int(mask.sum()))

@@ -101,11 +101,11 @@ def select_trials(labels: np.ndarray, n: int) -> np.ndarray:
 
 
 def load_masked(
-    betas: str | Path, trials: np.ndarray, *, desc: str = ""
+    files: CuratedFiles, trials: np.ndarray, *, desc: str = ""
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stream the selected volumes of a 4D file into a float32 ``(n_trials, n_voxels)`` matrix.
+    """Stream the selected volumes of a subject's 4D file into a float32 ``(n_trials, n_voxels)`` matrix.
 
-    Reads the rows of ``sub-XX_X.npy`` (the curated matrix) when it lies next to the betas, else
+    Reads the rows of ``sub-XX_X.npy`` (the curated matrix) when it is there, else
     streams the 4D file in two passes (the mask, then the rows). Either way the columns are the
     voxels of ``sub-XX_mask.nii.gz`` (when present) that are nonzero in at least one selected
     trial, so both give the same matrix. Memory: the matrix plus one volume (or row block). Returns
@@ -117,6 +117,7 @@ def load_masked(
 
     from nsdprep.nifti import header_affine, iter_volumes, read_header, volume_count
 
+    betas, mask_file, matrix_file = files.betas, files.mask, files.matrix
     hdr = read_header(betas)
     shape = hdr.get_data_shape()
     if len(shape) != 4:
@@ -129,8 +130,6 @@ def load_masked(
     wanted = np.zeros(stop, dtype=bool)
     wanted[trials] = True
 
-    stem = str(betas)[: -len(".nii.gz")]
-    mask_file, matrix_file = Path(stem + "_mask.nii.gz"), Path(stem + "_X.npy")
     written = None
     if mask_file.is_file():  # the curated mask: grey matter (VALID=1: valid in every session)
         (written,) = (v != 0 for v in iter_volumes(mask_file))
