@@ -84,6 +84,8 @@ class Step:
 
 Labels = Literal["default", "legacy", "crop"]
 Backend = Literal["local", "slurm"]
+#: What running one step did.
+Outcome = Literal["ran", "up-to-date"]
 #: Targets that ``BACKEND=slurm`` can run on a cluster (the ones made of ``datalad run`` steps).
 CLUSTER_TARGETS: tuple[str, ...] = ("3mm", "coco-labels", "curated", "decode")
 
@@ -429,16 +431,22 @@ def to_run(ds: Path, step: Step, *, force: bool = False) -> str | None:
     return fp
 
 
-def run_plan(ds: Path, plan: Sequence[Step], *, force: bool = False) -> None:
-    """Run a target's steps in order, after cleaning what an interrupted run of any of them left."""
+def run_plan(ds: Path, plan: Sequence[Step], *, force: bool = False) -> list[Outcome]:
+    """Run a target's steps in order, after cleaning what an interrupted run of any of them left.
+
+    Each step ends with a clean dataset (or raises), so the one clean-up before the first suffices.
+    """
     clean_leftovers(ds, plan)
-    for step in plan:
-        execute(ds, step, force=force)
+    return [_run_step(ds, step, force=force) for step in plan]
 
 
-def execute(ds: Path, step: Step, *, force: bool = False) -> Literal["ran", "up-to-date"]:
+def execute(ds: Path, step: Step, *, force: bool = False) -> Outcome:
     """Run one step with ``datalad run`` (see module docstring for the guarantees)."""
-    clean_leftovers(ds, [step])
+    return run_plan(ds, [step], force=force)[0]
+
+
+def _run_step(ds: Path, step: Step, *, force: bool) -> Outcome:
+    """One step on a dataset without leftovers: skip it if up to date, else ``datalad run`` it."""
     fp = to_run(ds, step, force=force)
     if fp is None:
         return "up-to-date"
