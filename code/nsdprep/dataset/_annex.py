@@ -11,7 +11,7 @@ from pathlib import Path
 from nsdprep.dataset._repo import annex, annex_json, git
 from nsdprep.errors import DatasetStateError
 
-log = logging.getLogger("nsdprep.dataset")
+log = logging.getLogger(__package__)  # one logger for the whole adapter: nsdprep.dataset
 
 #: git-annex transfer settings of the input subdatasets (see README, "A flaky network"):
 #: retry a failed download 3 times, waiting 1 s then doubling (1, 2, 4 s), each retry resuming what

@@ -13,7 +13,7 @@ from typing import Any
 
 from nsdprep.errors import DatasetStateError
 
-log = logging.getLogger("nsdprep.dataset")
+log = logging.getLogger(__package__)  # one logger for the whole adapter: nsdprep.dataset
 
 
 def git(ds: str | Path, *args: str, check: bool = True) -> str:

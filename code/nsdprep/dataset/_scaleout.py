@@ -14,7 +14,7 @@ from nsdprep.dataset._datalad import api_call
 from nsdprep.dataset._repo import annex_json, git, lock
 from nsdprep.errors import DatasetStateError
 
-log = logging.getLogger("nsdprep.dataset")
+log = logging.getLogger(__package__)  # one logger for the whole adapter: nsdprep.dataset
 
 
 def dataset_id(ds: str | Path) -> str:
