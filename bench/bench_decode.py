@@ -3,16 +3,16 @@
 Compares, on synthetic ``(n_trials, n_voxels)`` float32 data with a planted label pattern, run
 drifts and noise (runs of 63/62 trials as in NSD, or 8/7 as in the demo):
 
-* ``old`` -- the loop ``nsdprep.decode`` had before it used scikit-learn's permutation test
+* ``old`` -- the loop ``nsdprep.stages.decode`` had before it used scikit-learn's permutation test
   (``cross_validate_grouped`` over ``[classifier, dummy, classifier x n_permutations]`` with
   ``permute_within_runs``), imported from a saved copy of that module (``--old PATH``; git can
-  produce it: ``git show 0659749:code/nsdprep/decode.py > /tmp/decode_old.py``);
-* ``new`` -- :func:`nsdprep.decode.cross_validate` (``cross_val_predict`` + dummy +
+  produce it: ``git show 0659749:code/nsdprep/stages/decode/__init__.py > /tmp/decode_old.py``);
+* ``new`` -- :func:`nsdprep.stages.decode.cross_validate` (``cross_val_predict`` + dummy +
   ``permutation_test_score``, joblib threads, the blockwise in-place scaler);
 * ``new-stdscaler`` -- the same with scikit-learn's ``StandardScaler`` instead of the blockwise one,
   to see whether the latter still matters for memory;
 * ``sklearn-plain`` -- the same scikit-learn calls handed the data matrix itself instead of row
-  numbers (``nsdprep.decode.rows_of``), to show what that step saves. Its scores must equal
+  numbers (``nsdprep.stages.decode.rows_of``), to show what that step saves. Its scores must equal
   ``new``'s (same splits, same seeds).
 
 Each measurement runs in its own subprocess (one BLAS thread, like ``make decode``): the data are
@@ -111,7 +111,7 @@ def _peak() -> int:
 
 def child(spec: dict) -> dict:
     """Load the data, run one mode's cross-validation, return time, memory and scores."""
-    from nsdprep import decode as dec
+    from nsdprep.stages import decode as dec
 
     x_path, y_path, runs_path = (Path(s) for s in spec["paths"])
     X = np.load(x_path)
@@ -266,7 +266,9 @@ def measure(spec: dict) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--old", type=Path, help="saved copy of the former nsdprep/decode.py")
+    parser.add_argument(
+        "--old", type=Path, help="saved copy of the former nsdprep/stages/decode/__init__.py"
+    )
     parser.add_argument("--cases", nargs="+", default=["demo", "large"], choices=list(CASES))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--jobs", nargs="+", type=int, default=[1])

@@ -10,7 +10,7 @@ fresh subprocess (peak RSS of that child: its own ``VmHWM``, the whole process, 
 - time to all trials;
 
 for the memory-mapped matrix (``numpy.load(mmap_mode="r")``) and for streaming the 4D file into the
-same trials x voxels rows (mask read from ``sub-01_mask.nii.gz`` as the matrix's users do) (``nsdprep.nifti.iter_volumes``, the only way to reach a trial in a gzip
+same trials x voxels rows (mask read from ``sub-01_mask.nii.gz`` as the matrix's users do) (``nsdprep.core.nifti.iter_volumes``, the only way to reach a trial in a gzip
 stream). Reads run with the files in the page cache from earlier rounds (the cache is dropped after writing,
 where the machine allows: pages still cached from the write can be mapped as large folios, which
 inflates a reader's RSS, 1.7 GB instead of 0.43 GB for 1,000 random rows, seen here); a cold-cache
@@ -43,10 +43,10 @@ N_RANDOM = 1000
 
 def make_subject(folder: Path, n_trials: int, seed: int = 0) -> dict:
     """Write ``sub-01.nii.gz`` and ``sub-01_X.npy`` for ``n_trials`` synthetic trials."""
-    from nsdprep import masks
-    from nsdprep.matrix import MatrixWriter
-    from nsdprep.nifti import NiftiStreamWriter
-    from nsdprep.resample import grid_map
+    from nsdprep.core import masks
+    from nsdprep.core.matrix import MatrixWriter
+    from nsdprep.core.nifti import NiftiStreamWriter
+    from nsdprep.stages.resample import grid_map
 
     gmap = grid_map((182, 218, 182), NSD_AFFINE)
     mask = masks.gm_mask(gmap.shape, gmap.affine)
@@ -83,7 +83,7 @@ def child(method: str, what: str, folder: Path, rows_file: Path) -> None:
     """Run one measurement and print ``seconds checksum`` (the checksum proves the same rows)."""
     import nibabel as nib
 
-    from nsdprep.nifti import iter_volumes, read_header
+    from nsdprep.core.nifti import iter_volumes, read_header
 
     rows = np.load(rows_file)
     t0 = time.perf_counter()

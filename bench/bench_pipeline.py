@@ -80,7 +80,7 @@ def bench_env() -> dict[str, str]:
 
 def layout_for(volumes: int) -> Any:
     """Two runs whose lengths add up to ``volumes`` (the layout only shapes the design file)."""
-    from nsdprep.nsd import Layout
+    from nsdprep.core.nsd import Layout
 
     return Layout(2, (volumes - volumes // 2, volumes // 2))
 
@@ -151,15 +151,15 @@ def disk_bytes(annex: Path) -> int:
 
 
 def present_sessions(nsd_ds: Path) -> list[Path]:
-    from nsdprep import nsd
-    from nsdprep.registry import registered_sessions
+    from nsdprep.core import nsd
+    from nsdprep.core.inventory import registered_sessions
 
     return [nsd_ds / nsd.betas_key(SUBJECT, s) for s in registered_sessions(nsd_ds, SUBJECT)]
 
 
 def registered_sizes(nsd_ds: Path) -> dict[str, int]:
     """``key -> bytes`` of every registered betas file, from the annex keys (content not needed)."""
-    from nsdprep import dataset, nsd
+    from nsdprep.core import dataset, nsd
 
     records, _ = dataset.annex_json(nsd_ds, "find", "--include=*", nsd.BETAS_ROOT_KEY)
     sizes = {}
@@ -191,7 +191,7 @@ def _cpu() -> float:
 
 def child_fetch(nsd_ds: str) -> dict:
     """One ``datalad get`` per session, in order (what the pipeline's fetcher does), timed."""
-    from nsdprep import dataset
+    from nsdprep.core import dataset
 
     ds = Path(nsd_ds)
     srcs = present_sessions(ds)
@@ -212,7 +212,7 @@ def child_fetch(nsd_ds: str) -> dict:
 
 
 def child_compute(nsd_ds: str, out: str, jobs: str) -> dict:
-    from nsdprep.resample import resample_subject
+    from nsdprep.stages.resample import resample_subject
 
     c0, t0 = _cpu(), time.perf_counter()
     results = resample_subject(Path(nsd_ds), SUBJECT, Path(out), jobs=int(jobs), progress=False)
@@ -226,7 +226,7 @@ def child_compute(nsd_ds: str, out: str, jobs: str) -> dict:
 
 
 def child_pipeline(nsd_ds: str, out: str, jobs: str, prefetch: str) -> dict:
-    from nsdprep.resample import PipelineStats, resample_subject
+    from nsdprep.stages.resample import PipelineStats, resample_subject
 
     ds = Path(nsd_ds)
     annex = annex_dir(ds)

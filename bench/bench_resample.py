@@ -4,7 +4,7 @@ Three methods, each run in its own subprocess (peak RSS of that child alone, fro
 
 * ``reference`` -- nilearn as in the original processing (``resample_img`` to ``diag(3, 3, 3)``,
   GM mask resampled nearest, ``NiftiMasker`` round trip; the oracle of tests/test_resample.py),
-* ``ours`` -- :func:`nsdprep.resample.resample_session` (reads, resamples, masks, writes),
+* ``ours`` -- :func:`nsdprep.stages.resample.resample_session` (reads, resamples, masks, writes),
 * ``floor`` -- plain gzip decompression of the same file with ISA-L (``isal.igzip``), the
   fastest decoder available: no resampler that reads the file can beat it.
 
@@ -58,7 +58,7 @@ def session_path(n_volumes: int, seed: int) -> Path:
 
 def make_session(n_volumes: int, seed: int = 0) -> Path:
     """Write (once, streaming) a synthetic int16 session: noisy betas in a brain-sized ellipsoid."""
-    from nsdprep.nifti import NiftiStreamWriter
+    from nsdprep.core.nifti import NiftiStreamWriter
 
     DATA.mkdir(parents=True, exist_ok=True)
     ignore = DATA / ".gitignore"
@@ -125,8 +125,8 @@ def child_reference(src: str, out_npy: str) -> dict:
 
 
 def child_ours(src: str, dst: str) -> dict:
-    imports = _timed_imports(["nsdprep.resample", "nilearn.datasets", "nilearn.image"])
-    from nsdprep.resample import resample_session
+    imports = _timed_imports(["nsdprep.stages.resample", "nilearn.datasets", "nilearn.image"])
+    from nsdprep.stages.resample import resample_session
 
     stamps: list[float] = []
     c0, t0 = time.process_time(), time.perf_counter()
@@ -147,10 +147,10 @@ def child_ours(src: str, dst: str) -> dict:
 
 
 def child_floor(src: str) -> dict:
-    imports = _timed_imports(["isal.igzip", "nsdprep.nifti"])
+    imports = _timed_imports(["isal.igzip", "nsdprep.core.nifti"])
     from isal import igzip
 
-    from nsdprep.nifti import read_header, volume_count
+    from nsdprep.core.nifti import read_header, volume_count
 
     n = volume_count(read_header(src))
     c0, t0 = time.process_time(), time.perf_counter()
@@ -172,7 +172,7 @@ def child_setup(src: str) -> dict:
     """Where ours' fixed cost goes: imports, header, grid plan, first volume, GM mask."""
     out: dict = {}
     t = time.perf_counter()
-    import nsdprep.resample as r
+    import nsdprep.stages.resample as r
 
     out["import_nsdprep_resample"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -231,7 +231,7 @@ def run_child(*args: str) -> dict:
 
 
 def max_diff(ours_path: Path, ref_npy: Path) -> dict:
-    from nsdprep.nifti import iter_volumes
+    from nsdprep.core.nifti import iter_volumes
 
     ref = np.load(ref_npy)
     ours = np.stack(list(iter_volumes(ours_path)), axis=-1)

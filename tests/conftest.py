@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nsdprep.nsd import Layout
+from nsdprep.core.nsd import Layout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

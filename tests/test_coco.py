@@ -1,4 +1,4 @@
-"""Tests of nsdprep.coco: id-preserving merge, labels table, legacy reproduction, input checks."""
+"""Tests of nsdprep.stages.labels: id-preserving merge, labels table, legacy reproduction, input checks."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 import scipy.io
 from pycocotools.coco import COCO
 
-from nsdprep import coco
-from nsdprep.errors import FormatError, MissingInputError
+from nsdprep.core.errors import FormatError, MissingInputError
+from nsdprep.stages import labels as coco
 
 CATEGORIES = [
     {"supercategory": "person", "id": 1, "name": "person"},

@@ -17,9 +17,11 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from nsdprep import coco, coco_crop, nsd
 from nsdprep.cli import main as cli_main
-from nsdprep.errors import FormatError
+from nsdprep.core import nsd
+from nsdprep.core.errors import FormatError
+from nsdprep.stages import labels as coco
+from nsdprep.stages.labels import crop as coco_crop
 
 
 def test_rect_rle_equals_encoded_mask() -> None:

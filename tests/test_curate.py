@@ -1,4 +1,4 @@
-"""Tests of nsdprep.curate on small hand-built inputs (registry, expdesign, labels, 3 mm files).
+"""Tests of nsdprep.stages.curate on small hand-built inputs (registry, expdesign, labels, 3 mm files).
 
 Every expectation is computed here independently: volumes are read back with nibabel, the trial
 selection is re-derived with the original scripts' rule (label matrix, "unknown" padding, earliest
@@ -20,10 +20,11 @@ import pandas as pd
 import pytest
 import scipy.io
 
-from nsdprep import curate, curate_select
 from nsdprep.cli import main
-from nsdprep.errors import FormatError, MissingInputError, NsdPrepError
-from nsdprep.nsd import Layout
+from nsdprep.core.errors import FormatError, MissingInputError, NsdPrepError
+from nsdprep.core.nsd import Layout
+from nsdprep.stages import curate
+from nsdprep.stages.curate import selection as curate_select
 
 RUNS = 4
 TPR = (8, 7)
@@ -633,7 +634,7 @@ def test_on_synthetic_tree(synth_root: Path, tmp_path: Path, git_env):
 
 def _check_matrix(cur: Path, sub: str) -> None:
     """The trials x voxels matrix is the 4D file's volumes inside the written mask, exactly."""
-    from nsdprep.matrix import open_matrix
+    from nsdprep.core.matrix import open_matrix
 
     img = nib.load(cur / f"{sub}.nii.gz")
     mask_img = nib.load(cur / f"{sub}_mask.nii.gz")

@@ -1,4 +1,4 @@
-"""Tests of nsdprep.decode on small fake curated folders with a planted label-dependent pattern."""
+"""Tests of nsdprep.stages.decode on small fake curated folders with a planted label-dependent pattern."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ import pytest
 import sklearn.model_selection as ms
 from sklearn.base import clone
 
-from nsdprep import decode as dec
-from nsdprep import decode_data, nsd, steps
 from nsdprep.cli import build_parser, main
-from nsdprep.decode_report import write_outputs
-from nsdprep.errors import FormatError, MissingInputError, NsdPrepError, UsageError
+from nsdprep.core import nsd
+from nsdprep.core.errors import FormatError, MissingInputError, NsdPrepError, UsageError
+from nsdprep.drive import steps
+from nsdprep.stages import decode as dec
+from nsdprep.stages.decode import data as decode_data
+from nsdprep.stages.decode.report import write_outputs
 
 SHAPE = (7, 8, 9)
 CLASSES4 = ("animal", "food", "person", "vehicle")
@@ -407,7 +409,7 @@ def test_cross_validate_leaves_data_untouched_and_uses_run_splits(
 
 
 def test_make_decode_passes_permutations(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(steps.registry, "select_subjects", lambda ds, subjects: [1, 2])
+    monkeypatch.setattr(steps.inventory, "select_subjects", lambda ds, subjects: [1, 2])
     (step,) = steps.steps_for("decode", tmp_path, steps.Options(permutations=7))
     cmd = list(step.command)
     assert cmd[cmd.index("--n-permutations") + 1] == "7"

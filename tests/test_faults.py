@@ -28,10 +28,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, git_out
-from nsdprep import coco_instances, nifti
-from nsdprep._io import DiskFullError, describe_os_error, require_free_space
-from nsdprep.nsd import Layout
-from nsdprep.resample import resample_session
+from nsdprep.core import nifti
+from nsdprep.core._io import DiskFullError, describe_os_error, require_free_space
+from nsdprep.core.nsd import Layout
+from nsdprep.stages.labels import instances as coco_instances
+from nsdprep.stages.resample import resample_session
 from nsdprep.testing.demo import DemoSpec, user_clone
 from nsdprep.testing.serve import Mirror
 from nsdprep.testing.synth import make_synthetic
@@ -373,7 +374,7 @@ def test_full_disk_writing_the_curated_4d_file(tmp_path: Path, monkeypatch, caps
 def test_full_disk_writing_the_curated_matrix(tmp_path: Path, monkeypatch) -> None:
     """The memory-mapped ``sub-XX_X.npy``: space is reserved up front, so a full disk is a clear
     error, not a SIGBUS at the first write to an unallocated page."""
-    from nsdprep import matrix
+    from nsdprep.core import matrix
 
     def no_space(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -24,15 +24,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nsdprep import coco, nsd, stim_info
-from nsdprep.errors import FormatError
-from nsdprep.nifti import (
+from nsdprep.core import nsd
+from nsdprep.core.errors import FormatError
+from nsdprep.core.nifti import (
     NiftiStreamWriter,
     iter_volumes,
     on_mni152_grid,
     read_header,
 )
-from nsdprep.resample import nearest_on_grid, resample_session
+from nsdprep.stages import labels as coco
+from nsdprep.stages.labels import stim_info
+from nsdprep.stages.resample import nearest_on_grid, resample_session
 from nsdprep.testing.demo import DemoSpec, build_demo, loopback_env
 from nsdprep.testing.reference import original_3mm
 from nsdprep.testing.serve import Mirror
@@ -59,7 +61,7 @@ VENV = Path(sys.executable).parent.parent
 def test_old_pickles_read_or_fall_back_to_csv(folder: str, reader: str, caplog) -> None:
     pkl = DATA / folder / "nsd_stim_info_merged.pkl"
     csv = DATA / folder / "nsd_stim_info_merged.csv"
-    with caplog.at_level(logging.INFO, logger="nsdprep.coco"):
+    with caplog.at_level(logging.INFO, logger="nsdprep.stages.labels"):
         got = stim_info.load_stim_info(pkl, csv)
     assert got.reader == reader
     assert got.path == (csv if reader == "csv" else pkl)

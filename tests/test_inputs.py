@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from nsdprep import dataset, inputs, registry
-from nsdprep import nsd as nsdp
-from nsdprep.errors import DatasetStateError, RemoteError
+from nsdprep.core import dataset, inventory
+from nsdprep.core import nsd as nsdp
+from nsdprep.core.errors import DatasetStateError, RemoteError
+from nsdprep.stages import inputs
 from nsdprep.testing.serve import Mirror
 
 pytestmark = pytest.mark.datalad
@@ -126,11 +127,11 @@ def test_list_bucket_paginates(setup: Setup) -> None:
 
 def test_register_matches_bucket_without_download(setup: Setup) -> None:
     nsd, coco = setup.nsd, setup.coco
-    registered = registry.registered_keys(nsd)
+    registered = inventory.registered_keys(nsd)
     assert registered == bucket_betas_keys(setup.bucket)
     for s, n in SESSIONS.items():
-        assert registry.registered_sessions(nsd, s) == list(range(1, n + 1))
-        assert registry.registered_sessions(nsd, s, kind="valid") == list(range(1, n + 1))
+        assert inventory.registered_sessions(nsd, s) == list(range(1, n + 1))
+        assert inventory.registered_sessions(nsd, s, kind="valid") == list(range(1, n + 1))
     tracked = set(git(nsd, "ls-files").stdout.split())
     for key in inputs.NSD_EXTRA_KEYS:
         assert key in tracked
@@ -189,7 +190,7 @@ def test_register_is_idempotent_and_adds_new_sessions(setup: Setup) -> None:
         "nsddata_betas/ppdata/subj01/MNI/betas_fithrf/betas_session03.nii.gz",
         "nsddata_betas/ppdata/subj01/MNI/betas_fithrf/valid_session03.nii.gz",
     }
-    assert registry.registered_sessions(setup.nsd, 1) == [1, 2, 3]
+    assert inventory.registered_sessions(setup.nsd, 1) == [1, 2, 3]
     assert head(setup.coco) == heads[2]
     assert head(setup.nsd) != heads[1] and head(setup.ds) != heads[0]
     # The superdataset records the subdataset's new commit.
@@ -262,7 +263,7 @@ def test_changed_on_server_before_first_get(setup: Setup) -> None:
     _write(d / "betas_session01.nii.gz", 2044, rng)
     _write(d / "valid_session01.nii.gz", 304, rng)
     assert setup.register()[nsdp.NSD_DATASET] == 2
-    assert registry.registered_subjects(setup.nsd) == [1, 2, 3]
+    assert inventory.registered_subjects(setup.nsd) == [1, 2, 3]
     bigger, same = (
         f"nsddata_betas/ppdata/subj03/MNI/betas_fithrf/{k}_session01.nii.gz"
         for k in ("betas", "valid")
@@ -398,7 +399,7 @@ def test_register_synthetic_mirror(git_env, mirror, synth_root: Path, tmp_path: 
     rc = main(["inputs", "--nsd-url", nsd_url, "--coco-url", coco_url, "--dataset", str(ds)])
     assert rc == 0
     nsd = ds / nsdp.NSD_DATASET
-    assert registry.registered_keys(nsd) == bucket_betas_keys(synth_root)
+    assert inventory.registered_keys(nsd) == bucket_betas_keys(synth_root)
     tracked = set(git(nsd, "ls-files").stdout.split())
     assert set(inputs.NSD_EXTRA_KEYS) <= tracked
     assert present(nsd) == [] and present(ds / nsdp.COCO_DATASET) == []

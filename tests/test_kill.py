@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, git_out
-from nsdprep.nsd import Layout
+from nsdprep.core.nsd import Layout
 from nsdprep.testing.demo import DemoSpec, user_clone
 from nsdprep.testing.serve import Mirror
 from nsdprep.testing.synth import make_synthetic

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nsdprep.errors import FormatError, MissingInputError, UsageError
-from nsdprep.matrix import MatrixWriter, mask_columns, open_matrix, unmask
+from nsdprep.core.errors import FormatError, MissingInputError, UsageError
+from nsdprep.core.matrix import MatrixWriter, mask_columns, open_matrix, unmask
 
 
 def _volumes(n: int, shape=(7, 8, 9), seed: int = 0) -> np.ndarray:

@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nsdprep.errors import FormatError, MissingInputError, UsageError
-from nsdprep.nifti import (
+from nsdprep.core.errors import FormatError, MissingInputError, UsageError
+from nsdprep.core.nifti import (
     NiftiStreamWriter,
     check_betas_header,
     iter_volumes,

@@ -247,7 +247,7 @@ def test_readme_example_runs_as_written(built: Path) -> None:
 
 def test_load_curated_names_datalad_get_when_content_is_absent(built: Path) -> None:
     import nsdprep
-    from nsdprep.errors import MissingInputError
+    from nsdprep.core.errors import MissingInputError
 
     mate = built.parent / "colleague"  # fetched sub-02 only
     assert nsdprep.load_curated(2, dataset=mate).X.shape[0] > 0
@@ -257,8 +257,8 @@ def test_load_curated_names_datalad_get_when_content_is_absent(built: Path) -> N
 
 def test_decode_reads_the_matrix_with_identical_results(built: Path, tmp_path: Path) -> None:
     """The recorded decode read the matrix; streaming the 4D file gives the same data and results."""
-    from nsdprep.decode_data import load_masked
-    from nsdprep.nsd import curated_files
+    from nsdprep.core.nsd import curated_files
+    from nsdprep.stages.decode.data import load_masked
 
     cur = built / "derivatives/curated_3mm"
     stream = tmp_path / "curated"  # the same subject without its matrix: decode streams the 4D file

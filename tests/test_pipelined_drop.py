@@ -24,9 +24,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, git_out
-from nsdprep import dataset, resample, steps
-from nsdprep.errors import UsageError
-from nsdprep.nsd import Layout
+from nsdprep.core import dataset
+from nsdprep.core.errors import UsageError
+from nsdprep.core.nsd import Layout
+from nsdprep.drive import steps
+from nsdprep.stages import resample
 from nsdprep.testing.demo import DemoSpec, build_demo
 from nsdprep.testing.serve import Mirror
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, git_out
-from nsdprep.nsd import Layout
+from nsdprep.core.nsd import Layout
 from nsdprep.testing.demo import DemoSpec, build_demo, clone_dataset
 from nsdprep.testing.serve import Mirror
 

@@ -12,11 +12,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nsdprep import nsd as nsdp
-from nsdprep._io import remove_stale_parts
-from nsdprep.errors import FormatError, MissingInputError
-from nsdprep.nifti import NiftiStreamWriter
-from nsdprep.resample import grid_map, resample_session, resample_subject
+from nsdprep.core import nsd as nsdp
+from nsdprep.core._io import remove_stale_parts
+from nsdprep.core.errors import FormatError, MissingInputError
+from nsdprep.core.nifti import NiftiStreamWriter
+from nsdprep.stages.resample import grid_map, resample_session, resample_subject
 
 SHAPE = (23, 27, 21)  # unequal sizes: axis mix-ups fail
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nsdprep.errors import NsdPrepError
+from nsdprep.core.errors import NsdPrepError
 from nsdprep.testing.serve import S3_XMLNS, Mirror
 
 NS = {"s3": S3_XMLNS}

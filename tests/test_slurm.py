@@ -30,11 +30,12 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, git_out
-from nsdprep import build, nsd, steps
-from nsdprep.errors import UsageError
-from nsdprep.nsd import Layout
-from nsdprep.slurm import plan as slurm_plan
-from nsdprep.slurm import submit as slurm_submit
+from nsdprep.core import nsd
+from nsdprep.core.errors import UsageError
+from nsdprep.core.nsd import Layout
+from nsdprep.drive import build, steps
+from nsdprep.drive.slurm import plan as slurm_plan
+from nsdprep.drive.slurm import submit as slurm_submit
 from nsdprep.testing.demo import DemoSpec, loopback_env, user_clone
 from nsdprep.testing.serve import Mirror
 from nsdprep.testing.slurm.cluster import SlurmCluster

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import git_out
-from nsdprep import dataset, steps
-from nsdprep.errors import DatasetStateError, NsdPrepError
+from nsdprep.core import dataset
+from nsdprep.core.errors import DatasetStateError, NsdPrepError
+from nsdprep.drive import steps
 
 
 @pytest.fixture
@@ -122,7 +123,7 @@ def test_concurrent_run_is_refused(ds: Path) -> None:
     # another process holds the dataset's lock (POSIX locks are per process, so not this one)
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys,time; from nsdprep import dataset\n"
+         "import sys,time; from nsdprep.core import dataset\n"
          "with dataset.lock(sys.argv[1], 'make 3mm'):\n print('held', flush=True); time.sleep(60)",
          str(ds)],
         stdout=subprocess.PIPE, text=True,

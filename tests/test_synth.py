@@ -16,10 +16,10 @@ import scipy.io
 from pycocotools.coco import COCO
 
 from conftest import RUNS_PER_SESSION, TRIALS_PER_RUN
-from nsdprep import nsd
 from nsdprep.cli import main as cli_main
-from nsdprep.errors import NsdPrepError
-from nsdprep.nsd import Layout
+from nsdprep.core import nsd
+from nsdprep.core.errors import NsdPrepError
+from nsdprep.core.nsd import Layout
 from nsdprep.testing.synth import SynthSpec, make_synthetic
 
 SPEC = SynthSpec(seed=0, layout=Layout(RUNS_PER_SESSION, TRIALS_PER_RUN))

@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 
 from conftest import RUNS_PER_SESSION, TRIALS_PER_RUN
-from nsdprep import coco, curate, nsd, registry
-from nsdprep.decode_data import load_masked
-from nsdprep.errors import MissingInputError
-from nsdprep.nsd import Layout
-from nsdprep.resample import resample_subject
+from nsdprep.core import inventory, nsd
+from nsdprep.core.errors import MissingInputError
+from nsdprep.core.nsd import Layout
+from nsdprep.stages import curate
+from nsdprep.stages import labels as coco
+from nsdprep.stages.decode.data import load_masked
+from nsdprep.stages.resample import resample_subject
 
 LAYOUT = Layout(RUNS_PER_SESSION, TRIALS_PER_RUN)
 
@@ -44,7 +46,7 @@ def built(synth_root: Path, git_env, tmp_path_factory: pytest.TempPathFactory) -
         root / "merged.json", labels,
     )  # fmt: skip
     resampled = root / "3mm"
-    for s in registry.registered_subjects(nsd_ds):
+    for s in inventory.registered_subjects(nsd_ds):
         resample_subject(nsd_ds, s, resampled / nsd.subject_label(s), jobs=1, progress=False)
     outs = {}
     for valid in (False, True):

@@ -8,7 +8,7 @@ fast and one stage's heavy imports never slow another.
 Exit codes, each with one line on stderr and no traceback:
 
 - 0: done;
-- 2: an error this package raises on purpose (:mod:`nsdprep.errors`), a wrong option, or an
+- 2: an error this package raises on purpose (:mod:`nsdprep.core.errors`), a wrong option, or an
   operating-system error a user can act on (disk full, read-only folder, no permission);
 - 3: anything else, i.e. a bug: the line names the exception; ``NSDPREP_DEBUG=1`` (or ``-v``) shows
   the traceback;
@@ -25,9 +25,9 @@ import logging
 import os
 import sys
 
-from nsdprep._io import describe_os_error
-from nsdprep.errors import NsdPrepError
-from nsdprep.provenance import command_line
+from nsdprep.core._io import describe_os_error
+from nsdprep.core.errors import NsdPrepError
+from nsdprep.core.provenance import command_line
 
 #: Set to a non-empty value to get the traceback of unexpected errors (also ``nsdprep -v``).
 DEBUG_ENV = "NSDPREP_DEBUG"
@@ -39,16 +39,34 @@ WRITES_DATASET = ("inputs", "build", "publish")
 
 #: Pipeline stages (recorded by ``datalad run``): command -> (module, make target, one-line help).
 STAGES: dict[str, tuple[str, str, str]] = {
-    "inputs": ("nsdprep.inputs", "inputs", "register inputs/nsd and inputs/coco by URL"),
-    "coco": ("nsdprep.coco", "coco-labels", "merge COCO train+val (ids kept), label NSD images"),
-    "resample": ("nsdprep.resample", "3mm", "resample 1 mm betas to 3 mm + grey-matter mask"),
-    "curate": ("nsdprep.curate", "curated", "equalized trials, labels and runs per subject"),
-    "decode": ("nsdprep.decode", "decode", "run-grouped cross-validated decoding and report"),
+    "inputs": ("nsdprep.stages.inputs", "inputs", "register inputs/nsd and inputs/coco by URL"),
+    "coco": (
+        "nsdprep.stages.labels",
+        "coco-labels",
+        "merge COCO train+val (ids kept), label NSD images",
+    ),
+    "resample": (
+        "nsdprep.stages.resample",
+        "3mm",
+        "resample 1 mm betas to 3 mm + grey-matter mask",
+    ),
+    "curate": ("nsdprep.stages.curate", "curated", "equalized trials, labels and runs per subject"),
+    "decode": (
+        "nsdprep.stages.decode",
+        "decode",
+        "run-grouped cross-validated decoding and report",
+    ),
 }
 #: Commands around the stages: command -> (module, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "build": ("nsdprep.build", "make a target through `datalad run` (what the Makefile calls)"),
-    "publish": ("nsdprep.publish", "publish the dataset to a RIA store (create-sibling-ria, push)"),
+    "build": (
+        "nsdprep.drive.build",
+        "make a target through `datalad run` (what the Makefile calls)",
+    ),
+    "publish": (
+        "nsdprep.drive.publish",
+        "publish the dataset to a RIA store (create-sibling-ria, push)",
+    ),
 }
 #: Tools for the demo and the tests (synthetic data, a loopback mirror), not pipeline stages.
 TOOLS: dict[str, tuple[str, str]] = {
@@ -98,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"nsdprep {args.command}"
     try:
         if args.command in WRITES_DATASET:
-            from nsdprep.dataset import require_writable
+            from nsdprep.core.dataset import require_writable
 
             require_writable(args.dataset)
         module = importlib.import_module(modules[args.command][0])

@@ -18,8 +18,8 @@ from typing import Literal
 
 import numpy as np
 
-from nsdprep import nsd
-from nsdprep.errors import MissingInputError, UsageError
+from nsdprep.core import nsd
+from nsdprep.core.errors import MissingInputError, UsageError
 
 Labels = Literal["default", "legacy"]
 
@@ -52,7 +52,7 @@ def load_curated(
     import pandas as pd
     from sklearn.utils import Bunch
 
-    from nsdprep.matrix import open_matrix, unmask
+    from nsdprep.core.matrix import open_matrix, unmask
 
     if labels not in ("default", "legacy"):
         raise UsageError(f"labels must be 'default' or 'legacy', got {labels!r}")

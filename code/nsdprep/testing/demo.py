@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nsdprep.nsd import Layout
+from nsdprep.core.nsd import Layout
 from nsdprep.testing.serve import Mirror
 from nsdprep.testing.synth import SynthSpec, make_synthetic
 

@@ -1,7 +1,7 @@
 """The original scripts' 3 mm processing, kept as the oracle for tests and ``make bench``.
 
 Loads the whole session in memory (10.8 GB int16 for a real NSD session, more as float): never use it
-on real data. :mod:`nsdprep.resample` computes the same numbers volume by volume.
+on real data. :mod:`nsdprep.stages.resample` computes the same numbers volume by volume.
 """
 
 from __future__ import annotations

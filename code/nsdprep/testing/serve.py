@@ -5,7 +5,7 @@ object ``GET``/``HEAD`` with ``Content-Length``, ``Last-Modified``, ``ETag``, ``
 single byte ranges (``206``), ``404 NoSuchKey`` XML for missing keys, and ``ListObjectsV2``
 (``GET /<bucket>/?list-type=2&prefix=P&delimiter=D&continuation-token=T&max-keys=N``) with the real XML
 schema, keys sorted by their UTF-8 bytes and pages of at most 1000 keys, as S3 does. That is what
-``nsdprep.inputs``, ``git-annex``'s web remote and ``curl`` need, so the demo and the tests run the same
+``nsdprep.stages.inputs``, ``git-annex``'s web remote and ``curl`` need, so the demo and the tests run the same
 client code against this mirror as against the public NSD bucket, offline.
 
 Why a server of our own and not ``moto``: moto (``moto[server]``) would do as well and emulates far more of
@@ -45,8 +45,8 @@ from types import TracebackType
 from typing import Any
 from xml.sax.saxutils import escape
 
-from nsdprep import nsd
-from nsdprep.errors import NsdPrepError
+from nsdprep.core import nsd
+from nsdprep.core.errors import NsdPrepError
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ field of view (``k = 3 * (session % 3)`` top slices of the generated grid, so se
 3 mm slices), are 0 in every
 trial; ``valid_sessionNN.nii.gz`` (int16 0/1, 3D, same grid and header style, as NSD's MATLAB tools
 write it: "not all betas are 0 in that voxel") marks the others. All
-NIfTI files are written volume by volume with :class:`nsdprep.nifti.NiftiStreamWriter`, so even the
+NIfTI files are written volume by volume with :class:`nsdprep.core.nifti.NiftiStreamWriter`, so even the
 full grid never holds a 4D array in memory.
 
 Planted signal. The label of an NSD image is the supercategory of the largest-area annotation of its
@@ -93,10 +93,10 @@ from typing import Any
 
 import numpy as np
 
-from nsdprep import nsd
-from nsdprep._io import atomic_path
-from nsdprep.errors import NsdPrepError, UsageError
-from nsdprep.nsd import UNKNOWN
+from nsdprep.core import nsd
+from nsdprep.core._io import atomic_path
+from nsdprep.core.errors import NsdPrepError, UsageError
+from nsdprep.core.nsd import UNKNOWN
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class SynthSpec:
         Seed of every random choice; same spec -> byte-identical files.
     sessions : tuple of int
         Sessions per subject (subj01, subj02, ...); unequal, as in NSD.
-    layout : nsdprep.nsd.Layout
+    layout : nsdprep.core.nsd.Layout
         Runs per session and trials in odd / even runs (real: 12, (63, 62)).
     n_images : int
         Rows of ``nsd_stim_info_merged.pkl`` (real: 73000); nsdId = row position (0-based).
@@ -1002,7 +1002,7 @@ def _write_betas(bucket: Path, spec: SynthSpec, design: dict[str, Any], labels: 
     """Write every subject's betas and valid files, one trial volume at a time."""
     from tqdm import tqdm
 
-    from nsdprep.nifti import NiftiStreamWriter
+    from nsdprep.core.nifti import NiftiStreamWriter
 
     affine = spec.generation_affine()
     out_affine, opts = spec.affine(), spec.writer_options()

@@ -1,8 +1,7 @@
-"""Test infrastructure for SLURM: a throw-away single-node cluster and a FAIRly-big proof of concept.
+"""Test infrastructure for SLURM: a throw-away single-node cluster and a demo of the backend.
 
 - :mod:`.cluster`: ``SlurmCluster(workdir)``, a context manager running munged, slurmctld and slurmd.
-- :mod:`.fairlybig_poc`: one job array in the FAIRly-big pattern (``fairlybig_job.sh``,
-  ``fairlybig_merge.sh``) on that cluster, checked end to end.
+- :mod:`.demo`: ``make 3mm BACKEND=slurm`` and friends played on that cluster, every command printed.
 
 See ``README.md`` in this folder for commands, measured times and pitfalls.
 """

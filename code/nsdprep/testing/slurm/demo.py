@@ -26,7 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from nsdprep import nsd
+from nsdprep.core import nsd
 from nsdprep.testing.demo import DemoSpec, ensure_identity, loopback_env, user_clone
 from nsdprep.testing.serve import Mirror
 from nsdprep.testing.slurm.cluster import SlurmCluster

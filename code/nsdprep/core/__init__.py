@@ -1,0 +1,1 @@
+"""The domain and adapter core: NSD paths and formats, NIfTI I/O, grids, the dataset adapter."""

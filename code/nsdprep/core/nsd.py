@@ -1,0 +1,393 @@
+"""The NSD domain: path templates, the experiment layout, the design file, labels' vocabulary.
+
+Every NSD, COCO and derivative path is spelled here and nowhere else. Bucket keys follow the public
+``natural-scenes-dataset`` S3 layout; derivative paths are relative to the superdataset root.
+``subject`` and ``session`` are 1-based, as in NSD's file names; ``nsd_id`` is 0-based (the row of
+``nsd_stim_info_merged``), the ids in ``nsd_expdesign.mat`` are 1-based.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
+
+if TYPE_CHECKING:  # numpy is imported where it is used: make reads this module before the venv exists
+    import numpy as np
+
+from nsdprep.core.errors import FormatError, MissingInputError, UsageError
+
+# -- sources ----------------------------------------------------------------------------------------
+#: Real public locations (defaults for real users; tests and the demo point at a loopback mirror).
+NSD_BASE_URL = "https://natural-scenes-dataset.s3.amazonaws.com"
+COCO_ANNOTATIONS_URL = "http://images.cocodataset.org/annotations/annotations_trainval2017.zip"
+
+EXPDESIGN_KEY = "nsddata/experiments/nsd/nsd_expdesign.mat"
+STIM_INFO_KEY = "nsddata/experiments/nsd/nsd_stim_info_merged.pkl"
+#: The same table as CSV (``pd.read_csv(path, index_col=0)``, as tknapen/nsd_access reads it).
+STIM_INFO_CSV_KEY = "nsddata/experiments/nsd/nsd_stim_info_merged.csv"
+STIMULI_KEY = "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
+BETAS_ROOT_KEY = "nsddata_betas/ppdata/"
+COCO_ZIP_NAME = "annotations_trainval2017.zip"
+COCO_ZIP_KEY = f"annotations/{COCO_ZIP_NAME}"
+COCO_SPLITS = ("train2017", "val2017")
+
+#: The input subdatasets, relative to the superdataset root.
+NSD_DATASET = "inputs/nsd"
+COCO_DATASET = "inputs/coco"
+#: Where ``make inputs`` keeps its addurls table inside each input subdataset (tracked in git).
+ADDURLS_TABLE = ".nsdprep/addurls.csv"
+
+# -- labels -----------------------------------------------------------------------------------------
+#: Label of a picture without any COCO instance annotation.
+UNKNOWN = "unknown"
+#: The supercategory whose earliest trials are dropped to equalize subjects.
+PERSON = "person"
+
+# -- derivatives ------------------------------------------------------------------------------------
+RESAMPLED_DIR = "derivatives/3mm"
+COCO_CATEGORIES = "derivatives/coco_categories.pkl"
+COCO_CATEGORIES_LEGACY = "derivatives/coco_categories_legacy.pkl"
+COCO_MERGED = "derivatives/coco/merged_instances_train_val_2017.json"
+COCO_MERGED_LEGACY = "derivatives/coco/legacy_merged_instances_train_val_2017.json"
+CURATED_DIR = "derivatives/curated_3mm"
+CURATED_LEGACY_DIR = "derivatives/curated_3mm_legacy"
+DECODING_DIR = "derivatives/decoding"
+DECODING_LEGACY_DIR = "derivatives/decoding_legacy"
+COCO_CATEGORIES_CROP = "derivatives/coco_categories_crop.pkl"
+CURATED_CROP_DIR = "derivatives/curated_3mm_crop"
+DECODING_CROP_DIR = "derivatives/decoding_crop"
+
+#: Label rules (``LABELS=``): largest annotation on the whole COCO picture (default), the
+#: original defective lookup (legacy), largest annotation inside the crop NSD showed (crop).
+LABEL_MODES = ("default", "legacy", "crop")
+
+_BETAS_RE = re.compile(
+    r"^nsddata_betas/ppdata/subj(?P<subject>\d{2})/MNI/betas_fithrf/"
+    r"(?P<kind>betas|valid)_session(?P<session>\d{2})\.nii\.gz$"
+)
+
+
+def _check_index(name: str, value: int, high: int = 99) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 1 <= value <= high:
+        raise UsageError(f"{name} must be an integer in 1..{high} (1-based), got {value!r}")
+    return int(value)
+
+
+def subject_dir_key(subject: int) -> str:
+    """Bucket folder of one subject's 1 mm MNI ``betas_fithrf`` files."""
+    return f"nsddata_betas/ppdata/{subject_label(subject)}/MNI/betas_fithrf"
+
+
+def subject_root_key(subject: int) -> str:
+    """Bucket folder of everything of one subject's betas (what ``make get`` fetches)."""
+    return f"{BETAS_ROOT_KEY}{subject_label(subject)}"
+
+
+def betas_key(subject: int, session: int) -> str:
+    """Bucket key of one session's 1 mm MNI single-trial betas (4D int16, x300)."""
+    _check_index("session", session)
+    return f"{subject_dir_key(subject)}/betas_session{session:02d}.nii.gz"
+
+
+def valid_key(subject: int, session: int) -> str:
+    """Bucket key of one session's valid-voxel mask (3D)."""
+    _check_index("session", session)
+    return f"{subject_dir_key(subject)}/valid_session{session:02d}.nii.gz"
+
+
+def parse_betas_key(key: str) -> tuple[str, int, int] | None:
+    """Return ``(kind, subject, session)`` for a betas/valid key, or ``None`` for other keys."""
+    m = _BETAS_RE.match(key)
+    if m is None:
+        return None
+    return m["kind"], int(m["subject"]), int(m["session"])
+
+
+def subject_label(subject: int) -> str:
+    """NSD's subject folder name, ``subj01``."""
+    return f"subj{_check_index('subject', subject):02d}"
+
+
+def bids_subject_label(subject: int) -> str:
+    """Curated output name, ``sub-01`` (mapped from ``subj01`` by number, never by listing order)."""
+    return f"sub-{_check_index('subject', subject):02d}"
+
+
+def resampled_subject_dir(subject: int) -> str:
+    """Derivative folder of one subject's 3 mm sessions."""
+    return f"{RESAMPLED_DIR}/{subject_label(subject)}"
+
+
+def resampled_path(subject: int, session: int) -> str:
+    """Derivative path of one session resampled to 3 mm and grey-matter masked."""
+    _check_index("session", session)
+    return f"{resampled_subject_dir(subject)}/betas_session{session:02d}.nii.gz"
+
+
+def labels_table(legacy: bool = False) -> str:
+    """The labels table ``make coco-labels`` writes (legacy: the original, defective lookup)."""
+    return COCO_CATEGORIES_LEGACY if legacy else COCO_CATEGORIES
+
+
+def merged_json(legacy: bool = False) -> str:
+    """The merged COCO train+val instances ``make coco-labels`` writes."""
+    return COCO_MERGED_LEGACY if legacy else COCO_MERGED
+
+
+def summary_path(labels_pkl: str) -> str:
+    """Human-readable summary written next to a labels table (``x.pkl`` -> ``x_summary.tsv``)."""
+    if not labels_pkl.endswith(".pkl"):
+        raise UsageError(f"labels table must be a .pkl file, got {labels_pkl!r}")
+    return labels_pkl[: -len(".pkl")] + "_summary.tsv"
+
+
+def curated_dir(legacy: bool = False) -> str:
+    """Output folder of ``make curated``."""
+    return CURATED_LEGACY_DIR if legacy else CURATED_DIR
+
+
+def decoding_dir(legacy: bool = False) -> str:
+    """Output folder of ``make decode``."""
+    return DECODING_LEGACY_DIR if legacy else DECODING_DIR
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in LABEL_MODES:
+        raise UsageError(f"LABELS must be one of {', '.join(LABEL_MODES)}; got {mode!r}")
+    return mode
+
+
+def labels_table_for(mode: str) -> str:
+    """The labels table of a label rule (``default``, ``legacy`` or ``crop``)."""
+    return {
+        "default": COCO_CATEGORIES,
+        "legacy": COCO_CATEGORIES_LEGACY,
+        "crop": COCO_CATEGORIES_CROP,
+    }[_check_mode(mode)]
+
+
+def curated_dir_for(mode: str) -> str:
+    """Output folder of ``make curated`` under a label rule."""
+    return {"default": CURATED_DIR, "legacy": CURATED_LEGACY_DIR, "crop": CURATED_CROP_DIR}[
+        _check_mode(mode)
+    ]
+
+
+def decoding_dir_for(mode: str) -> str:
+    """Output folder of ``make decode`` under a label rule."""
+    return {"default": DECODING_DIR, "legacy": DECODING_LEGACY_DIR, "crop": DECODING_CROP_DIR}[
+        _check_mode(mode)
+    ]
+
+
+def curated_mask_path(subject: int, folder: str | os.PathLike[str] = CURATED_DIR) -> Path:
+    """``sub-XX_mask.nii.gz``: the 3 mm voxels of the matrix (grey matter; with VALID=1 also valid)."""
+    return curated_files(subject, folder).mask
+
+
+@dataclass(frozen=True)
+class CuratedFiles:
+    """The curated files of one subject, in a curated folder."""
+
+    subject: int
+    betas: Path
+    labels: Path
+    runs: Path
+    trials: Path
+    #: trials x voxels int16 matrix (memory-maps) and the 3 mm mask of its columns
+    matrix: Path
+    mask: Path
+
+
+def curated_files(subject: int, folder: str | os.PathLike[str] = CURATED_DIR) -> CuratedFiles:
+    """``sub-XX.nii.gz``, ``_labels.npy``, ``_runs.npy``, ``_trials.tsv``, ``_X.npy``, ``_mask.nii.gz``."""
+    folder, name = Path(folder), bids_subject_label(subject)
+    return CuratedFiles(
+        subject=subject,
+        betas=folder / f"{name}.nii.gz",
+        labels=folder / f"{name}_labels.npy",
+        runs=folder / f"{name}_runs.npy",
+        trials=folder / f"{name}_trials.tsv",
+        matrix=folder / f"{name}_X.npy",
+        mask=folder / f"{name}_mask.nii.gz",
+    )
+
+
+#: Columns of ``sub-XX_trials.tsv``, in order.
+TRIAL_COLUMNS = (
+    "subject",
+    "session",
+    "run_in_session",
+    "run",
+    "trial",
+    "trial_in_session",
+    "nsdId",
+    "cocoId",
+    "supercat",
+    "cat",
+)
+
+
+#: Names of the curated 4D files, ``sub-XX.nii.gz`` (subject number in group 1).
+CURATED_BETAS_RE = re.compile(r"^sub-(\d{2})\.nii\.gz$")
+
+
+# -- the experiment layout --------------------------------------------------------------------------
+def parse_int_list(text: str | int, what: str = "value") -> tuple[int, ...]:
+    """Parse ``"63,62"``, ``"01 02"`` or ``"1, 2"`` into integers; a clear error otherwise."""
+    parts = [p for p in re.split(r"[,\s]+", str(text).strip()) if p]
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise UsageError(
+            f"{what}: expected integers such as 1,2 or '01 02', got {text!r}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Experiment layout: runs per session and trials per run (odd runs, even runs).
+
+    Real NSD: 12 runs of 63 (odd) / 62 (even) trials = 750 trials per session. Smaller synthetic
+    layouts are passed explicitly to every stage; they are never guessed from the data.
+    """
+
+    runs_per_session: int = 12
+    trials_per_run: tuple[int, int] = (63, 62)
+
+    def __post_init__(self) -> None:
+        r, tpr = self.runs_per_session, tuple(self.trials_per_run)
+        ok = isinstance(r, int) and r >= 1 and len(tpr) == 2
+        ok = ok and all(isinstance(v, int) and v >= 1 for v in tpr)
+        if not ok:
+            raise UsageError(
+                "the experiment layout needs positive integers: runs per session, and trials per "
+                f"run A,B (odd runs, even runs); got runs_per_session={r!r}, trials_per_run={tpr!r}"
+            )
+        object.__setattr__(self, "trials_per_run", tpr)
+
+    @classmethod
+    def parse(cls, runs_per_session: int | str, trials_per_run: str | tuple[int, ...]) -> Layout:
+        """Layout from command-line text (``"12"``, ``"63,62"``)."""
+        runs = parse_int_list(runs_per_session, "--runs-per-session")
+        tpr = (
+            parse_int_list(trials_per_run, "--trials-per-run")
+            if isinstance(trials_per_run, str)
+            else tuple(trials_per_run)
+        )
+        if len(runs) != 1:
+            raise UsageError(f"--runs-per-session: expected one integer, got {runs_per_session!r}")
+        return cls(runs[0], tpr)  # type: ignore[arg-type]
+
+    def run_lengths(self) -> list[int]:
+        """Trials of each run of a session: odd runs (1st, 3rd, ...) ``A``, even runs ``B``."""
+        return [int(self.trials_per_run[r % 2]) for r in range(self.runs_per_session)]
+
+    @property
+    def trials_per_session(self) -> int:
+        """Trials per session (sum over its runs)."""
+        return sum(self.run_lengths())
+
+    def run_in_session(self) -> np.ndarray:
+        """1-based run of each trial of a session, indexed by ``trial_in_session - 1``."""
+        import numpy as np
+
+        return np.repeat(np.arange(1, self.runs_per_session + 1), self.run_lengths())
+
+    def cli_args(self) -> tuple[str, ...]:
+        """The stage arguments that pass this layout on."""
+        return (
+            "--runs-per-session",
+            str(self.runs_per_session),
+            "--trials-per-run",
+            ",".join(map(str, self.trials_per_run)),
+        )
+
+
+# -- nsd_expdesign.mat ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExpDesign:
+    """The two arrays of ``nsd_expdesign.mat`` the pipeline uses, checked, as 1-based int64.
+
+    ``masterordering[t]`` (t 0-based across the experiment) is the 1-based column of ``subjectim``
+    shown at trial t; ``subjectim[subject - 1, column - 1]`` is a 1-based 73k id (``nsd_id + 1``).
+    ``subjectim_dtype`` is the dtype as stored in the file (double in NSD).
+    """
+
+    masterordering: np.ndarray
+    subjectim: np.ndarray
+    subjectim_dtype: np.dtype
+    source: str
+
+    def trial_images(self, subject: int, n_trials: int) -> np.ndarray:
+        """1-based 73k ids of the first ``n_trials`` trials of ``subject`` (1-based)."""
+        mo, si = self.masterordering, self.subjectim
+        if mo.size < n_trials:
+            raise FormatError(
+                f"{self.source}: field 'masterordering' has {mo.size} entries, "
+                f"{n_trials} trials needed"
+            )
+        if si.shape[0] < subject:
+            raise FormatError(
+                f"{self.source}: field 'subjectim' has {si.shape[0]} rows, subject {subject} needs "
+                f"row {subject}"
+            )
+        return si[subject - 1, mo[:n_trials] - 1]
+
+    def shown_images(self) -> np.ndarray:
+        """Sorted unique 1-based 73k ids shown to any subject, in the file's dtype of ``subjectim``.
+
+        As in the original processing: ``np.unique(subjectim[:, masterordering - 1])``.
+        """
+        import numpy as np
+
+        shown = np.unique(self.subjectim[:, self.masterordering - 1].ravel())
+        return shown.astype(self.subjectim_dtype)
+
+
+def read_expdesign(path: str | os.PathLike[str]) -> ExpDesign:
+    """Read and check ``masterordering`` and ``subjectim`` from ``nsd_expdesign.mat`` (MATLAB v5)."""
+    import numpy as np
+    import scipy.io
+
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(
+            f"experiment design {path} is absent (content not fetched?); "
+            f"run `datalad get {path}` or `make get`."
+        )
+    try:
+        mat = scipy.io.loadmat(path, variable_names=["masterordering", "subjectim"])
+    except Exception as exc:  # noqa: BLE001 - scipy raises several types for a bad file
+        raise FormatError(f"cannot read {path} as a MATLAB v5 file: {exc!r}") from exc
+    arrays = {}
+    for name in ("masterordering", "subjectim"):
+        if name not in mat:
+            raise FormatError(
+                f"{path}: field {name!r} missing; expected NSD's nsd_expdesign.mat with "
+                "masterordering (1x30000) and subjectim (8x10000)"
+            )
+        arrays[name] = np.asarray(mat[name])
+    mo, si = arrays["masterordering"], arrays["subjectim"]
+    if mo.ndim != 2 or 1 not in mo.shape:
+        raise FormatError(f"{path}: field 'masterordering' must be 1xT, found {mo.shape}")
+    if si.ndim != 2:
+        raise FormatError(
+            f"{path}: field 'subjectim' must be 2D (subjects x 10000), found {si.shape}"
+        )
+    for name, arr in (("masterordering", mo), ("subjectim", si)):
+        if arr.size and (
+            not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)) or np.any(arr < 1)
+        ):
+            raise FormatError(f"{path}: field {name!r} must hold 1-based integers")
+    mo = mo.reshape(-1).astype(np.int64)
+    if mo.size and mo.max() > si.shape[1]:
+        raise FormatError(
+            f"{path}: field 'masterordering' refers to column {mo.max()} but field 'subjectim' "
+            f"has only {si.shape[1]} columns"
+        )
+    return ExpDesign(mo, si.astype(np.int64), si.dtype, str(path))

@@ -1,0 +1,1 @@
+"""The pipeline stages, one package or module each; each is a `python -m nsdprep` command."""

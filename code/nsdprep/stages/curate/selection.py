@@ -1,0 +1,210 @@
+"""Which trials the curated set keeps: NSD's first N trials per subject, no "unknown" picture, equal counts.
+
+The rules (see :mod:`nsdprep.stages.curate`) use only the registry, the experiment design and the labels, over
+*all* registered subjects, before any betas are read, so a subset of subjects gives the same trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from nsdprep.core import inventory, nsd
+from nsdprep.core.errors import FormatError, MissingInputError, NsdPrepError
+from nsdprep.core.nsd import PERSON, TRIAL_COLUMNS, UNKNOWN, Layout
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    """Which trials every registered subject keeps, and why (all subjects, before any I/O of betas).
+
+    ``trials`` maps subject -> trial table of the kept trials (columns ``TRIAL_COLUMNS``, trial order).
+    """
+
+    layout: nsd.Layout
+    registered_sessions: dict[int, list[int]]
+    n_sessions: int
+    n_trials: int
+    n_unknown: dict[int, int]
+    n_person_dropped: dict[int, int]
+    trials: dict[int, pd.DataFrame] = field(repr=False)
+    #: subject -> kept trials whose supercategory differs under the default rule (crop labels only)
+    n_label_changed: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def trials_per_subject(self) -> int:
+        """Number of trials every subject keeps (identical across subjects)."""
+        return int(next(iter(self.trials.values())).shape[0]) if self.trials else 0
+
+
+def load_labels(path: str | os.PathLike[str], legacy: bool = False) -> pd.DataFrame:
+    """Read a labels table and index it by the id it is keyed on.
+
+    Default table: keyed by ``nsdId`` (0-based). Legacy table: keyed by ``id`` (1-based 73k id).
+    Returns a frame indexed by that key with columns ``cocoId`` (``<NA>`` if the table has none),
+    ``supercat``, ``cat``, and ``supercat_default`` when the table has it (crop labels).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(
+            f"labels table {path} is absent; run `make coco-labels`"
+            + (" LABELS=legacy" if legacy else "")
+            + " first."
+        )
+    try:
+        table = pd.read_pickle(path)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a format problem here
+        raise FormatError(f"cannot read {path} as a pickled pandas DataFrame: {exc}") from exc
+    if not isinstance(table, pd.DataFrame):
+        raise FormatError(f"{path}: expected a pandas DataFrame, found {type(table).__name__}")
+    key = "id" if legacy else "nsdId"
+    needed = [key, "supercat", "cat"]
+    missing = [c for c in needed if c not in table.columns]
+    if missing:
+        kind = "legacy labels table (column 'id' = 1-based 73k id)" if legacy else "labels table"
+        hint = "" if legacy else " (is it the legacy table? then pass --legacy-labels)"
+        raise FormatError(
+            f"{path}: {kind} lacks column(s) {missing}; found {list(table.columns)}{hint}"
+        )
+    if table[key].duplicated().any():
+        dup = table.loc[table[key].duplicated(), key].iloc[0]
+        raise FormatError(f"{path}: column {key!r} must be unique, {dup!r} appears twice")
+    coco = table["cocoId"] if "cocoId" in table.columns else pd.Series(pd.NA, index=table.index)
+    out = pd.DataFrame(
+        {
+            "cocoId": pd.array(coco, dtype="Int64"),
+            "supercat": table["supercat"].astype(str).to_numpy(),
+            "cat": table["cat"].astype(str).to_numpy(),
+        },
+        index=pd.Index(table[key].astype(np.int64).to_numpy(), name=key),
+    )
+    if "supercat_default" in table.columns:
+        out["supercat_default"] = table["supercat_default"].astype(str).to_numpy()
+    return out
+
+
+def lookup_labels(
+    labels: pd.DataFrame, ids73k: np.ndarray, legacy: bool, source: str | os.PathLike[str]
+) -> pd.DataFrame:
+    """Label rows (``cocoId``, ``supercat``, ``cat``) of 1-based 73k ids, in the given order."""
+    keys = ids73k if legacy else ids73k - 1
+    missing = np.setdiff1d(keys, labels.index.to_numpy())
+    if missing.size:
+        kind = "id (1-based 73k id)" if legacy else "nsdId"
+        raise FormatError(
+            f"{source}: labels table lacks {missing.size} {kind}(s) used by the trials, e.g. "
+            f"{missing[:5].tolist()}; rebuild it with `make coco-labels`"
+        )
+    return labels.loc[keys].reset_index(drop=True)
+
+
+def equalize(supercats: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+    """Apply rules 2-3: drop "unknown", then the earliest "person" trials until counts are equal.
+
+    Parameters
+    ----------
+    supercats
+        subject -> supercategory of each candidate trial (trial order).
+
+    Returns
+    -------
+    kept, person_dropped
+        subject -> 0-based indices of kept candidate trials (sorted); subject -> person trials dropped.
+    """
+    known = {s: np.flatnonzero(lab != UNKNOWN) for s, lab in supercats.items()}
+    if not known:
+        return {}, {}
+    target = min(idx.size for idx in known.values())
+    kept, dropped = {}, {}
+    for s, idx in known.items():
+        excess = idx.size - target
+        person = idx[supercats[s][idx] == PERSON]
+        if person.size < excess:
+            raise NsdPrepError(
+                f"cannot equalize trials: {nsd.subject_label(s)} has {idx.size} labelled trials, "
+                f"{excess} more than the target {target}, but only {person.size} 'person' trials "
+                "to drop (rule: drop the earliest 'person' trials)"
+            )
+        drop = person[:excess]
+        kept[s] = np.setdiff1d(idx, drop)
+        dropped[s] = int(excess)
+    return kept, dropped
+
+
+def select(
+    nsd_ds: str | os.PathLike[str],
+    expdesign: str | os.PathLike[str],
+    labels_path: str | os.PathLike[str],
+    layout: Layout,
+    legacy: bool = False,
+) -> Selection:
+    """Compute the selection for every subject registered in ``nsd_ds`` (no betas are read)."""
+    subjects = inventory.registered_subjects(nsd_ds)
+    if not subjects:
+        raise MissingInputError(f"no betas registered in {nsd_ds}; run `make inputs` first.")
+    sessions = {s: inventory.registered_sessions(nsd_ds, s) for s in subjects}
+    n_sessions = min(len(v) for v in sessions.values())
+    S = layout.trials_per_session
+    n_trials = n_sessions * S
+    fewest = [nsd.subject_label(s) for s, v in sessions.items() if len(v) == n_sessions]
+    log.info(
+        "N = %d sessions (fewest registered: %s) x %d trials = %d trials per subject",
+        n_sessions,
+        ", ".join(fewest),
+        S,
+        n_trials,
+    )
+    design = nsd.read_expdesign(expdesign)
+    table = load_labels(labels_path, legacy=legacy)
+
+    rows: dict[int, pd.DataFrame] = {}
+    changed: dict[int, np.ndarray] = {}
+    for s in subjects:
+        ids = design.trial_images(s, n_trials)
+        lab = lookup_labels(table, ids, legacy, labels_path)
+        if "supercat_default" in lab.columns:
+            changed[s] = lab["supercat"].to_numpy(dtype=str) != lab["supercat_default"].to_numpy(
+                dtype=str
+            )
+        t = np.arange(n_trials)
+        k = t % S
+        session = t // S + 1
+        run_in_session = layout.run_in_session()[k]
+        rows[s] = pd.DataFrame(
+            {
+                "subject": np.full(n_trials, s, dtype=np.int64),
+                "session": session.astype(np.int64),
+                "run_in_session": run_in_session.astype(np.int64),
+                "run": ((session - 1) * layout.runs_per_session + run_in_session).astype(np.int64),
+                "trial": (t + 1).astype(np.int64),
+                "trial_in_session": (k + 1).astype(np.int64),
+                "nsdId": (ids - 1).astype(np.int64),
+                "cocoId": lab["cocoId"].to_numpy(),
+                "supercat": lab["supercat"].to_numpy(dtype=str),
+                "cat": lab["cat"].to_numpy(dtype=str),
+            },
+            columns=list(TRIAL_COLUMNS),
+        )
+    supercats = {s: df["supercat"].to_numpy(dtype=str) for s, df in rows.items()}
+    kept, dropped = equalize(supercats)
+    return Selection(
+        layout=layout,
+        registered_sessions=sessions,
+        n_sessions=n_sessions,
+        n_trials=n_trials,
+        n_unknown={s: int(np.sum(v == UNKNOWN)) for s, v in supercats.items()},
+        n_person_dropped=dropped,
+        trials={s: rows[s].iloc[kept[s]].reset_index(drop=True) for s in subjects},
+        n_label_changed={s: int(changed[s][kept[s]].sum()) for s in changed},
+    )

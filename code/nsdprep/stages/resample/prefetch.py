@@ -1,0 +1,290 @@
+"""The bounded-disk mode of the 3 mm stage (``make 3mm DROP=1``): fetch ahead, process, drop.
+
+A fetcher thread gets sessions through DataLad (checksums, provenance) ahead of the workers, at most
+``jobs + prefetch`` sessions on disk; a dropper frees each one once processed. A journal in the NSD
+git directory lists what was fetched and not yet dropped, so the next run drops what a killed run left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue as queue_mod
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nsdprep.core import dataset
+from nsdprep.core._io import atomic_path
+from nsdprep.core.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+#: Sessions fetched ahead of the ones being processed in ``--drop`` mode (see :func:`resample_subject`).
+DEFAULT_PREFETCH = 1
+#: Environment variable that sets ``--prefetch`` (how ``make 3mm PREFETCH=N`` reaches the stage
+#: without changing the command ``datalad run`` records: it changes no output byte).
+PREFETCH_ENV = "NSDPREP_PREFETCH"
+#: Journal of sessions fetched by ``--drop`` mode and not yet dropped (in the NSD git directory).
+JOURNAL_NAME = "nsdprep-prefetched"
+
+
+def prefetch_from_env(value: int | None = None) -> int:
+    """``value`` if given, else ``$NSDPREP_PREFETCH``, else :data:`DEFAULT_PREFETCH`; checked >= 0."""
+    if value is None:
+        text = os.environ.get(PREFETCH_ENV, "").strip()
+        if not text:
+            return DEFAULT_PREFETCH
+        try:
+            value = int(text)
+        except ValueError:
+            raise UsageError(
+                f"${PREFETCH_ENV} must be an integer >= 0 (sessions fetched ahead), got {text!r}"
+            ) from None
+    if value < 0:
+        raise UsageError(f"prefetch must be >= 0 (sessions fetched ahead), got {value}")
+    return value
+
+
+@dataclass
+class PipelineStats:
+    """What a ``drop`` run did, measured as it ran (filled in by :func:`resample_subject`).
+
+    ``events`` are ``(seconds since start, kind, session)`` with kinds ``fetch``, ``fetched``,
+    ``start`` (handed to a worker), ``done`` and ``dropped``. Disk figures are the sizes of the
+    sessions' content files, taken when a download ends (when the most sessions are on disk).
+    """
+
+    jobs: int = 0
+    prefetch: int = 0
+    fetched: int = 0
+    fetched_bytes: int = 0
+    fetch_seconds: float = 0.0
+    peak_sessions_on_disk: int = 0
+    peak_bytes_on_disk: int = 0
+    wall_seconds: float = 0.0
+    events: list[tuple[float, str, int]] = field(default_factory=list)
+    t0: float = field(default_factory=time.monotonic)
+
+    def event(self, kind: str, session: int) -> None:
+        """Note that ``kind`` happened to ``session`` now (thread-safe: one list append)."""
+        self.events.append((time.monotonic() - self.t0, kind, session))
+
+    def summary(self) -> str:
+        """One line for the log: what was fetched, how long, the peak on disk."""
+        return (
+            f"fetched {self.fetched} sessions ({self.fetched_bytes / 1e6:.0f} MB, "
+            f"{self.fetch_seconds:.1f} s of downloads) while processing, in {self.wall_seconds:.1f} s; "
+            f"peak on disk {self.peak_sessions_on_disk} sessions "
+            f"({self.peak_bytes_on_disk / 1e6:.0f} MB; bound jobs + prefetch = "
+            f"{self.jobs + self.prefetch})"
+        )
+
+
+class Prefetcher:
+    """Fetch sessions ahead of the workers and drop them after, never more than ``slots`` on disk.
+
+    One fetch thread ``datalad get``s the sessions one at a time, in processing order: one download
+    at a time gets the session needed next soonest (the link is shared; git-annex cannot split one
+    file over connections), and a slot is taken before each download, so partial downloads count
+    too. One drop thread ``datalad drop``s each processed session and frees its slot; drops never
+    hold up the workers or the downloads. Content that was present before (and is not in the
+    journal of an interrupted run) is processed but neither counted as fetched nor dropped.
+    """
+
+    def __init__(
+        self,
+        nsd_ds: Path,
+        sessions: Sequence[tuple[int, Path]],
+        slots: int,
+        stats: PipelineStats,
+    ) -> None:
+        self.nsd_ds = nsd_ds
+        self.sessions = list(sessions)
+        self.stats = stats
+        self.error: BaseException | None = None
+        self._slots = threading.Semaphore(slots)
+        self._ready: queue_mod.Queue[int | None] = queue_mod.Queue()
+        self._drops: queue_mod.Queue[int | None] = queue_mod.Queue()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._src = dict(self.sessions)
+        self._ours: set[int] = set()  # fetched by this mode, not dropped yet
+        self._on_disk: set[int] = set()  # holding a slot: downloading, waiting or processing
+        self._delivering = True
+        self._journal = Journal(nsd_ds)
+        self._fetch_thread = threading.Thread(target=self._fetch_loop, name="prefetch", daemon=True)
+        self._drop_thread = threading.Thread(target=self._drop_loop, name="drop", daemon=True)
+
+    def start(self) -> None:
+        """Drop what an interrupted run left (not needed now), then start both threads."""
+        wanted = {src.relative_to(self.nsd_ds).as_posix() for _s, src in self.sessions}
+        stale = [rel for rel in self._journal.read() if rel not in wanted]
+        present = [rel for rel in stale if (self.nsd_ds / rel).exists()]
+        if present:
+            log.info(
+                "dropping %d input(s) an interrupted --drop run left: %s", len(present), present
+            )
+            dataset.drop(self.nsd_ds, [self.nsd_ds / rel for rel in present])
+        if stale:
+            self._journal.remove(*stale)
+        self._fetch_thread.start()
+        self._drop_thread.start()
+
+    def active(self) -> bool:
+        """True while sessions may still be handed over."""
+        return self._delivering or not self._ready.empty()
+
+    def ready(self, block: bool) -> list[int]:
+        """Sessions whose content is present (waits up to 0.2 s for one if ``block``)."""
+        got: list[int] = []
+        try:
+            item = self._ready.get(timeout=0.2) if block else self._ready.get_nowait()
+            while True:
+                if item is not None:
+                    got.append(item)
+                item = self._ready.get_nowait()
+        except queue_mod.Empty:
+            pass
+        return got
+
+    def release(self, session: int) -> None:
+        """``session`` is processed (or abandoned): drop it if this mode fetched it, free its slot."""
+        self._drops.put(session)
+
+    def stop(self) -> None:
+        """Start no further download (the current one finishes; :meth:`close` drops it)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Stop, wait for the threads, and drop every session this mode fetched and still holds."""
+        self._stop.set()
+        self._fetch_thread.join()
+        with self._lock:
+            left = sorted(self._ours)
+        for s in left:
+            self._drops.put(s)
+        self._drops.put(None)
+        self._drop_thread.join()
+        with self._lock:
+            still = sorted(self._ours)
+        if still:
+            log.error(
+                "could not drop the content of session(s) %s; it stays listed in %s and the next "
+                "--drop run drops it",
+                still,
+                self._journal.path,
+            )
+
+    # -- threads ------------------------------------------------------------------------------
+    def _fetch_loop(self) -> None:
+        try:
+            journaled = set(self._journal.read())
+            for s, src in self.sessions:
+                while not self._slots.acquire(timeout=0.1):
+                    if self._stop.is_set():
+                        return
+                if self._stop.is_set():
+                    self._slots.release()
+                    return
+                rel = src.relative_to(self.nsd_ds).as_posix()
+                with self._lock:
+                    self._on_disk.add(s)
+                if src.exists():
+                    if rel in journaled:  # fetched by an interrupted run: ours to drop
+                        with self._lock:
+                            self._ours.add(s)
+                else:
+                    with self._lock:
+                        self._ours.add(s)
+                    self._journal.add(rel)
+                    self.stats.event("fetch", s)
+                    t0 = time.monotonic()
+                    log.info("datalad get %s", src)
+                    dataset.get(self.nsd_ds, [src])
+                    self._fetched(s, src, time.monotonic() - t0)
+                self._ready.put(s)
+        except BaseException as exc:  # handed to the main thread, which stops the run
+            self.error = exc
+        finally:
+            self._delivering = False
+            self._ready.put(None)
+
+    def _fetched(self, session: int, src: Path, seconds: float) -> None:
+        st = self.stats
+        st.event("fetched", session)
+        with self._lock:
+            st.fetched += 1
+            st.fetched_bytes += src.stat().st_size
+            st.fetch_seconds += seconds
+            held = [self._src[s] for s in self._on_disk]
+            st.peak_sessions_on_disk = max(st.peak_sessions_on_disk, len(held))
+            on_disk = sum(p.stat().st_size for p in held if p.exists())
+            st.peak_bytes_on_disk = max(st.peak_bytes_on_disk, on_disk)
+
+    def _drop_loop(self) -> None:
+        while (s := self._drops.get()) is not None:
+            with self._lock:
+                ours = s in self._ours
+            if ours:
+                src = self._src[s]
+                try:
+                    log.info("datalad drop %s", src)
+                    dataset.drop(self.nsd_ds, [src])
+                except BaseException as exc:
+                    if self.error is None:
+                        self.error = exc
+                    self._stop.set()
+                    continue
+                self._journal.remove(src.relative_to(self.nsd_ds).as_posix())
+                self.stats.event("dropped", s)
+            with self._lock:
+                self._ours.discard(s)
+                held = s in self._on_disk
+                self._on_disk.discard(s)
+            if held:
+                self._slots.release()
+
+
+class Journal:
+    """Dataset-relative paths fetched by ``--drop`` mode and not dropped yet (one per line).
+
+    Kept in the NSD subdataset's git directory (never part of the dataset), so a run killed before
+    it could drop its inputs leaves a note that the next ``--drop`` run acts on.
+    """
+
+    def __init__(self, nsd_ds: Path) -> None:
+        self.path = dataset.git_dir(nsd_ds) / JOURNAL_NAME
+        self._lock = threading.Lock()
+
+    def read(self) -> list[str]:
+        """The paths noted, in the order they were fetched."""
+        with self._lock:
+            return self._read()
+
+    def _read(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        return [line for line in self.path.read_text().splitlines() if line]
+
+    def add(self, rel: str) -> None:
+        """Note that ``rel`` was fetched (before the download starts)."""
+        with self._lock:
+            entries = self._read()
+            if rel not in entries:
+                self._write([*entries, rel])
+
+    def remove(self, *rels: str) -> None:
+        """Forget ``rels`` (dropped again)."""
+        with self._lock:
+            entries = [e for e in self._read() if e not in rels]
+            self._write(entries)
+
+    def _write(self, entries: list[str]) -> None:
+        if not entries:
+            self.path.unlink(missing_ok=True)
+            return
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(f"{e}\n" for e in entries))
