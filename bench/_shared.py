@@ -7,6 +7,7 @@ written as ``bench/results/<kind>_<stamp>.json`` plus ``<kind>_latest.json`` (:f
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -17,7 +18,22 @@ from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 
+from nsdprep import options
+from nsdprep.options import Options
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_make_options(parser: argparse.ArgumentParser) -> None:
+    """Accept make's options as ``NAME=value`` words (what ``make bench*`` passes on)."""
+    parser.add_argument(
+        "words", nargs="*", metavar="NAME=value", help="make's options, e.g. JOBS=2 PREFETCH=1"
+    )
+
+
+def make_options(args: argparse.Namespace) -> Options:
+    """The options of the ``NAME=value`` words (checked as make checks them)."""
+    return options.from_words(args.words)
 
 
 def run_child(

@@ -4,7 +4,7 @@ Writes (in a temporary directory, removed afterwards unless ``--workdir`` is giv
 ``annotations_trainval2017.zip`` holding instances_train2017.json (118287 images, 860001
 annotations, ~450 MB like the real file) and instances_val2017.json (5000 images, 36781
 annotations), a 73000-row stim info table and an expdesign file (8 x 10000 images, 30000 trials);
-then runs ``python -m nsdprep coco`` (default, ``--legacy`` and ``--crop``) in a subprocess each and
+then runs ``python -m nsdprep coco`` (``--labels default``, ``legacy`` and ``crop``) in a subprocess each and
 reports wall time and peak RSS (of that subprocess, from wait4). Every fake picture is 640 x 480 with a
 square crop (``cropBox`` ``(0, 0, left, right)``, left + right = 0.25, at a random position) and
 compact 22-point polygons (radius 4..150 px), so ``--crop`` rasterizes ~530k annotation masks (those
@@ -160,11 +160,11 @@ def run_stage(inputs: dict[str, Path], workdir: Path, mode: str) -> dict[str, fl
         "--stim-info", str(inputs["stim"]), "--out", str(out),
     ]  # fmt: skip
     if mode == "crop":
-        cmd += ["--crop", "--expdesign", str(inputs["exp"])]
+        cmd += ["--labels", "crop", "--expdesign", str(inputs["exp"])]
     else:
         cmd += ["--merged-out", str(merged)]
     if mode == "legacy":
-        cmd += ["--legacy", "--expdesign", str(inputs["exp"])]
+        cmd += ["--labels", "legacy", "--expdesign", str(inputs["exp"])]
     env = {**os.environ, "PYTHONPATH": str(REPO / "code")}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env)

@@ -118,7 +118,7 @@ def child(spec: dict) -> dict:
     y, runs = np.load(y_path), np.load(runs_path)
     rss_data = _peak()
     checksum = _checksum(X)
-    config = dec.DecodeConfig(n_permutations=spec["n_perm"], jobs=spec["jobs"], seed=SEED)
+    config = dec.DecodeConfig(permutations=spec["n_perm"], jobs=spec["jobs"], seed=SEED)
     t0, cpu0 = time.perf_counter(), _cpu()
     if spec["mode"] == "old":
         scores = _run_old(spec["old"], X, y, runs, config)
@@ -177,7 +177,7 @@ def _run_old(old_path: str, X: np.ndarray, y: np.ndarray, runs: np.ndarray, conf
     dummy = DummyClassifier(strategy="stratified", random_state=config.seed)
     perms = [
         old.permute_within_runs(y, runs, (config.seed, SUBJECT, p))
-        for p in range(config.n_permutations)
+        for p in range(config.permutations)
     ]
     jobs = old.fold_jobs(X, splits, np.unique(y).size, config.jobs, config.memory_gb)
     fits = old.cross_validate_grouped(
@@ -212,14 +212,14 @@ def _run_sklearn_plain(dec, X: np.ndarray, y: np.ndarray, runs: np.ndarray, conf
         out["dummy_scores"] = cross_val_score(
             dummy, stand_in, y, cv=splits, scoring="balanced_accuracy"
         ).tolist()
-        if config.n_permutations:
+        if config.permutations:
             _, perms, p_value = permutation_test_score(
                 clf,
                 X,
                 y,
                 groups=runs,
                 cv=splits,
-                n_permutations=config.n_permutations,
+                n_permutations=config.permutations,
                 n_jobs=config.jobs,
                 random_state=dec.permutation_seed(config.seed, SUBJECT),
                 scoring="balanced_accuracy",

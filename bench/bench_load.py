@@ -144,10 +144,12 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "bench/data/load")
     parser.add_argument("--keep", action="store_true", help="keep the data for another run")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    _shared.add_make_options(parser)
     args = parser.parse_args()
     if args.child:
         child(args.child[0], args.child[1], Path(args.child[2]), Path(args.child[3]))
         return 0
+    _shared.make_options(args)  # none of them changes this benchmark; a wrong one is refused
     info_file = args.data / "info.json"
     if info_file.exists() and json.loads(info_file.read_text())["n_trials"] == args.trials:
         info = json.loads(info_file.read_text())

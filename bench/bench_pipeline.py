@@ -411,12 +411,12 @@ def projection(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--jobs", type=int, default=2, help="workers (JOBS)")
-    p.add_argument("--prefetch", type=int, default=1, help="sessions fetched ahead (PREFETCH)")
+    p.add_argument("--jobs", type=int, default=None, help="workers (default: JOBS)")
+    p.add_argument("--prefetch", type=int, default=None, help="fetched ahead (default: PREFETCH)")
     p.add_argument("--sessions", type=int, default=16, help="synthetic sessions (>= 4)")
     p.add_argument("--volumes", type=int, default=100, help="volumes per synthetic session")
     p.add_argument("--rate", type=float, default=None, help="mirror cap MB/s (default: balanced)")
-    p.add_argument("--link-rate", type=float, default=50.0, help="projection bandwidth, MB/s")
+    p.add_argument("--link-rate", type=float, default=None, help="default: RATE_MB_S (MB/s)")
     p.add_argument("--repeats", type=int, default=1, help="pipelined runs (median)")
     p.add_argument("--sizes-from", type=Path, default=None, help="a registered inputs/nsd")
     p.add_argument("--keep-data", action="store_true", help="keep bench/data/pipeline/")
@@ -424,9 +424,14 @@ def main(argv: list[str] | None = None) -> int:
         "--no-jobs1", action="store_true", help="skip the extra JOBS=1 pipelined measurement"
     )
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    _shared.add_make_options(p)
     args = p.parse_args(argv)
     if args.child:
         return _shared.answer_child(CHILDREN, args.child)
+    opts = _shared.make_options(args)
+    args.jobs = opts.jobs if args.jobs is None else args.jobs
+    args.prefetch = opts.prefetch if args.prefetch is None else args.prefetch
+    args.link_rate = opts.rate_mb_s if args.link_rate is None else args.link_rate
     if args.sessions < 4:
         p.error("--sessions must be >= 4")
 

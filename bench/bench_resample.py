@@ -284,9 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--keep-data", action="store_true", help="keep the --rss-volumes file")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    _shared.add_make_options(p)
     args = p.parse_args(argv)
     if args.child:
         return _shared.answer_child(CHILDREN, args.child)
+    _shared.make_options(args)  # none of them changes this benchmark; a wrong one is refused
     if len(set(args.counts)) != 2 or len(set(args.ref_counts)) != 2:
         p.error("--counts and --ref-counts need two different lengths each")
 

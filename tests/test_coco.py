@@ -164,7 +164,7 @@ def run_build(inp: dict, legacy: bool = False, tag: str = "a") -> tuple[pd.DataF
         inp["stim"],
         merged,
         out,
-        legacy=legacy,
+        labels="legacy" if legacy else "default",
         expdesign=inp["exp"] if legacy else None,
     )
     return table, out, merged
@@ -300,13 +300,13 @@ def test_legacy_reproduces_original(inputs):
 
 
 def test_legacy_needs_expdesign(inputs):
-    with pytest.raises(MissingInputError, match="--legacy needs --expdesign"):
+    with pytest.raises(MissingInputError, match="--labels legacy needs --expdesign"):
         coco.build(
             inputs["zip"],
             inputs["stim"],
             inputs["tmp"] / "m.json",
             inputs["tmp"] / "o.pkl",
-            legacy=True,
+            labels="legacy",
         )
 
 
@@ -417,7 +417,7 @@ def test_deterministic_bytes_across_processes(inputs, legacy):
             "--out", str(outdir / "labels.pkl"),
         ]  # fmt: skip
         if legacy:
-            cmd += ["--legacy", "--expdesign", str(inputs["exp"])]
+            cmd += ["--labels", "legacy", "--expdesign", str(inputs["exp"])]
         env = {**os.environ, "PYTHONHASHSEED": seed}
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
@@ -472,7 +472,7 @@ def test_synthetic_labels_match_pycocotools(request, tmp_path):
         areas = table.at[i, "areas"]
         assert areas.count(max(areas)) > 1
     legacy = coco.build(
-        zp, stim, tmp_path / "ml.json", tmp_path / "legacy.pkl", legacy=True, expdesign=exp
+        zp, stim, tmp_path / "ml.json", tmp_path / "legacy.pkl", labels="legacy", expdesign=exp
     )
     mat = scipy.io.loadmat(exp)
     shown = np.unique(mat["subjectim"][:, mat["masterordering"].astype(int).ravel() - 1])

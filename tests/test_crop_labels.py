@@ -130,7 +130,7 @@ def crop_built(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         "stim_info_csv": bucket / nsd.STIM_INFO_CSV_KEY,
         "expdesign": bucket / nsd.EXPDESIGN_KEY,
     }
-    crop = coco.build(merged_out=None, out=out / "crop.pkl", crop=True, **args)
+    crop = coco.build(merged_out=None, out=out / "crop.pkl", labels="crop", **args)
     default = coco.build(merged_out=out / "m.json", out=out / "default.pkl", **args)
     manifest = json.loads((synth_root / "synth_manifest.json").read_text())
     return {"crop": crop, "default": default, "manifest": manifest, "out": out, "args": args}
@@ -176,11 +176,11 @@ def test_crop_summary_counts_changes(crop_built: dict) -> None:
     assert int(rows[("total", "unknown")]) == int((crop["supercat"] == "unknown").sum())
 
 
-def test_crop_cli_refuses_two_rules(synth_root: Path, tmp_path: Path) -> None:
+def test_crop_cli_refuses_an_unknown_rule(synth_root: Path, tmp_path: Path) -> None:
     bucket = synth_root / "nsd"
     argv = ["coco", "--zip", str(synth_root / "coco/annotations" / nsd.COCO_ZIP_NAME)]
     argv += ["--stim-info", str(bucket / nsd.STIM_INFO_KEY), "--out", str(tmp_path / "o.pkl")]
-    assert cli_main([*argv, "--crop", "--legacy"]) == 2
+    assert cli_main([*argv, "--labels", "crop,legacy"]) == 2
     assert cli_main(argv) == 2  # default mode needs --merged-out
 
 
@@ -192,4 +192,4 @@ def test_crop_without_cropbox_fails_before_parsing_json(synth_root: Path, tmp_pa
     broken_zip = tmp_path / "coco.zip"  # valid members list, JSON never parsed
     shutil.copy(synth_root / "coco/annotations" / nsd.COCO_ZIP_NAME, broken_zip)
     with pytest.raises(FormatError, match="no cropBox column"):
-        coco.build(broken_zip, stim, None, tmp_path / "o.pkl", crop=True)
+        coco.build(broken_zip, stim, None, tmp_path / "o.pkl", labels="crop")

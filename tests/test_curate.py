@@ -163,7 +163,7 @@ def run_curate(inp: Inputs, out: Path, subjects=None, legacy=False, extra=()) ->
         str(inp.nsd),
         "--resampled",
         str(inp.resampled),
-        "--labels",
+        "--labels-table",
         str(inp.legacy_labels if legacy else inp.labels),
         "--expdesign",
         str(inp.expdesign),
@@ -178,7 +178,7 @@ def run_curate(inp: Inputs, out: Path, subjects=None, legacy=False, extra=()) ->
     if subjects:
         argv += ["--subjects", *map(str, subjects)]
     if legacy:
-        argv.append("--legacy-labels")
+        argv += ["--labels", "legacy"]
     return main(argv)
 
 
@@ -404,7 +404,7 @@ def test_legacy_labels(big: Inputs, tmp_path: Path):
     # the default table is refused as legacy and vice versa, with a hint
     with pytest.raises(FormatError, match="lacks column"):
         curate_select.load_labels(big.labels, legacy=True)
-    with pytest.raises(FormatError, match="--legacy-labels"):
+    with pytest.raises(FormatError, match="--labels legacy"):
         curate_select.load_labels(big.legacy_labels, legacy=False)
 
 
@@ -547,7 +547,7 @@ def test_peak_rss_does_not_grow_with_trials(tmp_path: Path, git_env):
             str(nsd),
             "--resampled",
             str(shared.resampled),
-            "--labels",
+            "--labels-table",
             str(shared.labels),
             "--expdesign",
             str(shared.expdesign),

@@ -14,10 +14,12 @@ import pytest
 import sklearn.model_selection as ms
 from sklearn.base import clone
 
+from nsdprep import options, pipeline
 from nsdprep.cli import build_parser, main
 from nsdprep.core import nsd
 from nsdprep.core.errors import FormatError, MissingInputError, NsdPrepError, UsageError
 from nsdprep.drive import steps
+from nsdprep.options import Options
 from nsdprep.stages import decode as dec
 from nsdprep.stages.decode import data as decode_data
 from nsdprep.stages.decode.report import write_outputs
@@ -107,7 +109,7 @@ def decoded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict,
         ),
     }
     out = root.parent / "decoding"
-    cfg = dec.DecodeConfig(n_folds=4, n_permutations=3, seed=0, jobs=2)
+    cfg = dec.DecodeConfig(n_folds=4, permutations=3, seed=0, jobs=2)
     results = dec.decode(root, out, None, cfg)
     return root, out, results, truth
 
@@ -142,7 +144,7 @@ def test_planted_signal_is_decoded_well_above_chance(decoded) -> None:
 def test_shuffled_labels_decode_at_chance(tmp_path: Path) -> None:
     root = tmp_path / "curated"
     make_curated(root, 2, n_runs=12, trials_per_run=(40, 38), shuffle_labels=True, seed=5)
-    res = dec.decode(root, tmp_path / "out", [2], dec.DecodeConfig(n_folds=4, n_permutations=0))
+    res = dec.decode(root, tmp_path / "out", [2], dec.DecodeConfig(n_folds=4, permutations=0))
     r = res["subjects"]["sub-02"]
     # 468 trials, 4 classes: the SD of the mean balanced accuracy under the null is ~0.03
     # (measured over 12 seeds with 192 trials: SD 0.053, mean 0.250), so 0.1 is > 3 SD.
@@ -183,7 +185,7 @@ def test_results_report_and_pngs(decoded, tmp_path: Path) -> None:
         "report.md",
         "results.json",
     ]
-    assert {"n_folds", "n_permutations", "seed", "subsample", "mask", "classifier"} <= set(
+    assert {"n_folds", "permutations", "seed", "subsample", "mask", "classifier"} <= set(
         on_disk["config"]
     )
     assert set(on_disk["software"]) >= {"numpy", "scikit-learn", "nibabel", "matplotlib"}
@@ -253,7 +255,7 @@ def test_subsample_and_cli(decoded, tmp_path: Path, capsys: pytest.CaptureFixtur
         "60",
         "--jobs",
         "1",
-        "--n-permutations",
+        "--permutations",
         "1",
         "--n-folds",
         "3",
@@ -345,7 +347,7 @@ def test_parallel_jobs_respects_memory_budget() -> None:
 
 def test_permutation_p_value_signal_and_null(tmp_path: Path) -> None:
     """100 permutations: planted signal gives the smallest p, 1/101; shuffled labels a large p."""
-    cfg = dec.DecodeConfig(n_folds=3, n_permutations=100, jobs=2)
+    cfg = dec.DecodeConfig(n_folds=3, permutations=100, jobs=2)
     runs = {"n_runs": 6, "trials_per_run": (12, 11), "classes": ("food", "kitchen", "sports")}
     signal = tmp_path / "signal"
     make_curated(signal, 1, seed=7, **runs)
@@ -367,7 +369,7 @@ def test_permutation_p_value_signal_and_null(tmp_path: Path) -> None:
 
     # the same permutations in another process and with one job: identical results
     out = tmp_path / "cli"
-    argv = ["decode", "--curated", str(null), "--out", str(out), "--n-permutations", "100"]
+    argv = ["decode", "--curated", str(null), "--out", str(out), "--permutations", "100"]
     argv += ["--n-folds", "3", "--jobs", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "nsdprep", *argv], check=True, env=env)
@@ -390,7 +392,7 @@ def test_cross_validate_leaves_data_untouched_and_uses_run_splits(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ms, "permutation_test_score", spy)
-    cv = dec.cross_validate(X, y, runs, dec.DecodeConfig(n_folds=4, n_permutations=2, jobs=2), 1)
+    cv = dec.cross_validate(X, y, runs, dec.DecodeConfig(n_folds=4, permutations=2, jobs=2), 1)
     # labels are permuted within runs, in the same checked run-grouped splits
     assert seen["groups"] is runs and seen["cv"] is cv["splits"]
     # the in-place scaler only ever sees the rows gathered for one fit or prediction
@@ -409,15 +411,15 @@ def test_cross_validate_leaves_data_untouched_and_uses_run_splits(
 
 
 def test_make_decode_passes_permutations(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(steps.inventory, "select_subjects", lambda ds, subjects: [1, 2])
-    (step,) = steps.steps_for("decode", tmp_path, steps.Options(permutations=7))
+    monkeypatch.setattr(pipeline.inventory, "select_subjects", lambda ds, subjects: [1, 2])
+    (step,) = steps.steps_for("decode", tmp_path, Options(permutations=7))
     cmd = list(step.command)
-    assert cmd[cmd.index("--n-permutations") + 1] == "7"
+    assert cmd[cmd.index("--permutations") + 1] == "7"
     args = build_parser("decode").parse_args(cmd[3:])  # what `python -m nsdprep` will parse
-    assert args.n_permutations == 7 and args.subjects == [1, 2]
-    (default,) = steps.steps_for("decode", tmp_path, steps.Options())
-    assert default.command[default.command.index("--n-permutations") + 1] == "100"
-    with pytest.raises(UsageError, match="PERMUTATIONS must be >= 0"):
-        steps.Options(permutations=-1)
-    with pytest.raises(UsageError, match="--n-permutations must be >= 0"):
-        dec.DecodeConfig(n_permutations=-1)
+    assert options.from_args(args).permutations == 7 and args.subjects == [1, 2]
+    (default,) = steps.steps_for("decode", tmp_path, Options())
+    assert default.command[default.command.index("--permutations") + 1] == "100"
+    with pytest.raises(UsageError, match="PERMUTATIONS"):
+        Options(permutations=-1)
+    with pytest.raises(UsageError, match="--permutations must be >= 0"):
+        dec.DecodeConfig(permutations=-1)

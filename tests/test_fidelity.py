@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from nsdprep import pipeline
 from nsdprep.core import nsd
 from nsdprep.core.errors import FormatError
 from nsdprep.core.nifti import (
@@ -32,6 +33,7 @@ from nsdprep.core.nifti import (
     on_mni152_grid,
     read_header,
 )
+from nsdprep.options import Options
 from nsdprep.stages import labels as coco
 from nsdprep.stages.labels import stim_info
 from nsdprep.stages.resample import nearest_on_grid, resample_session
@@ -453,13 +455,14 @@ def test_make_curated_valid_then_decode_with_its_mask(demo_nsd_header: dict) -> 
 def test_make_crop_labels_counts_changed_images_and_trials(demo_nsd_header: dict) -> None:
     ds = demo_nsd_header["ds"]
     man = json.loads((demo_nsd_header["synth"] / "synth_manifest.json").read_text())
-    summary = (ds / nsd.summary_path(nsd.COCO_CATEGORIES_CROP)).read_text()
+    crop = Options(labels="crop")
+    summary = (ds / nsd.summary_path(pipeline.labels_table(crop))).read_text()
     changed = sum(a != b for a, b in zip(man["labels"], man["crop_labels"], strict=True))
     assert f"crop\tchanged_supercat\t{changed}\n" in summary
-    readme = (ds / nsd.CURATED_CROP_DIR / "README.md").read_text()
+    readme = (ds / pipeline.curated_dir(crop) / "README.md").read_text()
     assert "## Crop-aware labels" in readme
     for s in range(1, len(NsdHeaderDemo().sessions) + 1):
-        trials = pd.read_csv(nsd.curated_files(s, ds / nsd.CURATED_CROP_DIR).trials, sep="\t")
+        trials = pd.read_csv(nsd.curated_files(s, ds / pipeline.curated_dir(crop)).trials, sep="\t")
         assert (trials["supercat"] == pd.Series(man["crop_labels"])[trials["nsdId"]].values).all()
         differ = int((trials["supercat"].values != np.array(man["labels"])[trials["nsdId"]]).sum())
         assert f"| {nsd.bids_subject_label(s)} | {len(trials)} | {differ} |" in readme

@@ -69,5 +69,5 @@ def test_load_curated_names_the_build_command(tmp_path: Path) -> None:
 
     with pytest.raises(MissingInputError, match="make curated"):
         nsdprep.load_curated(3, dataset=tmp_path)
-    with pytest.raises(UsageError, match="labels must be"):
+    with pytest.raises(UsageError, match="LABELS"):
         nsdprep.load_curated(3, dataset=tmp_path, labels="crops")  # type: ignore[arg-type]

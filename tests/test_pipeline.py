@@ -137,6 +137,24 @@ def test_second_make_does_nothing(built: Path, git_env) -> None:
     assert git_out(built, "rev-parse", "HEAD") == head
 
 
+def test_byte_neutral_options_leave_every_step_up_to_date(built: Path, git_env) -> None:
+    """JOBS, DROP and PREFETCH change no byte: after a default run, every step is up to date."""
+    head = git_out(built, "rev-parse", "HEAD")
+    env = loopback_env(git_env)
+    subjects = range(1, len(LAYOUT.sessions) + 1)
+    for target, extra in (("3mm", ["DROP=1"]), ("3mm", ["JOBS=1"]),
+                          ("3mm", ["DROP=1", "PREFETCH=3"]), ("decode", ["JOBS=1"])):  # fmt: skip
+        proc = subprocess.run(
+            ["make", "-C", str(built), target, f"VENV={VENV}", *LAYOUT.make_vars(), *extra],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout
+        names = [f"3mm subj{s:02d}" for s in subjects] if target == "3mm" else ["decode"]
+        for name in names:
+            assert f"{name}: up to date" in proc.stdout, (extra, proc.stdout)
+    assert git_out(built, "rev-parse", "HEAD") == head
+
+
 @pytest.mark.parametrize("step", ["coco-labels", "3mm subj02", "curated", "decode"])
 def test_rerun_reproduces_identical_checksums(built: Path, git_env, step: str) -> None:
     commit = git_out(built, "log", "-F", f"--grep=[nsdprep] {step}", "--format=%H", "-n1").strip()
@@ -274,7 +292,7 @@ def test_decode_reads_the_matrix_with_identical_results(built: Path, tmp_path: P
     env = {**os.environ, "PYTHONPATH": str(built / "code"), "OMP_NUM_THREADS": "1"}
     subprocess.run(
         [sys.executable, "-m", "nsdprep", "decode", "--curated", str(stream), "--out", str(out),
-         "--subjects", "2", "--n-permutations", str(LAYOUT.permutations)],
+         "--subjects", "2", "--permutations", str(LAYOUT.permutations)],
         check=True, env=env, capture_output=True,
     )  # fmt: skip
     recorded = json.loads((built / "derivatives/decoding/results.json").read_text())

@@ -24,10 +24,12 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, git_out
+from nsdprep import options
 from nsdprep.core import dataset
 from nsdprep.core.errors import UsageError
 from nsdprep.core.nsd import Layout
 from nsdprep.drive import steps
+from nsdprep.options import Options
 from nsdprep.stages import resample
 from nsdprep.testing.demo import DemoSpec, build_demo
 from nsdprep.testing.serve import Mirror
@@ -170,30 +172,23 @@ def test_failed_session_stops_fetching_and_drops(
 
 
 def test_prefetch_option_checks() -> None:
-    assert resample.prefetch_from_env(3) == 3
-    with pytest.raises(UsageError, match="prefetch"):
-        resample.prefetch_from_env(-1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(resample.PREFETCH_ENV, "2")
-        assert resample.prefetch_from_env() == 2
-        mp.setenv(resample.PREFETCH_ENV, "two")
-        with pytest.raises(UsageError, match=resample.PREFETCH_ENV):
-            resample.prefetch_from_env()
-        mp.delenv(resample.PREFETCH_ENV)
-        assert resample.prefetch_from_env() == resample.DEFAULT_PREFETCH
+    assert options.from_words(["PREFETCH=3"]).prefetch == 3
+    for bad in ("-1", "two"):
+        with pytest.raises(UsageError, match=r"^PREFETCH=.* PREFETCH takes a whole number >= 0"):
+            options.from_words([f"PREFETCH={bad}"])
     with pytest.raises(UsageError, match="PREFETCH"):
-        steps.Options(prefetch=-1)
+        Options(prefetch=-1)
 
 
-def test_prefetch_is_not_in_the_recorded_command(origin: Path) -> None:
-    """PREFETCH changes no output byte: the command (and so the fingerprint) must not depend on it."""
+def test_prefetch_and_jobs_are_not_in_the_fingerprint(origin: Path) -> None:
+    """PREFETCH, JOBS and DROP change no output byte: the step's identity must not depend on them."""
     plans = [
-        steps.steps_for("3mm", origin, steps.Options(drop=True, prefetch=p, subjects=(1,)))
-        for p in (0, 1, 4)
+        steps.steps_for("3mm", origin, Options(drop=d, prefetch=p, jobs=j, subjects=(1,)))
+        for p, j, d in ((0, 1, True), (1, 2, True), (4, 3, False))
     ]
-    commands = {plan[0].command for plan in plans}
-    assert len(commands) == 1
-    assert not any("prefetch" in part for part in commands.pop())
+    assert len({plan[0].command for plan in plans}) == 3  # each run records what it did
+    assert len({tuple(plan[0].identity()) for plan in plans}) == 1
+    assert "--prefetch" in plans[0][0].command
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -30,12 +31,15 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, git_out
+from nsdprep import options
 from nsdprep.core import nsd
 from nsdprep.core.errors import UsageError
 from nsdprep.core.nsd import Layout
-from nsdprep.drive import build, steps
+from nsdprep.drive import build
 from nsdprep.drive.slurm import plan as slurm_plan
 from nsdprep.drive.slurm import submit as slurm_submit
+from nsdprep.options import Options
+from nsdprep.pipeline import Input, Step
 from nsdprep.testing.demo import DemoSpec, loopback_env, user_clone
 from nsdprep.testing.serve import Mirror
 from nsdprep.testing.slurm.cluster import SlurmCluster
@@ -170,6 +174,14 @@ def run(cluster: SlurmCluster, git_env, tmp_path_factory: pytest.TempPathFactory
         facts["head_before_rerun"] = git_out(ds, "rev-parse", "HEAD").strip()
         facts["rerun"] = _make(ds, env, "rerun", f"REV={facts['rerun_commit']}")
         facts["head_after_rerun"] = git_out(ds, "rev-parse", "HEAD").strip()
+        # 5. a step that fails on the nodes under output-changing options (its job scratch
+        #    cannot be made): the resubmit command it prints carries every option
+        blocked = work / "not-a-folder"
+        blocked.write_text("a file where the job scratch should go\n")
+        facts["curated_valid"] = _make(
+            ds, env, "curated", *slurm, "VALID=1", "FORCE=1", "WAIT=1", f"SCRATCH={blocked}/x"
+        )
+        facts["blocked_scratch"] = f"{blocked}/x"
         thread.join(timeout=600)
     facts["seconds"]["both pipelines"] = time.monotonic() - facts["began"]
     facts.update(ds=ds, ref=ref, store=store, scratch=scratch, env=env)
@@ -197,14 +209,41 @@ def test_failing_task_is_reported_with_node_log_and_resubmit_command(run: dict) 
     assert re.search(r"SLURM \d+_1: FAILED, exit 2:0, node localhost", out), out
     # the stage's own error, from the end of the task's log
     assert re.search(r"nsdprep resample: error: .*subj02/.*betas_session01.nii.gz: gzip", out), out
-    assert "make 3mm BACKEND=slurm JOBS=1 RUNS_PER_SESSION=6 TRIALS_PER_RUN=8,7" in out, out
-    assert 'SUBJECTS="02"' in out and "SLURM_OPTS='--time=10 --comment=nsdprep-test'" in out, out
+    again = options.from_words(_resubmit_words(out, "3mm"))
+    assert again.subjects == (FAILING,) and again.jobs == 1 and again.backend == "slurm", out
+    assert again.layout == SPEC.layout and again.slurm_opts == "--time=10 --comment=nsdprep-test"
     # SLURM_OPTS reached sbatch: one task per step, each with the requested limit and comment
     fields = run["sbatch_fields"]
     assert sorted(fields) == ["0", "1"], fields
     assert {(f["TimeLimit"], f["Comment"], f["NumCPUs"]) for f in fields.values()} == {
         ("00:10:00", "nsdprep-test", "1")
     }, fields
+
+
+def _resubmit_words(out: str, target: str) -> list[str]:
+    """The words after ``make <target>`` of the resubmit line the report printed."""
+    lines = out.splitlines()
+    line = lines[lines.index("Nothing of the failed step(s) was recorded or pushed. Resubmit only "
+                             "them with:") + 1]  # fmt: skip
+    words = shlex.split(line)
+    assert words[:2] == ["make", target], line
+    return words[2:]
+
+
+@on_slurm
+def test_resubmit_of_a_failed_curated_keeps_its_options(run: dict) -> None:
+    """``make curated VALID=1 BACKEND=slurm`` failed on the node: its resubmit has VALID=1 too."""
+    rc, out, _ = run["curated_valid"]
+    assert rc != 0 and "(1 task(s)): 0 merged, 1 failed" in out, out
+    words = _resubmit_words(out, "curated")
+    assert "VALID=1" in words and "FORCE=1" in words, words
+    again = options.from_words(words)
+    expected = Options(
+        subjects=(1, 2), jobs=1, force=True, valid=True, runs_per_session=6,
+        trials_per_run=(8, 7), backend="slurm", slurm_opts="--time=10 --comment=nsdprep-test",
+        wait=True, scratch=run["blocked_scratch"], ria=f"ria+file://{run['store']}",
+    )  # fmt: skip
+    assert again == expected, words
 
 
 @on_slurm
@@ -331,66 +370,66 @@ def _git_init(path: Path) -> Path:
 def test_submit_without_slurm_commands_says_where_to_run(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(slurm_submit.shutil, "which", lambda tool: None)
     with pytest.raises(UsageError, match=r"sbatch, squeue, scontrol not found on PATH.*login node"):
-        slurm_submit.submit("3mm", tmp_path, steps.Options(backend="slurm"))
+        slurm_submit.submit("3mm", tmp_path, Options(backend="slurm"))
 
 
 def test_backend_slurm_runs_only_datalad_run_targets(git_env, tmp_path: Path) -> None:
     ds = _git_init(tmp_path / "ds")
     with pytest.raises(UsageError, match="BACKEND=slurm runs 3mm, coco-labels, curated, decode"):
-        build.run_target("rerun", ds, steps.Options(backend="slurm"))
+        build.run_target("rerun", ds, Options(backend="slurm"))
     proc = subprocess.run(
-        [sys.executable, "-m", "nsdprep", "build", "3mm", "--backend", "cloud"],
+        [sys.executable, "-m", "nsdprep", "build", "3mm", "BACKEND=cloud"],
         cwd=ds, capture_output=True, text=True,
     )  # fmt: skip
-    assert proc.returncode == 2 and "BACKEND must be 'local' or 'slurm'" in proc.stderr
+    assert proc.returncode == 2 and "BACKEND takes one of local, slurm" in proc.stderr
 
 
 def test_an_output_store_is_required(tmp_path: Path) -> None:
     ds = _git_init(tmp_path / "ds")
     with pytest.raises(UsageError, match=r"needs an output store.*RIA=ria\+file://"):
-        slurm_submit.store_url(ds, steps.SlurmOptions())
+        slurm_submit.store_url(ds, Options())
     url = "ria+file:///shared/store"
-    assert slurm_submit.store_url(ds, steps.SlurmOptions(ria=url)) == url
+    assert slurm_submit.store_url(ds, Options(ria=url)) == url
 
 
-def _plan(ds: Path, opts: steps.Options) -> slurm_plan.Plan:
+def _plan(ds: Path, opts: Options) -> slurm_plan.Plan:
     tasks = tuple(
         slurm_plan.Task(
-            step=steps.Step("3mm", f"3mm subj{s:02d}", ("python", "-c", "1"), ("in",), ("out",)),
+            step=Step("3mm", (s,), opts, (Input("in", "make inputs"),), ("out",), ("x",)),
             fingerprint=f"{s:016x}",
             branch=f"nsdprep-slurm/x/task-{i}",
-            subjects=(s,),
         )
         for i, s in enumerate((1, 3))
     )
     return slurm_plan.Plan(
         id="x", target="3mm", dataset=str(ds), branch="main", base="0" * 40, store="ria+file:///s",
         source="ria+file:///s#id", sibling="ria", storage="ria-storage", scratch="",
-        make_vars=tuple(slurm_submit.make_variables(opts)), tasks=tasks, array_job="7", finish_job="8",
+        opts=opts, tasks=tasks, array_job="7", finish_job="8",
     )  # fmt: skip
 
 
 def test_resubmit_command_names_the_failed_subjects_and_the_options(tmp_path: Path) -> None:
-    opts = steps.Options(
+    opts = Options(
         jobs=1,
         drop=True,
-        layout=Layout(6, (8, 7)),
+        runs_per_session=6,
+        trials_per_run=(8, 7),
         backend="slurm",
-        slurm=steps.SlurmOptions(
-            sbatch_args=("--time=1:00:00", "--mem=4G"), ria="ria+file:///s", wait=True
-        ),
+        slurm_opts="--time=1:00:00 --mem=4G",
+        ria="ria+file:///s",
+        wait=True,
     )
     plan = _plan(tmp_path, opts)
     assert plan.resubmit_command([plan.tasks[1]]) == (
-        "make 3mm BACKEND=slurm JOBS=1 DROP=1 RUNS_PER_SESSION=6 TRIALS_PER_RUN=8,7 "
-        "SLURM_OPTS='--time=1:00:00 --mem=4G' RIA=ria+file:///s WAIT=1 SUBJECTS=\"03\""
+        "make 3mm SUBJECTS=03 JOBS=1 DROP=1 RUNS_PER_SESSION=6 TRIALS_PER_RUN=8,7 BACKEND=slurm "
+        "'SLURM_OPTS=--time=1:00:00 --mem=4G' WAIT=1 RIA=ria+file:///s"
     )
-    default = _plan(tmp_path, steps.Options(backend="slurm"))
-    assert default.resubmit_command(default.tasks) == 'make 3mm BACKEND=slurm SUBJECTS="01 03"'
+    default = _plan(tmp_path, Options(backend="slurm"))
+    assert default.resubmit_command(default.tasks) == "make 3mm 'SUBJECTS=01 03' BACKEND=slurm"
 
 
 def test_plan_survives_its_json_file(tmp_path: Path) -> None:
-    plan = _plan(_git_init(tmp_path / "ds"), steps.Options(backend="slurm"))
+    plan = _plan(_git_init(tmp_path / "ds"), Options(backend="slurm", valid=True, permutations=20))
     plan.save()
     assert (tmp_path / "ds/.git/nsdprep-slurm/x/plan.json").is_file()
     assert slurm_plan.Plan.load(plan.folder) == plan

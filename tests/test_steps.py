@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 
 from conftest import git_out
+from nsdprep import pipeline
 from nsdprep.core import dataset
 from nsdprep.core.errors import DatasetStateError, NsdPrepError
 from nsdprep.drive import steps
+from nsdprep.options import Options
+from nsdprep.pipeline import Input, Step
 
 
 @pytest.fixture
@@ -24,7 +27,27 @@ def ds(git_env, tmp_path: Path) -> Path:
     return root
 
 
-def _step(code: str = "", name: str = "sum") -> steps.Step:
+@pytest.fixture(autouse=True)
+def _own_stages():
+    """The stages these tests register are gone afterwards."""
+    before = dict(pipeline.STAGES)
+    yield
+    pipeline.STAGES.clear()
+    pipeline.STAGES.update(before)
+
+
+def script_step(name: str, program: tuple[str, ...], inputs: tuple[str, ...], out: str) -> Step:
+    """A step of a one-off stage ``name`` that runs ``program`` (registered for this test only)."""
+    pipeline.STAGES[name] = pipeline.Stage(
+        target=name, command=name, module="", help="", needs=(), fetches=False, cut="none",
+        variant=lambda opts: "", args=lambda step: (), inputs=lambda ds, opts, subjects: (),
+        outputs=lambda opts, subjects: (out,), estimate=lambda ds, step, total: 0,
+        program=program,
+    )  # fmt: skip
+    return Step(name, (), Options(), tuple(Input(p, "make it") for p in inputs), (out,))
+
+
+def _step(code: str = "", name: str = "sum") -> Step:
     script = (
         "import pathlib,sys;"
         "n=sum(int(x) for x in pathlib.Path('in.txt').read_text().split());"
@@ -32,7 +55,7 @@ def _step(code: str = "", name: str = "sum") -> steps.Step:
         "pathlib.Path('out').mkdir(exist_ok=True);"
         "pathlib.Path('out/sum.txt').write_text(str(n))"
     )
-    return steps.Step("test", name, (sys.executable, "-c", script), ("in.txt",), ("out",))
+    return script_step(name, (sys.executable, "-c", script), ("in.txt",), "out")
 
 
 def _n_commits(ds: Path) -> int:
@@ -96,11 +119,11 @@ def test_leftovers_of_an_interrupted_run_are_removed(ds: Path) -> None:
     assert (ds / "out/sum.txt").read_text() == "6"
 
 
-def _writer(out: str) -> steps.Step:
+def _writer(out: str) -> Step:
     script = (
         f"import pathlib;pathlib.Path('{out}').mkdir();pathlib.Path('{out}/a.txt').write_text('a')"
     )
-    return steps.Step("test", f"write {out}", (sys.executable, "-c", script), ("in.txt",), (out,))
+    return script_step(f"write-{out}", (sys.executable, "-c", script), ("in.txt",), out)
 
 
 def test_run_killed_in_a_later_step_is_resumed_from_the_first(ds: Path) -> None:
@@ -149,6 +172,6 @@ def test_rerun_reproduces_identical_output(ds: Path, git_env) -> None:
 
 
 def test_unregistered_input_is_a_clear_error(ds: Path) -> None:
-    step = steps.Step("test", "x", ("true",), ("missing.txt",), ("out",))
+    step = script_step("x", ("true",), ("missing.txt",), "out")
     with pytest.raises(DatasetStateError, match="input missing.txt has not been made yet"):
         steps.execute(ds, step)

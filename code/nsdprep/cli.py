@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 
+from nsdprep import pipeline
 from nsdprep.core._io import describe_os_error
 from nsdprep.core.errors import NsdPrepError
 from nsdprep.core.provenance import command_line
@@ -37,49 +38,23 @@ EXIT_INTERRUPTED = 130
 #: Commands that write into the dataset they get as ``--dataset`` (refused at once if read-only).
 WRITES_DATASET = ("inputs", "build", "publish")
 
-#: Pipeline stages (recorded by ``datalad run``): command -> (module, make target, one-line help).
-STAGES: dict[str, tuple[str, str, str]] = {
-    "inputs": ("nsdprep.stages.inputs", "inputs", "register inputs/nsd and inputs/coco by URL"),
-    "coco": (
-        "nsdprep.stages.labels",
-        "coco-labels",
-        "merge COCO train+val (ids kept), label NSD images",
-    ),
-    "resample": (
-        "nsdprep.stages.resample",
-        "3mm",
-        "resample 1 mm betas to 3 mm + grey-matter mask",
-    ),
-    "curate": ("nsdprep.stages.curate", "curated", "equalized trials, labels and runs per subject"),
-    "decode": (
-        "nsdprep.stages.decode",
-        "decode",
-        "run-grouped cross-validated decoding and report",
-    ),
-}
-#: Commands around the stages: command -> (module, one-line help).
-COMMANDS: dict[str, tuple[str, str]] = {
-    "build": (
-        "nsdprep.drive.build",
-        "make a target through `datalad run` (what the Makefile calls)",
-    ),
-    "publish": (
-        "nsdprep.drive.publish",
-        "publish the dataset to a RIA store (create-sibling-ria, push)",
-    ),
-}
-#: Tools for the demo and the tests (synthetic data, a loopback mirror), not pipeline stages.
-TOOLS: dict[str, tuple[str, str]] = {
-    "synth": ("nsdprep.testing.synth", "write synthetic NSD + COCO data in the real formats"),
-    "serve": ("nsdprep.testing.serve", "serve a folder on 127.0.0.1 as a minimal S3-like mirror"),
-}
-
 
 def _modules() -> dict[str, tuple[str, str]]:
-    stages = {
-        name: (mod, f"[stage; make {target}] {h}") for name, (mod, target, h) in STAGES.items()
+    """Every command: its module and help line, from the pipeline's records."""
+    out = {
+        s.command: (s.module, f"[stage; make {s.target}] {s.help}")
+        for s in pipeline.STAGES.values()
     }
-    return {**stages, **COMMANDS, **{k: (m, f"[tool] {h}") for k, (m, h) in TOOLS.items()}}
+    out |= {
+        a.command: (a.module, f"[make {a.target}] {a.help}")
+        for a in pipeline.ACTIONS.values()
+        if a.command
+    }
+    out["build"] = (
+        "nsdprep.drive.build",
+        "make a target (what the Makefile calls): nsdprep build 3mm SUBJECTS=01",
+    )
+    return out | {k: (m, f"[tool] {h}") for k, (m, h) in pipeline.TOOLS.items()}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
+from nsdprep import pipeline
 from nsdprep.core import nsd
-from nsdprep.core.errors import MissingInputError, UsageError
-
-Labels = Literal["default", "legacy"]
+from nsdprep.core.errors import MissingInputError
+from nsdprep.options import Options
 
 
 def load_curated(
-    subject: int, dataset: str | os.PathLike[str] = ".", labels: Labels = "default"
+    subject: int, dataset: str | os.PathLike[str] = ".", labels: nsd.LabelMode = "default"
 ) -> object:
     """Open one curated subject for analysis.
 
@@ -36,7 +35,9 @@ def load_curated(
     dataset
         Root of the nsdprep dataset (the folder holding ``derivatives/``).
     labels
-        ``"default"`` (``derivatives/curated_3mm``) or ``"legacy"`` (``curated_3mm_legacy``).
+        The label rule the curated folder was made with (``make curated LABELS=...``):
+        ``"default"`` (``derivatives/curated_3mm``), ``"crop"`` (``curated_3mm_crop``) or
+        ``"legacy"`` (``curated_3mm_legacy``).
 
     Returns
     -------
@@ -54,12 +55,11 @@ def load_curated(
 
     from nsdprep.core.matrix import open_matrix, unmask
 
-    if labels not in ("default", "legacy"):
-        raise UsageError(f"labels must be 'default' or 'legacy', got {labels!r}")
-    rel = nsd.curated_dir(labels == "legacy")
+    opts = Options(labels=labels)  # checked like LABELS=...
+    rel = pipeline.curated_dir(opts)
     folder = Path(dataset) / rel
     files = nsd.curated_files(subject, folder)
-    _require_all(files, Path(dataset), rel, subject)
+    _require_all(files, Path(dataset), rel, subject, pipeline.STAGES["curated"].make_command(opts))
     X = open_matrix(files.matrix)
     lab = np.load(files.labels, allow_pickle=False)
     runs = np.load(files.runs, allow_pickle=False)
@@ -90,7 +90,7 @@ def load_curated(
     )
 
 
-def _require_all(files: nsd.CuratedFiles, dataset: Path, rel: str, subject: int) -> None:
+def _require_all(files: nsd.CuratedFiles, dataset: Path, rel: str, subject: int, make: str) -> None:
     """Every file present with content, or one error naming the ``datalad get`` command."""
     absent = [p for p in (files.matrix, files.mask, files.labels, files.runs, files.trials)
               if not p.is_file()]  # fmt: skip
@@ -105,5 +105,6 @@ def _require_all(files: nsd.CuratedFiles, dataset: Path, rel: str, subject: int)
         )
     raise MissingInputError(
         f"{label}: {', '.join(p.name for p in absent)} missing in {dataset / rel}; build the curated "
-        f"derivative with `make curated` (or check the subject and the dataset path)."
+        f"derivative with `{make}` (or check the subject "
+        "and the dataset path)."
     )

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
-if TYPE_CHECKING:  # numpy is imported where it is used: make reads this module before the venv exists
+if (
+    TYPE_CHECKING
+):  # numpy is imported where it is used: make reads this module before the venv exists
     import numpy as np
 
 from nsdprep.core.errors import FormatError, MissingInputError, UsageError
@@ -48,22 +50,20 @@ UNKNOWN = "unknown"
 PERSON = "person"
 
 # -- derivatives ------------------------------------------------------------------------------------
+#: Base paths; the label rule and other output-changing options name the variants of each
+#: (``derivatives/curated_3mm_crop``): :mod:`nsdprep.pipeline` derives them.
 RESAMPLED_DIR = "derivatives/3mm"
 COCO_CATEGORIES = "derivatives/coco_categories.pkl"
-COCO_CATEGORIES_LEGACY = "derivatives/coco_categories_legacy.pkl"
 COCO_MERGED = "derivatives/coco/merged_instances_train_val_2017.json"
+#: The merged JSON of the original, renumbering merge (``LABELS=legacy``).
 COCO_MERGED_LEGACY = "derivatives/coco/legacy_merged_instances_train_val_2017.json"
 CURATED_DIR = "derivatives/curated_3mm"
-CURATED_LEGACY_DIR = "derivatives/curated_3mm_legacy"
 DECODING_DIR = "derivatives/decoding"
-DECODING_LEGACY_DIR = "derivatives/decoding_legacy"
-COCO_CATEGORIES_CROP = "derivatives/coco_categories_crop.pkl"
-CURATED_CROP_DIR = "derivatives/curated_3mm_crop"
-DECODING_CROP_DIR = "derivatives/decoding_crop"
 
 #: Label rules (``LABELS=``): largest annotation on the whole COCO picture (default), the
 #: original defective lookup (legacy), largest annotation inside the crop NSD showed (crop).
-LABEL_MODES = ("default", "legacy", "crop")
+LabelMode = Literal["default", "legacy", "crop"]
+LABEL_MODES: tuple[str, ...] = get_args(LabelMode)
 
 _BETAS_RE = re.compile(
     r"^nsddata_betas/ppdata/subj(?P<subject>\d{2})/MNI/betas_fithrf/"
@@ -128,60 +128,11 @@ def resampled_path(subject: int, session: int) -> str:
     return f"{resampled_subject_dir(subject)}/betas_session{session:02d}.nii.gz"
 
 
-def labels_table(legacy: bool = False) -> str:
-    """The labels table ``make coco-labels`` writes (legacy: the original, defective lookup)."""
-    return COCO_CATEGORIES_LEGACY if legacy else COCO_CATEGORIES
-
-
-def merged_json(legacy: bool = False) -> str:
-    """The merged COCO train+val instances ``make coco-labels`` writes."""
-    return COCO_MERGED_LEGACY if legacy else COCO_MERGED
-
-
 def summary_path(labels_pkl: str) -> str:
     """Human-readable summary written next to a labels table (``x.pkl`` -> ``x_summary.tsv``)."""
     if not labels_pkl.endswith(".pkl"):
         raise UsageError(f"labels table must be a .pkl file, got {labels_pkl!r}")
     return labels_pkl[: -len(".pkl")] + "_summary.tsv"
-
-
-def curated_dir(legacy: bool = False) -> str:
-    """Output folder of ``make curated``."""
-    return CURATED_LEGACY_DIR if legacy else CURATED_DIR
-
-
-def decoding_dir(legacy: bool = False) -> str:
-    """Output folder of ``make decode``."""
-    return DECODING_LEGACY_DIR if legacy else DECODING_DIR
-
-
-def _check_mode(mode: str) -> str:
-    if mode not in LABEL_MODES:
-        raise UsageError(f"LABELS must be one of {', '.join(LABEL_MODES)}; got {mode!r}")
-    return mode
-
-
-def labels_table_for(mode: str) -> str:
-    """The labels table of a label rule (``default``, ``legacy`` or ``crop``)."""
-    return {
-        "default": COCO_CATEGORIES,
-        "legacy": COCO_CATEGORIES_LEGACY,
-        "crop": COCO_CATEGORIES_CROP,
-    }[_check_mode(mode)]
-
-
-def curated_dir_for(mode: str) -> str:
-    """Output folder of ``make curated`` under a label rule."""
-    return {"default": CURATED_DIR, "legacy": CURATED_LEGACY_DIR, "crop": CURATED_CROP_DIR}[
-        _check_mode(mode)
-    ]
-
-
-def decoding_dir_for(mode: str) -> str:
-    """Output folder of ``make decode`` under a label rule."""
-    return {"default": DECODING_DIR, "legacy": DECODING_LEGACY_DIR, "crop": DECODING_CROP_DIR}[
-        _check_mode(mode)
-    ]
 
 
 def curated_mask_path(subject: int, folder: str | os.PathLike[str] = CURATED_DIR) -> Path:

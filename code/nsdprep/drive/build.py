@@ -1,52 +1,51 @@
-"""``nsdprep build TARGET``: what each make target calls.
+"""``nsdprep build TARGET [NAME=value ...]``: what every pipeline make target calls.
 
-It checks the options, installs the input subdatasets the target reads, takes the dataset's lock and
-runs the target's steps (:mod:`nsdprep.drive.steps`) here, or submits them to SLURM (:mod:`nsdprep.drive.slurm`);
-``get``, ``drop``, ``repair`` and ``rerun`` go to the input and dataset modules.
+make hands over the variables of its command line as ``NAME=value`` words; :mod:`nsdprep.options`
+reads and checks them (flags such as ``--jobs 2`` work too, for use without make). Then this module
+installs the input subdatasets the target reads, takes the dataset's lock and runs the target: a
+stage's ``datalad run`` steps (:mod:`nsdprep.drive.steps`) here, or as SLURM jobs
+(:mod:`nsdprep.drive.slurm`); or an action (``inputs``, ``get``, ``drop``, ``repair``, ``rerun``,
+``publish``, ``all``). What each target is lives in :mod:`nsdprep.pipeline`.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
+from nsdprep import options, pipeline
 from nsdprep.core import dataset, inventory, nsd
 from nsdprep.core.errors import DatasetStateError, NsdPrepError, UsageError
-from nsdprep.drive.steps import (
-    CLUSTER_TARGETS,
-    FETCHING,
-    NEEDS,
-    TARGETS,
-    Options,
-    SlurmOptions,
-    run_plan,
-    steps_for,
-)
+from nsdprep.drive.steps import run_plan, steps_for
+from nsdprep.options import Options
 
 
-def run_target(target: str, ds: Path, opts: Options) -> int:
-    """Make ``target`` in ``ds`` under the lock: its ``datalad run`` steps, or get/drop/rerun/repair."""
-    ensure_inputs(ds, NEEDS.get(target, ()))
+def run_target(target: str, ds: Path, opts: Options, command: str = "") -> int:
+    """Make ``target`` in ``ds``: its ``datalad run`` steps, or the action it names."""
+    if target == "all":
+        return make_all(ds, opts)
+    if target == "inputs":
+        return _register(ds, opts, command)
+    stage, action = pipeline.STAGES.get(target), pipeline.ACTIONS.get(target)
+    needs = stage.needs if stage else action.needs if action else ()
+    ensure_inputs(ds, needs)
     dataset.ensure_annex(ds)
-    if target == "3mm":
-        from nsdprep.stages.resample import PREFETCH_ENV
-
-        os.environ[PREFETCH_ENV] = str(opts.prefetch)  # read by the stage, not in its record
+    if target == "publish":
+        return _publish(ds, opts)
     if opts.backend == "slurm":
-        if target not in CLUSTER_TARGETS:
+        if stage is None:
             raise UsageError(
-                f"BACKEND=slurm runs {', '.join(CLUSTER_TARGETS)}; `make {target}` runs locally"
+                f"BACKEND=slurm runs {', '.join(pipeline.STAGES)}; `make {target}` runs locally"
             )
         from nsdprep.drive.slurm.submit import submit
 
         return submit(target, ds, opts)
+    fetches = stage.fetches if stage else action.fetches if action else False
     with dataset.lock(ds, f"make {target}"):
-        for rel in NEEDS.get(target, ()):
+        for rel in needs:
             dataset.clear_stale_index_lock(ds / rel)  # a run killed while fetching
-            if target in FETCHING:
+            if fetches:
                 dataset.configure_transfers(ds / rel)
         if target == "rerun":
             commit = check_rerun_rev(ds, opts.rev)
@@ -67,6 +66,35 @@ def run_target(target: str, ds: Path, opts: Options) -> int:
             fn(ds, subjects)
             return 0
         run_plan(ds, steps_for(target, ds, opts), force=opts.force)
+    return 0
+
+
+def make_all(ds: Path, opts: Options) -> int:
+    """Every derivative in order; with ``BACKEND=slurm`` each waits for the one before."""
+    if opts.backend == "slurm":
+        opts = opts.replace(wait=True)
+    for target in pipeline.ALL:
+        code = run_target(target, ds, opts)
+        if code:
+            return code
+    return 0
+
+
+def _register(ds: Path, opts: Options, command: str) -> int:
+    from nsdprep.stages import inputs
+
+    added = inputs.register_inputs(ds, opts.nsd_url, opts.coco_url, opts.subjects or None, command)
+    print("registered (new files): " + ", ".join(f"{k}: {v}" for k, v in added.items()))
+    return 0
+
+
+def _publish(ds: Path, opts: Options) -> int:
+    from nsdprep.drive import publish
+
+    if not opts.ria:
+        raise UsageError("make publish needs RIA=<store URL>, e.g. RIA=ria+file:///data/ria-store")
+    url = publish.publish(ds, opts.ria, sibling=opts.ria_sibling, alias=opts.alias)
+    print(f"published. Clone it with:\n  datalad clone '{url}' nsd-decoding")
     return 0
 
 
@@ -114,85 +142,22 @@ def check_rerun_rev(ds: Path, rev: str) -> str:
 # CLI
 
 
-def _subjects(text: str) -> tuple[int, ...]:
-    return nsd.parse_int_list(text, "SUBJECTS")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``nsdprep build TARGET`` (what the Makefile passes)."""
-    parser.add_argument("target", choices=TARGETS)
+    """``nsdprep build TARGET [NAME=value ...] [--flag value ...]``: every option of the spec."""
+    parser.add_argument("target", choices=pipeline.build_targets())
+    parser.add_argument(
+        "words", nargs="*", metavar="NAME=value", help="make variables, e.g. SUBJECTS=01 JOBS=2"
+    )
     parser.add_argument("--dataset", type=Path, default=Path.cwd(), help="superdataset root")
-    parser.add_argument("--subjects", nargs="*", default=[], help="e.g. 01 02 (default: all)")
-    parser.add_argument("--jobs", default="2", help="worker processes inside one step")
-    parser.add_argument("--drop", action="store_true", help="3mm: get/drop each input session")
-    parser.add_argument("--prefetch", default="1", help="3mm --drop: sessions fetched ahead")
-    parser.add_argument("--force", action="store_true", help="rebuild even if inputs changed")
-    parser.add_argument("--labels", default="default", help="default, legacy or crop")
-    parser.add_argument(
-        "--valid", action="store_true", help="curated: keep voxels valid in every session only"
-    )
-    parser.add_argument("--runs-per-session", default="12")
-    parser.add_argument("--trials-per-run", default="63,62")
-    parser.add_argument("--subsample", default="0")
-    parser.add_argument("--permutations", default="100", help="decode: label permutations")
-    parser.add_argument("--rev", default="HEAD", help="rerun: the commit (or range) to re-execute")
-    parser.add_argument(
-        "--backend", default="local", help="local, or slurm (see nsdprep.drive.slurm)"
-    )
-    parser.add_argument("--slurm-opts", default="", help="slurm: extra sbatch arguments")
-    parser.add_argument("--wait", action="store_true", help="slurm: wait for the result")
-    parser.add_argument("--ria", default="", help="slurm: output store (RIA URL)")
-    parser.add_argument("--ria-sibling", default="ria", help="slurm: the store's sibling name")
-    parser.add_argument(
-        "--alias", default="nsdprep", help="slurm: the dataset's alias in the store"
-    )
-    parser.add_argument("--scratch", default="", help="slurm: folder for job clones ($TMPDIR)")
+    options.add_arguments(parser, options.SPECS)
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of ``nsdprep build``: check the options, then make the target."""
-    if args.labels not in nsd.LABEL_MODES:
-        raise UsageError(f"LABELS must be one of {', '.join(nsd.LABEL_MODES)}, got {args.labels!r}")
-    if args.backend not in ("local", "slurm"):
-        raise UsageError(f"BACKEND must be 'local' or 'slurm', got {args.backend!r}")
-    (jobs,) = _one_int(args.jobs, "JOBS")
-    (subsample,) = _one_int(args.subsample, "SUBSAMPLE")
-    (prefetch,) = _one_int(args.prefetch, "PREFETCH")
-    (permutations,) = _one_int(args.permutations, "PERMUTATIONS")
-    opts = Options(
-        subjects=tuple(s for item in args.subjects for s in _subjects(item)),
-        jobs=jobs,
-        drop=args.drop,
-        prefetch=prefetch,
-        force=args.force,
-        labels=args.labels,
-        valid=args.valid,
-        layout=nsd.Layout.parse(args.runs_per_session, args.trials_per_run),
-        subsample=subsample,
-        permutations=permutations,
-        rev=args.rev,
-        backend=args.backend,
-        slurm=SlurmOptions(
-            sbatch_args=tuple(shlex.split(args.slurm_opts)),
-            wait=args.wait,
-            ria=args.ria,
-            sibling=args.ria_sibling,
-            alias=args.alias,
-            scratch=args.scratch,
-        ),
-    )
-    for s in opts.subjects:
-        nsd.subject_label(s)  # 1..99, or a clear error
+    """Entry point of ``nsdprep build``: read the options, then make the target."""
+    opts = options.from_args(args, options.from_words(args.words))
     ds = args.dataset.resolve()
     if not dataset.is_dataset(ds):
         raise DatasetStateError(
             f"{ds} is not a DataLad dataset (no .datalad/); run make from its root"
         )
-    return run_target(args.target, ds, opts)
-
-
-def _one_int(text: str, what: str) -> tuple[int]:
-    values = nsd.parse_int_list(text, what)
-    if len(values) != 1:
-        raise UsageError(f"{what}: expected one integer, got {text!r}")
-    return values  # type: ignore[return-value]
+    return run_target(args.target, ds, opts, getattr(args, "command_line", ""))

@@ -19,13 +19,14 @@ import logging
 import re
 from pathlib import Path
 
+from nsdprep import options
 from nsdprep.core import dataset, nsd
 from nsdprep.core.errors import DatasetStateError, UsageError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIBLING = "ria"
-DEFAULT_ALIAS = "nsdprep"
+DEFAULT_SIBLING = options.Options().ria_sibling
+DEFAULT_ALIAS = options.Options().alias
 _RIA_RE = re.compile(r"^ria\+(file|ssh|http|https)://")
 
 
@@ -94,15 +95,16 @@ def _sibling(ds: Path, url: str, name: str, *, storage: str, alias: str) -> None
 
 # -- CLI ------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``python -m nsdprep publish --ria URL [--sibling ria] [--alias nsdprep] [--dataset .]``."""
-    parser.add_argument("--ria", required=True, help="RIA store URL, e.g. ria+file:///data/store")
-    parser.add_argument("--sibling", default=DEFAULT_SIBLING, help="sibling name (default: ria)")
-    parser.add_argument("--alias", default=DEFAULT_ALIAS, help="name to clone the dataset by")
+    """``python -m nsdprep publish --ria URL [--ria-sibling ria] [--alias nsdprep] [--dataset .]``."""
     parser.add_argument("--dataset", type=Path, default=Path("."), help="superdataset root")
+    options.add_arguments(parser, [options.spec(n) for n in ("ria", "ria_sibling", "alias")])
 
 
 def main(args: argparse.Namespace) -> int:
     """Publish and print the clone command."""
-    url = publish(args.dataset, args.ria, sibling=args.sibling, alias=args.alias)
+    opts = options.from_args(args)
+    if not opts.ria:
+        raise UsageError("publish needs --ria <store URL>, e.g. --ria ria+file:///data/ria-store")
+    url = publish(args.dataset, opts.ria, sibling=opts.ria_sibling, alias=opts.alias)
     print(f"published. Clone it with:\n  datalad clone '{url}' nsd-decoding")
     return 0

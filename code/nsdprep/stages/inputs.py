@@ -32,6 +32,7 @@ import urllib.parse
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from nsdprep import options
 from nsdprep.core import dataset, inventory, nsd, provenance
 from nsdprep.core._io import atomic_path
 from nsdprep.core.bucket import NSD_403_HINT, list_bucket, list_prefixes, object_url, remote_size
@@ -399,19 +400,20 @@ def _verify_sizes(nsd_ds: Path, rel_paths: Sequence[str]) -> None:
 
 # -- CLI ------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``python -m nsdprep inputs --nsd-url URL --coco-url URL [--dataset .] [--subjects 1 2]``."""
-    parser.add_argument("--nsd-url", default=nsd.NSD_BASE_URL, help="NSD bucket base URL")
-    parser.add_argument("--coco-url", default=nsd.COCO_ANNOTATIONS_URL, help="COCO zip URL")
+    """``python -m nsdprep inputs [--nsd-url URL] [--coco-url URL] [--subjects 1 2] [--dataset .]``."""
     parser.add_argument("--dataset", default=".", help="superdataset root (default: .)")
-    parser.add_argument(
-        "--subjects", nargs="+", type=int, default=None, help="only these subjects (default: all)"
-    )
+    options.add_arguments(parser, [options.spec(n) for n in ("nsd_url", "coco_url", "subjects")])
 
 
 def main(args: argparse.Namespace) -> int:
     """Register the inputs and print a one-line summary."""
+    opts = options.from_args(args)
     added = register_inputs(
-        args.dataset, args.nsd_url, args.coco_url, args.subjects, provenance.command_of(args)
+        args.dataset,
+        opts.nsd_url,
+        opts.coco_url,
+        opts.subjects or None,
+        provenance.command_of(args),
     )
     print("registered (new files): " + ", ".join(f"{k}: {v}" for k, v in added.items()))
     return 0

@@ -6,15 +6,16 @@ import contextlib
 import dataclasses
 import json
 import logging
+import shlex
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nsdprep import options, pipeline
 from nsdprep.core import _io, dataset
 from nsdprep.core.errors import DatasetStateError
-from nsdprep.drive import steps
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,39 @@ SLURM_TOOLS = ("sbatch", "squeue", "scontrol")
 class Task:
     """One array task: a planned step, its inputs' fingerprint and its job branch."""
 
-    step: steps.Step
+    step: pipeline.Step
     fingerprint: str
     branch: str
-    #: subjects the step covers, for the resubmit command (3 mm: one)
-    subjects: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The task as plain JSON (the step's options as make words, read back exactly)."""
+        step = self.step
+        return {
+            "step": {
+                "target": step.target,
+                "subjects": list(step.subjects),
+                "options": options.to_words(step.options),
+                "inputs": [[i.path, i.made_by] for i in step.inputs],
+                "outputs": list(step.outputs),
+                "extra_fingerprint": list(step.extra_fingerprint),
+            },
+            "fingerprint": self.fingerprint,
+            "branch": self.branch,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Task:
+        """The task :meth:`to_json` wrote."""
+        s = raw["step"]
+        step = pipeline.Step(
+            target=s["target"],
+            subjects=tuple(s["subjects"]),
+            options=options.from_words(s["options"]),
+            inputs=tuple(pipeline.Input(path, made_by) for path, made_by in s["inputs"]),
+            outputs=tuple(s["outputs"]),
+            extra_fingerprint=tuple(s["extra_fingerprint"]),
+        )
+        return cls(step=step, fingerprint=raw["fingerprint"], branch=raw["branch"])
 
 
 @dataclass
@@ -58,7 +87,8 @@ class Plan:
     sibling: str
     storage: str
     scratch: str
-    make_vars: tuple[str, ...]
+    #: the options of the make command that submitted it
+    opts: options.Options
     tasks: tuple[Task, ...]
     array_job: str = ""
     finish_job: str = ""
@@ -70,39 +100,34 @@ class Plan:
 
     def save(self) -> None:
         """Write ``plan.json`` atomically."""
-        write_json(self.folder / "plan.json", dataclasses.asdict(self))
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["opts"] = options.to_words(self.opts)
+        data["tasks"] = [t.to_json() for t in self.tasks]
+        write_json(self.folder / "plan.json", data)
 
     @classmethod
     def load(cls, folder: Path) -> Plan:
         """Read ``folder/plan.json``."""
         try:
             raw = json.loads((folder / "plan.json").read_text())
-        except (OSError, ValueError) as exc:
+            tasks = tuple(Task.from_json(t) for t in raw.pop("tasks"))
+            opts = options.from_words(raw.pop("opts"))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DatasetStateError(
                 f"cannot read the SLURM plan {folder}/plan.json: {exc}"
             ) from exc
-        tasks = tuple(
-            Task(
-                step=steps.Step(**{k: _tuples(v) for k, v in t["step"].items()}),
-                fingerprint=t["fingerprint"],
-                branch=t["branch"],
-                subjects=tuple(t["subjects"]),
-            )
-            for t in raw.pop("tasks")
-        )
-        return cls(**{k: _tuples(v) for k, v in raw.items()}, tasks=tasks)
+        return cls(**raw, opts=opts, tasks=tasks)
 
     def resubmit_command(self, failed: Sequence[Task]) -> str:
-        """The make command that submits the ``failed`` steps again (and nothing else)."""
-        subjects = sorted({s for t in failed for s in t.subjects})
-        words = ["make", self.target, *self.make_vars]
-        if subjects:
-            words.append(f'SUBJECTS="{" ".join(f"{s:02d}" for s in subjects)}"')
-        return " ".join(words)
+        """The make command that submits the ``failed`` steps again (and nothing else).
 
-
-def _tuples(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+        Every option of the submitting command is repeated (:func:`nsdprep.options.to_words`,
+        which reads back to the same options); ``SUBJECTS`` becomes the failed steps' subjects.
+        """
+        subjects = tuple(sorted({s for t in failed for s in t.step.subjects}))
+        opts = self.opts.replace(subjects=subjects)
+        words = options.to_words(opts)
+        return " ".join(["make", self.target, *(shlex.quote(w) for w in words)])
 
 
 def write_json(path: Path, data: Any) -> None:

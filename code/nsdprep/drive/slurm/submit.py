@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import nsdprep
+from nsdprep import options, pipeline
 from nsdprep.core import _io, dataset
 from nsdprep.core.errors import DatasetStateError, NsdPrepError, RemoteError, UsageError
 from nsdprep.drive import publish, steps
@@ -27,16 +28,16 @@ from nsdprep.drive.slurm.plan import (
     Task,
     quiet_datalad,
 )
+from nsdprep.options import Options
 
 log = logging.getLogger(__name__)
 
 
-def submit(target: str, ds: Path, opts: steps.Options) -> int:
+def submit(target: str, ds: Path, opts: Options) -> int:
     """Plan ``target``'s steps, submit those not up to date as one job array + finishing job.
 
-    With ``opts.slurm.wait``, wait for the finishing job, print its report and fail if a step did.
+    With ``WAIT=1``, wait for the finishing job, print its report and fail if a step did.
     """
-    settings = opts.slurm
     quiet_datalad()
     missing = [tool for tool in SLURM_TOOLS if shutil.which(tool) is None]
     if missing:
@@ -47,7 +48,7 @@ def submit(target: str, ds: Path, opts: steps.Options) -> int:
     root = dataset.git_dir(ds) / STATE_DIR
     with dataset.lock(ds, f"make {target} BACKEND=slurm (submitting)"):
         queued = _settle_earlier(ds, root)
-        todo: list[tuple[steps.Step, str]] = []
+        todo: list[tuple[pipeline.Step, str]] = []
         plan = steps.steps_for(target, ds, opts)
         steps.clean_leftovers(ds, plan)
         for step in plan:
@@ -67,37 +68,34 @@ def submit(target: str, ds: Path, opts: steps.Options) -> int:
         plan = _plan(target, ds, opts, todo)
         _submit_jobs(plan, opts)
     _print_submitted(plan)
-    if not settings.wait:
+    if not opts.wait:
         return 0
     return wait_and_report(plan)
 
 
-def store_url(ds: Path, settings: steps.SlurmOptions) -> str:
+def store_url(ds: Path, opts: Options) -> str:
     """The RIA store the jobs clone from and push to: the sibling's store, else ``RIA``."""
-    known = dataset.storage_url(ds, f"{settings.sibling}-storage")
-    if known and settings.ria and known.rstrip("/") != settings.ria.rstrip("/"):
+    known = dataset.storage_url(ds, f"{opts.ria_sibling}-storage")
+    if known and opts.ria and known.rstrip("/") != opts.ria.rstrip("/"):
         raise UsageError(
-            f"RIA={settings.ria} differs from the store {known} of the sibling {settings.sibling!r}; "
+            f"RIA={opts.ria} differs from the store {known} of the sibling {opts.ria_sibling!r}; "
             "leave RIA out to use that store, or name another sibling (RIA_SIBLING=...)."
         )
-    url = known or settings.ria
+    url = known or opts.ria
     if not url:
         raise UsageError(
             "BACKEND=slurm needs an output store that the compute nodes and this dataset both reach: "
             "give it once with RIA=ria+file:///shared/path/store (the dataset is published there, "
-            f"as by `make publish`); later runs use the sibling {settings.sibling!r}."
+            f"as by `make publish`); later runs use the sibling {opts.ria_sibling!r}."
         )
     return url
 
 
-def _plan(
-    target: str, ds: Path, opts: steps.Options, todo: Sequence[tuple[steps.Step, str]]
-) -> Plan:
+def _plan(target: str, ds: Path, opts: Options, todo: Sequence[tuple[pipeline.Step, str]]) -> Plan:
     """Publish the dataset to the store and describe the submission (not yet submitted)."""
-    settings = opts.slurm
-    store = store_url(ds, settings)
+    store = store_url(ds, opts)
     branch, head = dataset.current_branch(ds), dataset.head(ds)
-    if dataset.remote_head(ds, settings.sibling, branch) == head:
+    if dataset.remote_head(ds, opts.ria_sibling, branch) == head:
         log.info(
             "the store %s has %s at %s already (the jobs clone it from there)",
             store,
@@ -106,14 +104,13 @@ def _plan(
         )
     else:
         log.info("publishing %s to %s (the jobs clone it from there)", ds, store)
-        publish.publish(ds, store, sibling=settings.sibling, alias=settings.alias)
+        publish.publish(ds, store, sibling=opts.ria_sibling, alias=opts.alias)
     sub_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     tasks = tuple(
         Task(
             step=step,
             fingerprint=fp,
             branch=f"{BRANCH_PREFIX}/{sub_id}/task-{i}",
-            subjects=_subjects(step, opts),
         )
         for i, (step, fp) in enumerate(todo)
     )
@@ -125,52 +122,12 @@ def _plan(
         base=head,
         store=store,
         source=f"{store}#{dataset.dataset_id(ds)}",
-        sibling=settings.sibling,
-        storage=f"{settings.sibling}-storage",
-        scratch=settings.scratch,
-        make_vars=tuple(make_variables(opts)),
+        sibling=opts.ria_sibling,
+        storage=f"{opts.ria_sibling}-storage",
+        scratch=opts.scratch,
+        opts=opts,
         tasks=tasks,
     )
-
-
-def _subjects(step: steps.Step, opts: steps.Options) -> tuple[int, ...]:
-    """Subjects of a step for the resubmit command: 3 mm's ``--subject``, else the selection."""
-    cmd = step.command
-    if "--subject" in cmd:
-        return (int(cmd[cmd.index("--subject") + 1]),)
-    return tuple(opts.subjects)
-
-
-def make_variables(opts: steps.Options) -> list[str]:
-    """The make variables (other than SUBJECTS) that reproduce this plan's commands."""
-    default = steps.Options()
-    out = ["BACKEND=slurm"]
-    if opts.jobs != default.jobs:
-        out.append(f"JOBS={opts.jobs}")
-    if opts.drop:
-        out.append("DROP=1")
-    if opts.force:
-        out.append("FORCE=1")
-    if opts.labels != default.labels:
-        out.append(f"LABELS={opts.labels}")
-    if opts.layout != default.layout:
-        out.append(f"RUNS_PER_SESSION={opts.layout.runs_per_session}")
-        out.append(f"TRIALS_PER_RUN={','.join(map(str, opts.layout.trials_per_run))}")
-    if opts.subsample != default.subsample:
-        out.append(f"SUBSAMPLE={opts.subsample}")
-    s, d = opts.slurm, steps.SlurmOptions()
-    for name, value, dflt in (
-        ("SLURM_OPTS", shlex.join(s.sbatch_args), ""),
-        ("RIA", s.ria, ""),
-        ("RIA_SIBLING", s.sibling, d.sibling),
-        ("ALIAS", s.alias, d.alias),
-        ("SCRATCH", s.scratch, ""),
-    ):
-        if value != dflt:
-            out.append(f"{name}={shlex.quote(value)}")
-    if s.wait:
-        out.append("WAIT=1")
-    return out
 
 
 _TASK_SCRIPT = """\
@@ -198,12 +155,13 @@ exec {python} -m nsdprep.drive.slurm finish {folder}
 """
 
 
-def _submit_jobs(plan: Plan, opts: steps.Options) -> None:
+def _submit_jobs(plan: Plan, opts: Options) -> None:
     """Write the scripts and the plan, then ``sbatch`` the array and the finishing job."""
     folder = plan.folder
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     (folder / "tasks").mkdir(exist_ok=True)
-    cpus = opts.jobs if any("--jobs" in t.step.command for t in plan.tasks) else 1
+    stage = pipeline.STAGES[plan.target]
+    cpus = opts.jobs if any(s.name == "jobs" for s in options.passed_to(stage.target)) else 1
     fields = {
         "id": plan.id,
         "target": plan.target,
@@ -218,7 +176,7 @@ def _submit_jobs(plan: Plan, opts: steps.Options) -> None:
         with _io.atomic_path(folder / name) as tmp:
             tmp.write_text(template.format(**fields))
     plan.save()
-    extra = list(opts.slurm.sbatch_args)
+    extra = list(opts.sbatch_args)
     plan.array_job = _sbatch(
         [f"--array=0-{len(plan.tasks) - 1}", *extra, str(folder / "task.sh")], plan.dataset
     )

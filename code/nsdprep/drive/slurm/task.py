@@ -66,7 +66,7 @@ def run_task(folder: Path, index: int) -> int:
             dataset.declare_dead_here(clone)
             dataset.new_branch(clone, task.branch, plan.base)
             for sub in (nsd.NSD_DATASET, nsd.COCO_DATASET):
-                if any(p == sub or p.startswith(sub + "/") for p in step.inputs):
+                if any(p == sub or p.startswith(sub + "/") for p in step.input_paths):
                     dataset.install_subdataset(clone, sub)
         fp = steps.fingerprint(clone, step)
         if fp != task.fingerprint:
@@ -74,7 +74,7 @@ def run_task(folder: Path, index: int) -> int:
                 f"{step.name}: the inputs in the clone of {plan.base[:8]} have fingerprint {fp}, "
                 f"planned {task.fingerprint}; the store does not hold what was submitted."
             )
-        inputs = [] if step.inputs_ready else _expand(clone, step.inputs)
+        inputs = [] if step.inputs_ready else _expand(clone, step.input_paths)
         with timed(timings, "get"):
             if inputs:
                 dataset.get(clone, inputs)

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from nsdprep import options
 from nsdprep.core import inventory, masks, nsd, provenance
 from nsdprep.core._io import atomic_path, remove_stale_parts
 from nsdprep.core.errors import FormatError, MissingInputError, NsdPrepError
@@ -302,15 +303,18 @@ def curate(
     subjects: Iterable[int] | None = None,
     layout: Layout | None = None,
     expdesign: str | os.PathLike[str] | None = None,
-    legacy: bool = False,
+    label_mode: nsd.LabelMode = "default",
     command: str = "",
     valid: bool = False,
 ) -> Selection:
     """Build the curated derivative for ``subjects`` (default: all registered) into ``out``.
 
     Checks every input (registry, design, labels, 3 mm files and grids, valid masks) before
-    writing anything. ``valid``: keep only grey-matter voxels valid in every session used.
+    writing anything. ``labels`` is the table ``make coco-labels`` wrote under ``label_mode``
+    (the legacy table is keyed by the 1-based 73k id). ``valid``: keep only grey-matter voxels
+    valid in every session used.
     """
+    legacy = label_mode == "legacy"
     layout = layout or Layout()
     expdesign = Path(expdesign) if expdesign else Path(nsd_ds) / nsd.EXPDESIGN_KEY
     chosen = inventory.select_subjects(nsd_ds, list(subjects) if subjects else None)
@@ -349,11 +353,11 @@ def curate(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``curate`` stage's arguments."""
+    """Add the ``curate`` stage's arguments (``LABELS``, ``VALID`` and the layout from the spec)."""
     parser.add_argument("--nsd", required=True, help="NSD subdataset (inputs/nsd)")
     parser.add_argument("--resampled", required=True, help="3 mm betas directory (derivatives/3mm)")
     parser.add_argument(
-        "--labels", required=True, help="labels table (derivatives/coco_categories.pkl)"
+        "--labels-table", required=True, help="labels table (derivatives/coco_categories.pkl)"
     )
     parser.add_argument(
         "--expdesign",
@@ -364,39 +368,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--subjects", nargs="*", type=int, default=None, help="subjects (default: all registered)"
     )
-    parser.add_argument("--runs-per-session", default=str(Layout().runs_per_session))
-    parser.add_argument(
-        "--trials-per-run",
-        default=",".join(map(str, Layout().trials_per_run)),
-        help="trials per run A,B: odd runs A, even runs B (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--valid",
-        action="store_true",
-        help="keep only grey-matter voxels valid in every session used (valid_sessionNN.nii.gz); "
-        "writes sub-XX_mask.nii.gz",
-    )
-    parser.add_argument(
-        "--legacy-labels",
-        action="store_true",
-        help="labels table is the legacy one (keyed by 1-based 73k 'id')",
-    )
+    options.add_arguments(parser, options.passed_to("curated"))
 
 
 def main(args: argparse.Namespace) -> int:
     """CLI entry: ``python -m nsdprep curate ...``."""
-    layout = Layout.parse(args.runs_per_session, args.trials_per_run)
+    opts = options.from_args(args)
     selection = curate(
         nsd_ds=args.nsd,
         resampled=args.resampled,
-        labels=args.labels,
+        labels=args.labels_table,
         out=args.out,
         subjects=args.subjects,
-        layout=layout,
+        layout=opts.layout,
         expdesign=args.expdesign,
-        legacy=args.legacy_labels,
+        label_mode=opts.labels,
         command=provenance.command_of(args),
-        valid=args.valid,
+        valid=opts.valid,
     )
     print(
         f"curated: {selection.trials_per_subject} trials per subject "

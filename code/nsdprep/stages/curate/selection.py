@@ -73,7 +73,7 @@ def load_labels(path: str | os.PathLike[str], legacy: bool = False) -> pd.DataFr
     missing = [c for c in needed if c not in table.columns]
     if missing:
         kind = "legacy labels table (column 'id' = 1-based 73k id)" if legacy else "labels table"
-        hint = "" if legacy else " (is it the legacy table? then pass --legacy-labels)"
+        hint = "" if legacy else " (is it the legacy table? then pass --labels legacy)"
         raise FormatError(
             f"{path}: {kind} lacks column(s) {missing}; found {list(table.columns)}{hint}"
         )

@@ -14,14 +14,14 @@ supercategory label of each trial (``sub-XX_labels.npy``). :mod:`nsdprep.stages.
   scores and the confusion matrix.
 - **Chance**: ``1 / n_classes``, a stratified ``DummyClassifier`` in the same folds, and
   ``permutation_test_score`` with ``groups=runs`` (labels permuted within runs, each permutation a
-  full cross-validation): ``p = (1 + #{perm >= observed}) / (1 + n_permutations)``, never below
-  ``1 / (1 + n_permutations)`` (default 100 permutations: p >= 0.0099).
-- **Cost of permutations**: a subject costs ``n_permutations + 2`` cross-validations (the observed
+  full cross-validation): ``p = (1 + #{perm >= observed}) / (1 + permutations)``, never below
+  ``1 / (1 + permutations)`` (default 100 permutations: p >= 0.0099).
+- **Cost of permutations**: a subject costs ``permutations + 2`` cross-validations (the observed
   labels are fitted for the predictions and again inside ``permutation_test_score``). Measured
   on one core: a permutation costs 0.26 s for a demo subject (87 trials x 1.5k voxels), 11 s at
   1000 x 69.5k and ~4 min for a real-sized one (22.5k x 64k): ~7 hours per subject for 100
   (``bench/bench_decode.py``; lbfgs iterations, hence times, depend on the data). Lower it with
-  ``--n-permutations`` (``make decode PERMUTATIONS=20``: p >= 0.048) or ``--subsample``; 0 skips it.
+  ``--permutations`` (``make decode PERMUTATIONS=20``: p >= 0.048) or ``--subsample``; 0 skips it.
 - **Memory**: the 4D file is never loaded whole. Jobs are threads over the one data matrix; each
   fit or prediction gathers its fold's rows (:func:`rows_of`) and scales them in place
   (:class:`BlockwiseStandardScaler`). ``--memory-gb`` caps the jobs run at once.
@@ -39,13 +39,14 @@ import resource
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.preprocessing import StandardScaler
 
+from nsdprep import options
 from nsdprep.core import nsd, provenance
 from nsdprep.core.errors import FormatError, NsdPrepError, UsageError
 from nsdprep.core.nsd import CuratedFiles
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 Split = tuple[np.ndarray, np.ndarray]
 DEFAULT_N_FOLDS = 5
 #: The smallest reachable p is 1/101 < 0.01.
-DEFAULT_N_PERMUTATIONS = 100
+DEFAULT_PERMUTATIONS = options.Options().permutations
 #: Inverse L2 strength, fixed, not tuned: ~64k standardized voxels and at most a few ten thousand
 #: trials are separable, so strong shrinkage gives a stable baseline (and lbfgs few iterations).
 DEFAULT_C = 0.01
@@ -81,7 +82,7 @@ class DecodeConfig:
     """Settings of one decoding run (all recorded in ``results.json``)."""
 
     n_folds: int = DEFAULT_N_FOLDS
-    n_permutations: int = DEFAULT_N_PERMUTATIONS
+    permutations: int = DEFAULT_PERMUTATIONS
     seed: int = 0
     subsample: int = 0
     jobs: int = 1
@@ -90,7 +91,7 @@ class DecodeConfig:
     memory_gb: float = DEFAULT_MEMORY_GB
 
     def __post_init__(self) -> None:
-        minimum = {"n_folds": 2, "n_permutations": 0, "subsample": 0, "jobs": 1, "max_iter": 1}
+        minimum = {"n_folds": 2, "permutations": 0, "subsample": 0, "jobs": 1, "max_iter": 1}
         for name, value in asdict(self).items():
             flag = "--" + name.replace("_", "-")
             if name in minimum and value < minimum[name]:
@@ -254,14 +255,14 @@ def cross_validate(
         out["fold_scores"] = [balanced_accuracy_score(y[te], y_pred[te]) for _, te in splits]
         scores = cross_val_score(dummy, idx, y, cv=splits, scoring="balanced_accuracy")
         out["dummy_scores"] = scores.tolist()  # the dummy only counts rows: it never needs X
-        if config.n_permutations:
+        if config.permutations:
             _, perms, p_value = permutation_test_score(
                 clf,
                 idx,
                 y,
                 groups=runs,
                 cv=splits,
-                n_permutations=config.n_permutations,
+                n_permutations=config.permutations,
                 n_jobs=jobs,
                 random_state=permutation_seed(config.seed, subject),
                 scoring="balanced_accuracy",
@@ -353,21 +354,13 @@ def decode(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m nsdprep decode``."""
+    """Arguments of ``python -m nsdprep decode`` (``JOBS``, ``SUBSAMPLE``, ``PERMUTATIONS`` from the spec)."""
     add = parser.add_argument
     add("--curated", type=Path, default=Path(nsd.CURATED_DIR), help="curated folder (sub-XX*)")
     add("--out", type=Path, default=Path(nsd.DECODING_DIR), help="output folder")
     add("--subjects", type=int, nargs="+", metavar="N", help="default: all in --curated")
-    add("--subsample", type=int, default=0, metavar="N", help="N trials per subject (0 = all)")
-    add("--jobs", type=int, default=1, help="fits run at once (threads sharing the data)")
+    options.add_arguments(parser, options.passed_to("decode"))
     add("--seed", type=int, default=0, help="seed of classifier, dummy and permutations")
-    add(
-        "--n-permutations",
-        type=int,
-        default=DEFAULT_N_PERMUTATIONS,
-        help="label permutations within runs, each a full cross-validation; smallest p is "
-        "1/(N+1); 0 = no permutation test (default: %(default)s)",
-    )
     add("--n-folds", type=int, default=DEFAULT_N_FOLDS, help="run-grouped folds")
     add("--C", type=float, default=DEFAULT_C, help="inverse L2 strength")
     add("--max-iter", type=int, default=DEFAULT_MAX_ITER, help="lbfgs iterations")
@@ -378,7 +371,17 @@ def main(args: argparse.Namespace) -> int:
     """Run the decoding stage from parsed arguments; print a one-line summary per subject."""
     from nsdprep.stages.decode.report import REPORT_NAME
 
-    config = DecodeConfig(**{f.name: getattr(args, f.name) for f in fields(DecodeConfig)})
+    opts = options.from_args(args)
+    config = DecodeConfig(
+        n_folds=args.n_folds,
+        permutations=opts.permutations,
+        seed=args.seed,
+        subsample=opts.subsample,
+        jobs=opts.jobs,
+        C=args.C,
+        max_iter=args.max_iter,
+        memory_gb=args.memory_gb,
+    )
     results = decode(args.curated, args.out, args.subjects, config, provenance.command_of(args))
     for r in results["subjects"].values():
         p = r["permutation_p_value"]

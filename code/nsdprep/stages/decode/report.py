@@ -93,9 +93,9 @@ def render_report(results: dict[str, Any]) -> str:
         f"Voxels: {cfg['mask']}. Trials: {cfg['subsample_rule']}"
         + (f" ({cfg['subsample']} per subject)." if cfg["subsample"] else "."),
         f"Chance: 1/n_classes; a stratified DummyClassifier in the same folds; "
-        f"{cfg['n_permutations']} label permutations ({cfg['permutation_null']}); "
-        "p = (1 + #perm >= observed) / (1 + n_permutations), so it is never below "
-        "1 / (1 + n_permutations) (shown in brackets).",
+        f"{cfg['permutations']} label permutations ({cfg['permutation_null']}); "
+        "p = (1 + #perm >= observed) / (1 + permutations), so it is never below "
+        "1 / (1 + permutations) (shown in brackets).",
         "",
         "| subject | trials | voxels | classes | runs | folds | balanced accuracy (mean ± sd) "
         "| 1/n_classes | dummy | permutation mean | p (smallest possible) |",

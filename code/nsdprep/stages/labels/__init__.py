@@ -8,7 +8,7 @@ Three modes (``LABELS=``):
   annotations of its own ``cocoId`` in the split named by ``nsd_stim_info_merged.pkl``: all
   instance labels (``supercats``, ``cats``, ``areas``, in annotation order) plus the labels of the
   largest-area annotation (``supercat``, ``cat``; ties go to the first; ``"unknown"`` if none).
-* **legacy** (``--legacy``): reproduces the original hand-made derivative, defects included. The
+* **legacy** (``--labels legacy``): reproduces the original hand-made derivative, defects included. The
   original merge (``merge.py`` of mohamadmansourX/Merge_COCO_FILES) renumbers ids: train image ids
   become their list position ``i``; val image ids become ``i + max(original train image ids)``;
   annotation ids alike (train: position; val: ``i + max(original train annotation ids)``) and each
@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from nsdprep import options
 from nsdprep.core import nsd
 from nsdprep.core._io import atomic_path
 from nsdprep.core.errors import FormatError, MissingInputError, UsageError
@@ -219,25 +220,24 @@ def build(
     merged_out: str | Path | None,
     out: str | Path,
     *,
-    legacy: bool = False,
-    crop: bool = False,
+    labels: nsd.LabelMode = "default",
     expdesign: str | Path | None = None,
     summary_out: str | Path | None = None,
     stim_info_csv: str | Path | None = None,
 ) -> pd.DataFrame:
     """Run the whole stage: check inputs, merge, write the merged JSON, the table and its summary.
 
-    Modes: default; ``legacy`` (the original renumbering merge and lookup); ``crop`` (largest
+    Label rules (``labels``): default; ``legacy`` (the original renumbering merge and lookup); ``crop`` (largest
     annotation inside the shown crop, see :mod:`nsdprep.stages.labels.crop`; writes no merged JSON, which is
     the default mode's). Cheap checks (files present, zip members, stim info / expdesign content)
     run before the JSON is parsed. Which stim-info file and reader were used goes to the log and to
     the summary TSV. Returns the labels table written to ``out``.
     """
-    if legacy and crop:
-        raise UsageError("--legacy and --crop are two different label rules; choose one.")
+    if labels not in nsd.LABEL_MODES:
+        raise UsageError(f"LABELS={labels!r}: expected one of {', '.join(nsd.LABEL_MODES)}")
+    legacy, crop = labels == "legacy", labels == "crop"
     if merged_out is None and not crop:
-        raise UsageError("--merged-out is needed (only --crop writes no merged JSON).")
-    mode = "legacy" if legacy else "crop" if crop else "default"
+        raise UsageError("--merged-out is needed (only LABELS=crop writes no merged JSON).")
     t0 = time.perf_counter()
     zip_path = Path(zip_path)
     members = instances_members(zip_path)
@@ -249,7 +249,7 @@ def build(
     if legacy:
         if expdesign is None:
             raise MissingInputError(
-                "--legacy needs --expdesign (inputs/nsd/nsddata/experiments/nsd/nsd_expdesign.mat): "
+                "--labels legacy needs --expdesign (inputs/nsd/nsddata/experiments/nsd/nsd_expdesign.mat): "
                 "the original table has one row per image shown to any subject."
             )
         ids = nsd.read_expdesign(expdesign).shown_images()
@@ -286,7 +286,7 @@ def build(
         tmp.write_text(summary_tsv(table, extra), encoding="utf-8")
     log.info(
         "%s labels: %d rows, %d unknown -> %s%s (%.1f s)",
-        mode,
+        labels,
         len(table),
         int((table["supercat"] == UNKNOWN).sum()),
         out,
@@ -334,7 +334,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--merged-out",
         type=Path,
         default=None,
-        help=f"merged JSON (e.g. {nsd.COCO_MERGED}); not with --crop",
+        help=f"merged JSON (e.g. {nsd.COCO_MERGED}); not with --labels crop",
     )
     parser.add_argument(
         "--out", required=True, type=Path, help=f"labels table (e.g. {nsd.COCO_CATEGORIES})"
@@ -346,22 +346,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="summary TSV (default: next to --out, <stem>_summary.tsv)",
     )
     parser.add_argument(
-        "--legacy",
-        action="store_true",
-        help="reproduce the original derivative (renumbering merge, lookup by 73k id)",
-    )
-    parser.add_argument(
-        "--crop",
-        action="store_true",
-        help="label by the largest annotation inside the square crop NSD showed (cropBox)",
-    )
-    parser.add_argument(
         "--expdesign",
         type=Path,
         default=None,
-        help=f"nsd_expdesign.mat, needed with --legacy (e.g. {nsd.NSD_DATASET}/"
+        help=f"nsd_expdesign.mat, needed with --labels legacy (e.g. {nsd.NSD_DATASET}/"
         f"{nsd.EXPDESIGN_KEY})",
     )
+
+    options.add_arguments(parser, options.passed_to("coco-labels"))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -371,8 +363,7 @@ def main(args: argparse.Namespace) -> int:
         args.stim_info,
         args.merged_out,
         args.out,
-        legacy=args.legacy,
-        crop=args.crop,
+        labels=options.from_args(args).labels,
         expdesign=args.expdesign,
         summary_out=args.summary_out,
         stim_info_csv=args.stim_info_csv,

@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from nsdprep import options
 from nsdprep.core import masks, nsd
 from nsdprep.core._io import remove_stale_parts
 from nsdprep.core.errors import FormatError, MissingInputError, NsdPrepError, UsageError
@@ -71,10 +72,8 @@ from nsdprep.core.nifti import (
 from nsdprep.stages.resample.prefetch import (  # noqa: F401 (re-exported for users of the stage)
     DEFAULT_PREFETCH,
     JOURNAL_NAME,
-    PREFETCH_ENV,
     PipelineStats,
     Prefetcher,
-    prefetch_from_env,
 )
 
 log = logging.getLogger(__name__)
@@ -214,24 +213,11 @@ def resample_session(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m nsdprep resample``."""
+    """Arguments of ``python -m nsdprep resample`` (``JOBS``, ``DROP``, ``PREFETCH`` from the spec)."""
     parser.add_argument("--nsd", required=True, type=Path, help="NSD dataset (inputs/nsd)")
     parser.add_argument("--subject", required=True, type=int, help="subject number (1-based)")
     parser.add_argument("--out", required=True, type=Path, help="e.g. derivatives/3mm/subj01")
-    parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
-    parser.add_argument(
-        "--drop",
-        action="store_true",
-        help="bounded disk: `datalad get` each input ahead of the workers, `datalad drop` it "
-        "when processed",
-    )
-    parser.add_argument(
-        "--prefetch",
-        type=int,
-        default=None,
-        help=f"with --drop: sessions fetched ahead of the ones being processed (default: "
-        f"${PREFETCH_ENV} or {DEFAULT_PREFETCH}); disk holds at most jobs + prefetch sessions",
-    )
+    options.add_arguments(parser, options.passed_to("3mm"))
     parser.add_argument(
         "--sessions", type=int, nargs="+", help="only these sessions (1-based; default: all)"
     )
@@ -244,13 +230,14 @@ def main(args: argparse.Namespace) -> int:
     # and what --drop fetched is dropped, instead of dying on the spot.
     signal.signal(signal.SIGTERM, _interrupt)
     stats = PipelineStats()
+    opts = options.from_args(args)
     results = resample_subject(
         args.nsd,
         args.subject,
         args.out,
-        jobs=args.jobs,
-        drop=args.drop,
-        prefetch=prefetch_from_env(args.prefetch),
+        jobs=opts.jobs,
+        drop=opts.drop,
+        prefetch=opts.prefetch,
         sessions=args.sessions,
         progress=not args.no_progress,
         stats=stats,
@@ -260,7 +247,7 @@ def main(args: argparse.Namespace) -> int:
         f"resample: {nsd.subject_label(args.subject)}: {len(results)} sessions, "
         f"{n} volumes -> {args.out}"
     )
-    if args.drop:
+    if opts.drop:
         print(f"resample: {stats.summary()}")
     return 0
 

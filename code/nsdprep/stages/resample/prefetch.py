@@ -8,7 +8,6 @@ git directory lists what was fetched and not yet dropped, so the next run drops 
 from __future__ import annotations
 
 import logging
-import os
 import queue as queue_mod
 import threading
 import time
@@ -18,34 +17,13 @@ from pathlib import Path
 
 from nsdprep.core import dataset
 from nsdprep.core._io import atomic_path
-from nsdprep.core.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-#: Sessions fetched ahead of the ones being processed in ``--drop`` mode (see :func:`resample_subject`).
+#: Sessions fetched ahead of the ones being processed in ``--drop`` mode (``PREFETCH``).
 DEFAULT_PREFETCH = 1
-#: Environment variable that sets ``--prefetch`` (how ``make 3mm PREFETCH=N`` reaches the stage
-#: without changing the command ``datalad run`` records: it changes no output byte).
-PREFETCH_ENV = "NSDPREP_PREFETCH"
 #: Journal of sessions fetched by ``--drop`` mode and not yet dropped (in the NSD git directory).
 JOURNAL_NAME = "nsdprep-prefetched"
-
-
-def prefetch_from_env(value: int | None = None) -> int:
-    """``value`` if given, else ``$NSDPREP_PREFETCH``, else :data:`DEFAULT_PREFETCH`; checked >= 0."""
-    if value is None:
-        text = os.environ.get(PREFETCH_ENV, "").strip()
-        if not text:
-            return DEFAULT_PREFETCH
-        try:
-            value = int(text)
-        except ValueError:
-            raise UsageError(
-                f"${PREFETCH_ENV} must be an integer >= 0 (sessions fetched ahead), got {text!r}"
-            ) from None
-    if value < 0:
-        raise UsageError(f"prefetch must be >= 0 (sessions fetched ahead), got {value}")
-    return value
 
 
 @dataclass
