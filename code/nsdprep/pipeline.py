@@ -98,10 +98,6 @@ class Step:
 Cut = Literal["each", "all", "none"]
 
 
-def _no_inputs(ds: Path, opts: Options, subjects: tuple[int, ...]) -> tuple[Input, ...]:
-    return ()
-
-
 @dataclass(frozen=True)
 class Stage:
     """One derivative stage: everything about it that is not its computation."""
