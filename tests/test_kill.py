@@ -48,7 +48,7 @@ TARGETS = {
 }
 SUBS = ("inputs/nsd", "inputs/coco")
 #: Files that differ between any two uninterrupted runs by design: a new subdataset's random
-#: DataLad id (README, Determinism).
+#: DataLad id (docs/determinism.md).
 NOT_REPRODUCIBLE = (".datalad/config",)
 
 

@@ -253,7 +253,7 @@ def _finish_and_compare(clone: Path, env, head: str, plain: bool = True) -> None
     assert git_out(clone, "rev-parse", "HEAD~1").strip() == head
     record = git_out(clone, "log", "-1", "--format=%B")
     assert '"cmd": "python -m nsdprep resample --nsd inputs/nsd --subject 1' in record
-    assert "prefetch" not in record
+    assert "--drop --prefetch 2" in record  # what ran; neither is part of the fingerprint
     assert _present(nsd) == [] and _annex_files(nsd) == 0
     assert not _journal(nsd).exists()
     assert _status(clone) == []

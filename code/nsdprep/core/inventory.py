@@ -49,7 +49,7 @@ def select_subjects(nsd_ds: str | Path, subjects: Iterable[int] | None) -> list[
     available = registered_subjects(nsd_ds)
     if not available:
         raise DatasetStateError(
-            f"no betas registered in {nsd_ds}; run `make inputs` first (see README)."
+            f"no betas registered in {nsd_ds}; run `make inputs` first (see `make help`)."
         )
     if not subjects:
         return available

@@ -14,7 +14,8 @@ import platform
 import shlex
 from collections.abc import Sequence
 
-from nsdprep import __version__
+#: The package's version, recorded in every output's provenance (``nsdprep.__version__``).
+VERSION = "0.1.0"
 
 #: How the Makefile (through ``datalad run``) invokes a stage.
 COMMAND_PREFIX = ("python", "-m", "nsdprep")
@@ -32,7 +33,7 @@ def command_of(args: argparse.Namespace) -> str:
 
 def versions(*packages: str, python: bool = False) -> dict[str, str]:
     """Installed versions of ``packages`` (distribution names), plus nsdprep (and Python)."""
-    out = {"nsdprep": __version__}
+    out = {"nsdprep": VERSION}
     if python:
         out["python"] = platform.python_version()
     for name in packages:

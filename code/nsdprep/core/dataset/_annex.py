@@ -13,7 +13,7 @@ from nsdprep.core.errors import DatasetStateError
 
 log = logging.getLogger(__package__)  # one logger for the whole adapter: nsdprep.core.dataset
 
-#: git-annex transfer settings of the input subdatasets (see README, "A flaky network"):
+#: git-annex transfer settings of the input subdatasets (see docs/troubleshooting.md, "A flaky network"):
 #: retry a failed download 3 times, waiting 1 s then doubling (1, 2, 4 s), each retry resuming what
 #: already arrived; cancel (and so retry) a download that moves less than 1 MiB in 60 s.
 TRANSFER_SETTINGS: dict[str, str] = {

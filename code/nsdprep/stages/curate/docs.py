@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from nsdprep import __version__
 from nsdprep.core import nsd, provenance
 from nsdprep.core.nsd import TRIAL_COLUMNS
 from nsdprep.stages.curate.selection import Selection
@@ -63,7 +62,7 @@ def description(
         "GeneratedBy": [
             {
                 "Name": "nsdprep curate",
-                "Version": __version__,
+                "Version": provenance.VERSION,
                 "Command": command,
                 "Dependencies": provenance.versions(
                     "numpy", "pandas", "nibabel", "scipy", python=True
