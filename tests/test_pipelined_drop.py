@@ -297,9 +297,87 @@ def test_interrupted_pipelined_run_drops_what_it_fetched(
     assert git_out(clone, "rev-parse", "HEAD").strip() == head
     assert _present(nsd) == [], log
     assert not _journal(nsd).exists(), log
-    assert not list((clone / "derivatives").rglob("*.part")), log
-    assert all(line.startswith("?? derivatives/3mm/subj01/") for line in _status(clone))
+    _assert_reported_interrupt(clone, log)
     _finish_and_compare(clone, env, head, plain=False)
+
+
+def _assert_reported_interrupt(clone: Path, log: str) -> None:
+    """One line says the interrupt and what it left; no child's error text; nothing left over."""
+    lines = [ln for ln in log.splitlines() if ln.startswith("nsdprep build:")]
+    assert len(lines) == 1 and lines[0].startswith("nsdprep build: interrupted; nothing recorded")
+    for noise in ("resampling failed", "CommandError", "Traceback", "error:"):
+        assert noise not in log, log
+    assert _status(clone) == [], log
+    assert not (clone / "derivatives").exists(), log  # no empty folder left behind
+
+
+def _group_of(proc: subprocess.Popen, needle: str, timeout: float = 60) -> int:
+    """The pid of the process under ``proc`` whose command line contains ``needle``."""
+    import psutil
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if needle in " ".join(child.cmdline()):
+                    return child.pid
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.01)
+    raise AssertionError(f"no process running {needle!r} under make")
+
+
+def test_interrupt_while_fetching_inputs_never_starts_the_command(
+    clone: Path, served: Mirror, env, tmp_path: Path
+) -> None:
+    """Ctrl-C while `make 3mm` fetches its inputs: the stage never starts, nothing is recorded."""
+    head = git_out(clone, "rev-parse", "HEAD").strip()
+    tmp = dataset.git_dir(clone / "inputs/nsd") / "annex" / "tmp"
+    log = tmp_path / "make.log"
+    served.limit(0.05)  # slow enough to be caught in the middle of a download
+    try:
+        with open(log, "w") as fh:
+            proc = subprocess.Popen(
+                _make_cmd(clone, "3mm", "SUBJECTS=01"), env=env, stdout=fh,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+            end = time.monotonic() + 120
+            while not (tmp.is_dir() and any(tmp.iterdir())) and time.monotonic() < end:
+                assert proc.poll() is None, log.read_text()
+                time.sleep(0.01)
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=120)
+    finally:
+        served.limit(None)
+    _wait_group_gone(proc.pid)
+    text = log.read_text()
+    assert "Command start" not in text, text  # datalad run never started the stage
+    assert git_out(clone, "rev-parse", "HEAD").strip() == head
+    _assert_reported_interrupt(clone, text)
+
+
+def test_sigterm_to_the_build_alone_stops_its_children(clone: Path, env, tmp_path: Path) -> None:
+    """SIGTERM to `nsdprep build` only (a scheduler, `kill PID`): it stops the stage it started,
+    which drops what it fetched; the same one line; nothing left running or recorded."""
+    nsd = clone / "inputs/nsd"
+    head = git_out(clone, "rev-parse", "HEAD").strip()
+    out = clone / "derivatives/3mm/subj01"
+    log = tmp_path / "make.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            _make_cmd(clone, "3mm", "SUBJECTS=01", "DROP=1", "PREFETCH=1"), env=env, stdout=fh,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        build = _group_of(proc, "nsdprep build 3mm")
+        while proc.poll() is None and not (out.is_dir() and any(out.iterdir())):
+            time.sleep(0.002)
+        os.kill(build, signal.SIGTERM)
+        proc.wait(timeout=180)
+    _wait_group_gone(proc.pid)
+    text = log.read_text()
+    assert git_out(clone, "rev-parse", "HEAD").strip() == head
+    assert _present(nsd) == [] and not _journal(nsd).exists(), text
+    _assert_reported_interrupt(clone, text)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ Exit codes, each with one line on stderr and no traceback:
   operating-system error a user can act on (disk full, read-only folder, no permission);
 - 3: anything else, i.e. a bug: the line names the exception; ``NSDPREP_DEBUG=1`` (or ``-v``) shows
   the traceback;
-- 130: interrupted (SIGINT).
+- 130: interrupted (SIGINT or SIGTERM): one line saying what was recorded and cleaned; whatever
+  error a child raised because of the signal is not shown.
 
 ``make`` itself exits 2 whenever a target's command fails, whatever that command's code was.
 """
@@ -26,6 +27,7 @@ import os
 import sys
 
 from nsdprep import pipeline
+from nsdprep.core import signals
 from nsdprep.core._io import describe_os_error
 from nsdprep.core.errors import NsdPrepError
 from nsdprep.core.provenance import command_line
@@ -90,29 +92,29 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.verbose or bool(os.environ.get(DEBUG_ENV))
     prefix = f"nsdprep {args.command}"
     try:
+        signals.install()
         if args.command in WRITES_DATASET:
             from nsdprep.core.dataset import require_writable
 
             require_writable(args.dataset)
         module = importlib.import_module(modules[args.command][0])
         return int(module.main(args) or 0)
-    except NsdPrepError as exc:
-        print(f"{prefix}: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:
+    except BaseException as exc:  # noqa: BLE001 - every outcome becomes one line and an exit code
+        if isinstance(exc, SystemExit):
+            raise
+        if isinstance(exc, KeyboardInterrupt) or signals.received():
+            # whatever failed after a signal failed because of it: report the interrupt only
+            detail = exc.detail if isinstance(exc, signals.Interrupted) else ""
+            print(f"{prefix}: interrupted{'; ' + detail if detail else ''}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if isinstance(exc, NsdPrepError):
+            print(f"{prefix}: error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
         if debug:
             raise
-        print(f"{prefix}: error: {describe_os_error(exc)}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(
-            f"{prefix}: interrupted; run it again to resume (finished work is kept)",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
-        if debug:
-            raise
+        if isinstance(exc, OSError):
+            print(f"{prefix}: error: {describe_os_error(exc)}", file=sys.stderr)
+            return EXIT_ERROR
         print(
             f"{prefix}: internal error: {type(exc).__name__}: {exc} (a bug; `{DEBUG_ENV}=1` shows "
             "the traceback: please report it)",

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nsdprep import options, pipeline
-from nsdprep.core import dataset, inventory, nsd
+from nsdprep.core import dataset, inventory, nsd, signals
 from nsdprep.core.errors import DatasetStateError, NsdPrepError, UsageError
 from nsdprep.drive.steps import run_plan, steps_for
 from nsdprep.options import Options
@@ -160,4 +160,28 @@ def main(args: argparse.Namespace) -> int:
         raise DatasetStateError(
             f"{ds} is not a DataLad dataset (no .datalad/); run make from its root"
         )
-    return run_target(args.target, ds, opts, getattr(args, "command_line", ""))
+    head = dataset.resolve_commit(ds, "HEAD")
+    try:
+        return run_target(args.target, ds, opts, getattr(args, "command_line", ""))
+    except BaseException as exc:  # noqa: BLE001 - re-raised; an interrupt says what it left
+        if not (isinstance(exc, KeyboardInterrupt) or signals.received()):
+            raise
+        since = recorded_since(ds, head)
+        if isinstance(exc, signals.Interrupted) and exc.detail:
+            if since == "nothing recorded":
+                raise
+            raise signals.Interrupted(f"{since}; then {exc.detail}") from None
+        raise signals.Interrupted(since) from None
+
+
+def recorded_since(ds: Path, head: str | None) -> str:
+    """``nothing recorded``, or the commits made since ``head`` (an interrupted target's summary)."""
+    now = dataset.resolve_commit(ds, "HEAD")
+    if now == head:
+        return "nothing recorded"
+    if head is None:
+        return "the dataset's first commits were made before the interrupt"
+    subjects = dataset.git(ds, "log", "--format=%s", f"{head}..{now}").splitlines()
+    return f"recorded before the interrupt: {'; '.join(subjects[:3])}" + (
+        f" (+{len(subjects) - 3} more)" if len(subjects) > 3 else ""
+    )

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from nsdprep import options, pipeline
-from nsdprep.core import dataset, nsd
+from nsdprep.core import dataset, nsd, signals
 from nsdprep.core._io import require_free_space
 from nsdprep.core.errors import DatasetStateError, NsdPrepError
 from nsdprep.options import Options
@@ -122,7 +122,18 @@ def restore_outputs(ds: Path, outputs: Sequence[str]) -> list[str]:
             if target.is_dir() and not target.is_symlink() and not dataset.ls_files(ds, rel):
                 shutil.rmtree(target)
                 cleaned.append(rel)
+    if cleaned:
+        _prune_empty_parents(ds, outputs)
     return cleaned
+
+
+def _prune_empty_parents(ds: Path, outputs: Sequence[str]) -> None:
+    """Remove the now-empty folders above removed outputs (``derivatives/3mm/``), up to ``ds``."""
+    for pattern in outputs:
+        folder = (ds / pattern).parent
+        while folder != ds and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
 
 
 def fingerprint(ds: Path, step: Step) -> str:
@@ -146,6 +157,35 @@ def fingerprint(ds: Path, step: Step) -> str:
     for extra in step.extra_fingerprint:
         h.update(extra.encode())
     return h.hexdigest()[:16]
+
+
+def expand(ds: Path, patterns: Sequence[str]) -> list[Path]:
+    """Paths in ``ds`` matching declared paths (which may be glob patterns)."""
+    out: list[Path] = []
+    for pattern in patterns:
+        if any(c in pattern for c in "*?["):
+            out.extend(sorted(ds.glob(pattern)))
+        else:
+            out.append(ds / pattern)
+    return out
+
+
+def fetch_inputs(ds: Path, step: Step) -> None:
+    """Fetch the content of the step's declared inputs (what ``datalad run -i`` would fetch)."""
+    paths = expand(ds, step.input_paths)
+    if paths:
+        dataset.get(ds, paths)
+
+
+def after_interrupt(ds: Path, step: Step, head: str) -> str:
+    """Clean what an interrupted step left, and say what was (not) recorded and what was cleaned."""
+    recorded = dataset.head(ds) != head
+    cleaned = restore_outputs(ds, step.outputs)
+    said = f"{step.name} was recorded before the interrupt" if recorded else "nothing recorded"
+    if cleaned:
+        shown = ", ".join(cleaned[:3]) + (" ..." if len(cleaned) > 3 else "")
+        said += f"; removed {len(cleaned)} unrecorded output(s): {shown}"
+    return said
 
 
 def _repo_of(ds: Path, rel: str) -> tuple[Path, str]:
@@ -264,14 +304,22 @@ def _run_step(ds: Path, step: Step, *, force: bool) -> Outcome:
             ds / folder, needed, f"{step.name} (inputs to fetch + outputs, estimated)"
         )
     log.info("%s: %s", step.name, shlex.join(step.command))
-    ok = dataset.run(
-        ds,
-        step.command,
-        message=step.message(fp),
-        inputs=step.input_paths,
-        outputs=step.outputs,
-        assume_inputs_ready=step.inputs_ready,
-    )
+    head = dataset.head(ds)
+    try:
+        if not step.inputs_ready:
+            # fetched here, not by `datalad run`: an interrupt while fetching never starts the
+            # command, and every fetch goes through the same checks
+            fetch_inputs(ds, step)
+        ok = dataset.run(
+            ds,
+            step.command,
+            message=step.message(fp),
+            inputs=step.input_paths,
+            outputs=step.outputs,
+            assume_inputs_ready=True,
+        )
+    except KeyboardInterrupt:
+        raise signals.Interrupted(after_interrupt(ds, step, head)) from None
     if not ok:
         cleaned = restore_outputs(ds, step.outputs)
         repair = ""

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nsdprep.core import signals
 from nsdprep.core.dataset._repo import annex_json
 from nsdprep.core.errors import NsdPrepError, RemoteError
 
@@ -151,7 +152,12 @@ def run(
     if assume_inputs_ready:
         cmd += ["--assume-ready", "inputs"]
     cmd.append(shlex.join(command))
-    return subprocess.run(cmd, cwd=ds).returncode == 0
+    proc = subprocess.Popen(cmd, cwd=ds)
+    try:
+        return proc.wait() == 0
+    except KeyboardInterrupt:
+        signals.stop(proc)  # the command cleans up (or is ended) before anything else happens
+        raise
 
 
 def rerun(ds: str | Path, revision: str) -> bool:

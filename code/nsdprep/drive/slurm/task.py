@@ -9,7 +9,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +22,6 @@ log = logging.getLogger(__name__)
 
 def _node() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-
-
-def _expand(clone: Path, patterns: Sequence[str]) -> list[Path]:
-    """Paths in ``clone`` matching the step's declared paths (which may be glob patterns)."""
-    out: list[Path] = []
-    for pattern in patterns:
-        if any(c in pattern for c in "*?["):
-            out.extend(sorted(clone.glob(pattern)))
-        else:
-            out.append(clone / pattern)
-    return out
 
 
 def run_task(folder: Path, index: int) -> int:
@@ -74,7 +62,7 @@ def run_task(folder: Path, index: int) -> int:
                 f"{step.name}: the inputs in the clone of {plan.base[:8]} have fingerprint {fp}, "
                 f"planned {task.fingerprint}; the store does not hold what was submitted."
             )
-        inputs = [] if step.inputs_ready else _expand(clone, step.input_paths)
+        inputs = [] if step.inputs_ready else steps.expand(clone, step.input_paths)
         with timed(timings, "get"):
             if inputs:
                 dataset.get(clone, inputs)

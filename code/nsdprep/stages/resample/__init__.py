@@ -45,7 +45,6 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import resource
-import signal
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
@@ -226,9 +225,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Resample every registered (or selected) session of one subject; see module docstring."""
-    # SIGTERM (a scheduler cancelling the job, `kill`) unwinds like Ctrl-C: temporaries are removed
-    # and what --drop fetched is dropped, instead of dying on the spot.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM (a scheduler cancelling the job, `kill`) unwinds like Ctrl-C (nsdprep.core.signals,
+    # installed by the command line): temporaries are removed and what --drop fetched is dropped.
     stats = PipelineStats()
     opts = options.from_args(args)
     results = resample_subject(
@@ -250,10 +248,6 @@ def main(args: argparse.Namespace) -> int:
     if opts.drop:
         print(f"resample: {stats.summary()}")
     return 0
-
-
-def _interrupt(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def resample_subject(

@@ -11,7 +11,7 @@ import logging
 import queue as queue_mod
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,15 +137,19 @@ class Prefetcher:
         self._stop.set()
 
     def close(self) -> None:
-        """Stop, wait for the threads, and drop every session this mode fetched and still holds."""
+        """Stop, wait for the threads, and drop every session this mode fetched and still holds.
+
+        An interrupt arriving meanwhile waits until the drops are done (then it is raised): the
+        clean-up it asks for is this one.
+        """
         self._stop.set()
-        self._fetch_thread.join()
+        pending = _uninterrupted(self._fetch_thread.join)
         with self._lock:
             left = sorted(self._ours)
         for s in left:
             self._drops.put(s)
         self._drops.put(None)
-        self._drop_thread.join()
+        pending = _uninterrupted(self._drop_thread.join) or pending
         with self._lock:
             still = sorted(self._ours)
         if still:
@@ -155,6 +159,8 @@ class Prefetcher:
                 still,
                 self._journal.path,
             )
+        if pending is not None:
+            raise pending
 
     # -- threads ------------------------------------------------------------------------------
     def _fetch_loop(self) -> None:
@@ -224,6 +230,17 @@ class Prefetcher:
                 self._on_disk.discard(s)
             if held:
                 self._slots.release()
+
+
+def _uninterrupted(wait: Callable[[], None]) -> KeyboardInterrupt | None:
+    """Call ``wait`` until it returns; an interrupt meanwhile is returned, not raised."""
+    pending = None
+    while True:
+        try:
+            wait()
+            return pending
+        except KeyboardInterrupt as exc:
+            pending = exc
 
 
 class Journal:
