@@ -224,8 +224,9 @@ class ColumnReader:
     From the curated matrix (``sub-XX_X.npy``, int16) when it is there: each trial's columns
     ``a:b`` are one ``pread`` of the file, so the process maps none of it (a memory map would add
     every page it touches, up to the whole 2.5 GB matrix, to the resident memory). Else the rows are
-    streamed from the 4D file once into memory (float32, the same values;
-    :func:`load_masked`). ``n_cols`` is the number of columns (the mask's voxels).
+    streamed from the 4D file once into memory (float32, the same values, :func:`load_masked`; 5 GB
+    for a real-size subject: the memory bound of the ridge decoder assumes the matrix, which
+    ``make curated`` writes). ``n_cols`` is the number of columns.
     """
 
     def __init__(self, files: CuratedFiles, trials: np.ndarray, n_volumes: int) -> None:

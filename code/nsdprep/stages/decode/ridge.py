@@ -18,8 +18,10 @@ is solved in the dual (kernel) form:
   of the test trials are ``K_test (K_train + alpha I)^-1 (Y - mean Y) + mean Y`` for every column.
   Whichever is cheaper is solved for: the target columns, or the test kernel's rows.
 - **Alpha** is fixed, not tuned: ``alpha_per_voxel x n_voxels`` (the kernel's diagonal is about
-  ``n_voxels`` after z-scoring, so the penalty is relative to it). Choosing it inside the training folds
-  would cost one factorization per candidate and inner fold, each as much as the outer ones.
+  ``n_voxels`` after z-scoring, so the penalty is relative to it; default and its grounds:
+  ``nsdprep.stages.decode.DEFAULT_ALPHA``). Choosing it inside the training folds would cost one
+  factorization per candidate and inner fold, each nearly as much as an outer one (an
+  eigendecomposition, which would serve every candidate, costs ~25 Cholesky factorizations).
 - **Permutations**: the label vectors :func:`permuted_labels` draws are those of scikit-learn's
   ``permutation_test_score(groups=runs, random_state=...)``, and ``p = (1 + #{perm >= true}) / (1 + N)``.
 
