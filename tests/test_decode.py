@@ -62,6 +62,7 @@ def make_curated(
     seed: int = 0,
     runs_per_session: int = 3,
     matrix: bool = True,
+    dead: int = 0,
 ) -> dict[str, np.ndarray]:
     """Write a subject's curated files like the curated stage; return the truth.
 
@@ -69,6 +70,7 @@ def make_curated(
     with ``matrix``, _X.npy and _mask.nii.gz (the "grey-matter" mask). Trial value = signal *
     pattern[label] + run drift + session offset + noise, times 300, int16, zero outside a random mask.
     With ``shuffle_labels`` the saved labels are permuted relative to the volumes (nothing decodable).
+    ``dead`` voxels of the mask are 0 in every trial (as voxels NSD never had valid data for).
     """
     from nsdprep.core.matrix import MatrixWriter
 
@@ -89,6 +91,8 @@ def make_curated(
         + noise * 1.5
     )
     data = np.round(data * 300).astype(np.int16) * gm[..., None]
+    if dead:
+        data.reshape(-1, runs.size)[np.flatnonzero(gm)[: 3 * dead : 3]] = 0  # a view: trials last
     affine = np.diag([3.0, 3.0, 3.0, 1.0])
     affine[:3, 3] = [-90, -126, -72]
     label = f"sub-{subject:02d}"

@@ -9,8 +9,9 @@ classifiers (``DecodeConfig.classifier``):
   Each voxel is z-scored within its session (label-free); one kernel per subject, streamed from the
   int16 curated matrix ``sub-XX_X.npy`` in float32 column chunks; per fold the kernel is centred on
   the training trials and its training block factored once (Cholesky) for the true labels and every
-  permutation together. ``alpha = alpha_per_voxel x n_voxels``, fixed. A real-size subject (22k
-  trials x 56k voxels, 100 permutations) takes minutes and < 4 GB (``bench/bench_decode.py``).
+  permutation together. ``alpha = alpha_per_voxel x n_voxels``, fixed. Made for a real-size
+  subject (22k trials x 56k voxels, 100 permutations) in minutes and < 4 GB (estimated peak
+  3.5 GB: :func:`ridge_memory_bytes`; measured by ``bench/bench_decode.py``).
 - ``"logistic"``: ``StandardScaler`` fitted per training fold → L2 ``LogisticRegression`` (lbfgs),
   each permutation a full scikit-learn cross-validation (kept for comparison: ~7 hours and 11 GB
   for a real-size subject).

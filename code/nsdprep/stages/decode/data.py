@@ -226,7 +226,8 @@ class ColumnReader:
     every page it touches, up to the whole 2.5 GB matrix, to the resident memory). Else the rows are
     streamed from the 4D file once into memory (float32, the same values, :func:`load_masked`; 5 GB
     for a real-size subject: the memory bound of the ridge decoder assumes the matrix, which
-    ``make curated`` writes). ``n_cols`` is the number of columns.
+    ``make curated`` writes), in the matrix's columns when the mask is there, so that the kernel
+    is summed over the same chunks, to the same bits. ``n_cols`` is the number of columns.
     """
 
     def __init__(self, files: CuratedFiles, trials: np.ndarray, n_volumes: int) -> None:
@@ -247,7 +248,16 @@ class ColumnReader:
             self._offset, self.n_cols = offset, shape[1]
             self.path = files.matrix
         else:
-            self._X, _, _ = load_masked(files, self.trials)
+            X, used, _ = load_masked(files, self.trials)
+            if files.mask.is_file():  # the matrix's columns (zero where unused): the same chunks
+                from nsdprep.core.nifti import iter_volumes
+
+                (written,) = (v != 0 for v in iter_volumes(files.mask))
+                self._X = np.zeros((X.shape[0], int(written.sum())), dtype=np.float32)
+                self._X[:, used[written]] = X
+                del X
+            else:
+                self._X = X
             self.n_cols = self._X.shape[1]
             self.path = files.betas
         self.n_rows = self.trials.size
