@@ -12,8 +12,8 @@ is solved in the dual (kernel) form:
 - **Kernel**: ``K = Z Z^T`` over all voxels, built once per subject from column chunks of the
   int16 curated matrix (:func:`subject_kernel`), never holding ``Z`` whole.
 - **Per fold**: the kernel is centred on the training trials' mean (the analytic centring of the
-  training and test blocks: the same as centring ``Z`` with the training mean, so nothing of the test
-  trials reaches the fit; this is the intercept), ``alpha`` is added to the training block's diagonal,
+  training and test blocks: the same as centring ``Z`` with the training mean, no statistic of the
+  test trials; this is the intercept), ``alpha`` is added to the training block's diagonal,
   which is factored once (:class:`~nsdprep.stages.decode.linalg.BlockCholesky`); the decision values
   of the test trials are ``K_test (K_train + alpha I)^-1 (Y - mean Y) + mean Y`` for every column.
   Whichever is cheaper is solved for: the target columns, or the test kernel's rows.
@@ -25,9 +25,13 @@ is solved in the dual (kernel) form:
 - **Permutations**: the label vectors :func:`permuted_labels` draws are those of scikit-learn's
   ``permutation_test_score(groups=runs, random_state=...)``, and ``p = (1 + #{perm >= true}) / (1 + N)``.
 
+The session z-scoring uses every decoded trial of a session, test trials included, but no label.
+
 The result equals scikit-learn's ``RidgeClassifier(alpha)`` fitted on the standardized training
-trials of each fold (tests: decision values within 1e-4), and is bit-identical for any number of
-worker threads (:mod:`nsdprep.stages.decode.linalg`).
+trials of each fold: decision values within 1e-4 in the tests (float32 kernel and factor; the
+rounding of the kernel to float32 dominates, and grows with its condition number: ~3e-4 was seen on
+an NSD-shaped synthetic subject with strong shared noise, every prediction the same). It is
+bit-identical for any number of worker threads (:mod:`nsdprep.stages.decode.linalg`).
 """
 
 from __future__ import annotations
