@@ -177,28 +177,47 @@ class BlockCholesky:
         return self
 
     def solve(self, Y: np.ndarray, workers: Workers, block: int | None = None) -> np.ndarray:
-        """``A^-1 Y`` for float32 ``Y`` (``m x k``), in place; fixed blocks of ``block`` columns."""
+        """``A^-1 Y`` for float32 ``Y`` (``m x k``), in place.
+
+        Right-looking substitutions: once a block row of the solution is known (its diagonal tile's
+        inverse times it, by fixed blocks of ``block`` columns), every later block row is updated
+        by one wide product, the block rows shared out to the workers. Each row sees the same
+        updates in the same order whatever the number of workers.
+        """
         if Y.shape[0] != self.m or Y.dtype != np.float32 or Y.ndim != 2:
             raise ValueError(
                 f"right-hand sides of shape {Y.shape} {Y.dtype}, expected ({self.m}, k) float32"
             )
         if len(self.inv_diag) != len(self.parts):
             raise RuntimeError("BlockCholesky.solve before factor")
+        parts, rows, invs = self.parts, self.rows, self.inv_diag
+        cols = edges(Y.shape[1], block or 4 * RHS_BLOCK)
 
-        def columns(cols: tuple[int, int]) -> None:
-            Z = np.ascontiguousarray(Y[:, cols[0] : cols[1]])
-            for (s, e), row, inv in zip(self.parts, self.rows, self.inv_diag, strict=True):
-                rhs = Z[s:e] - row[:, :s] @ Z[:s] if s else Z[s:e]
-                Z[s:e] = inv @ rhs  # forward: L y = z
-            for (s, e), row, inv in reversed(
-                list(zip(self.parts, self.rows, self.inv_diag, strict=True))
-            ):
-                Z[s:e] = inv.T @ Z[s:e]  # backward: L^T x = y
-                if s:
-                    Z[:s] -= row[:, :s].T @ Z[s:e]
-            Y[:, cols[0] : cols[1]] = Z
+        def diagonal(j: int, transpose: bool) -> None:
+            (s, e), inv = parts[j], (invs[j].T if transpose else invs[j])
 
-        workers.map(columns, edges(Y.shape[1], block or RHS_BLOCK))
+            def part(c: tuple[int, int]) -> None:
+                Y[s:e, c[0] : c[1]] = inv @ Y[s:e, c[0] : c[1]]
+
+            workers.map(part, cols)
+
+        for j, (s, e) in enumerate(parts):  # forward: L Z = Y
+            diagonal(j, transpose=False)
+
+            def below(i: int, s: int = s, e: int = e) -> None:
+                a, b = parts[i]
+                Y[a:b] -= rows[i][:, s:e] @ Y[s:e]
+
+            workers.map(below, range(j + 1, len(parts)))
+        for j in reversed(range(len(parts))):  # backward: L^T X = Z
+            diagonal(j, transpose=True)
+            s, e = parts[j]
+
+            def above(i: int, s: int = s, e: int = e, j: int = j) -> None:
+                a, b = parts[i]
+                Y[a:b] -= rows[j][:, a:b].T @ Y[s:e]
+
+            workers.map(above, range(j))
         return Y
 
 
