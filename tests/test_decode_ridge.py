@@ -384,22 +384,28 @@ def test_sessions_come_from_the_trial_table(curated: Path, tmp_path: Path) -> No
 
 
 def test_rerun_in_another_process_is_byte_identical(curated: Path, tmp_path: Path) -> None:
-    """The same bytes in a fresh process, with any ``jobs`` (threads) and BLAS thread setting."""
+    """A rerun in a fresh process writes the same bytes; with other jobs and BLAS threads, the same
+    bytes but for the jobs recorded in the config."""
     cfg = dec.DecodeConfig(n_folds=4, n_permutations=30, jobs=1)
     dec.decode(curated, tmp_path / "a", None, cfg)
-    code = (
-        "from nsdprep.stages import decode as d; "
-        f"d.decode({str(curated)!r}, {str(tmp_path / 'b')!r}, None, "
-        "d.DecodeConfig(n_folds=4, n_permutations=30, jobs=3))"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "code")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "code")}
+    for name, jobs, threads in (("b", 1, "1"), ("c", 3, "2")):
+        code = (
+            "from nsdprep.stages import decode as d; "
+            f"d.decode({str(curated)!r}, {str(tmp_path / name)!r}, None, "
+            f"d.DecodeConfig(n_folds=4, n_permutations=30, jobs={jobs}))"
+        )
+        threads_env = {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+        subprocess.run([sys.executable, "-c", code], check=True, env={**env, **threads_env})
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and "results.json" in names
+    assert "results.json" in names and "report.md" in names
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    assert "jobs" not in json.loads((tmp_path / "a" / "results.json").read_text())["config"]
+        if name != "results.json":
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
+    a, c = (json.loads((tmp_path / x / "results.json").read_text()) for x in "ac")
+    assert (a["config"].pop("jobs"), c["config"].pop("jobs")) == (1, 3)
+    assert a == c
 
 
 def test_config_checks_classifier_and_alpha() -> None:

@@ -92,9 +92,6 @@ CLASSIFIERS = ("ridge", "logistic")
 DEFAULT_ALPHA = 0.03
 #: Memory budget used to cap the number of jobs run at once (the machine has 24 GB, shared).
 DEFAULT_MEMORY_GB = 16.0
-#: Settings that change how a run executes, never its numbers: left out of ``results.json`` so that
-#: any ``--jobs`` or ``--memory-gb`` writes the same bytes.
-EXECUTION_ONLY = ("jobs", "memory_gb")
 CLASSIFIER_DETAIL = {
     "ridge": "RidgeClassifier (one-vs-rest targets +1/-1, intercept) in the dual form: one kernel "
     "per subject, one Cholesky per fold for the true and all permuted labels",
@@ -471,7 +468,7 @@ def decode(
     )
     results: dict[str, Any] = {
         "config": {
-            **{k: v for k, v in asdict(config).items() if k not in EXECUTION_ONLY},
+            **asdict(config),
             "classifier": config.classifier,
             "classifier_detail": CLASSIFIER_DETAIL[config.classifier],
             "standardization": STANDARDIZATION[config.classifier],
