@@ -40,7 +40,7 @@ class Workers:
     """A pool of ``n`` threads running single-threaded BLAS calls (the BLAS itself limited to 1 thread).
 
     Use as a context manager. :meth:`map` runs a function on every item and waits for all of them
-    (re-raising the first error); :meth:`submit` starts tasks without waiting.
+    (re-raising the first error); :meth:`submit` starts them without waiting.
     """
 
     def __init__(self, n: int = 1) -> None:
@@ -73,7 +73,7 @@ class Workers:
 
 
 def wait(futures: Sequence[Future[Any]]) -> None:
-    """Wait for every future (even after an error, so no task still writes), then raise the first error."""
+    """Wait for every future (even after an error, so nothing still writes), then raise the first error."""
     errors = [f.exception() for f in futures]
     for err in errors:
         if err is not None:
