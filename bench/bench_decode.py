@@ -1,375 +1,367 @@
-"""Benchmark of the decoding stage's cross-validation: the former hand-written loop versus scikit-learn.
+"""``make bench-decode``: the ridge decoder on a real-size synthetic subject, against the sgemm floor and logistic.
 
-Compares, on synthetic ``(n_trials, n_voxels)`` float32 data with a planted label pattern, run
-drifts and noise (runs of 63/62 trials as in NSD, or 8/7 as in the demo):
+Writes one synthetic curated subject as ``make curated`` writes it (the pipeline's writers:
+``sub-01.nii.gz``, the int16 matrix ``sub-01_X.npy``, ``sub-01_mask.nii.gz``, ``_labels.npy``,
+``_runs.npy``, ``_trials.tsv``) in ``bench/data/decode``: 22,274 trials (30 sessions of 12 runs of
+63/62 trials, 226 trials dropped as curation drops them) x the grey-matter voxels of NSD's 3 mm grid
+(nilearn's MNI152 grey-matter mask resampled to the 3 mm grid of the 1 mm MNI files, as the 3 mm
+stage computes it), 12 classes with NSD-like unbalanced counts, a weak planted pattern, run drifts,
+session offsets, shared low-rank noise. ``--scale S`` scales trials and voxels (0.1: ~1000x less
+work) for a quick check; the written subject is kept for later runs (``--clean`` removes it).
 
-* ``old`` -- the loop ``nsdprep.stages.decode`` had before it used scikit-learn's permutation test
-  (``cross_validate_grouped`` over ``[classifier, dummy, classifier x n_permutations]`` with
-  ``permute_within_runs``), imported from a saved copy of that module (``--old PATH``; git can
-  produce it: ``git show 0659749:code/nsdprep/stages/decode/__init__.py > /tmp/decode_old.py``);
-* ``new`` -- :func:`nsdprep.stages.decode.cross_validate` (``cross_val_predict`` + dummy +
-  ``permutation_test_score``, joblib threads, the blockwise in-place scaler);
-* ``new-stdscaler`` -- the same with scikit-learn's ``StandardScaler`` instead of the blockwise one,
-  to see whether the latter still matters for memory;
-* ``sklearn-plain`` -- the same scikit-learn calls handed the data matrix itself instead of row
-  numbers (``nsdprep.stages.decode.rows_of``), to show what that step saves. Its scores must equal
-  ``new``'s (same splits, same seeds).
+Then, each in a fresh process (peak RSS from ``wait4``; the process's BLAS set to one thread as
+the Makefile does; the decoder runs ``--jobs`` worker threads):
 
-Each measurement runs in its own subprocess (one BLAS thread, like ``make decode``): the data are
-loaded from ``bench/data/`` (written once, ignored by git), then the cross-validation is timed. Peak
-RSS is the child's ``ru_maxrss``; ``rss_data`` is the peak right after loading (the data matrix and
-the libraries), so ``peak - rss_data`` is what the cross-validation itself adds. Per-permutation
-cost is the slope between two permutation counts, ``(T(k2) - T(k1)) / (k2 - k1)``, so fixed costs
-(the observed-label fits, the dummy) cancel out; it is given for wall time and for CPU time (user +
-system of the child), the latter robust to a loaded machine. Results: a table on stdout and
-``bench/results/decode_<stamp>.json`` + ``decode_latest.json`` (with the machine's load averages).
+- ``sgemm``: the machine's float32 matrix product rate (numpy ``matmul`` of 4096-square matrices
+  with ``--jobs`` BLAS threads, best of 3) -> ``sgemm_floor_seconds = 2 n^2 p / rate``, the time of
+  the full product ``X X^T`` (the decoder computes only its lower half, so it can beat the floor);
+- ``ridge`` with 100 and with 1000 permutations: ``decode_subject`` as ``make decode`` runs it
+  (kernel, folds, chance models) -> ``seconds_full_subject_100perm``, ``peak_rss_gb``,
+  ``gram_seconds``, ``ratio_to_floor``, ``seconds_1000perm``;
+- ``logistic``: one cross-validation of the logistic path (no permutations; the data matrix in
+  memory, ~11 GB at real size) -> ``speedup_vs_logistic`` = ``101 x`` its time / the ridge's
+  100-permutation time: extrapolated (the logistic path runs one cross-validation per permutation,
+  plus the true labels), not measured; ``--no-logistic`` skips it.
 
-    python bench/bench_decode.py --old /tmp/decode_old.py [--cases demo large] [--jobs 1 2]
+Results: ``bench/results/decode_latest.json`` (+ a dated copy); ``--scale`` other than 1 writes
+``decode_small_*`` instead, so a quick check never replaces a real-size result. Also recorded: the
+BLAS libraries and their thread counts (threadpoolctl, inside the decoding child), the load
+averages before and after, the package versions. Run it on an idle machine: the numbers are times.
+
+    python bench/bench_decode.py [--scale 0.1] [--jobs 2] [--no-logistic] [--clean]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
-import resource
-import statistics
-import subprocess
+import shutil
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import _shared
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "code"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "code"))
 
-DATA = REPO / "bench" / "data"
-#: name -> (n_trials, n_voxels, n_classes, run lengths, permutation counts, repeats)
-CASES: dict[str, tuple[int, int, int, tuple[int, int], tuple[int, ...], int]] = {
-    "demo": (87, 1500, 12, (8, 7), (5, 100), 3),
-    "large": (1000, 69_500, 12, (63, 62), (1, 5), 1),
-    # a real subject; one permutation only (~hours with more): run it on purpose with --cases real
-    "real": (22_500, 64_000, 12, (63, 62), (1,), 1),
+NSD_AFFINE = np.array([[-1.0, 0, 0, 90], [0, 1, 0, -126], [0, 0, 1, -72], [0, 0, 0, 1]])
+#: NSD's curated subject: 30 sessions x 750 trials, 226 unknown-label trials dropped.
+N_SLOTS, N_TRIALS = 22_500, 22_274
+RUNS_PER_SESSION, RUN_LENGTHS = 12, (63, 62)
+CLASSES = (
+    "person", "animal", "vehicle", "food", "sports", "kitchen",
+    "furniture", "outdoor", "accessory", "electronic", "indoor", "appliance",
+)  # fmt: skip
+#: NSD-like unbalanced label frequencies (person most frequent).
+PRIOR = np.array([0.30, 0.12, 0.10, 0.09, 0.08, 0.07, 0.06, 0.05, 0.04, 0.04, 0.03, 0.02])
+SIGNAL, SHARED, RANK = 0.05, 2.0, 20
+LOGISTIC_FACTOR = (
+    101  # cross-validations the logistic path runs for 100 permutations (+ true labels)
+)
+ENV_ONE_THREAD = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "PYTHONHASHSEED": "0",
 }
-MODES = ("old", "new", "new-stdscaler", "sklearn-plain")
-SEED = 0
-SUBJECT = 1
-
-
-def make_data(
-    n: int, p: int, n_classes: int, run_lengths: tuple[int, int], signal: float, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``X`` (float32) = signal * pattern[label] + drift[run] + noise, built in row blocks."""
-    rng = np.random.default_rng(seed)
-    sizes: list[int] = []
-    while sum(sizes) < n:
-        sizes.append(run_lengths[len(sizes) % 2])
-    sizes[-1] -= sum(sizes) - n
-    runs = np.repeat(np.arange(1, len(sizes) + 1), sizes)
-    y_idx = np.concatenate([rng.permutation(np.arange(s) % n_classes) for s in sizes])
-    classes = np.array([f"class{k:02d}" for k in range(n_classes)])
-    patterns = rng.standard_normal((n_classes, p), dtype=np.float32) * np.float32(signal)
-    drift = rng.standard_normal((len(sizes), p), dtype=np.float32) * np.float32(0.5)
-    X = np.empty((n, p), dtype=np.float32)
-    for a in range(0, n, 512):
-        b = min(n, a + 512)
-        X[a:b] = rng.standard_normal((b - a, p), dtype=np.float32)
-        X[a:b] += patterns[y_idx[a:b]]
-        X[a:b] += drift[runs[a:b] - 1]
-    return X, classes[y_idx], runs
-
-
-def data_paths(case: str, signal: float) -> tuple[Path, Path, Path]:
-    n, p, k, lengths, _, _ = CASES[case]
-    stem = f"decode_{n}x{p}_{k}c_{lengths[0]}-{lengths[1]}_s{signal:g}"
-    return DATA / f"{stem}_X.npy", DATA / f"{stem}_y.npy", DATA / f"{stem}_runs.npy"
-
-
-def ensure_data(case: str, signal: float) -> None:
-    paths = data_paths(case, signal)
-    if all(p.exists() for p in paths):
-        return
-    n, p, k, lengths, _, _ = CASES[case]
-    DATA.mkdir(parents=True, exist_ok=True)
-    X, y, runs = make_data(n, p, k, lengths, signal)
-    for path, arr in zip(paths, (X, y, runs), strict=True):
-        np.save(path, arr)
 
 
 # ----------------------------------------------------------------------------------------------
-# one measurement (child process)
+# the synthetic subject
 
 
-def _peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def make_subject(folder: Path, scale: float, seed: int = 0) -> dict:
+    """Write ``sub-01*`` as the curated stage does; return what was written."""
+    import pandas as pd
+
+    from nsdprep.core import masks, nsd
+    from nsdprep.core.grid import grid_map
+    from nsdprep.core.matrix import MatrixWriter
+    from nsdprep.core.nifti import NiftiStreamWriter
+
+    rng = np.random.default_rng(seed)
+    gmap = grid_map((182, 218, 182), NSD_AFFINE)
+    gm = np.array(masks.gm_mask(gmap.shape, gmap.affine))
+    n_gm = int(gm.sum())
+    if scale < 1:  # keep every k-th grey-matter voxel
+        idx = np.flatnonzero(gm)
+        gm = np.zeros(gm.size, bool)
+        gm[idx[np.linspace(0, idx.size - 1, max(1, round(idx.size * scale))).astype(int)]] = True
+        gm = gm.reshape(gmap.shape)
+    p = int(gm.sum())
+    slots = max(RUNS_PER_SESSION * 2, round(N_SLOTS * scale))
+    n_drop = round((N_SLOTS - N_TRIALS) * slots / N_SLOTS)
+    sizes = [RUN_LENGTHS[r % 2] for r in range(slots // 62 + 2)]
+    run = np.repeat(np.arange(1, len(sizes) + 1), sizes)[:slots]
+    keep = np.ones(slots, bool)
+    keep[np.linspace(0, slots - 1, n_drop + 2).astype(int)[1:-1]] = False
+    run = run[keep]
+    n = run.size
+    session = (run - 1) // RUNS_PER_SESSION + 1
+    y = rng.choice(len(CLASSES), n, p=PRIOR / PRIOR.sum())
+    pattern = rng.standard_normal((len(CLASSES), p), dtype=np.float32) * np.float32(SIGNAL)
+    drift = rng.standard_normal((run.max(), p), dtype=np.float32) * np.float32(0.5)
+    offset = rng.standard_normal((session.max(), p), dtype=np.float32)
+    comps = rng.standard_normal((RANK, p), dtype=np.float32) * np.float32(SHARED / np.sqrt(RANK))
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    vol = np.zeros(gmap.shape, np.int16)
+    with (
+        NiftiStreamWriter(folder / "sub-01.nii.gz", gmap.shape, gmap.affine, np.int16, n) as w,
+        MatrixWriter(folder / "sub-01_X.npy", gm, n) as m,
+    ):
+        for a in range(0, n, 256):
+            b = min(n, a + 256)
+            block = rng.standard_normal((b - a, p), dtype=np.float32)
+            block += pattern[y[a:b]] + drift[run[a:b] - 1] + offset[session[a:b] - 1]
+            block += rng.standard_normal((b - a, RANK), dtype=np.float32) @ comps
+            rows = np.clip(np.round(block * 300), -32768, 32767).astype(np.int16)
+            for row in rows:
+                vol[gm] = row
+                w.write(vol)
+                m.write(vol)
+    with NiftiStreamWriter(
+        folder / "sub-01_mask.nii.gz", gmap.shape, gmap.affine, np.uint8, None
+    ) as w:
+        w.write(gm.astype(np.uint8))
+    labels = np.asarray(CLASSES)[y]
+    np.save(folder / "sub-01_labels.npy", labels)
+    np.save(folder / "sub-01_runs.npy", run.astype(np.int64))
+    ris = (run - 1) % RUNS_PER_SESSION + 1
+    trial = np.arange(1, slots + 1)[keep]
+    table = pd.DataFrame(
+        {
+            "subject": 1, "session": session, "run_in_session": ris, "run": run, "trial": trial,
+            "trial_in_session": (trial - 1) % 750 + 1, "nsdId": 0, "cocoId": 0,
+            "supercat": labels, "cat": labels,
+        }
+    )  # fmt: skip
+    table.loc[:, list(nsd.TRIAL_COLUMNS)].to_csv(
+        folder / "sub-01_trials.tsv", sep="\t", index=False, lineterminator="\n"
+    )
+    return {
+        "scale": scale,
+        "n_trials": n,
+        "n_voxels": p,
+        "grey_matter_voxels_3mm": n_gm,
+        "grid": list(gmap.shape),
+        "n_runs": int(np.unique(run).size),
+        "n_sessions": int(session.max()),
+        "class_counts": np.bincount(y, minlength=len(CLASSES)).tolist(),
+        "signal_sd": SIGNAL,
+        "write_seconds": round(time.perf_counter() - t0, 1),
+        "matrix_bytes": (folder / "sub-01_X.npy").stat().st_size,
+    }
 
 
-def child(spec: dict) -> dict:
-    """Load the data, run one mode's cross-validation, return time, memory and scores."""
+# ----------------------------------------------------------------------------------------------
+# children (each in its own process)
+
+
+def child_sgemm(jobs: str) -> dict:
+    """Best of 3 float32 ``matmul`` rates of 4096-square matrices with ``jobs`` BLAS threads."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4096, 4096), dtype=np.float32)
+    b = rng.standard_normal((4096, 4096), dtype=np.float32)
+    with threadpool_limits(int(jobs), user_api="blas"):
+        a @ b  # warm up (thread pool, pages)
+        best = min(_timed(lambda: a @ b) for _ in range(3))
+    return {"gflops": 2 * 4096**3 / best / 1e9, "threads": int(jobs)}
+
+
+def child_ridge(folder: str, permutations: str, jobs: str) -> dict:
+    """``decode_subject`` with the ridge decoder, as ``make decode`` runs it."""
+    from threadpoolctl import threadpool_info
+
+    from nsdprep.core import nsd
     from nsdprep.stages import decode as dec
 
-    x_path, y_path, runs_path = (Path(s) for s in spec["paths"])
-    X = np.load(x_path)
-    y, runs = np.load(y_path), np.load(runs_path)
-    rss_data = _peak()
-    checksum = _checksum(X)
-    config = dec.DecodeConfig(permutations=spec["n_perm"], jobs=spec["jobs"], seed=SEED)
+    config = dec.DecodeConfig(permutations=int(permutations), jobs=int(jobs))
+    timings: dict[str, float] = {}
     t0, cpu0 = time.perf_counter(), _cpu()
-    if spec["mode"] == "old":
-        scores = _run_old(spec["old"], X, y, runs, config)
-    elif spec["mode"] == "sklearn-plain":
-        scores = _run_sklearn_plain(dec, X, y, runs, config)
-    else:
-        if spec["mode"] == "new-stdscaler":
-            _use_sklearn_scaler(dec)
-        cv = dec.cross_validate(X, y, runs, config, SUBJECT)
-        perm = cv["permutation_scores"] or []
-        scores = {
-            "fold_scores": cv["fold_scores"],
-            "dummy_scores": cv["dummy_scores"],
-            "permutation_scores": perm,
-            "p_value": cv["p_value"],
-        }
-    seconds, cpu_seconds = time.perf_counter() - t0, _cpu() - cpu0
+    res = dec.decode_subject(nsd.curated_files(1, folder), config, timings)
+    seconds, cpu = time.perf_counter() - t0, _cpu() - cpu0
     return {
-        **spec,
         "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
-        "rss_data": rss_data,
-        "peak_rss": _peak(),
-        "x_bytes": X.nbytes,
-        "x_unchanged": _checksum(X) == checksum,
-        "mean_balanced_accuracy": float(np.mean(scores["fold_scores"])),
-        "dummy_chance": float(np.mean(scores["dummy_scores"])),
-        "permutation_mean": float(np.mean(scores["permutation_scores"]))
-        if scores["permutation_scores"]
-        else None,
-        "p_value": scores["p_value"],
+        "cpu_seconds": cpu,
+        **timings,
+        "mean_balanced_accuracy": res["mean_balanced_accuracy"],
+        "permutation_mean": res["permutation_mean"],
+        "p_value": res["permutation_p_value"],
+        "alpha": res["alpha"],
+        "blas": [
+            {
+                k: i.get(k)
+                for k in ("internal_api", "version", "num_threads", "architecture", "filepath")
+            }
+            for i in threadpool_info()
+            if i.get("user_api") == "blas"
+        ],
+    }
+
+
+def child_logistic(folder: str, jobs: str) -> dict:
+    """One cross-validation of the logistic path (no permutations), the data matrix in memory."""
+    from nsdprep.core import nsd
+    from nsdprep.stages import decode as dec
+    from nsdprep.stages.decode.data import load_labels_runs, load_masked
+
+    files = nsd.curated_files(1, folder)
+    n = int(np.load(files.runs).size)
+    y, runs = load_labels_runs(files, n)
+    X, _, _ = load_masked(files, np.arange(n))
+    config = dec.DecodeConfig(classifier="logistic", permutations=0, jobs=int(jobs))
+    t0, cpu0 = time.perf_counter(), _cpu()
+    cv = dec.cross_validate(X, y, runs, config, 1)
+    return {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": _cpu() - cpu0,
+        "mean_balanced_accuracy": float(np.mean(cv["fold_scores"])),
     }
 
 
 def _cpu() -> float:
-    """User + system CPU seconds of this process (all threads): robust to a loaded machine."""
+    """User + system CPU seconds of this process, all threads (robust to a loaded machine)."""
+    import resource
+
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
-def _checksum(X: np.ndarray) -> float:
-    """Sum over every 97th column: enough to see an in-place modification of the data matrix."""
-    return float(X[:, :: max(1, X.shape[1] // 97)].sum(dtype=np.float64))
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def _run_old(old_path: str, X: np.ndarray, y: np.ndarray, runs: np.ndarray, config) -> dict:
-    """The former loop, exactly as its ``decode_subject`` called it."""
-    from sklearn.dummy import DummyClassifier
-
-    spec = importlib.util.spec_from_file_location("decode_old", old_path)
-    old = importlib.util.module_from_spec(spec)
-    sys.modules["decode_old"] = old  # dataclasses look their module up there
-    spec.loader.exec_module(old)
-    splits = old.run_grouped_splits(runs, config.n_folds)
-    clf = old.make_classifier(config.seed, config.C, config.max_iter)
-    dummy = DummyClassifier(strategy="stratified", random_state=config.seed)
-    perms = [
-        old.permute_within_runs(y, runs, (config.seed, SUBJECT, p))
-        for p in range(config.permutations)
-    ]
-    jobs = old.fold_jobs(X, splits, np.unique(y).size, config.jobs, config.memory_gb)
-    fits = old.cross_validate_grouped(
-        X, y, splits, [clf, dummy] + [clf] * len(perms), [y, y, *perms], jobs=jobs
-    )
-    mean = float(np.mean(fits[0]["fold_scores"]))
-    perm_means = [float(np.mean(f["fold_scores"])) for f in fits[2:]]
-    p_value = (1 + sum(m >= mean for m in perm_means)) / (1 + len(perm_means)) if perms else None
-    return {
-        "fold_scores": fits[0]["fold_scores"],
-        "dummy_scores": fits[1]["fold_scores"],
-        "permutation_scores": perm_means,
-        "p_value": p_value,
-    }
+CHILDREN = {"sgemm": child_sgemm, "ridge": child_ridge, "logistic": child_logistic}
 
 
-def _run_sklearn_plain(dec, X: np.ndarray, y: np.ndarray, runs: np.ndarray, config) -> dict:
-    """scikit-learn's functions handed ``X`` itself (what ``rows_of`` avoids)."""
-    from joblib import parallel_config
-    from sklearn.dummy import DummyClassifier
-    from sklearn.metrics import balanced_accuracy_score
-    from sklearn.model_selection import cross_val_predict, cross_val_score, permutation_test_score
-
-    splits = dec.run_grouped_splits(runs, config.n_folds)
-    clf = dec.make_classifier(config.seed, config.C, config.max_iter)
-    dummy = DummyClassifier(strategy="stratified", random_state=config.seed)
-    stand_in = np.zeros((len(y), 1))
-    out = {"permutation_scores": [], "p_value": None}
-    with parallel_config("threading", n_jobs=config.jobs):
-        y_pred = cross_val_predict(clf, X, y, cv=splits, n_jobs=config.jobs)
-        out["fold_scores"] = [balanced_accuracy_score(y[te], y_pred[te]) for _, te in splits]
-        out["dummy_scores"] = cross_val_score(
-            dummy, stand_in, y, cv=splits, scoring="balanced_accuracy"
-        ).tolist()
-        if config.permutations:
-            _, perms, p_value = permutation_test_score(
-                clf,
-                X,
-                y,
-                groups=runs,
-                cv=splits,
-                n_permutations=config.permutations,
-                n_jobs=config.jobs,
-                random_state=dec.permutation_seed(config.seed, SUBJECT),
-                scoring="balanced_accuracy",
-            )
-            out["permutation_scores"], out["p_value"] = perms.tolist(), float(p_value)
-    return out
-
-
-def _use_sklearn_scaler(dec) -> None:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    def make_classifier(seed: int = 0, C: float = dec.DEFAULT_C, max_iter: int = 500):
-        lr = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, random_state=seed)
-        return make_pipeline(StandardScaler(), lr)
-
-    dec.make_classifier = make_classifier
+def run(kind: str, *args: str, threads: int = 1) -> tuple[dict, float]:
+    """One child; returns its JSON and peak RSS in GB."""
+    env = {**os.environ, **ENV_ONE_THREAD, "PYTHONPATH": str(ROOT / "code")}
+    if threads != 1:
+        env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    out, peak_mb = _shared.run_child(__file__, [kind, *args], env)
+    return out, peak_mb * 1024 * 1024 / 1e9
 
 
 # ----------------------------------------------------------------------------------------------
 # driver
 
 
-def measure(spec: dict) -> dict:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "PYTHONHASHSEED": "0",
-        "PYTHONPATH": str(REPO / "code"),
-    }
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> int:
+    """Write the subject (unless present), measure, write the results JSON, print a table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--old", type=Path, help="saved copy of the former nsdprep/stages/decode/__init__.py"
+        "--scale", type=float, default=1.0, help="trials and voxels x S (quick check)"
     )
-    parser.add_argument("--cases", nargs="+", default=["demo", "large"], choices=list(CASES))
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--jobs", nargs="+", type=int, default=[1])
-    parser.add_argument("--counts", nargs="+", type=int, help="permutation counts (override)")
-    parser.add_argument("--repeats", type=int, help="repeats per measurement (override)")
-    parser.add_argument("--signal", type=float, default=0.1, help="pattern SD (noise SD is 1)")
+    parser.add_argument("--jobs", type=int, default=2, help="decoder worker threads (default 2)")
+    parser.add_argument("--data", type=Path, default=ROOT / "bench/data/decode")
+    parser.add_argument("--no-logistic", action="store_true", help="skip the logistic comparison")
+    parser.add_argument(
+        "--clean", action="store_true", help="remove the synthetic subject at the end"
+    )
+    parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
-        return 0
-    if "old" in args.modes and (args.old is None or not args.old.is_file()):
-        parser.error("mode 'old' needs --old PATH (a saved copy of the former decode.py)")
-    runs: list[dict] = []
-    load = {"before": os.getloadavg()}
-    for case in args.cases:
-        ensure_data(case, args.signal)
-        _, _, _, _, counts, repeats = CASES[case]
-        counts, repeats = args.counts or counts, args.repeats or repeats
-        for jobs in args.jobs:
-            for n_perm in counts:
-                for rep in range(repeats):
-                    for mode in args.modes:  # interleaved, so load changes hit every mode
-                        spec = {
-                            "case": case,
-                            "mode": mode,
-                            "n_perm": n_perm,
-                            "jobs": jobs,
-                            "rep": rep,
-                            "paths": [str(x) for x in data_paths(case, args.signal)],
-                            "old": str(args.old) if args.old else "",
-                        }
-                        r = measure(spec)
-                        r["load"] = os.getloadavg()
-                        runs.append(r)
-                        print(
-                            f"{case:6s} {mode:13s} jobs={jobs} perms={n_perm:4d} rep={rep} "
-                            f"{r['seconds']:9.2f} s (cpu {r['cpu_seconds']:8.2f} s)  "
-                            f"peak {r['peak_rss'] / 1e9:6.3f} GB "
-                            f"(data+libs {r['rss_data'] / 1e9:6.3f} GB)  acc "
-                            f"{r['mean_balanced_accuracy']:.3f} dummy {r['dummy_chance']:.3f} "
-                            f"perm {r['permutation_mean']} p {r['p_value']}",
-                            flush=True,
-                        )
-    load["after"] = os.getloadavg()
-    summary = summarize(runs)
-    for line in summary["lines"]:
-        print(line)
-    record = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": load},
-        "versions": {
-            name: metadata.version(name) for name in ("numpy", "scipy", "scikit-learn", "joblib")
-        },
-        "signal": args.signal,
-        "runs": runs,
-        "summary": summary["table"],
-    }
-    _shared.save_results("decode", record)
-    return 0
-
-
-def summarize(runs: list[dict]) -> dict:
-    """Median wall and CPU time per (case, mode, jobs, permutations), slopes per permutation, RSS."""
-    table = []
-    lines = [
-        "",
-        "case   mode          jobs perms  wall s   cpu s  wall/perm cpu/perm  peak GB  CV adds GB",
-    ]
-    keys = sorted({(r["case"], r["mode"], r["jobs"]) for r in runs})
-    for case, mode, jobs in keys:
-        sel = [r for r in runs if (r["case"], r["mode"], r["jobs"]) == (case, mode, jobs)]
-        counts = sorted({r["n_perm"] for r in sel})
-        wall, cpu = (
-            {c: statistics.median(r[key] for r in sel if r["n_perm"] == c) for c in counts}
-            for key in ("seconds", "cpu_seconds")
+        return _shared.answer_child(CHILDREN, args.child)
+    if not 0 < args.scale <= 1:
+        parser.error("--scale must be in (0, 1]")
+    folder = args.data / f"scale{args.scale:g}"
+    info_file = folder / "info.json"
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        print(
+            f"writing a synthetic curated subject (scale {args.scale:g}) to {folder} ...",
+            flush=True,
         )
-        span = counts[-1] - counts[0]
-        wall_slope = (wall[counts[-1]] - wall[counts[0]]) / span if span else float("nan")
-        cpu_slope = (cpu[counts[-1]] - cpu[counts[0]]) / span if span else float("nan")
-        for c in counts:
-            peak = max(r["peak_rss"] for r in sel if r["n_perm"] == c)
-            data = min(r["rss_data"] for r in sel if r["n_perm"] == c)
-            table.append(
-                {
-                    "case": case,
-                    "mode": mode,
-                    "jobs": jobs,
-                    "n_perm": c,
-                    "median_seconds": wall[c],
-                    "median_cpu_seconds": cpu[c],
-                    "seconds_per_permutation": wall_slope,
-                    "cpu_seconds_per_permutation": cpu_slope,
-                    "peak_rss": peak,
-                    "cv_adds": peak - data,
-                    "x_unchanged": all(r["x_unchanged"] for r in sel),
-                }
-            )
-            lines.append(
-                f"{case:6s} {mode:13s} {jobs:4d} {c:5d} {wall[c]:7.2f} {cpu[c]:7.2f} "
-                f"{wall_slope:9.3f} {cpu_slope:8.3f} {peak / 1e9:8.3f} {(peak - data) / 1e9:10.3f}"
-            )
-    return {"table": table, "lines": lines}
+        info = make_subject(folder, args.scale)
+        info_file.write_text(json.dumps(info))
+    n, p = info["n_trials"], info["n_voxels"]
+    print(f"subject: {n} trials x {p} voxels, {info['n_runs']} runs, {info['n_sessions']} sessions")
+
+    load_before = os.getloadavg()
+    sgemm, _ = run("sgemm", str(args.jobs), threads=args.jobs)
+    print(f"sgemm: {sgemm['gflops']:.1f} GFLOP/s with {args.jobs} BLAS threads", flush=True)
+    ridge100, peak100 = run("ridge", str(folder), "100", str(args.jobs))
+    print(
+        f"ridge, 100 permutations: {ridge100['seconds']:.1f} s, peak {peak100:.2f} GB", flush=True
+    )
+    ridge1000, peak1000 = run("ridge", str(folder), "1000", str(args.jobs))
+    print(
+        f"ridge, 1000 permutations: {ridge1000['seconds']:.1f} s, peak {peak1000:.2f} GB",
+        flush=True,
+    )
+    logistic = None
+    if not args.no_logistic:
+        logistic, peak_lr = run("logistic", str(folder), str(args.jobs))
+        logistic["peak_rss_gb"] = peak_lr
+        print(f"logistic, one cross-validation: {logistic['seconds']:.1f} s, peak {peak_lr:.2f} GB")
+    load_after = os.getloadavg()
+
+    floor = 2 * n * n * p / (sgemm["gflops"] * 1e9)
+    record = {
+        "seconds_full_subject_100perm": ridge100["seconds"],
+        "peak_rss_gb": peak100,
+        "gram_seconds": ridge100["kernel_seconds"],
+        "sgemm_floor_seconds": floor,
+        "ratio_to_floor": ridge100["seconds"] / floor,
+        "seconds_1000perm": ridge1000["seconds"],
+        "cpu_seconds_100perm": ridge100["cpu_seconds"],
+        "cpu_seconds_1000perm": ridge1000["cpu_seconds"],
+        "peak_rss_gb_1000perm": peak1000,
+        "speedup_vs_logistic": (
+            LOGISTIC_FACTOR * logistic["seconds"] / ridge100["seconds"] if logistic else None
+        ),
+        "speedup_vs_logistic_cpu": (
+            LOGISTIC_FACTOR * logistic["cpu_seconds"] / ridge100["cpu_seconds"]
+            if logistic
+            else None
+        ),
+        "speedup_vs_logistic_note": (
+            f"extrapolated: one logistic cross-validation measured ({logistic['seconds']:.1f} s) "
+            f"x {LOGISTIC_FACTOR} (the true labels + 100 permutations, one cross-validation each)"
+            if logistic
+            else "not measured (--no-logistic)"
+        ),
+        "sgemm_gflops": sgemm["gflops"],
+        "sgemm_floor_note": "2 n^2 p flops (the full X X^T) / the sgemm rate; the decoder "
+        "computes the lower half of X X^T only",
+        "jobs": args.jobs,
+        "blas": ridge100["blas"],
+        "blas_threads_note": "the process's BLAS is set to 1 thread (as by the Makefile); the "
+        f"decoder runs its fixed tiles on {args.jobs} worker threads, each BLAS call single-threaded",
+        "load": {"before": load_before, "after": load_after},
+        "ridge_100": {**ridge100, "peak_rss_gb": peak100},
+        "ridge_1000": {**ridge1000, "peak_rss_gb": peak1000},
+        "logistic_one_cv": logistic,
+        "subject": info,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "versions": _shared.versions(["numpy", "scipy", "scikit-learn", "threadpoolctl"]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    _shared.save_results("decode" if args.scale == 1 else "decode_small", record)
+    print(
+        f"\n{'':28} {'seconds':>9} {'peak GB':>8}\n"
+        f"{'ridge, 100 permutations':28} {ridge100['seconds']:9.1f} {peak100:8.2f}\n"
+        f"{'  kernel (Gram)':28} {ridge100['kernel_seconds']:9.1f}\n"
+        f"{'ridge, 1000 permutations':28} {ridge1000['seconds']:9.1f} {peak1000:8.2f}\n"
+        f"{'sgemm floor (2 n^2 p)':28} {floor:9.1f}\n"
+        f"ratio to floor {record['ratio_to_floor']:.2f}; speed-up vs logistic "
+        + (f"{record['speedup_vs_logistic']:.0f}x (extrapolated)" if logistic else "not measured")
+    )
+    if args.clean:
+        shutil.rmtree(folder)
+    return 0
 
 
 if __name__ == "__main__":

@@ -61,41 +61,61 @@ def make_curated(
     shuffle_labels: bool = False,
     first_run: int = 1,
     seed: int = 0,
+    runs_per_session: int = 3,
+    matrix: bool = True,
+    dead: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Write sub-XX.nii.gz/_labels.npy/_runs.npy/_trials.tsv like the curated stage; return truth.
+    """Write a subject's curated files like the curated stage; return the truth.
 
-    Trial value = signal * pattern[label] + run drift + noise, times 300, int16, zero outside a
-    random "grey-matter" mask. With ``shuffle_labels`` the saved labels are permuted relative to the
-    volumes (so nothing is decodable).
+    sub-XX.nii.gz, _labels.npy, _runs.npy, _trials.tsv (sessions of ``runs_per_session`` runs) and,
+    with ``matrix``, _X.npy and _mask.nii.gz (the "grey-matter" mask). Trial value = signal *
+    pattern[label] + run drift + session offset + noise, times 300, int16, zero outside a random mask.
+    With ``shuffle_labels`` the saved labels are permuted relative to the volumes (nothing decodable).
+    ``dead`` voxels of the mask are 0 in every trial (as voxels NSD never had valid data for).
     """
+    from nsdprep.core.matrix import MatrixWriter
+
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     gm = rng.random(SHAPE) < 0.6
     patterns = rng.normal(size=(len(classes), *SHAPE))
     sizes = [trials_per_run[r % 2] for r in range(n_runs)]
     runs = np.repeat(np.arange(first_run, first_run + n_runs), sizes).astype(np.int64)
+    sessions = (runs - first_run) // runs_per_session + 1
     label_idx = np.concatenate([rng.permutation(np.arange(s) % len(classes)) for s in sizes])
     drift = rng.normal(size=(n_runs, *SHAPE))
+    offset = rng.normal(size=(sessions.max(), *SHAPE)) * 2
     noise = rng.normal(size=(*SHAPE, runs.size))
     data = (
         signal * np.moveaxis(patterns[label_idx], 0, -1)
-        + np.moveaxis(drift[runs - first_run], 0, -1)
+        + np.moveaxis(drift[runs - first_run] + offset[sessions - 1], 0, -1)
         + noise * 1.5
     )
     data = np.round(data * 300).astype(np.int16) * gm[..., None]
+    if dead:
+        data.reshape(-1, runs.size)[np.flatnonzero(gm)[: 3 * dead : 3]] = 0  # a view: trials last
     affine = np.diag([3.0, 3.0, 3.0, 1.0])
     affine[:3, 3] = [-90, -126, -72]
     label = f"sub-{subject:02d}"
     nib.save(nib.Nifti1Image(data, affine), root / f"{label}.nii.gz")
+    if matrix:
+        nib.save(nib.Nifti1Image(gm.astype(np.uint8), affine), root / f"{label}_mask.nii.gz")
+        with MatrixWriter(root / f"{label}_X.npy", gm, runs.size) as w:
+            for k in range(runs.size):
+                w.write(data[..., k])
     labels = np.asarray(classes)[label_idx]
     saved = rng.permutation(labels) if shuffle_labels else labels
     np.save(root / f"{label}_labels.npy", saved.astype(str))
     np.save(root / f"{label}_runs.npy", runs)
-    (root / f"{label}_trials.tsv").write_text(
-        "trial\trun\tlabel\n"
-        + "".join(f"{i}\t{r}\t{c}\n" for i, (r, c) in enumerate(zip(runs, saved, strict=True)))
-    )
-    return {"data": data, "labels": saved, "runs": runs, "gm": gm}
+    run_in_session = (runs - first_run) % runs_per_session + 1
+    rows = [
+        f"{subject}\t{ses}\t{ris}\t{r}\t{i + 1}\t{i + 1}\t{i}\t{i}\t{c}\t{c}\n"
+        for i, (ses, ris, r, c) in enumerate(
+            zip(sessions, run_in_session, runs, saved, strict=True)
+        )
+    ]
+    (root / f"{label}_trials.tsv").write_text("\t".join(nsd.TRIAL_COLUMNS) + "\n" + "".join(rows))
+    return {"data": data, "labels": saved, "runs": runs, "gm": gm, "sessions": sessions}
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +314,9 @@ def test_missing_inputs_raise(tmp_path: Path, decoded) -> None:
     (part / "sub-01_runs.npy").symlink_to(part / ".git/annex/objects/absent")  # annexed, not got
     with pytest.raises(MissingInputError, match="content is absent: `datalad get` it"):
         decode_data.subject_files(part, 1)
+
+
+def test_missing_inputs_exit_2(tmp_path: Path) -> None:
     rc = main(["decode", "--curated", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert rc == 2
 
@@ -360,19 +383,24 @@ def test_permutation_p_value_signal_and_null(tmp_path: Path) -> None:
     assert abs(r["permutation_mean"] - 1 / 3) < 0.05  # 100 null scores average to chance
 
     null = tmp_path / "null"
-    make_curated(null, 1, seed=7, shuffle_labels=True, **runs)
+    # no pattern in the data: shuffled labels alone can keep a chance association with a strong
+    # planted pattern (here 23% instead of 33% agreement with the planted labels), which a good
+    # decoder finds (p 0.0099 with this seed and signal 1)
+    make_curated(null, 1, seed=7, shuffle_labels=True, signal=0.0, **runs)
     n = dec.decode(null, tmp_path / "out_null", [1], cfg)["subjects"]["sub-01"]
     assert n["permutation_p_value"] > 0.2
-    # p is what the recorded scores say: (1 + #{perm >= observed}) / (1 + n_permutations)
+    # p is what the recorded scores say: (1 + #{perm >= observed}) / (1 + permutations)
     ge = sum(m >= n["mean_balanced_accuracy"] for m in n["permutation_means"])
     assert n["permutation_p_value"] == pytest.approx((1 + ge) / 101)
 
     # the same permutations in another process and with one job: identical results
-    out = tmp_path / "cli"
-    argv = ["decode", "--curated", str(null), "--out", str(out), "--permutations", "100"]
-    argv += ["--n-folds", "3", "--jobs", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "nsdprep", *argv], check=True, env=env)
+    out = tmp_path / "again"
+    code = (
+        "from nsdprep.stages import decode as d; "
+        f"d.decode({str(null)!r}, {str(out)!r}, [1], d.DecodeConfig(n_folds=3, jobs=1))"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(dec.__file__).parents[3])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
     again = json.loads((out / "results.json").read_text())["subjects"]["sub-01"]
     assert again == n
 
@@ -412,11 +440,13 @@ def test_cross_validate_leaves_data_untouched_and_uses_run_splits(
 
 def test_make_decode_passes_permutations(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(pipeline.inventory, "select_subjects", lambda ds, subjects: [1, 2])
-    (step,) = steps.steps_for("decode", tmp_path, Options(permutations=7))
+    (step,) = steps.steps_for("decode", tmp_path, Options(permutations=7, classifier="logistic"))
     cmd = list(step.command)
     assert cmd[cmd.index("--permutations") + 1] == "7"
     args = build_parser("decode").parse_args(cmd[3:])  # what `python -m nsdprep` will parse
-    assert options.from_args(args).permutations == 7 and args.subjects == [1, 2]
+    parsed = options.from_args(args)
+    assert parsed.permutations == 7 and parsed.classifier == "logistic"
+    assert args.subjects == [1, 2]
     (default,) = steps.steps_for("decode", tmp_path, Options())
     assert default.command[default.command.index("--permutations") + 1] == "100"
     with pytest.raises(UsageError, match="PERMUTATIONS"):

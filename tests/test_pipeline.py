@@ -281,7 +281,7 @@ def test_decode_reads_the_matrix_with_identical_results(built: Path, tmp_path: P
     cur = built / "derivatives/curated_3mm"
     stream = tmp_path / "curated"  # the same subject without its matrix: decode streams the 4D file
     stream.mkdir()
-    for suffix in (".nii.gz", "_mask.nii.gz", "_labels.npy", "_runs.npy"):
+    for suffix in (".nii.gz", "_mask.nii.gz", "_labels.npy", "_runs.npy", "_trials.tsv"):
         shutil.copy(cur / f"sub-02{suffix}", stream / f"sub-02{suffix}")
     trials = np.arange(0, 80, 3)
     X_matrix, mask_matrix, _ = load_masked(curated_files(2, cur), trials)

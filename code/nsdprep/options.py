@@ -290,6 +290,15 @@ class Options:
         Whole(0), 100, "decode: label permutations per subject (smallest p = 1/(N+1))",
         targets=("decode", "all"), changes_output=True,
     )  # fmt: skip
+    classifier: str = option(
+        OneOf(("ridge", "logistic")), "ridge",
+        "decode: ridge (dual form, one factorization for all permutations) or logistic",
+        targets=("decode", "all"), changes_output=True,
+    )  # fmt: skip
+    alpha: float = option(
+        Number(), 0.03, "decode, ridge: penalty per voxel (alpha = ALPHA x voxels), fixed",
+        targets=("decode", "all"), changes_output=True,
+    )  # fmt: skip
     rev: str = option(
         Text(), "HEAD", "rerun: the run record (commit or range) to re-execute",
         targets=("rerun",), changes_output=False, passed=False,

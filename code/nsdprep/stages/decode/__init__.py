@@ -1,34 +1,44 @@
 """Run-grouped cross-validated decoding baseline on ``derivatives/curated_3mm``.
 
-Per subject, the curated 4D betas (``sub-XX.nii.gz``, int16 x300, zero outside the grey-matter mask)
-are streamed volume by volume into a ``(n_trials, n_voxels)`` float32 matrix of the voxels in the
-*analysis mask*, and a linear classifier (``StandardScaler`` → ``LogisticRegression``) predicts the
-supercategory label of each trial (``sub-XX_labels.npy``). :mod:`nsdprep.stages.decode.report` writes
-``results.json``, ``report.md`` and the plots.
+Per subject, a linear classifier predicts the supercategory label of each trial
+(``sub-XX_labels.npy``) from its curated 3 mm betas (int16 x300, the voxels of the curated mask);
+:mod:`nsdprep.stages.decode.report` writes ``results.json``, ``report.md`` and the plots. Two
+classifiers (``DecodeConfig.classifier``):
 
-- **Mask**: voxels nonzero in at least one selected trial: the grey-matter mask the curated stage
-  applied, minus voxels NSD never had valid data for, read from the data (one extra pass).
-- **Cross-validation** is scikit-learn's, on :class:`~sklearn.model_selection.GroupKFold` splits by
-  run (``sub-XX_runs.npy``), checked before use: no run is in training and test at once (trials of
-  a run share slow drifts, which would inflate accuracy). ``cross_val_predict`` gives the fold
-  scores and the confusion matrix.
-- **Chance**: ``1 / n_classes``, a stratified ``DummyClassifier`` in the same folds, and
-  ``permutation_test_score`` with ``groups=runs`` (labels permuted within runs, each permutation a
-  full cross-validation): ``p = (1 + #{perm >= observed}) / (1 + permutations)``, never below
-  ``1 / (1 + permutations)`` (default 100 permutations: p >= 0.0099).
-- **Cost of permutations**: a subject costs ``permutations + 2`` cross-validations (the observed
-  labels are fitted for the predictions and again inside ``permutation_test_score``). Measured
-  on one core: a permutation costs 0.26 s for a demo subject (87 trials x 1.5k voxels), 11 s at
-  1000 x 69.5k and ~4 min for a real-sized one (22.5k x 64k): ~7 hours per subject for 100
-  (``bench/bench_decode.py``; lbfgs iterations, hence times, depend on the data). Lower it with
-  ``--permutations`` (``make decode PERMUTATIONS=20``: p >= 0.048) or ``--subsample``; 0 skips it.
-- **Memory**: the 4D file is never loaded whole. Jobs are threads over the one data matrix; each
-  fit or prediction gathers its fold's rows (:func:`rows_of`) and scales them in place
-  (:class:`BlockwiseStandardScaler`). ``--memory-gb`` caps the jobs run at once.
-- **Determinism**: fixed seeds (the permutations' from ``--seed`` and the subject: the same in any
-  process, with any ``--jobs``), ``GroupKFold`` without shuffling, one BLAS thread (set by the
-  Makefile), rounded floats, PNGs without metadata. Time and peak RSS are logged, not written:
-  every output is byte-identical on ``datalad rerun``.
+- ``"ridge"`` (default): a ridge classifier in the dual form, :mod:`nsdprep.stages.decode.ridge`.
+  Each voxel is z-scored within its session (label-free); one kernel per subject, streamed from the
+  int16 curated matrix ``sub-XX_X.npy`` in float32 column chunks; per fold the kernel is centred on
+  the training trials and its training block factored once (Cholesky) for the true labels and every
+  permutation together. ``alpha = alpha_per_voxel x n_voxels``, fixed. Made for a real-size
+  subject (22k trials x 56k voxels, 100 permutations) in minutes and < 4 GB (estimated peak
+  3.5 GB: :func:`ridge_memory_bytes`; measured by ``bench/bench_decode.py``).
+- ``"logistic"``: ``StandardScaler`` fitted per training fold → L2 ``LogisticRegression`` (lbfgs),
+  each permutation a full scikit-learn cross-validation (kept for comparison: ~7 hours and 11 GB
+  for a real-size subject).
+
+Common to both:
+
+- **Voxels**: those of the curated mask nonzero in at least one selected trial: the grey-matter mask
+  the curated stage applied, minus voxels NSD never had valid data for, read from the data.
+- **Cross-validation**: :class:`~sklearn.model_selection.GroupKFold` splits by run
+  (``sub-XX_runs.npy``), checked before use: no run is in training and test at once (trials of a run
+  share slow drifts, which would inflate accuracy). Scores are balanced accuracies.
+- **Chance**: ``1 / n_classes``, a stratified ``DummyClassifier`` in the same folds, and a
+  permutation test: labels permuted within runs (the permutations scikit-learn's
+  ``permutation_test_score(groups=runs)`` draws for the same seed), each one cross-validated in full:
+  ``p = (1 + #{perm >= observed}) / (1 + permutations)``, never below ``1 / (1 + permutations)``
+  (default 100 permutations: p >= 0.0099). 0 permutations skip the test.
+- **Memory**: the 4D file is never loaded whole. Ridge: the kernel (``4 n^2`` bytes), half the
+  training block and the test block of one fold; logistic: threads over one float32 data matrix,
+  ``--memory-gb`` caps the fits run at once. Subjects are decoded one after the other: with ridge,
+  ``jobs`` threads share one subject's products (BLAS-bound, so one subject at a time uses every
+  core with half the memory of two).
+- **Determinism**: fixed seeds (the permutations' from ``seed`` and the subject: the same in any
+  process), ``GroupKFold`` without shuffling, rounded floats, PNGs without metadata. Ridge: each
+  product is cut into tiles fixed by the matrix sizes, each a single-threaded BLAS call, so the
+  numbers do not depend on ``jobs`` (:mod:`nsdprep.stages.decode.linalg`); logistic: one BLAS
+  thread (set by the Makefile). Time and peak RSS are logged, not written: every output is
+  byte-identical on ``datalad rerun``.
 """
 
 from __future__ import annotations
@@ -48,12 +58,15 @@ from sklearn.preprocessing import StandardScaler
 
 from nsdprep import options
 from nsdprep.core import nsd, provenance
+from nsdprep.core._io import require_content
 from nsdprep.core.errors import FormatError, NsdPrepError, UsageError
 from nsdprep.core.nsd import CuratedFiles
 from nsdprep.stages.decode.data import (
+    ColumnReader,
     find_subjects,
     load_labels_runs,
     load_masked,
+    load_sessions,
     select_trials,
     subject_files,
 )
@@ -69,8 +82,27 @@ DEFAULT_PERMUTATIONS = options.Options().permutations
 #: trials are separable, so strong shrinkage gives a stable baseline (and lbfgs few iterations).
 DEFAULT_C = 0.01
 DEFAULT_MAX_ITER = 500
+#: Classifiers: the fast ridge decoder, and the logistic path kept for comparison.
+CLASSIFIERS = ("ridge", "logistic")
+#: Ridge penalty per voxel (``alpha = DEFAULT_ALPHA x n_voxels``; the kernel's diagonal is ~n_voxels
+#: after z-scoring), fixed, not tuned (tuning would cost a factorization per candidate and fold). On
+#: synthetic subjects shaped like NSD's (trials/voxels ~0.3-0.4, shared low-rank noise, run and
+#: session offsets, balanced or NSD-like unbalanced classes) the balanced accuracy was flat within
+#: ~10% for 0.003-0.1 and fell to chance above ~0.3 with unbalanced classes (strong shrinkage leaves
+#: the intercept's class prior to decide: the largest class every time); 0.03 is inside the plateau.
+DEFAULT_ALPHA = options.Options().alpha
 #: Memory budget used to cap the number of jobs run at once (the machine has 24 GB, shared).
 DEFAULT_MEMORY_GB = 16.0
+CLASSIFIER_DETAIL = {
+    "ridge": "RidgeClassifier (one-vs-rest targets +1/-1, intercept) in the dual form: one kernel "
+    "per subject, one Cholesky per fold for the true and all permuted labels",
+    "logistic": "StandardScaler -> LogisticRegression(lbfgs, L2)",
+}
+STANDARDIZATION = {
+    "ridge": "each voxel z-scored within its session over the session's decoded trials "
+    "(label-free); kernel centred per fold on the training trials' mean",
+    "logistic": "StandardScaler fitted on each training fold",
+}
 MASK_RULE = (
     "voxels of sub-XX_mask.nii.gz (grey matter; with make curated VALID=1 grey matter valid in "
     "every session) that are nonzero in at least one selected trial"
@@ -89,6 +121,10 @@ class DecodeConfig:
     C: float = DEFAULT_C
     max_iter: int = DEFAULT_MAX_ITER
     memory_gb: float = DEFAULT_MEMORY_GB
+    #: "ridge" (dual-form ridge classifier, session z-scoring) or "logistic" (the former path)
+    classifier: str = options.Options().classifier
+    #: ridge only: penalty per voxel; the ridge's alpha is ``alpha x n_voxels``
+    alpha: float = DEFAULT_ALPHA
 
     def __post_init__(self) -> None:
         minimum = {"n_folds": 2, "permutations": 0, "subsample": 0, "jobs": 1, "max_iter": 1}
@@ -96,8 +132,12 @@ class DecodeConfig:
             flag = "--" + name.replace("_", "-")
             if name in minimum and value < minimum[name]:
                 raise UsageError(f"{flag} must be >= {minimum[name]}, got {value}")
-            if name in ("C", "memory_gb") and not value > 0:
+            if name in ("C", "memory_gb", "alpha") and not value > 0:
                 raise UsageError(f"{flag} must be > 0, got {value}")
+        if self.classifier not in CLASSIFIERS:
+            raise UsageError(
+                f"--classifier must be one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,24 +277,21 @@ def cross_validate(
     numbers; the jobs, threads, gather rows from the one ``X`` (:func:`rows_of`), never modified.
     """
     from joblib import parallel_config
-    from sklearn.dummy import DummyClassifier
     from sklearn.metrics import balanced_accuracy_score
-    from sklearn.model_selection import cross_val_predict, cross_val_score, permutation_test_score
+    from sklearn.model_selection import cross_val_predict, permutation_test_score
 
     splits = run_grouped_splits(runs, config.n_folds)
     jobs = parallel_jobs(X, splits, np.unique(y).size, config)
     clf = make_classifier(config.seed, config.C, config.max_iter)
     clf.steps.insert(0, ("rows", rows_of(X)))  # scikit-learn splits row numbers, not X
     idx = np.arange(len(y)).reshape(-1, 1)
-    dummy = DummyClassifier(strategy="stratified", random_state=config.seed)
     out: dict[str, Any] = {"splits": splits, "permutation_scores": None, "p_value": None}
     with warnings.catch_warnings(), parallel_config("threading", n_jobs=jobs):
         # expected when a test fold lacks a class (short runs, many classes); the score is right
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
         y_pred = out["y_pred"] = cross_val_predict(clf, idx, y, cv=splits, n_jobs=jobs)
         out["fold_scores"] = [balanced_accuracy_score(y[te], y_pred[te]) for _, te in splits]
-        scores = cross_val_score(dummy, idx, y, cv=splits, scoring="balanced_accuracy")
-        out["dummy_scores"] = scores.tolist()  # the dummy only counts rows: it never needs X
+        out["dummy_scores"] = dummy_scores(y, splits, config.seed)
         if config.permutations:
             _, perms, p_value = permutation_test_score(
                 clf,
@@ -271,14 +308,106 @@ def cross_validate(
     return out
 
 
+def dummy_scores(y: np.ndarray, splits: Sequence[Split], seed: int) -> list[float]:
+    """Balanced accuracy per fold of a stratified ``DummyClassifier`` (it only counts rows: no data)."""
+    from sklearn.dummy import DummyClassifier
+    from sklearn.model_selection import cross_val_score
+
+    dummy = DummyClassifier(strategy="stratified", random_state=seed)
+    idx = np.arange(len(y)).reshape(-1, 1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return cross_val_score(dummy, idx, y, cv=splits, scoring="balanced_accuracy").tolist()
+
+
+def cross_validate_ridge(
+    files: CuratedFiles,
+    trials: np.ndarray,
+    y: np.ndarray,
+    runs: np.ndarray,
+    n_volumes: int,
+    config: DecodeConfig,
+    timings: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """The ridge decoder on one subject's selected trials: the fields of :func:`cross_validate`.
+
+    Plus ``n_voxels`` and ``alpha`` (the ridge penalty used: ``config.alpha x n_voxels``).
+    ``timings`` (if given) receives the seconds of the kernel and of the folds.
+    """
+    from nsdprep.stages.decode import ridge
+    from nsdprep.stages.decode.linalg import Workers
+
+    sessions = load_sessions(files, n_volumes)[trials]
+    splits = run_grouped_splits(runs, config.n_folds)
+    _check_ridge_memory(trials.size, splits, config.memory_gb)
+    t0 = time.perf_counter()
+    with ColumnReader(files, trials, n_volumes) as read, Workers(config.jobs) as workers:
+        K, n_voxels = ridge.subject_kernel(read, read.n_rows, read.n_cols, sessions, workers)
+        t_kernel = time.perf_counter() - t0
+        if n_voxels == 0:
+            raise FormatError(
+                f"{read.path}: every selected trial is 0 everywhere; nothing to decode"
+            )
+        alpha = config.alpha * n_voxels
+        out = ridge.cross_validate_ridge(
+            K,
+            y,
+            runs,
+            splits,
+            alpha,
+            config.permutations,
+            permutation_seed(config.seed, files.subject),
+            workers,
+            timings,
+        )
+    if timings is not None:
+        timings["kernel_seconds"] = t_kernel
+    log.info("%s: kernel %.1f s (%d voxels), folds %.1f s", nsd.bids_subject_label(files.subject),
+             t_kernel, n_voxels, time.perf_counter() - t0 - t_kernel)  # fmt: skip
+    out.update(splits=splits, dummy_scores=dummy_scores(y, splits, config.seed))
+    out.update(n_voxels=n_voxels, alpha=alpha)
+    return out
+
+
+def ridge_memory_bytes(n: int, splits: Sequence[Split]) -> int:
+    """Estimated peak bytes of the ridge decoder for ``n`` trials (float32 throughout).
+
+    The kernel (``n x n``) plus the larger of: while it is built, two standardized column chunks
+    and the int16 one being read; per fold, the lower training block rows, the test block and the
+    targets of a batch. Plus ~0.3 GB of interpreter and libraries.
+    """
+    from nsdprep.stages.decode.linalg import CHOL_TILE
+    from nsdprep.stages.decode.ridge import KERNEL_CHUNK, LABEL_BATCH
+
+    building = 2 * 4 * n * KERNEL_CHUNK + 2 * n * KERNEL_CHUNK
+    fold = max(
+        4 * (len(tr) * (len(tr) + CHOL_TILE) // 2 + len(tr) * len(te))
+        + 12 * len(tr) * 12 * LABEL_BATCH
+        for tr, te in splits
+    )
+    return 4 * n * n + max(building, fold) + 300_000_000
+
+
+def _check_ridge_memory(n: int, splits: Sequence[Split], memory_gb: float) -> None:
+    need = ridge_memory_bytes(n, splits)
+    if need > memory_gb * 1e9:
+        log.warning(
+            "the ridge decoder needs ~%.1f GB for %d trials, above --memory-gb %.1f; running anyway",
+            need / 1e9, n, memory_gb,
+        )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------
 # per subject and whole run
 
 
-def decode_subject(files: CuratedFiles, config: DecodeConfig) -> dict[str, Any]:
+def decode_subject(
+    files: CuratedFiles, config: DecodeConfig, timings: dict[str, float] | None = None
+) -> dict[str, Any]:
     """Load one subject, cross-validate the classifier and the chance models; return its results.
 
     Time and peak RSS are logged (INFO), not returned: the results must not change between runs.
+    ``timings`` (ridge, if given) receives the seconds of the kernel and of the folds.
     """
     from nsdprep.core.nifti import read_header, volume_count
     from nsdprep.stages.decode.report import subject_results
@@ -296,10 +425,16 @@ def decode_subject(files: CuratedFiles, config: DecodeConfig) -> dict[str, Any]:
     log.info(
         "%s: %d of %d trials, %d classes, %d runs", label, y.size, n_volumes, classes.size, n_runs
     )
-    X, mask, _ = load_masked(files, trials, desc=label)
-    cv = cross_validate(X, y, runs, config, files.subject)
-    del X
-    res = subject_results(label, y, runs, cv, n_available=n_volumes, n_voxels=int(mask.sum()))
+    if config.classifier == "ridge":
+        cv = cross_validate_ridge(files, trials, y, runs, n_volumes, config, timings)
+        n_voxels, extra = cv["n_voxels"], {"alpha": float(cv["alpha"])}
+    else:
+        X, mask, _ = load_masked(files, trials, desc=label)
+        cv = cross_validate(X, y, runs, config, files.subject)
+        del X
+        n_voxels, extra = int(mask.sum()), {}
+    res = subject_results(label, y, runs, cv, n_available=n_volumes, n_voxels=n_voxels)
+    res.update(extra)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
     log.info("%s: %.1f s, peak RSS %.2f GB", label, time.perf_counter() - t0, peak_gb)
     return res
@@ -325,13 +460,22 @@ def decode(
     curated_dir, out_dir = Path(curated_dir), Path(out_dir)
     subjects = find_subjects(curated_dir) if not subjects else sorted(set(subjects))
     files = [subject_files(curated_dir, s) for s in subjects]
+    if config.classifier == "ridge":  # the sessions, for the z-scoring
+        for f in files:
+            require_content(f.trials, f"curated file of {nsd.bids_subject_label(f.subject)}",
+                            "build it with `make curated` (or pick other --subjects)")  # fmt: skip
     subsample_rule = (
         "stratified by label, evenly spaced in time" if config.subsample else "all trials"
     )
     results: dict[str, Any] = {
         "config": {
             **asdict(config),
-            "classifier": "StandardScaler -> LogisticRegression(lbfgs, L2)",
+            "classifier": config.classifier,
+            "classifier_detail": CLASSIFIER_DETAIL[config.classifier],
+            "standardization": STANDARDIZATION[config.classifier],
+            "alpha_rule": "alpha x n_voxels (per subject: `alpha` in its record)"
+            if config.classifier == "ridge"
+            else None,
             "cv": "GroupKFold by run (no shuffling)",
             "metric": "balanced accuracy",
             "mask": MASK_RULE,
@@ -339,7 +483,7 @@ def decode(
             "permutation_null": "labels shuffled within runs, full cross-validation each",
         },
         "command": command,
-        "software": provenance.versions("numpy", "scikit-learn", "nibabel", "matplotlib"),
+        "software": provenance.versions("numpy", "scipy", "scikit-learn", "nibabel", "matplotlib"),
         "subjects": {},
     }
     for f in tqdm(files, desc="subjects", unit="subject", disable=None):
@@ -354,7 +498,7 @@ def decode(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m nsdprep decode`` (``JOBS``, ``SUBSAMPLE``, ``PERMUTATIONS`` from the spec)."""
+    """Arguments of ``python -m nsdprep decode`` (``JOBS``, ``PERMUTATIONS``, ... from the spec)."""
     add = parser.add_argument
     add("--curated", type=Path, default=Path(nsd.CURATED_DIR), help="curated folder (sub-XX*)")
     add("--out", type=Path, default=Path(nsd.DECODING_DIR), help="output folder")
@@ -362,9 +506,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_arguments(parser, options.passed_to("decode"))
     add("--seed", type=int, default=0, help="seed of classifier, dummy and permutations")
     add("--n-folds", type=int, default=DEFAULT_N_FOLDS, help="run-grouped folds")
-    add("--C", type=float, default=DEFAULT_C, help="inverse L2 strength")
-    add("--max-iter", type=int, default=DEFAULT_MAX_ITER, help="lbfgs iterations")
-    add("--memory-gb", type=float, default=DEFAULT_MEMORY_GB, help="caps the jobs run at once")
+    add("--C", type=float, default=DEFAULT_C, help="logistic: inverse L2 strength")
+    add("--max-iter", type=int, default=DEFAULT_MAX_ITER, help="logistic: lbfgs iterations")
+    add(
+        "--memory-gb", type=float, default=DEFAULT_MEMORY_GB, help="logistic: caps the fits at once"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -381,6 +527,8 @@ def main(args: argparse.Namespace) -> int:
         C=args.C,
         max_iter=args.max_iter,
         memory_gb=args.memory_gb,
+        classifier=opts.classifier,
+        alpha=opts.alpha,
     )
     results = decode(args.curated, args.out, args.subjects, config, provenance.command_of(args))
     for r in results["subjects"].values():

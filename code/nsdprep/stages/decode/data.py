@@ -191,3 +191,124 @@ def _rows_from_matrix(
     mask = np.zeros(written.shape, dtype=bool)
     mask[written] = used
     return X, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# what the ridge decoder reads: sessions, and the data as blocks of columns
+
+
+def load_sessions(files: CuratedFiles, n_volumes: int) -> np.ndarray:
+    """Session (1-based, integer) of every trial, from the ``session`` column of ``sub-XX_trials.tsv``."""
+    import pandas as pd
+
+    require_content(files.trials, "curated trial table", "build it with `make curated`")
+    try:
+        table = pd.read_csv(files.trials, sep="\t", usecols=["session"])
+    except ValueError as exc:  # no such column, or not a table
+        raise FormatError(
+            f"{files.trials}: expected a tab-separated table with a `session` column ({exc}); "
+            "rebuild it with `make curated`"
+        ) from None
+    sessions = table["session"].to_numpy()
+    if sessions.shape != (n_volumes,) or not np.issubdtype(sessions.dtype, np.integer):
+        raise FormatError(
+            f"{files.trials}: expected {n_volumes} integer sessions (one per volume of "
+            f"{files.betas.name}), found {sessions.shape[0]} of dtype {sessions.dtype}"
+        )
+    return sessions.astype(np.int64)
+
+
+class ColumnReader:
+    """The selected trials of a subject, read as blocks of voxel columns (``reader(a, b)``).
+
+    From the curated matrix (``sub-XX_X.npy``, int16) when it is there: each trial's columns
+    ``a:b`` are one ``pread`` of the file, so the process maps none of it (a memory map would add
+    every page it touches, up to the whole 2.5 GB matrix, to the resident memory). Else the rows are
+    streamed from the 4D file once into memory (float32, the same values, :func:`load_masked`; 5 GB
+    for a real-size subject: the memory bound of the ridge decoder assumes the matrix, which
+    ``make curated`` writes), in the matrix's columns when the mask is there, so that the kernel
+    is summed over the same chunks, to the same bits. ``n_cols`` is the number of columns.
+    """
+
+    def __init__(self, files: CuratedFiles, trials: np.ndarray, n_volumes: int) -> None:
+        import os
+
+        self.trials = np.asarray(trials)
+        self._fd: int | None = None
+        self._X: np.ndarray | None = None
+        if files.mask.is_file() and files.matrix.is_file():
+            offset, shape = _npy_layout(files.matrix)
+            if shape[0] != n_volumes:
+                raise FormatError(
+                    f"{files.matrix}: {shape[0]} rows, expected one per volume of "
+                    f"{files.betas.name} ({n_volumes}); rebuild it with `make curated FORCE=1`"
+                )
+            self._fd = os.open(files.matrix, os.O_RDONLY)
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            self._offset, self.n_cols = offset, shape[1]
+            self.path = files.matrix
+        else:
+            X, used, _ = load_masked(files, self.trials)
+            if files.mask.is_file():  # the matrix's columns (zero where unused): the same chunks
+                from nsdprep.core.nifti import iter_volumes
+
+                (written,) = (v != 0 for v in iter_volumes(files.mask))
+                self._X = np.zeros((X.shape[0], int(written.sum())), dtype=np.float32)
+                self._X[:, used[written]] = X
+                del X
+            else:
+                self._X = X
+            self.n_cols = self._X.shape[1]
+            self.path = files.betas
+        self.n_rows = self.trials.size
+
+    def __call__(self, a: int, b: int) -> np.ndarray:
+        """Columns ``a:b`` of the selected trials, ``(n_rows, b - a)`` (int16 or float32)."""
+        import os
+
+        if self._X is not None:
+            return self._X[:, a:b]
+        if self._fd is None:
+            raise RuntimeError(f"{self.path}: reader closed")
+        out = np.empty((self.n_rows, b - a), dtype="<i2")
+        row_bytes, want = self.n_cols * 2, (b - a) * 2
+        start = self._offset + a * 2
+        for k, r in enumerate(self.trials.tolist()):
+            if os.preadv(self._fd, [out[k]], start + r * row_bytes) != want:
+                raise FormatError(
+                    f"{self.path}: truncated (row {r}); rebuild it with `make curated`"
+                )
+        return out
+
+    def close(self) -> None:
+        """Close the matrix file (if open)."""
+        import os
+
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> ColumnReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _npy_layout(path: Path) -> tuple[int, tuple[int, int]]:
+    """Data offset and shape of a 2D C-order little-endian int16 ``.npy`` (the curated matrix)."""
+    from numpy.lib import format as npy
+
+    try:
+        with open(path, "rb") as fh:
+            version = npy.read_magic(fh)
+            read_header = (
+                npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(fh)
+            offset = fh.tell()
+    except ValueError as exc:
+        raise FormatError(f"{path}: not a .npy matrix ({exc})") from None
+    if len(shape) != 2 or fortran or dtype != np.dtype("<i2"):
+        raise FormatError(f"{path}: expected a 2D C-order int16 matrix, found {shape} {dtype}")
+    return offset, (int(shape[0]), int(shape[1]))

@@ -87,9 +87,10 @@ def render_report(results: dict[str, Any]) -> str:
     lines = [
         "# Decoding baseline: COCO supercategory from single-trial 3 mm betas",
         "",
-        f"Classifier: {cfg['classifier']} (C={cfg['C']}, max_iter={cfg['max_iter']}); "
+        f"Classifier: {_classifier_text(cfg, subs)}; "
         f"cross-validation: {cfg['cv']}, {cfg['n_folds']} folds; metric: {cfg['metric']}; "
         f"seed {cfg['seed']}.",
+        f"Standardization: {cfg['standardization']}.",
         f"Voxels: {cfg['mask']}. Trials: {cfg['subsample_rule']}"
         + (f" ({cfg['subsample']} per subject)." if cfg["subsample"] else "."),
         f"Chance: 1/n_classes; a stratified DummyClassifier in the same folds; "
@@ -134,6 +135,17 @@ def render_report(results: dict[str, Any]) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _classifier_text(cfg: dict[str, Any], subs: dict[str, dict[str, Any]]) -> str:
+    """The classifier, its detail and its regularization (ridge: alpha per voxel and per subject)."""
+    if cfg["classifier"] == "ridge":
+        per_subject = ", ".join(f"{name} {r['alpha']:g}" for name, r in subs.items())
+        return (
+            f"ridge, {cfg['classifier_detail']}; alpha = {cfg['alpha']:g} x n_voxels, fixed "
+            f"({per_subject})"
+        )
+    return f"{cfg['classifier']}, {cfg['classifier_detail']} (C={cfg['C']}, max_iter={cfg['max_iter']})"
 
 
 def plot_confusion(res: dict[str, Any], target: str | Path) -> None:
