@@ -5,7 +5,7 @@ Three modes (``LABELS=``):
 * **default** (correct): ``instances_train2017.json`` and ``instances_val2017.json`` are merged
   *keeping every original id* (after checking that the splits' category tables are identical and
   their image and annotation ids disjoint). Each NSD image (``nsdId``, 0-based) is labelled from the
-  annotations of its own ``cocoId`` in the split named by ``nsd_stim_info_merged.pkl``: all
+  annotations of its own ``cocoId`` in the split named by ``nsd_stim_info_merged``: all
   instance labels (``supercats``, ``cats``, ``areas``, in annotation order) plus the labels of the
   largest-area annotation (``supercat``, ``cat``; ties go to the first; ``"unknown"`` if none).
 * **legacy** (``--legacy``): reproduces the original hand-made derivative, defects included. The
@@ -21,8 +21,9 @@ Three modes (``LABELS=``):
 * **crop** (``--crop``): the default table's annotations, labelled by the largest area *inside the
   square crop NSD showed* (``cropBox``), beside the default labels; see :mod:`nsdprep.stages.labels.crop`.
 
-The stim info is read from the pickle, or from ``nsd_stim_info_merged.csv`` when this pandas cannot
-unpickle it (:mod:`nsdprep.stages.labels.stim_info`); the summary TSV records which (``input stim_info ...``).
+The stim info is read from ``nsd_stim_info_merged.csv``; the pickle beside it is never opened, since
+unpickling a downloaded file runs whatever code it names (:mod:`nsdprep.stages.labels.stim_info`). The
+summary TSV records the file read (``input stim_info ...``).
 
 Outputs are deterministic: the JSON is written with fixed separators (sorted keys in default mode;
 the original's ``json.dumps`` defaults in legacy mode), the tables are pickled with a fixed protocol
