@@ -145,6 +145,13 @@ def summary_path(labels_pkl: str) -> str:
     return labels_pkl[: -len(".pkl")] + "_summary.tsv"
 
 
+def table_sidecar(labels_pkl: str) -> str:
+    """TSV copy of a labels table, what the pipeline reads (``x.pkl`` -> ``x.tsv``; never unpickled)."""
+    if not labels_pkl.endswith(".pkl"):
+        raise UsageError(f"labels table must be a .pkl file, got {labels_pkl!r}")
+    return labels_pkl[: -len(".pkl")] + ".tsv"
+
+
 def curated_dir(legacy: bool = False) -> str:
     """Output folder of ``make curated``."""
     return CURATED_LEGACY_DIR if legacy else CURATED_DIR

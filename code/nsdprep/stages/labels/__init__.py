@@ -27,7 +27,8 @@ summary TSV records the file read (``input stim_info ...``).
 
 Outputs are deterministic: the JSON is written with fixed separators (sorted keys in default mode;
 the original's ``json.dumps`` defaults in legacy mode), the tables are pickled with a fixed protocol
-from data built in a fixed order.
+from data built in a fixed order. Each table is also written as a TSV sidecar (``x.pkl`` -> ``x.tsv``,
+:mod:`nsdprep.core.tables`): the pipeline's own readers load that, never the pickle.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from nsdprep.core import nsd
+from nsdprep.core import nsd, tables
 from nsdprep.core._io import atomic_path
 from nsdprep.core.errors import FormatError, MissingInputError, UsageError
 from nsdprep.core.nsd import UNKNOWN
@@ -207,11 +208,19 @@ def summary_tsv(table: pd.DataFrame, extra: Sequence[tuple[str, str, object]] = 
     return "\n".join(lines) + "\n"
 
 
-def write_table(table: pd.DataFrame, path: str | Path) -> None:
-    """Pickle ``table`` atomically with a fixed protocol (same table -> same bytes)."""
+def write_table(table: pd.DataFrame, path: str | Path) -> Path:
+    """Write ``table`` as a pickle and as its TSV sidecar, each atomically; return the sidecar.
+
+    The pickle (fixed protocol: same table -> same bytes) is what users load with
+    ``pd.read_pickle``; the sidecar (:func:`nsdprep.core.tables.sidecar_path`, ``x.pkl`` ->
+    ``x.tsv``) holds the same table for the pipeline's own readers, which never unpickle.
+    """
+    sidecar = tables.sidecar_path(path)
+    tables.write_table_tsv(table, sidecar)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             pickle.dump(table, fh, protocol=PICKLE_PROTOCOL)
+    return sidecar
 
 
 def build(
