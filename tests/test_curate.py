@@ -344,7 +344,7 @@ def test_description_and_readme(big: Inputs, big_out: Path):
     kept = {s: len(v) for s, v in expected_selection(big, 10 * S).items()}
     assert desc["Counts"]["Trials"] == {f"sub-{s:02d}": n for s, n in kept.items()}
     assert "--subjects 7 2" in desc["GeneratedBy"][0]["Command"]
-    labels = np.load(big_out / "sub-07_labels.npy")
+    labels = np.load(big_out / "sub-07_labels.npy", allow_pickle=False)
     vals, cnt = np.unique(labels, return_counts=True)
     assert desc["Counts"]["Labels"]["sub-07"] == dict(zip(vals.tolist(), cnt.tolist(), strict=True))
     readme = (big_out / "README.md").read_text()
@@ -398,7 +398,7 @@ def test_legacy_labels(big: Inputs, tmp_path: Path):
     assert (tsv["trial"].to_numpy() - 1).tolist() == expected[2].tolist()
     lut = big.legacy_table.set_index("id")
     ids73k = tsv["nsdId"].to_numpy() + 1
-    labels = np.load(out / "sub-02_labels.npy")
+    labels = np.load(out / "sub-02_labels.npy", allow_pickle=False)
     assert labels.tolist() == lut.loc[ids73k, "supercat"].tolist()
     assert tsv["cat"].tolist() == lut.loc[ids73k, "cat"].tolist()
     assert set(tsv["cocoId"]) == {"n/a"}
@@ -621,7 +621,7 @@ def test_on_synthetic_tree(synth_root: Path, tmp_path: Path, git_env):
     sizes = set()
     for subj in range(1, len(lay["sessions"]) + 1):
         tsv = pd.read_csv(cur / f"sub-{subj:02d}_trials.tsv", sep="\t")
-        got = np.load(cur / f"sub-{subj:02d}_labels.npy")
+        got = np.load(cur / f"sub-{subj:02d}_labels.npy", allow_pickle=False)
         sizes.add(got.size)
         t0 = tsv["trial"].to_numpy() - 1
         assert t0.max() < n_trials
