@@ -9,9 +9,15 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import struct
 import subprocess
 import sys
+import tempfile
+import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import pandas as pd
@@ -184,3 +190,178 @@ def test_what_the_sidecar_cannot_hold_is_refused_on_writing(tmp_path: Path) -> N
         with pytest.raises(UsageError, match=message):
             tables.write_table_tsv(table, tmp_path / "t.tsv")
         assert not (tmp_path / "t.tsv").exists()
+
+
+# ------------------------------------------------------------------------ bounded decompression
+
+TRAIN, VAL = "annotations/instances_train2017.json", "annotations/instances_val2017.json"
+BOMB_PAD = 2_200_000_000  # inflates to ~2.2 GB (just above the 2 GiB default cap) from ~2.3 MB
+
+
+def _deflate(text: bytes, pad: int = 0, block: int = 1 << 24) -> tuple[bytes, int, int]:
+    """Raw deflate of ``text[:1] + b" " * pad + text[1:]``: ``(data, crc32, size)``, built fast.
+
+    The padding is compressed once as one block, flushed to a byte boundary, and that block is
+    repeated: in the middle of spaces it always inflates to the same spaces.
+    """
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    if pad < 2 * block:
+        data = c.compress(text[:1] + b" " * pad + text[1:]) + c.flush()
+        return data, zlib.crc32(text[:1] + b" " * pad + text[1:]), len(text) + pad
+    spaces = b" " * block
+    head = c.compress(text[:1]) + c.compress(spaces) + c.flush(zlib.Z_SYNC_FLUSH)
+    mid = c.compress(spaces) + c.flush(zlib.Z_SYNC_FLUSH)
+    n_mid, rest = divmod(pad - block, block)
+    last = c.compress(spaces[:rest]) + c.compress(text[1:]) + c.flush()
+    crc = zlib.crc32(text[:1])
+    for _ in range(n_mid + 1):
+        crc = zlib.crc32(spaces, crc)
+    crc = zlib.crc32(text[1:], zlib.crc32(spaces[:rest], crc))
+    return head + mid * n_mid + last, crc, len(text) + pad
+
+
+def _write_zip(path: Path, members: list[tuple[str, bytes, int, int]], method: int = 8) -> Path:
+    """A zip of raw members ``(name, compressed data, crc32, declared size)``, written by hand
+    so that the declared size can be anything."""
+    out, central = bytearray(), bytearray()
+    for name, data, crc, size in members:
+        n = name.encode()
+        offset = len(out)
+        head = (20, 0, method, 0, 0x21, crc, len(data), size, len(n), 0)
+        out += struct.pack("<IHHHHHIIIHH", 0x04034B50, *head) + n + data
+        entry = (20, 20, 0, method, 0, 0x21, crc, len(data), size, len(n), 0, 0, 0, 0, 0, offset)
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, *entry) + n
+    n_members = len(members)
+    end = (0, 0, n_members, n_members, len(central), len(out), 0)
+    path.write_bytes(bytes(out + central + struct.pack("<IHHHHIIH", 0x06054B50, *end)))
+    return path
+
+
+def _genuine(synth_root: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(synth_root / "coco/annotations" / nsd.COCO_ZIP_NAME) as zf:
+        return {TRAIN: zf.read(TRAIN), VAL: zf.read(VAL)}
+
+
+@pytest.fixture(scope="module")
+def bomb_zip(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The genuine synthetic instances, train padded with ~2.2 GB of spaces: valid JSON."""
+    text = _genuine(synth_root)
+    path = tmp_path_factory.mktemp("bomb") / nsd.COCO_ZIP_NAME
+    return _write_zip(
+        path, [(TRAIN, *_deflate(text[TRAIN], BOMB_PAD)), (VAL, *_deflate(text[VAL]))]
+    )
+
+
+def _run_coco(
+    zip_path: Path, synth_root: Path, out: Path, *extra: str
+) -> tuple[int, str, float, int]:
+    """``python -m nsdprep coco`` in a child: (exit code, stderr, seconds, peak RSS in bytes)."""
+    bucket = synth_root / "nsd"
+    cmd = [sys.executable, "-m", "nsdprep", "coco", "--zip", str(zip_path)]
+    cmd += ["--stim-info", str(bucket / nsd.STIM_INFO_CSV_KEY), "--merged-out", str(out / "m.json")]
+    cmd += ["--out", str(out / "labels.pkl"), *extra]
+    t0 = time.monotonic()
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.monotonic() - t0
+        err.seek(0)
+        stderr = err.read().decode()
+    return os.waitstatus_to_exitcode(status), stderr, seconds, usage.ru_maxrss * 1024
+
+
+def test_zip_bomb_is_refused_quickly_in_little_memory(
+    bomb_zip: Path, synth_root: Path, tmp_path: Path
+) -> None:
+    assert bomb_zip.stat().st_size < 2_500_000
+    code, stderr, seconds, peak = _run_coco(bomb_zip, synth_root, tmp_path)
+    print(f"bomb: exit {code} in {seconds:.1f} s, peak RSS {peak / 2**20:.0f} MiB: {stderr}")
+    assert code == 2, stderr
+    line = stderr.strip().splitlines()[-1]  # the error, one line (INFO lines before it)
+    assert line.startswith("nsdprep coco: error: "), stderr
+    assert f"{bomb_zip}:{TRAIN}" in line
+    assert f"declares {BOMB_PAD + len(_genuine(synth_root)[TRAIN])} bytes" in line
+    assert "2147483648 allowed" in line
+    assert peak < 500 * 2**20
+    assert seconds < 20
+    assert not (tmp_path / "labels.pkl").exists()
+
+
+def test_member_lying_about_its_size_is_caught_while_inflating(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    text = _genuine(synth_root)
+    data, crc, _ = _deflate(text[TRAIN], BOMB_PAD)
+    declared = len(text[TRAIN])  # a small size, while the data inflate to ~2.2 GB
+    liar = _write_zip(
+        tmp_path / "liar.zip", [(TRAIN, data, crc, declared), (VAL, *_deflate(text[VAL]))]
+    )
+    code, stderr, seconds, peak = _run_coco(liar, synth_root, tmp_path)
+    print(f"liar: exit {code} in {seconds:.1f} s, peak RSS {peak / 2**20:.0f} MiB: {stderr}")
+    assert code == 2, stderr
+    line = stderr.strip().splitlines()[-1]  # the error, one line (INFO lines before it)
+    assert line.startswith("nsdprep coco: error: "), stderr
+    assert f"{liar}:{TRAIN}" in line and f"declared {declared} bytes" in line
+    assert "2147483648 allowed" in line
+    assert peak < 500 * 2**20
+
+
+def test_the_cap_is_a_keyword(synth_root: Path, tmp_path: Path) -> None:
+    zp = synth_root / "coco/annotations" / nsd.COCO_ZIP_NAME
+    size = len(_genuine(synth_root)[TRAIN])
+    with pytest.raises(FormatError, match=rf"{TRAIN} declares {size} bytes .* 500000 allowed"):
+        coco.instances_members(zp, max_bytes=500_000)
+    bucket = synth_root / "nsd"
+    with pytest.raises(FormatError, match=rf"{TRAIN} declares {size} bytes .* 524288 allowed"):
+        coco.build(zp, bucket / nsd.STIM_INFO_CSV_KEY, tmp_path / "m.json", tmp_path / "o.pkl",
+                   max_json_mb=0.5)  # fmt: skip
+    assert coco.instances_members(zp, max_bytes=size) == {"train2017": TRAIN, "val2017": VAL}
+
+
+def test_json_that_would_explode_in_memory_is_refused_before_parsing(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    """~24 MB of ``[[],[],...]`` would take ~500 MB as Python objects (20x its size)."""
+    dense = b'{"images":[],"annotations":[' + b"[]," * 8_000_000 + b'[]],"categories":[]}'
+    text = _genuine(synth_root)
+    zp = _write_zip(
+        tmp_path / "dense.zip", [(TRAIN, *_deflate(dense)), (VAL, *_deflate(text[VAL]))]
+    )
+    pattern = rf"{TRAIN}: \d+ JSON values in {len(dense)} bytes would take about \d+ MiB once"
+    with pytest.raises(FormatError, match=pattern):
+        coco.read_instances(zp)
+
+
+def test_deeply_nested_json_is_a_format_error(synth_root: Path, tmp_path: Path) -> None:
+    deep = b'{"images":' + b"[" * 5000 + b"]" * 5000 + b',"annotations":[],"categories":[]}'
+    deep += b" " * 100_000  # few values for its size: passes the memory estimate
+    text = _genuine(synth_root)
+    zp = _write_zip(tmp_path / "deep.zip", [(TRAIN, *_deflate(deep)), (VAL, *_deflate(text[VAL]))])
+    with pytest.raises(FormatError, match=rf"{TRAIN} is not valid JSON \(nested too deeply"):
+        coco.read_instances(zp)
+
+
+def test_only_deflate_or_stored_members_are_inflated(synth_root: Path, tmp_path: Path) -> None:
+    """bzip2 and lzma inflate a whole read at once: they cannot be bounded while streaming."""
+    zp = tmp_path / "bz.zip"
+    with zipfile.ZipFile(zp, "w", zipfile.ZIP_BZIP2) as zf:
+        for name, text in _genuine(synth_root).items():
+            zf.writestr(name, text)
+    with pytest.raises(FormatError, match=rf"{TRAIN} is compressed with method 12; only deflate"):
+        coco.instances_members(zp)
+
+
+def test_the_inflate_counter_stops_a_reader_that_gives_more_than_declared(
+    synth_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zipfile itself stops at the declared size; the count does not rely on it."""
+    import io
+
+    from nsdprep.stages.labels import instances
+
+    zp = synth_root / "coco/annotations" / nsd.COCO_ZIP_NAME
+    with zipfile.ZipFile(zp) as zf:
+        info = zf.getinfo(TRAIN)
+        monkeypatch.setattr(zf, "open", lambda *a, **k: io.BytesIO(b" " * (info.file_size + 1)))
+        with pytest.raises(FormatError, match=rf"{TRAIN} does not inflate to its declared"):
+            instances._inflate_text(zf, info, f"{zp}:{TRAIN}", 1 << 30)

@@ -50,6 +50,7 @@ from nsdprep.core.errors import FormatError, MissingInputError, UsageError
 from nsdprep.core.nsd import UNKNOWN
 from nsdprep.stages.labels.crop import crop_boxes, crop_label_table, object_column
 from nsdprep.stages.labels.instances import (
+    DEFAULT_MAX_JSON_BYTES,
     MAX_SHOWN,
     annotation_arrays,
     category_lookup,
@@ -234,6 +235,7 @@ def build(
     expdesign: str | Path | None = None,
     summary_out: str | Path | None = None,
     stim_info_csv: str | Path | None = None,
+    max_json_mb: float = DEFAULT_MAX_JSON_BYTES / 2**20,
 ) -> pd.DataFrame:
     """Run the whole stage: check inputs, merge, write the merged JSON, the table and its summary.
 
@@ -241,7 +243,9 @@ def build(
     annotation inside the shown crop, see :mod:`nsdprep.stages.labels.crop`; writes no merged JSON, which is
     the default mode's). Cheap checks (files present, zip members, stim info / expdesign content)
     run before the JSON is parsed. Which stim-info file and reader were used goes to the log and to
-    the summary TSV. Returns the labels table written to ``out``.
+    the summary TSV. ``max_json_mb`` (MiB, ``COCO_MAX_MB``) bounds the inflated size of each
+    instances JSON (see :mod:`nsdprep.stages.labels.instances`). Returns the labels table written
+    to ``out``.
     """
     if legacy and crop:
         raise UsageError("--legacy and --crop are two different label rules; choose one.")
@@ -250,7 +254,10 @@ def build(
     mode = "legacy" if legacy else "crop" if crop else "default"
     t0 = time.perf_counter()
     zip_path = Path(zip_path)
-    members = instances_members(zip_path)
+    if not max_json_mb > 0:
+        raise UsageError(f"the COCO JSON size limit must be positive, got {max_json_mb!r} MiB.")
+    max_bytes = int(max_json_mb * 2**20)
+    members = instances_members(zip_path, max_bytes=max_bytes)
     sources = {s: f"{zip_path}:{m}" for s, m in members.items()}
     stim = load_stim_info(stim_info, stim_info_csv)
     info = stim.table
@@ -267,7 +274,7 @@ def build(
         crop_boxes(info, stim.path)  # checked before the big JSON is parsed
         if expdesign is not None:
             shown = nsd.read_expdesign(expdesign).shown_images().astype(np.int64) - 1
-    data = read_instances(zip_path)
+    data = read_instances(zip_path, max_bytes=max_bytes)
     validate_splits(data, sources)
     if legacy:
         merged = merge_instances_legacy(data["train2017"], data["val2017"])
@@ -395,6 +402,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 __all__ = [
+    "DEFAULT_MAX_JSON_BYTES",
     "LABEL_COLUMNS",
     "LEGACY_COLUMNS",
     "UNKNOWN",
