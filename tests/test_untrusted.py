@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import pickle
 import struct
@@ -20,11 +21,13 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from nsdprep.core import nsd, tables
-from nsdprep.core.errors import FormatError, MissingInputError, UsageError
+from nsdprep.core.errors import FormatError, HeaderError, MissingInputError, UsageError
+from nsdprep.core.nifti import NiftiStreamWriter, check_betas_header, iter_volumes, read_header
 from nsdprep.stages import labels as coco
 
 
@@ -175,8 +178,6 @@ def test_a_hostile_sidecar_is_refused_in_one_line(tmp_path: Path, text: str, mes
 
 
 def test_what_the_sidecar_cannot_hold_is_refused_on_writing(tmp_path: Path) -> None:
-    import numpy as np
-
     for table, message in [
         (pd.DataFrame({"a": [[(1, 2)]]}), r"column 'a'.*tuple \(1, 2\), not a JSON value"),
         (
@@ -365,3 +366,142 @@ def test_the_inflate_counter_stops_a_reader_that_gives_more_than_declared(
         monkeypatch.setattr(zf, "open", lambda *a, **k: io.BytesIO(b" " * (info.file_size + 1)))
         with pytest.raises(FormatError, match=rf"{TRAIN} does not inflate to its declared"):
             instances._inflate_text(zf, info, f"{zp}:{TRAIN}", 1 << 30)
+
+
+# ------------------------------------------------------------------------- NIfTI header sanity
+
+NII_SHAPE = (23, 27, 21)  # a small grid over occipital cortex (as in test_resample)
+NII_AFFINE = np.array([[-1.0, 0, 0, 22], [0, 1, 0, -90], [0, 0, 1, 0], [0, 0, 0, 1]])
+
+
+def _betas_file(path: Path, n: int = 2, *, zeros: bool = False) -> Path:
+    rng = np.random.default_rng(0)
+    data = (
+        np.zeros(NII_SHAPE + (n,), np.int16)
+        if zeros
+        else (rng.normal(0, 300, size=NII_SHAPE + (n,)).round().astype(np.int16))
+    )
+    with NiftiStreamWriter(path, NII_SHAPE, NII_AFFINE, np.int16, n) as w:
+        for t in range(n):
+            w.write(data[..., t])
+    return path
+
+
+def _patched(
+    src: Path, dst: Path, *, dims: tuple[int, ...] | None = None, vox_offset: float | None = None
+) -> Path:
+    """``src`` with header fields overwritten in place (the data left as they are)."""
+    raw = bytearray(gzip.decompress(src.read_bytes()))
+    if dims is not None:
+        raw[40:56] = struct.pack("<8h", len(dims), *dims, *[1] * (7 - len(dims)))
+    if vox_offset is not None:
+        raw[108:112] = struct.pack("<f", vox_offset)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(gzip.compress(bytes(raw), mtime=0))
+    return dst
+
+
+HUGE = (32767, 32767, 32767, 30)
+
+
+def _assert_bad_header(exc: BaseException, path: Path, claim: str) -> None:
+    text = str(exc)
+    assert isinstance(exc, HeaderError), repr(exc)
+    assert isinstance(exc, FormatError)
+    assert "\n" not in text and str(path) in text and claim in text, text
+    assert "repair" not in text and "truncated" not in text, text
+
+
+@pytest.mark.parametrize(
+    ("fields", "claim"),
+    [({"dims": HUGE}, "shape (32767, 32767, 32767, 30)"), ({"vox_offset": 1e12}, "offset 1e+12")],
+)
+def test_an_impossible_header_is_refused_before_allocating(
+    tmp_path: Path, fields: dict, claim: str
+) -> None:
+    from nsdprep.stages.resample import resample_session
+
+    bad = _patched(_betas_file(tmp_path / "ok.nii.gz"), tmp_path / "betas_bad.nii.gz", **fields)
+    for call in (read_header, check_betas_header, lambda p: list(iter_volumes(p))):
+        with pytest.raises(FormatError) as info:
+            call(bad)
+        _assert_bad_header(info.value, bad, claim)
+    dst = tmp_path / "out" / "o.nii.gz"
+    with pytest.raises(FormatError) as info:
+        resample_session(bad, dst)
+    _assert_bad_header(info.value, bad, claim)
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize(
+    ("fields", "claim"),
+    [({"dims": HUGE}, "shape (32767, 32767, 32767, 30)"), ({"vox_offset": 1e12}, "offset 1e+12")],
+)
+def test_the_resample_stage_reports_a_bad_header_in_one_line(
+    tmp_path: Path, git_env: dict[str, str], fields: dict, claim: str
+) -> None:
+    nsd_ds = tmp_path / "inputs" / "nsd"
+    good = _betas_file(tmp_path / "ok.nii.gz")
+    bad = _patched(good, nsd_ds / nsd.betas_key(1, 1), **fields)
+    subprocess.run(["git", "init", "-q", str(nsd_ds)], check=True)
+    subprocess.run(["git", "-C", str(nsd_ds), "add", "."], check=True)
+    cmd = [sys.executable, "-m", "nsdprep", "resample", "--nsd", str(nsd_ds), "--subject", "1"]
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("nsdprep resample: error: "), proc.stderr
+    assert str(bad) in line and claim in line and "bad NIfTI header" in line, line
+    assert "repair" not in proc.stderr and "MemoryError" not in proc.stderr
+    assert time.monotonic() - t0 < 30
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
+
+
+def test_a_header_the_file_cannot_hold_is_bad_when_the_stream_is_intact(tmp_path: Path) -> None:
+    """Within the caps, but more data than any deflate stream of this size can hold."""
+    src = _betas_file(tmp_path / "ok.nii.gz")
+    dims = (512, 512, 512, 200)  # 53 GB of int16 claimed by a ~9 KB file
+    bad = _patched(src, tmp_path / "short.nii.gz", dims=dims)
+    with pytest.raises(FormatError) as info:
+        read_header(bad)
+    _assert_bad_header(info.value, bad, "shape (512, 512, 512, 200)")
+    assert "inflates to only" in str(info.value)
+    # within what the file could hold: the intact stream ends early while streaming
+    short = tmp_path / "short10.nii.gz"
+    short.write_bytes(gzip.compress(gzip.decompress(src.read_bytes())[:-10], mtime=0))
+    with pytest.raises(FormatError, match="data ends inside volume 1 of 2") as info:
+        list(iter_volumes(short))
+    _assert_bad_header(info.value, short, "shape (23, 27, 21, 2)")
+
+
+def test_a_cut_file_is_damaged_content_and_keeps_the_repair_advice(tmp_path: Path) -> None:
+    """The same 'more than the file can hold', from a file cut short: a damaged download."""
+    src = _betas_file(tmp_path / "zeros.nii.gz", n=600, zeros=True)  # 15.6 MB in ~16 KB
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(src.read_bytes()[:2000])  # 2000 x 1032 bytes < what the header claims
+    with pytest.raises(FormatError) as info:
+        read_header(cut)
+    assert not isinstance(info.value, HeaderError)
+    assert "truncated or corrupted" in str(info.value) and "make repair" in str(info.value)
+    # and a cut file that could still hold its data fails while streaming, as before
+    mid = tmp_path / "mid.nii.gz"
+    mid.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    with pytest.raises(FormatError, match="truncated or corrupted.*make repair") as info:
+        list(iter_volumes(mid))
+    assert not isinstance(info.value, HeaderError)
+
+
+def test_load_curated_checks_the_mask_header(tmp_path: Path) -> None:
+    from nsdprep.load import load_curated
+
+    folder = tmp_path / nsd.CURATED_DIR
+    files = nsd.curated_files(1, folder)
+    folder.mkdir(parents=True)
+    for p in (files.matrix, files.labels, files.runs, files.trials):
+        p.write_bytes(b"")
+    _patched(_betas_file(tmp_path / "m.nii.gz", n=1), files.mask, dims=(32767, 32767, 32767))
+    with pytest.raises(FormatError) as info:
+        load_curated(1, dataset=tmp_path)
+    _assert_bad_header(info.value, files.mask, "shape (32767, 32767, 32767)")

@@ -53,6 +53,7 @@ def load_curated(
     from sklearn.utils import Bunch
 
     from nsdprep.core.matrix import open_matrix, unmask
+    from nsdprep.core.nifti import read_header
 
     if labels not in ("default", "legacy"):
         raise UsageError(f"labels must be 'default' or 'legacy', got {labels!r}")
@@ -60,6 +61,7 @@ def load_curated(
     folder = Path(dataset) / rel
     files = nsd.curated_files(subject, folder)
     _require_all(files, Path(dataset), rel, subject)
+    read_header(files.mask)  # a cloned file: its header is checked before nibabel allocates
     X = open_matrix(files.matrix)
     lab = np.load(files.labels, allow_pickle=False)
     runs = np.load(files.runs, allow_pickle=False)
