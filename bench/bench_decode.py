@@ -114,8 +114,8 @@ def child(spec: dict) -> dict:
     from nsdprep.stages import decode as dec
 
     x_path, y_path, runs_path = (Path(s) for s in spec["paths"])
-    X = np.load(x_path)
-    y, runs = np.load(y_path), np.load(runs_path)
+    X = np.load(x_path, allow_pickle=False)
+    y, runs = np.load(y_path, allow_pickle=False), np.load(runs_path, allow_pickle=False)
     rss_data = _peak()
     checksum = _checksum(X)
     config = dec.DecodeConfig(n_permutations=spec["n_perm"], jobs=spec["jobs"], seed=SEED)
