@@ -83,7 +83,10 @@ def write_table_tsv(table: pd.DataFrame, path: str | os.PathLike[str]) -> None:
         if not isinstance(name, str) or not name or any(c in name for c in "\t\n\r"):
             raise UsageError(f"{path}: column name {name!r} must be a non-empty one-line string")
     kinds = [_kind(table[name], path) for name in names]
-    columns = [_encode_column(table[n].tolist(), k, f"{path}: column {n!r}") for n, k in zip(names, kinds, strict=True)]  # fmt: skip
+    columns = [
+        _encode_column(table[name].tolist(), kind, f"{path}: column {name!r}")
+        for name, kind in zip(names, kinds, strict=True)
+    ]
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
         fh.write("\t".join(names) + "\n")
         fh.write("\t".join(kinds) + "\n")
