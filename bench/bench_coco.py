@@ -139,12 +139,12 @@ def make_inputs(workdir: Path, seed: int = 0) -> dict[str, Path]:
     pick = rng.choice(len(ids), size=N_NSD, replace=False)
     all_ids = np.concatenate([train_ids, val_ids])
     split = np.where(pick < N_TRAIN_IMAGES, "train2017", "val2017").astype(object)
-    stim = workdir / "nsd_stim_info_merged.pkl"
+    stim = workdir / "nsd_stim_info_merged.csv"  # the stage reads NSD's CSV, never the pickle
     left = rng.integers(0, 161, size=N_NSD)  # 640 x 480 pictures: 160 px cut in all
     crop = [(0, 0, int(a) / 640, (160 - int(a)) / 640) for a in left]
     pd.DataFrame(
         {"cocoId": all_ids[pick], "cocoSplit": split, "cropBox": crop, "nsdId": np.arange(N_NSD)}
-    ).to_pickle(stim)
+    ).to_csv(stim)
     exp = workdir / "nsd_expdesign.mat"
     subjectim = np.stack([rng.permutation(N_NSD)[:10000] + 1 for _ in range(8)]).astype(float)
     masterordering = rng.integers(1, 10001, size=(1, 30000)).astype(float)

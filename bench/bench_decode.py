@@ -213,7 +213,7 @@ def child_logistic(folder: str, jobs: str) -> dict:
     from nsdprep.stages.decode.data import load_labels_runs, load_masked
 
     files = nsd.curated_files(1, folder)
-    n = int(np.load(files.runs).size)
+    n = int(np.load(files.runs, allow_pickle=False).size)
     y, runs = load_labels_runs(files, n)
     X, _, _ = load_masked(files, np.arange(n))
     config = dec.DecodeConfig(classifier="logistic", permutations=0, jobs=int(jobs))

@@ -85,10 +85,10 @@ def child(method: str, what: str, folder: Path, rows_file: Path) -> None:
 
     from nsdprep.core.nifti import iter_volumes, read_header
 
-    rows = np.load(rows_file)
+    rows = np.load(rows_file, allow_pickle=False)
     t0 = time.perf_counter()
     if method == "matrix":
-        X = np.load(folder / "sub-01_X.npy", mmap_mode="r")
+        X = np.load(folder / "sub-01_X.npy", mmap_mode="r", allow_pickle=False)
         if what == "first":
             out = np.array(X[0])
         elif what == "random":

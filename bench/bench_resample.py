@@ -233,7 +233,7 @@ def run_child(*args: str) -> dict:
 def max_diff(ours_path: Path, ref_npy: Path) -> dict:
     from nsdprep.core.nifti import iter_volumes
 
-    ref = np.load(ref_npy)
+    ref = np.load(ref_npy, allow_pickle=False)
     ours = np.stack(list(iter_volumes(ours_path)), axis=-1)
     if ours.shape != ref.shape:
         raise SystemExit(f"shape mismatch: ours {ours.shape}, reference {ref.shape}")

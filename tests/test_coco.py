@@ -105,6 +105,12 @@ def make_stim_info(data: dict[str, dict], seed: int = 1) -> pd.DataFrame:
     )
 
 
+def write_stim(info: pd.DataFrame, path: Path) -> Path:
+    """Write the stim info as NSD's CSV (index as a leading unnamed column); the stage reads it."""
+    info.drop(columns="Unnamed: 0", errors="ignore").to_csv(path)
+    return path
+
+
 def make_expdesign(path: Path, n_images: int, seed: int = 2) -> Path:
     rng = np.random.default_rng(seed)
     subjectim = np.stack([rng.permutation(n_images)[:20] + 1 for _ in range(2)]).astype(float)
@@ -118,8 +124,7 @@ def inputs(tmp_path: Path) -> dict:
     data = make_coco()
     zp = write_zip(tmp_path / "annotations_trainval2017.zip", data)
     info = make_stim_info(data)
-    sp = tmp_path / "nsd_stim_info_merged.pkl"
-    info.to_pickle(sp)
+    sp = write_stim(info, tmp_path / "nsd_stim_info_merged.csv")
     ep = make_expdesign(tmp_path / "nsd_expdesign.mat", len(info))
     return {"data": data, "zip": zp, "stim": sp, "info": info, "exp": ep, "tmp": tmp_path}
 
@@ -204,7 +209,7 @@ def test_tie_goes_to_first(inputs):
     if row.empty:  # make sure the tie image is labelled
         info = inputs["info"].copy()
         info.loc[0, ["cocoId", "cocoSplit"]] = [tie_img, "train2017"]
-        info.to_pickle(inputs["stim"])
+        write_stim(info, inputs["stim"])
         table, _, _ = run_build(inputs, tag="b")
         row = table[table["cocoId"] == tie_img]
     r = row.iloc[0]
@@ -377,7 +382,7 @@ def test_orphan_annotation(inputs):
 def test_coco_id_not_found(inputs):
     info = inputs["info"].copy()
     info.loc[4, "cocoId"] = 424242
-    info.to_pickle(inputs["stim"])
+    write_stim(info, inputs["stim"])
     with pytest.raises(FormatError, match=r"image of no split .*nsdId \[4\] -> cocoId \[424242\]"):
         _build(inputs)
 
@@ -386,14 +391,14 @@ def test_coco_split_disagrees(inputs):
     info = inputs["info"].copy()
     i = int(np.flatnonzero(info["cocoSplit"] == "val2017")[0])
     info.loc[i, "cocoSplit"] = "train2017"
-    info.to_pickle(inputs["stim"])
+    write_stim(info, inputs["stim"])
     with pytest.raises(FormatError, match=rf"other than their cocoSplit: nsdId \[{i}\]"):
         _build(inputs)
 
 
 def test_stim_info_row_order_checked(inputs):
     info = inputs["info"].iloc[::-1].reset_index(drop=True)
-    info.to_pickle(inputs["stim"])
+    write_stim(info, inputs["stim"])
     with pytest.raises(FormatError, match="row position must equal nsdId"):
         _build(inputs)
 
@@ -460,7 +465,7 @@ def test_synthetic_labels_match_pycocotools(request, tmp_path):
     stim = synth_root / "nsd/nsddata/experiments/nsd/nsd_stim_info_merged.pkl"
     exp = synth_root / "nsd/nsddata/experiments/nsd/nsd_expdesign.mat"
     table = coco.build(zp, stim, tmp_path / "m.json", tmp_path / "labels.pkl")
-    info = pd.read_pickle(stim)
+    info = pd.read_csv(stim.with_suffix(".csv"), index_col=0)
     assert len(table) == len(info)
     assert_matches_pycocotools(table, extract(zp, tmp_path), info)
     manifest = json.loads((synth_root / "synth_manifest.json").read_text())

@@ -118,6 +118,9 @@ def test_crop_boxes_accept_text_and_reject_nonsense() -> None:
             coco_crop.crop_boxes(pd.DataFrame({"cropBox": [(0, 0, 0, 0), bad]}), "stim.pkl")
     with pytest.raises(FormatError, match="no cropBox column"):
         coco_crop.crop_boxes(pd.DataFrame({"x": [1]}))
+    huge = "(" + "0, " * 1_000_000 + "0)"  # a CSV cell is text from the server: not parsed
+    with pytest.raises(FormatError, match=r"row 1 is 3000003 characters long \('\(0, 0, "):
+        coco_crop.crop_boxes(pd.DataFrame({"cropBox": [(0, 0, 0, 0), huge]}), "stim.csv")
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +175,7 @@ def test_crop_summary_counts_changes(crop_built: dict) -> None:
     d = scipy.io.loadmat(crop_built["args"]["expdesign"])
     shown = set((np.unique(d["subjectim"][:, d["masterordering"][0].astype(int) - 1]) - 1).tolist())
     assert int(rows[("crop", "changed_supercat_shown")]) == len(shown & set(changed))
-    assert rows[("input", "stim_info")] == "nsd_stim_info_merged.pkl via pickle"
+    assert rows[("input", "stim_info")] == "nsd_stim_info_merged.csv via csv"
     assert int(rows[("total", "unknown")]) == int((crop["supercat"] == "unknown").sum())
 
 
@@ -186,9 +189,9 @@ def test_crop_cli_refuses_an_unknown_rule(synth_root: Path, tmp_path: Path) -> N
 
 def test_crop_without_cropbox_fails_before_parsing_json(synth_root: Path, tmp_path: Path) -> None:
     bucket = synth_root / "nsd"
-    info = pd.read_pickle(bucket / nsd.STIM_INFO_KEY).drop(columns="cropBox")
-    stim = tmp_path / "stim.pkl"
-    info.to_pickle(stim)
+    info = pd.read_csv(bucket / nsd.STIM_INFO_CSV_KEY, index_col=0).drop(columns="cropBox")
+    stim = tmp_path / "stim.csv"
+    info.to_csv(stim)
     broken_zip = tmp_path / "coco.zip"  # valid members list, JSON never parsed
     shutil.copy(synth_root / "coco/annotations" / nsd.COCO_ZIP_NAME, broken_zip)
     with pytest.raises(FormatError, match="no cropBox column"):

@@ -25,6 +25,7 @@ from nsdprep.core.errors import FormatError, MissingInputError, NsdPrepError
 from nsdprep.core.nsd import Layout
 from nsdprep.stages import curate
 from nsdprep.stages.curate import selection as curate_select
+from nsdprep.stages.labels import write_table
 
 RUNS = 4
 TPR = (8, 7)
@@ -109,7 +110,7 @@ def make_inputs(
             "nsdId": np.arange(N_73K),
             "cocoId": 5000 + 7 * np.arange(N_73K),
             "cocoSplit": "train2017",
-            "supercats": [[x] for x in sc],
+            "supercats": [[str(x)] for x in sc],  # plain str, as the stage writes
             "cats": [[f"{x}-cat"] for x in sc],
             "areas": [[1.0] for _ in sc],
             "supercat": sc,
@@ -118,7 +119,7 @@ def make_inputs(
     )
     labels = root / "derivatives" / "coco_categories.pkl"
     labels.parent.mkdir(parents=True)
-    table.to_pickle(labels)
+    write_table(table, labels)
     lsc = rng.choice(SUPERCATS, size=N_73K, p=probs or PROBS)
     legacy_table = pd.DataFrame(
         {
@@ -128,7 +129,7 @@ def make_inputs(
         }
     )
     legacy = root / "derivatives" / "coco_categories_legacy.pkl"
-    legacy_table.to_pickle(legacy)
+    write_table(legacy_table, legacy)
 
     resampled = root / "derivatives" / "3mm"
     missing_3mm = missing_3mm or {}
@@ -343,7 +344,7 @@ def test_description_and_readme(big: Inputs, big_out: Path):
     kept = {s: len(v) for s, v in expected_selection(big, 10 * S).items()}
     assert desc["Counts"]["Trials"] == {f"sub-{s:02d}": n for s, n in kept.items()}
     assert "--subjects 7 2" in desc["GeneratedBy"][0]["Command"]
-    labels = np.load(big_out / "sub-07_labels.npy")
+    labels = np.load(big_out / "sub-07_labels.npy", allow_pickle=False)
     vals, cnt = np.unique(labels, return_counts=True)
     assert desc["Counts"]["Labels"]["sub-07"] == dict(zip(vals.tolist(), cnt.tolist(), strict=True))
     readme = (big_out / "README.md").read_text()
@@ -397,7 +398,7 @@ def test_legacy_labels(big: Inputs, tmp_path: Path):
     assert (tsv["trial"].to_numpy() - 1).tolist() == expected[2].tolist()
     lut = big.legacy_table.set_index("id")
     ids73k = tsv["nsdId"].to_numpy() + 1
-    labels = np.load(out / "sub-02_labels.npy")
+    labels = np.load(out / "sub-02_labels.npy", allow_pickle=False)
     assert labels.tolist() == lut.loc[ids73k, "supercat"].tolist()
     assert tsv["cat"].tolist() == lut.loc[ids73k, "cat"].tolist()
     assert set(tsv["cocoId"]) == {"n/a"}
@@ -476,9 +477,9 @@ def test_expdesign_checks(small: Inputs, tmp_path: Path):
 
 def test_labels_must_cover_used_ids(small: Inputs, tmp_path: Path):
     used = small.subjectim[0, small.masterordering[: 2 * S] - 1] - 1
-    table = small.table[small.table["nsdId"] != used[5]]
+    table = small.table[small.table["nsdId"] != used[5]].reset_index(drop=True)
     p = tmp_path / "labels.pkl"
-    table.to_pickle(p)
+    write_table(table, p)
     with pytest.raises(FormatError, match=rf"lacks 1 nsdId.*\[{used[5]}\]"):
         _curate(small, tmp_path / "o", labels=p)
 
@@ -490,7 +491,7 @@ def test_not_enough_person_trials(tmp_path: Path, git_env):
     used2 = set(inp.subjectim[1, inp.masterordering[:S] - 1] - 1) - used1
     table["supercat"] = "animal"
     table.loc[table["nsdId"].isin(list(used2)[:1]), "supercat"] = "unknown"
-    table.to_pickle(inp.labels)
+    write_table(table, inp.labels)
     with pytest.raises(NsdPrepError, match="cannot equalize trials: subj01.*only 0 'person'"):
         _curate(inp, tmp_path / "o")
 
@@ -599,9 +600,12 @@ def test_on_synthetic_tree(synth_root: Path, tmp_path: Path, git_env):
             nib.save(nib.Nifti1Image(data, src.affine @ np.diag([3.0, 3, 3, 1])), out)
     labels = tmp_path / "labels.pkl"
     sc = np.array(manifest["labels"])
-    pd.DataFrame(
-        {"nsdId": np.arange(sc.size), "cocoId": np.arange(sc.size), "supercat": sc, "cat": sc}
-    ).to_pickle(labels)
+    write_table(
+        pd.DataFrame(
+            {"nsdId": np.arange(sc.size), "cocoId": np.arange(sc.size), "supercat": sc, "cat": sc}
+        ),
+        labels,
+    )
     cur = tmp_path / "curated"
     sel = curate.curate(
         nsd,
@@ -617,7 +621,7 @@ def test_on_synthetic_tree(synth_root: Path, tmp_path: Path, git_env):
     sizes = set()
     for subj in range(1, len(lay["sessions"]) + 1):
         tsv = pd.read_csv(cur / f"sub-{subj:02d}_trials.tsv", sep="\t")
-        got = np.load(cur / f"sub-{subj:02d}_labels.npy")
+        got = np.load(cur / f"sub-{subj:02d}_labels.npy", allow_pickle=False)
         sizes.add(got.size)
         t0 = tsv["trial"].to_numpy() - 1
         assert t0.max() < n_trials

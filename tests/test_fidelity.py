@@ -1,7 +1,7 @@
 """Facts about the real NSD files: the stim-info CSV and old pickles, nsd_access's paths, NSD's header.
 
-- ``nsd_stim_info_merged.pkl`` written by old pandas: read, or fall back to the CSV
-  (fixtures in ``tests/data``, made by real old pandas versions; see their README);
+- ``nsd_stim_info_merged.pkl`` written by old pandas holds the same table as the CSV, which is what
+  the stage reads (fixtures in ``tests/data``, made by real old pandas versions; see their README);
 - the paths tknapen/nsd_access builds (from its documentation and code, re-typed here) resolve to files
   registered in ``inputs/nsd``, and read as nsd_access reads them;
 - NSD's own NIfTI header (x running forward, ``sform_code`` 1, ``qform_code`` 0, no scaling) gives the
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import pytest
 
 from nsdprep import pipeline
 from nsdprep.core import nsd
-from nsdprep.core.errors import FormatError
+from nsdprep.core.errors import MissingInputError
 from nsdprep.core.nifti import (
     NiftiStreamWriter,
     iter_volumes,
@@ -48,34 +47,24 @@ from nsdprep.testing.synth import (
 )
 
 DATA = Path(__file__).parent / "data"
-FIXTURES = {
-    "stim_info_pandas1": "pickle",
-    "stim_info_py27_pandas024": "pickle (latin1)",
-    "stim_info_pandas019": "csv",
-}
+#: Stim-info fixtures: one table pickled by three pandas versions, each with the same CSV.
+FIXTURES = ("stim_info_pandas1", "stim_info_py27_pandas024", "stim_info_pandas019")
 VENV = Path(sys.executable).parent.parent
 
 
 # ---------------------------------------------------------------------------- stim info
 
 
-@pytest.mark.parametrize(("folder", "reader"), FIXTURES.items())
-def test_old_pickles_read_or_fall_back_to_csv(folder: str, reader: str, caplog) -> None:
+@pytest.mark.parametrize("folder", FIXTURES)
+def test_stim_info_is_read_from_the_csv_whichever_pandas_wrote_the_pickle(folder: str) -> None:
     pkl = DATA / folder / "nsd_stim_info_merged.pkl"
     csv = DATA / folder / "nsd_stim_info_merged.csv"
-    with caplog.at_level(logging.INFO, logger="nsdprep.stages.labels"):
-        got = stim_info.load_stim_info(pkl, csv)
-    assert got.reader == reader
-    assert got.path == (csv if reader == "csv" else pkl)
-    if reader == "csv":
-        assert "pandas.indexes" in got.fallback_reason  # why: pandas 0.19's module layout
-        assert any(r.levelno == logging.WARNING and "instead" in r.message for r in caplog.records)
-        assert "via csv (pickle unreadable: pd.read_pickle: ModuleNotFoundError" in got.describe()
-    else:
-        assert got.fallback_reason == ""
-    # The CSV read the way nsd_access reads it gives the same table, cell by cell.
-    reference = stim_info.normalize_stim_info(pd.read_csv(csv, index_col=0), csv)
-    pd.testing.assert_frame_equal(got.table, reference, check_exact=True)
+    for got in (stim_info.load_stim_info(pkl, csv), stim_info.load_stim_info(pkl)):
+        assert got.reader == "csv" and got.path == csv
+        assert got.describe() == "nsd_stim_info_merged.csv via csv"
+        # The CSV read the way nsd_access reads it gives the same table, cell by cell.
+        reference = stim_info.normalize_stim_info(pd.read_csv(csv, index_col=0), csv)
+        pd.testing.assert_frame_equal(got.table, reference, check_exact=True)
     assert got.table["cropBox"].iloc[0] == (0, 0, 0.1671875, 0.1671875)
     assert list(got.table.columns[:8]) == [
         "cocoId", "cocoSplit", "cropBox", "loss", "nsdId", "flagged", "BOLD5000", "shared1000",
@@ -100,23 +89,21 @@ def test_every_fixture_pickle_equals_its_csv() -> None:
                 raise ValueError("readable: nothing to check")
 
 
-def test_unreadable_pickle_without_csv_names_both_errors(tmp_path: Path) -> None:
-    pkl = DATA / "stim_info_pandas019/nsd_stim_info_merged.pkl"
-    with pytest.raises(FormatError, match=r"pd.read_pickle: .*latin1.*--stim-info-csv"):
+def test_pickle_without_its_csv_is_refused_unread(tmp_path: Path) -> None:
+    pkl = tmp_path / "nsd_stim_info_merged.pkl"
+    shutil.copy(DATA / "stim_info_pandas1/nsd_stim_info_merged.pkl", pkl)
+    with pytest.raises(MissingInputError, match=r"nsd_stim_info_merged\.csv: missing .*CSV only"):
         stim_info.load_stim_info(pkl)
-    absent = tmp_path / "nsd_stim_info_merged.pkl"
-    got = stim_info.load_stim_info(absent, DATA / "stim_info_pandas1/nsd_stim_info_merged.csv")
-    assert got.reader == "csv" and "no such file" in got.fallback_reason
 
 
-def test_pickle_and_csv_must_agree(tmp_path: Path) -> None:
+def test_the_csv_wins_over_a_disagreeing_pickle(tmp_path: Path) -> None:
     src = DATA / "stim_info_pandas1"
     csv = tmp_path / "nsd_stim_info_merged.csv"
     lines = (src / "nsd_stim_info_merged.csv").read_text().splitlines(keepends=True)
     lines[3] = lines[3].replace(",train2017,", ",val2017,", 1)
     csv.write_text("".join(lines))
-    with pytest.raises(FormatError, match="disagree on cocoSplit in 1 rows, e.g. nsdId \\[2\\]"):
-        stim_info.load_stim_info(src / "nsd_stim_info_merged.pkl", csv)
+    got = stim_info.load_stim_info(src / "nsd_stim_info_merged.pkl", csv)
+    assert got.table["cocoSplit"].iloc[2] == "val2017"
 
 
 def test_synthetic_pickle_and_csv_are_one_table(synth_root: Path) -> None:
@@ -128,21 +115,20 @@ def test_synthetic_pickle_and_csv_are_one_table(synth_root: Path) -> None:
     pd.testing.assert_frame_equal(pkl, csv, check_exact=True)
 
 
-def test_labels_from_the_csv_fallback_equal_labels_from_the_pickle(
-    synth_copy: Path, tmp_path: Path, caplog
-) -> None:
-    bucket = synth_copy / "nsd"
-    zp = synth_copy / "coco/annotations" / nsd.COCO_ZIP_NAME
+def test_labels_from_the_csv_equal_labels_from_the_pickle(synth_root: Path, tmp_path: Path) -> None:
+    """Same table, same bytes: reading the CSV instead of the pickle changes no label output."""
+    bucket = synth_root / "nsd"
+    zp = synth_root / "coco/annotations" / nsd.COCO_ZIP_NAME
     pkl, csv = bucket / nsd.STIM_INFO_KEY, bucket / nsd.STIM_INFO_CSV_KEY
-    want = coco.build(zp, pkl, tmp_path / "a.json", tmp_path / "a.pkl", stim_info_csv=csv)
-    shutil.copy(DATA / "stim_info_pandas019/nsd_stim_info_merged.pkl", pkl)  # unreadable now
-    with caplog.at_level(logging.WARNING):
-        got = coco.build(zp, pkl, tmp_path / "b.json", tmp_path / "b.pkl", stim_info_csv=csv)
+    got = coco.build(zp, pkl, tmp_path / "a.json", tmp_path / "a.pkl", stim_info_csv=csv)
+    # this test's own synthetic pickle, unpickled here only to compare
+    from_pickle = stim_info.normalize_stim_info(pd.read_pickle(pkl), pkl)
+    want = coco.label_table(coco.read_instances(zp), from_pickle)
     pd.testing.assert_frame_equal(got, want, check_exact=True)
+    coco.write_table(want, tmp_path / "b.pkl")
     assert (tmp_path / "a.pkl").read_bytes() == (tmp_path / "b.pkl").read_bytes()
-    summary = (tmp_path / "b_summary.tsv").read_text()
-    assert "input\tstim_info\tnsd_stim_info_merged.csv via csv (pickle unreadable: " in summary
-    assert "using" in caplog.text and "nsd_stim_info_merged.csv instead" in caplog.text
+    summary = (tmp_path / "a_summary.tsv").read_text()
+    assert "input\tstim_info\tnsd_stim_info_merged.csv via csv\n" in summary
 
 
 # ---------------------------------------------------------------------------- nsd_access
@@ -207,7 +193,8 @@ def test_nsd_access_paths_resolve_in_inputs_nsd(demo_built: Path, git_env) -> No
     with h5py.File(access.stimuli(), "r") as f:
         assert f["imgBrick"][[0, 2]].shape == (2, 425, 425, 3)
     descriptions = pd.read_csv(access.stim_descriptions(), index_col=0)
-    pkl = pd.read_pickle(nsd_ds / nsd.STIM_INFO_KEY)
+    # the pickle as the synthetic generator wrote it here (never the downloaded copy)
+    pkl = pd.read_pickle(demo_built.parent / "synth" / "nsd" / nsd.STIM_INFO_KEY)
     for image_index in (0, 17, len(pkl) - 1):
         row = descriptions.iloc[image_index]
         assert row["cocoId"] == pkl["cocoId"].iloc[image_index]
@@ -218,7 +205,7 @@ def test_nsd_access_paths_resolve_in_inputs_nsd(demo_built: Path, git_env) -> No
 @pytest.mark.datalad
 def test_the_run_records_which_stim_info_file_was_read(demo_built: Path) -> None:
     summary = demo_built / nsd.summary_path(nsd.COCO_CATEGORIES)
-    assert "input\tstim_info\tnsd_stim_info_merged.pkl via pickle\n" in summary.read_text()
+    assert "input\tstim_info\tnsd_stim_info_merged.csv via csv\n" in summary.read_text()
     log = subprocess.run(
         ["git", "-C", str(demo_built), "log", "--format=%B", "-n1", "--", str(summary)],
         check=True, capture_output=True, text=True,

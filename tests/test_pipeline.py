@@ -70,7 +70,7 @@ def test_curated_trials_match_raw_inputs(built: Path) -> None:
     synth = built.parent / "synth"
     nsd = built / "inputs/nsd"
     design = scipy.io.loadmat(nsd / "nsddata/experiments/nsd/nsd_expdesign.mat")
-    stim = pd.read_pickle(nsd / "nsddata/experiments/nsd/nsd_stim_info_merged.pkl")
+    stim = pd.read_csv(nsd / "nsddata/experiments/nsd/nsd_stim_info_merged.csv", index_col=0)
     per_session = LAYOUT.layout.runs_per_session * sum(LAYOUT.layout.trials_per_run) // 2
     counts = {}
     rng = np.random.default_rng(0)
@@ -243,7 +243,9 @@ def test_load_curated_matches_the_4d_file(built: Path) -> None:
         assert d.X.shape == (data.shape[3], int(mask.sum())) and mask.sum() > 100
         np.testing.assert_array_equal(np.asarray(d.X), data[mask].T)
         assert not data[~mask].any()  # the 3 mm stage left nothing outside grey matter
-        np.testing.assert_array_equal(d.labels, np.load(cur / f"sub-{subject:02d}_labels.npy"))
+        np.testing.assert_array_equal(
+            d.labels, np.load(cur / f"sub-{subject:02d}_labels.npy", allow_pickle=False)
+        )
         np.testing.assert_array_equal(d.runs, d.trials["run"].to_numpy())
         back = d.to_img([0, len(d.labels) - 1])
         np.testing.assert_allclose(back.affine, img.affine)

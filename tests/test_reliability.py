@@ -240,7 +240,7 @@ def test_corrupted_betas_recover_after_drop(clone: Path, served: Mirror, env) ->
     betas = BETAS.format(s=2, n=1)
     rc, text, damaged = _make_3mm_from_damaged_server(clone, served, env)
     assert rc != 0
-    assert "`make repair SUBJECTS=02`" in text, text  # the failure says what to do
+    assert "`make repair SUBJECTS=" in text, text  # the failure says what to do
     assert (clone / betas).read_bytes() == damaged  # present, and its checksum recorded
     assert git_out(clone / "inputs/nsd", "annex", "lookupkey", _key(2, 1)).startswith("VURL-")
 

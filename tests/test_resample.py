@@ -160,7 +160,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "nsdprep", "resample", *args, "--no-progress"],
         capture_output=True,
         text=True,
-        env={**__import__("os").environ, "PYTHONPATH": str(Path(nsdp.__file__).parents[1])},
+        env={**__import__("os").environ, "PYTHONPATH": str(Path(nsdp.__file__).parents[2])},
     )
 
 

@@ -54,12 +54,14 @@ def load_curated(
     from sklearn.utils import Bunch
 
     from nsdprep.core.matrix import open_matrix, unmask
+    from nsdprep.core.nifti import read_header
 
     opts = Options(labels=labels)  # checked like LABELS=...
     rel = pipeline.curated_dir(opts)
     folder = Path(dataset) / rel
     files = nsd.curated_files(subject, folder)
     _require_all(files, Path(dataset), rel, subject, pipeline.STAGES["curated"].make_command(opts))
+    read_header(files.mask)  # a cloned file: its header is checked before nibabel allocates
     X = open_matrix(files.matrix)
     lab = np.load(files.labels, allow_pickle=False)
     runs = np.load(files.runs, allow_pickle=False)

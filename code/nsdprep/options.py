@@ -270,6 +270,10 @@ class Options:
         "label rule: default (largest annotation), crop (inside the shown crop), legacy",
         targets=("coco-labels", "curated", "decode", "all"), changes_output=True,
     )  # fmt: skip
+    coco_max_mb: int = option(
+        Whole(1), 2048, "coco-labels: largest inflated COCO JSON accepted from the zip (MiB)",
+        targets=("coco-labels", "all"), changes_output=False,
+    )  # fmt: skip
     valid: bool = option(
         YesNo(), False, "curated: keep only voxels valid in every session (writes the mask)",
         targets=("curated", "all"), changes_output=True,

@@ -124,8 +124,6 @@ class Stage:
     names_subjects: bool = True
     #: its inputs are fetched by the stage itself under these options (not by ``datalad run``)
     self_fetching: Callable[[Options], bool] = lambda opts: False
-    #: a damaged input of one of its steps can be fetched again by ``make repair SUBJECTS=..``
-    repairable: bool = False
     extra: Callable[[Path, tuple[int, ...]], tuple[str, ...]] = lambda ds, subjects: ()
     #: the program that runs it, when not ``python -m nsdprep <command>`` (tests use scripts)
     program: tuple[str, ...] = ()
@@ -258,7 +256,6 @@ RESAMPLE = Stage(
     outputs=lambda opts, subjects: (nsd.resampled_subject_dir(subjects[0]),),
     estimate=_ratio(1 / 27),  # 3 mm keeps 1/27 of the 1 mm voxels, then masks
     self_fetching=lambda opts: opts.drop,
-    repairable=True,
 )
 
 
@@ -266,8 +263,7 @@ RESAMPLE = Stage(
 def _labels_args(step: Step) -> tuple[str, ...]:
     opts = step.options
     args = ("--zip", f"{nsd.COCO_DATASET}/{nsd.COCO_ZIP_NAME}")
-    args += ("--stim-info", f"{nsd.NSD_DATASET}/{nsd.STIM_INFO_KEY}")
-    args += ("--stim-info-csv", f"{nsd.NSD_DATASET}/{nsd.STIM_INFO_CSV_KEY}")
+    args += ("--stim-info", f"{nsd.NSD_DATASET}/{nsd.STIM_INFO_CSV_KEY}")  # CSV: never unpickled
     args += ("--expdesign", _EXPDESIGN, "--out", labels_table(opts))
     if merged := merged_json(opts):
         args += ("--merged-out", merged)
@@ -277,7 +273,8 @@ def _labels_args(step: Step) -> tuple[str, ...]:
 def _labels_outputs(opts: Options, subjects: tuple[int, ...]) -> tuple[str, ...]:
     table = labels_table(opts)
     merged = merged_json(opts)
-    return (*((merged,) if merged else ()), table, nsd.summary_path(table))
+    outputs = (table, nsd.table_sidecar(table), nsd.summary_path(table))
+    return (*((merged,) if merged else ()), *outputs)
 
 
 LABELS = Stage(
@@ -294,7 +291,6 @@ LABELS = Stage(
         Input(p)
         for p in (
             f"{nsd.COCO_DATASET}/{nsd.COCO_ZIP_NAME}",
-            f"{nsd.NSD_DATASET}/{nsd.STIM_INFO_KEY}",
             f"{nsd.NSD_DATASET}/{nsd.STIM_INFO_CSV_KEY}",
             _EXPDESIGN,
         )
@@ -310,7 +306,9 @@ def _curated_inputs(ds: Path, opts: Options, subjects: tuple[int, ...]) -> tuple
     out = tuple(
         Input(nsd.resampled_subject_dir(s), RESAMPLE.make_command(opts, (s,))) for s in subjects
     )
-    out += (Input(labels_table(opts), LABELS.make_command(opts)), Input(_EXPDESIGN))
+    # the TSV sidecar of the labels table: what curate reads (the pickle is never unpickled)
+    out += (Input(nsd.table_sidecar(labels_table(opts)), LABELS.make_command(opts)),)
+    out += (Input(_EXPDESIGN),)
     # Valid masks: counted in the README always, applied with VALID=1.
     out += tuple(
         Input(f"{nsd.NSD_DATASET}/{nsd.valid_key(s, ses)}")
@@ -322,7 +320,8 @@ def _curated_inputs(ds: Path, opts: Options, subjects: tuple[int, ...]) -> tuple
 
 def _curated_args(step: Step) -> tuple[str, ...]:
     args = ("--nsd", nsd.NSD_DATASET, "--resampled", nsd.RESAMPLED_DIR)
-    args += ("--labels-table", labels_table(step.options), "--expdesign", _EXPDESIGN)
+    args += ("--labels-table", nsd.table_sidecar(labels_table(step.options)))
+    args += ("--expdesign", _EXPDESIGN)
     return (*args, "--out", curated_dir(step.options), "--subjects", *map(str, step.subjects))
 
 

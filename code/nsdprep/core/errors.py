@@ -28,3 +28,11 @@ class RemoteError(NsdPrepError, ConnectionError):
 
 class DatasetStateError(NsdPrepError, RuntimeError):
     """The DataLad dataset is not in a state the operation needs (dirty, locked, missing subdataset)."""
+
+
+class HeaderError(FormatError):
+    """A file's header claims what the file cannot be (impossible shape, offset or size).
+
+    The bytes are as the source made them: fetching the file again gives the same header, so no
+    message of this class suggests a re-download (unlike damaged content, e.g. a cut gzip stream).
+    """

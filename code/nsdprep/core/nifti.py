@@ -6,7 +6,10 @@ so a single pass over the gzip stream yields the volumes in order with memory bo
 
 Reading uses isal's ``igzip`` (several times faster than :mod:`gzip`); any decompression failure
 (truncation, bit flip, CRC mismatch) becomes a :class:`~nsdprep.core.errors.FormatError` naming the file and
-the volume. Writing (:class:`NiftiStreamWriter`) produces deterministic bytes (gzip mtime 0, no file name,
+the volume. Before anything is allocated, :func:`read_header` checks the header against caps and the
+file's size (:func:`check_header_fits`): an impossible shape or offset is a
+:class:`~nsdprep.core.errors.HeaderError` (a wrong header: fetching the file again cannot help), told
+apart from damaged content (a cut or corrupted stream: fetch a verified copy again). Writing (:class:`NiftiStreamWriter`) produces deterministic bytes (gzip mtime 0, no file name,
 fixed zlib level) and goes through :func:`nsdprep.core._io.atomic_path`.
 """
 
@@ -28,8 +31,8 @@ import numpy as np
 from isal import igzip, isal_zlib
 from nibabel.volumeutils import apply_read_scaling
 
-from nsdprep.core._io import atomic_path, exact_cast, require_content
-from nsdprep.core.errors import FormatError, UsageError
+from nsdprep.core._io import atomic_path, exact_cast, format_bytes, require_content
+from nsdprep.core.errors import FormatError, HeaderError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,18 @@ MNI_XFORM_CODE = 4
 MNI152_1MM_SHAPE = (182, 218, 182)
 MNI152_1MM_WORLD_MIN = (-91.0, -126.0, -72.0)
 MNI152_1MM_WORLD_MAX = (90.0, 91.0, 109.0)
+
+#: Largest size of each of the first three dimensions (NSD's 1 mm grid: 182 x 218 x 182).
+MAX_SPATIAL_DIM = 2048
+#: Largest 3D volume, in bytes (NSD's 1 mm int16 volume: 14 MB; as float64: 58 MB).
+MAX_VOLUME_BYTES = 1 << 30
+#: Most bytes deflate can produce per compressed byte (258-byte matches in under 2 bits each).
+MAX_DEFLATE_RATIO = 1032
+#: What a damaged gzip stream's message advises (damaged content, never a wrong header).
+REPAIR_HINT = (
+    "Get a fresh, verified copy with `make repair SUBJECTS=..` (a plain drop + get fails if this "
+    "damaged copy's checksum was recorded at its first download)."
+)
 
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     EOFError,
@@ -89,7 +104,70 @@ def read_header(path: str | os.PathLike[str]) -> nib.Nifti1Header:
                 block += decoder.decompress(chunk, NIFTI1_HEADER_SIZE - len(block))
     except zlib.error as exc:
         raise FormatError(f"{path}: corrupted gzip stream in the NIfTI header ({exc})") from exc
-    return _parse_header(path, block)
+    hdr = _parse_header(path, block)
+    check_header_fits(path, hdr)
+    return hdr
+
+
+def check_header_fits(path: str | os.PathLike[str], hdr: nib.Nifti1Header) -> None:
+    """Check a gzip NIfTI's header against caps and its file's size, before anything is allocated.
+
+    Caps: 1..7 dimensions, each at least 1, the first three at most :data:`MAX_SPATIAL_DIM`; one
+    volume at most :data:`MAX_VOLUME_BYTES`; a finite, non-negative ``vox_offset``. Size: offset +
+    data must fit in what the compressed file can inflate to (:data:`MAX_DEFLATE_RATIO` times its
+    size). When it does not, the stream is inflated to its end (constant memory; at most that
+    bound): intact, the header is wrong (:class:`HeaderError`); broken, the file is damaged
+    (:class:`FormatError` with the repair advice).
+    """
+    path = Path(path)
+    shape = tuple(int(d) for d in hdr["dim"][1 : int(hdr["dim"][0]) + 1])
+    dtype = hdr.get_data_dtype()
+    raw_offset = float(hdr["vox_offset"])
+    claim = f"shape {shape} of {dtype}"
+
+    def bad(why: str) -> HeaderError:
+        return HeaderError(
+            f"{path}: bad NIfTI header: it claims {claim}; {why}. The header itself is wrong, so "
+            "fetching the file again will not change it."
+        )
+
+    if not 1 <= int(hdr["dim"][0]) <= 7 or any(d < 1 for d in shape):
+        raise bad("every image has 1 to 7 dimensions of at least 1")
+    if any(d > MAX_SPATIAL_DIM for d in shape[:3]):
+        raise bad(f"each of the first three dimensions is at most {MAX_SPATIAL_DIM}")
+    volume = int(np.prod(shape[:3], dtype=np.int64)) * dtype.itemsize
+    if volume > MAX_VOLUME_BYTES:
+        raise bad(
+            f"one volume would take {format_bytes(volume)}, more than the "
+            f"{format_bytes(MAX_VOLUME_BYTES)} allowed"
+        )
+    if not (np.isfinite(raw_offset) and raw_offset >= 0):
+        raise bad(f"data offset {raw_offset:g} is not a byte position")
+    offset = max(int(raw_offset), NIFTI1_MIN_OFFSET)
+    claim += f" at offset {raw_offset:g}"
+    need = offset + volume * volume_count(hdr)
+    size = path.stat().st_size
+    if need <= size * MAX_DEFLATE_RATIO:
+        return
+    try:
+        actual = _inflated_size(path)
+    except _DECODE_ERRORS as exc:
+        raise FormatError(
+            f"{path}: gzip stream truncated or corrupted: the header claims {claim} ({need} "
+            f"bytes), more than its {size} bytes can hold, and the stream breaks off "
+            f"({type(exc).__name__}: {exc}). {REPAIR_HINT}"
+        ) from exc
+    raise bad(f"{need} bytes, but the file ({size} bytes, intact gzip) inflates to only {actual}")
+
+
+def _inflated_size(path: Path) -> int:
+    """Inflate a whole gzip file, keeping nothing: its uncompressed size (checks CRC and length)."""
+    buf = bytearray(READ_BUFFER)
+    total = 0
+    with open(path, "rb", buffering=READ_BUFFER) as raw, igzip.GzipFile(fileobj=raw) as f:
+        while n := f.readinto(buf):
+            total += n
+    return total
 
 
 def check_betas_header(
@@ -221,11 +299,12 @@ def iter_volumes(
                 if not reuse_buffer:
                     buf = bytearray(nbytes)
                 got = _readinto_full(f, buf)
-                if got != nbytes:
-                    raise FormatError(
+                if got != nbytes:  # the stream ended intact (igzip checked its CRC and length)
+                    raise HeaderError(
                         f"{path}: data ends inside volume {index} of {n_vol} ({got} of {nbytes} "
-                        f"bytes); the header promises shape {shape}. The file is truncated: "
-                        "get it again (`datalad drop` then `datalad get`)."
+                        f"bytes) in an intact gzip stream: bad NIfTI header, it claims shape "
+                        f"{shape}, more than the file holds. The header itself is wrong, so "
+                        "fetching the file again will not change it."
                     )
                 if index < start:
                     continue
@@ -250,8 +329,7 @@ def iter_volumes(
         )
         raise FormatError(
             f"{path}: gzip stream truncated or corrupted {where}: {type(exc).__name__}: {exc}. "
-            "Get a fresh, verified copy with `make repair SUBJECTS=..` (a plain drop + get fails "
-            "if this damaged copy's checksum was recorded at its first download)."
+            + REPAIR_HINT
         ) from exc
 
 

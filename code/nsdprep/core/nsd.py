@@ -135,6 +135,13 @@ def summary_path(labels_pkl: str) -> str:
     return labels_pkl[: -len(".pkl")] + "_summary.tsv"
 
 
+def table_sidecar(labels_pkl: str) -> str:
+    """TSV copy of a labels table, what the pipeline reads (``x.pkl`` -> ``x.tsv``; never unpickled)."""
+    if not labels_pkl.endswith(".pkl"):
+        raise UsageError(f"labels table must be a .pkl file, got {labels_pkl!r}")
+    return labels_pkl[: -len(".pkl")] + ".tsv"
+
+
 def curated_mask_path(subject: int, folder: str | os.PathLike[str] = CURATED_DIR) -> Path:
     """``sub-XX_mask.nii.gz``: the 3 mm voxels of the matrix (grey matter; with VALID=1 also valid)."""
     return curated_files(subject, folder).mask

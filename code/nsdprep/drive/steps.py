@@ -31,7 +31,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Literal
 
-from nsdprep import options, pipeline
+from nsdprep import pipeline
 from nsdprep.core import dataset, nsd, signals
 from nsdprep.core._io import require_free_space
 from nsdprep.core.errors import DatasetStateError, NsdPrepError
@@ -322,17 +322,12 @@ def _run_step(ds: Path, step: Step, *, force: bool) -> Outcome:
         raise signals.Interrupted(after_interrupt(ds, step, head)) from None
     if not ok:
         cleaned = restore_outputs(ds, step.outputs)
-        repair = ""
-        if step.stage.repairable:
-            subjects = options.Subjects().format(step.subjects).replace(" ", ",")
-            repair = (
-                " If a message above says an input is truncated or corrupted, `make repair "
-                f"SUBJECTS={subjects}` fetches it again, checks it and records its checksum."
-            )
+        # The stage's own line says what to do: `make repair` only for damaged content, never for
+        # an impossible header (fetching the file again would not change it).
         raise NsdPrepError(
             f"{step.name} failed (see the messages above); nothing was recorded"
             + (f", and {len(cleaned)} unrecorded output(s) were removed" if cleaned else "")
-            + f". Outputs are as at the last commit.{repair} Command: {shlex.join(step.command)}"
+            + f". Outputs are as at the last commit. Command: {shlex.join(step.command)}"
         )
     left = dataset.dirty_paths(ds)
     if left:

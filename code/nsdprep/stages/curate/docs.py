@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from nsdprep.core import nsd, provenance
+from nsdprep.core import nsd, provenance, tables
 from nsdprep.core.nsd import TRIAL_COLUMNS
 from nsdprep.stages.curate.selection import Selection
 
@@ -75,9 +75,9 @@ def description(
                 "Path": "derivatives/3mm",
                 "Description": "3 mm grey-matter masked single-trial betas",
             },
-            {
-                "Path": Path(labels).name,
-                "Sha256": provenance.sha256(labels),
+            {  # the file read: the table's TSV sidecar (the pickle is never read)
+                "Path": tables.sidecar_path(labels).name,
+                "Sha256": provenance.sha256(tables.sidecar_path(labels)),
                 "Description": "legacy labels table (keyed by 1-based 73k id)"
                 if legacy
                 else "labels table (keyed by nsdId)",

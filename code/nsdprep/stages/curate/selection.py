@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nsdprep.core import inventory, nsd
+from nsdprep.core import inventory, nsd, tables
+from nsdprep.core._io import require_content
 from nsdprep.core.errors import FormatError, MissingInputError, NsdPrepError
 from nsdprep.core.nsd import PERSON, TRIAL_COLUMNS, UNKNOWN, Layout
 
@@ -49,25 +50,27 @@ class Selection:
 
 
 def load_labels(path: str | os.PathLike[str], legacy: bool = False) -> pd.DataFrame:
-    """Read a labels table and index it by the id it is keyed on.
+    """Read a labels table from its TSV sidecar and index it by the id it is keyed on.
 
-    Default table: keyed by ``nsdId`` (0-based). Legacy table: keyed by ``id`` (1-based 73k id).
-    Returns a frame indexed by that key with columns ``cocoId`` (``<NA>`` if the table has none),
-    ``supercat``, ``cat``, and ``supercat_default`` when the table has it (crop labels).
+    ``path`` names the table (``derivatives/coco_categories.pkl``) or its sidecar; the sidecar
+    (``coco_categories.tsv``, written by the same run) is read, never the pickle, which may come
+    from a colleague's store and would run code when unpickled. Default table: keyed by ``nsdId``
+    (0-based). Legacy table: keyed by ``id`` (1-based 73k id). Returns a frame indexed by that key
+    with columns ``cocoId`` (``<NA>`` if the table has none), ``supercat``, ``cat``, and
+    ``supercat_default`` when the table has it (crop labels).
     """
     path = Path(path)
-    if not path.exists():
-        raise MissingInputError(
-            f"labels table {path} is absent; run `make coco-labels`"
-            + (" LABELS=legacy" if legacy else "")
-            + " first."
-        )
-    try:
-        table = pd.read_pickle(path)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a format problem here
-        raise FormatError(f"cannot read {path} as a pickled pandas DataFrame: {exc}") from exc
-    if not isinstance(table, pd.DataFrame):
-        raise FormatError(f"{path}: expected a pandas DataFrame, found {type(table).__name__}")
+    sidecar = tables.sidecar_path(path)
+    target = "make coco-labels" + (" LABELS=legacy" if legacy else "")
+    if not any(p.exists() or p.is_symlink() for p in (path, sidecar)):
+        raise MissingInputError(f"labels table {path} is absent; run `{target}` first.")
+    require_content(
+        sidecar,
+        "TSV copy of the labels table (read instead of the pickle, which is never unpickled)",
+        f"`{target} FORCE=1` writes it next to {path.name}.",
+    )
+    table = tables.read_table_tsv(sidecar)
+    path = sidecar  # messages below name the file read
     key = "id" if legacy else "nsdId"
     needed = [key, "supercat", "cat"]
     missing = [c for c in needed if c not in table.columns]

@@ -5,7 +5,7 @@ Three modes (``LABELS=``):
 * **default** (correct): ``instances_train2017.json`` and ``instances_val2017.json`` are merged
   *keeping every original id* (after checking that the splits' category tables are identical and
   their image and annotation ids disjoint). Each NSD image (``nsdId``, 0-based) is labelled from the
-  annotations of its own ``cocoId`` in the split named by ``nsd_stim_info_merged.pkl``: all
+  annotations of its own ``cocoId`` in the split named by ``nsd_stim_info_merged``: all
   instance labels (``supercats``, ``cats``, ``areas``, in annotation order) plus the labels of the
   largest-area annotation (``supercat``, ``cat``; ties go to the first; ``"unknown"`` if none).
 * **legacy** (``--labels legacy``): reproduces the original hand-made derivative, defects included. The
@@ -21,12 +21,14 @@ Three modes (``LABELS=``):
 * **crop** (``--crop``): the default table's annotations, labelled by the largest area *inside the
   square crop NSD showed* (``cropBox``), beside the default labels; see :mod:`nsdprep.stages.labels.crop`.
 
-The stim info is read from the pickle, or from ``nsd_stim_info_merged.csv`` when this pandas cannot
-unpickle it (:mod:`nsdprep.stages.labels.stim_info`); the summary TSV records which (``input stim_info ...``).
+The stim info is read from ``nsd_stim_info_merged.csv``; the pickle beside it is never opened, since
+unpickling a downloaded file runs whatever code it names (:mod:`nsdprep.stages.labels.stim_info`). The
+summary TSV records the file read (``input stim_info ...``).
 
 Outputs are deterministic: the JSON is written with fixed separators (sorted keys in default mode;
 the original's ``json.dumps`` defaults in legacy mode), the tables are pickled with a fixed protocol
-from data built in a fixed order.
+from data built in a fixed order. Each table is also written as a TSV sidecar (``x.pkl`` -> ``x.tsv``,
+:mod:`nsdprep.core.tables`): the pipeline's own readers load that, never the pickle.
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ import numpy as np
 import pandas as pd
 
 from nsdprep import options
-from nsdprep.core import nsd
+from nsdprep.core import nsd, tables
 from nsdprep.core._io import atomic_path
 from nsdprep.core.errors import FormatError, MissingInputError, UsageError
 from nsdprep.core.nsd import UNKNOWN
 from nsdprep.stages.labels.crop import crop_boxes, crop_label_table, object_column
 from nsdprep.stages.labels.instances import (
+    DEFAULT_MAX_JSON_BYTES,
     MAX_SHOWN,
     annotation_arrays,
     category_lookup,
@@ -207,11 +210,19 @@ def summary_tsv(table: pd.DataFrame, extra: Sequence[tuple[str, str, object]] = 
     return "\n".join(lines) + "\n"
 
 
-def write_table(table: pd.DataFrame, path: str | Path) -> None:
-    """Pickle ``table`` atomically with a fixed protocol (same table -> same bytes)."""
+def write_table(table: pd.DataFrame, path: str | Path) -> Path:
+    """Write ``table`` as a pickle and as its TSV sidecar, each atomically; return the sidecar.
+
+    The pickle (fixed protocol: same table -> same bytes) is what users load with
+    ``pd.read_pickle``; the sidecar (:func:`nsdprep.core.tables.sidecar_path`, ``x.pkl`` ->
+    ``x.tsv``) holds the same table for the pipeline's own readers, which never unpickle.
+    """
+    sidecar = tables.sidecar_path(path)
+    tables.write_table_tsv(table, sidecar)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             pickle.dump(table, fh, protocol=PICKLE_PROTOCOL)
+    return sidecar
 
 
 def build(
@@ -224,6 +235,7 @@ def build(
     expdesign: str | Path | None = None,
     summary_out: str | Path | None = None,
     stim_info_csv: str | Path | None = None,
+    max_json_mb: float = DEFAULT_MAX_JSON_BYTES / 2**20,
 ) -> pd.DataFrame:
     """Run the whole stage: check inputs, merge, write the merged JSON, the table and its summary.
 
@@ -231,7 +243,9 @@ def build(
     annotation inside the shown crop, see :mod:`nsdprep.stages.labels.crop`; writes no merged JSON, which is
     the default mode's). Cheap checks (files present, zip members, stim info / expdesign content)
     run before the JSON is parsed. Which stim-info file and reader were used goes to the log and to
-    the summary TSV. Returns the labels table written to ``out``.
+    the summary TSV. ``max_json_mb`` (MiB, ``COCO_MAX_MB``) bounds the inflated size of each
+    instances JSON (see :mod:`nsdprep.stages.labels.instances`). Returns the labels table written
+    to ``out``.
     """
     if labels not in nsd.LABEL_MODES:
         raise UsageError(f"LABELS={labels!r}: expected one of {', '.join(nsd.LABEL_MODES)}")
@@ -240,7 +254,10 @@ def build(
         raise UsageError("--merged-out is needed (only LABELS=crop writes no merged JSON).")
     t0 = time.perf_counter()
     zip_path = Path(zip_path)
-    members = instances_members(zip_path)
+    if not max_json_mb > 0:
+        raise UsageError(f"the COCO JSON size limit must be positive, got {max_json_mb!r} MiB.")
+    max_bytes = int(max_json_mb * 2**20)
+    members = instances_members(zip_path, max_bytes=max_bytes)
     sources = {s: f"{zip_path}:{m}" for s, m in members.items()}
     stim = load_stim_info(stim_info, stim_info_csv)
     info = stim.table
@@ -257,7 +274,7 @@ def build(
         crop_boxes(info, stim.path)  # checked before the big JSON is parsed
         if expdesign is not None:
             shown = nsd.read_expdesign(expdesign).shown_images().astype(np.int64) - 1
-    data = read_instances(zip_path)
+    data = read_instances(zip_path, max_bytes=max_bytes)
     validate_splits(data, sources)
     if legacy:
         merged = merge_instances_legacy(data["train2017"], data["val2017"])
@@ -321,14 +338,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--stim-info",
         required=True,
         type=Path,
-        help=f"nsd_stim_info_merged.pkl (e.g. {nsd.NSD_DATASET}/{nsd.STIM_INFO_KEY})",
+        help=f"NSD's stim info, read from its CSV (e.g. {nsd.NSD_DATASET}/{nsd.STIM_INFO_CSV_KEY}); "
+        "a .pkl path means the CSV beside it: no pickle is ever opened",
     )
     parser.add_argument(
         "--stim-info-csv",
         type=Path,
         default=None,
-        help="nsd_stim_info_merged.csv, read when the pickle cannot be (e.g. "
-        f"{nsd.NSD_DATASET}/{nsd.STIM_INFO_CSV_KEY})",
+        help="the stim-info CSV, when it is not beside --stim-info",
     )
     parser.add_argument(
         "--merged-out",
@@ -358,12 +375,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """CLI entry: build the merged JSON and the labels table, print a one-line summary."""
+    opts = options.from_args(args)
     table = build(
         args.zip,
         args.stim_info,
         args.merged_out,
         args.out,
-        labels=options.from_args(args).labels,
+        labels=opts.labels,
+        max_json_mb=opts.coco_max_mb,
         expdesign=args.expdesign,
         summary_out=args.summary_out,
         stim_info_csv=args.stim_info_csv,
@@ -376,6 +395,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 __all__ = [
+    "DEFAULT_MAX_JSON_BYTES",
     "LABEL_COLUMNS",
     "LEGACY_COLUMNS",
     "UNKNOWN",

@@ -120,12 +120,22 @@ def crop_boxes(stim_info: pd.DataFrame, source: str | Path = "stim info") -> np.
     return out
 
 
+#: Longest ``cropBox`` text parsed (four floats written by ``repr`` take under 100).
+MAX_BOX_TEXT = 200
+
+
 def parse_box_cell(value: Any, source: str | Path, row: int) -> Any:
     """A ``cropBox`` cell as a tuple: tuples as they are, lists/arrays and text safely converted.
 
-    The CSV holds the tuple's text, ``"(0, 0, 0.1671875, 0.1671875)"`` (``ast.literal_eval``).
+    The CSV holds the tuple's text, ``"(0, 0, 0.1671875, 0.1671875)"`` (``ast.literal_eval``, on
+    at most :data:`MAX_BOX_TEXT` characters: a long or deeply nested text is refused unparsed).
     """
     if isinstance(value, str):
+        if len(value) > MAX_BOX_TEXT:
+            raise FormatError(
+                f"{source}: cropBox of row {row} is {len(value)} characters long ({value[:40]!r}"
+                f"...); expected a tuple such as (0, 0, 0.125, 0.125)."
+            )
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError) as exc:

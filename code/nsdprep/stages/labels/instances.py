@@ -5,6 +5,14 @@ identical and their image and annotation ids disjoint. The legacy merge reproduc
 renumbering (``merge.py`` of mohamadmansourX/Merge_COCO_FILES, see :mod:`nsdprep.stages.labels`). JSON is
 written deterministically (fixed separators; sorted keys in default mode) and streamed, so the merged
 file is never built as one string.
+
+The zip comes from a mirror: its members are inflated under bounds. Each instances member must be
+deflated or stored (bzip2/lzma inflate a whole read at once), declare at most ``max_bytes``
+(:data:`DEFAULT_MAX_JSON_BYTES`; the real ``instances_train2017.json`` is about 448 MB), and inflate
+to exactly what it declares, counted while streaming. Before parsing, the JSON's values are counted
+(``, : [ {``) for an upper estimate of what the parse takes: text over :data:`MAX_PARSE_FACTOR` times
+its size is refused (``[[],[],...]`` takes over 20 times its size; a COCO-like 451 MB file estimates
+at 11.4 and takes about 5.5).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import json
 import logging
 import time
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -28,25 +37,41 @@ log = logging.getLogger(__name__)
 MAX_SHOWN = 10  # ids named in an error message
 _CHUNK = 20000  # items serialised per write
 
+#: Largest inflated size of an instances JSON (``COCO_MAX_MB``); the real train file is ~448 MB.
+DEFAULT_MAX_JSON_BYTES = 2 * 1024**3
+#: Upper bound of the memory one JSON value (counted by its ``,``, ``:``, ``[`` or ``{``) takes
+#: once parsed (measured worst cases: unique short strings and ``{"a":{}}`` ~64 bytes per count).
+JSON_VALUE_BYTES = 72
+#: A JSON whose estimated parse (text + values) exceeds this many times its size is refused; the
+#: COCO-like files estimate at ~11 (a 451 MB one parsed to ~5.5 times its size).
+MAX_PARSE_FACTOR = 20
+_READ = 1 << 20  # inflated bytes per read
+_INFLATABLE = (zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED)
+
 
 def _require(path: Path, what: str) -> None:
     require_content(path, what, "it does not exist; run `make inputs` / check the path.")
 
 
-def instances_members(zip_path: str | Path) -> dict[str, str]:
+def instances_members(
+    zip_path: str | Path, *, max_bytes: int = DEFAULT_MAX_JSON_BYTES
+) -> dict[str, str]:
     """Return ``{split: member name}`` of the two instances files in the COCO annotations zip.
 
     Cheap (reads the zip's central directory only), so it runs before any heavy work. Members are
     ``annotations/instances_{train,val}2017.json``; a unique member with that base name elsewhere
-    in the archive is accepted too.
+    in the archive is accepted too. Each must be deflated or stored and declare at most
+    ``max_bytes`` once inflated (:class:`FormatError` otherwise, naming the zip, the member, the
+    declared and the allowed size).
     """
     zip_path = Path(zip_path)
     _require(zip_path, "the COCO annotations zip (annotations_trainval2017.zip)")
     try:
         with zipfile.ZipFile(zip_path) as zf:
-            names = zf.namelist()
-    except zipfile.BadZipFile as exc:
+            infos = {i.filename: i for i in zf.infolist()}
+    except (zipfile.BadZipFile, OSError) as exc:
         raise FormatError(f"{zip_path} is not a valid zip archive ({exc}).") from exc
+    names = list(infos)
     members = {}
     for split in nsd.COCO_SPLITS:
         base = f"instances_{split}.json"
@@ -62,28 +87,36 @@ def instances_members(zip_path: str | Path) -> dict[str, str]:
                 f"annotations_trainval2017.zip with both instances files; re-download it."
             )
         members[split] = found[0]
+    for member in members.values():
+        _check_member(zip_path, infos[member], max_bytes)
     return members
 
 
-def read_instances(zip_path: str | Path) -> dict[str, dict[str, Any]]:
+def read_instances(
+    zip_path: str | Path, *, max_bytes: int = DEFAULT_MAX_JSON_BYTES
+) -> dict[str, dict[str, Any]]:
     """Parse the train and val instances JSON straight from the zip (no other member is read).
 
-    Returns ``{"train2017": {...}, "val2017": {...}}`` with the files' own content.
+    Returns ``{"train2017": {...}, "val2017": {...}}`` with the files' own content. Each member is
+    inflated under the bounds of :func:`instances_members` and of the module docstring; the
+    inflated bytes are freed once decoded, before the parse.
     """
     zip_path = Path(zip_path)
-    members = instances_members(zip_path)
+    members = instances_members(zip_path, max_bytes=max_bytes)
     out: dict[str, dict[str, Any]] = {}
     with zipfile.ZipFile(zip_path) as zf:
         for split, member in members.items():
             t0 = time.perf_counter()
-            with zf.open(member) as fh:
-                raw = fh.read()
+            source = f"{zip_path}:{member}"
+            text = _inflate_text(zf, zf.getinfo(member), source, max_bytes)
             try:
-                data = json.loads(raw)
+                data = json.loads(text)
+            except RecursionError as exc:
+                raise FormatError(f"{source} is not valid JSON (nested too deeply).") from exc
             except ValueError as exc:
-                raise FormatError(f"{zip_path}:{member} is not valid JSON ({exc}).") from exc
-            del raw
-            _check_instances_dict(data, f"{zip_path}:{member}")
+                raise FormatError(f"{source} is not valid JSON ({exc}).") from exc
+            del text
+            _check_instances_dict(data, source)
             out[split] = data
             log.info(
                 "read %s: %d images, %d annotations, %d categories (%.1f s)",
@@ -94,6 +127,55 @@ def read_instances(zip_path: str | Path) -> dict[str, dict[str, Any]]:
                 time.perf_counter() - t0,
             )
     return out
+
+
+def _check_member(zip_path: Path, info: zipfile.ZipInfo, max_bytes: int) -> None:
+    """Refuse a member that cannot be inflated under bounds, from its central-directory entry."""
+    source = f"{zip_path}:{info.filename}"
+    if info.compress_type not in _INFLATABLE:
+        raise FormatError(
+            f"{source} is compressed with method {info.compress_type}; only deflate (8) or stored "
+            "(0) members are inflated, as in the COCO zip: the zip is damaged or forged."
+        )
+    if info.file_size > max_bytes:
+        raise FormatError(
+            f"{source} declares {info.file_size} bytes once inflated, {max_bytes} allowed (the "
+            "real instances_train2017.json has about 448 MB): the zip is damaged or forged, or "
+            "raise the limit (COCO_MAX_MB)."
+        )
+
+
+def _inflate_text(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str, max_bytes: int) -> str:
+    """Inflate one member, counting: never more than it declares; its JSON values counted too."""
+    declared = info.file_size
+    lying = (
+        f"{source} does not inflate to its declared {declared} bytes ({max_bytes} allowed): the "
+        "zip is damaged or forged; download it again."
+    )
+    buf = bytearray()
+    values = 1
+    try:
+        with zf.open(info) as fh:
+            while chunk := fh.read(_READ):
+                if len(buf) + len(chunk) > declared:
+                    raise FormatError(lying)
+                buf += chunk
+                values += sum(chunk.count(c) for c in (b",", b":", b"[", b"{"))
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise FormatError(f"{lying[:-1]} ({exc}).") from exc
+    if len(buf) != declared:
+        raise FormatError(lying)
+    estimate = len(buf) + JSON_VALUE_BYTES * values
+    if estimate > MAX_PARSE_FACTOR * max(len(buf), 1):
+        raise FormatError(
+            f"{source}: {values} JSON values in {len(buf)} bytes would take about "
+            f"{estimate >> 20} MiB once parsed, over {MAX_PARSE_FACTOR} times the text (COCO's "
+            "files: about 11): not an instances file; the zip is damaged or forged."
+        )
+    try:
+        return buf.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{source} is not UTF-8 JSON ({exc}).") from exc
 
 
 def validate_splits(data: dict[str, dict[str, Any]], sources: dict[str, str] | None = None) -> None:

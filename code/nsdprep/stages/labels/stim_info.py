@@ -1,14 +1,19 @@
-"""Read NSD's ``nsd_stim_info_merged`` table: the pickle, or the CSV when this pandas cannot read it.
+"""Read NSD's ``nsd_stim_info_merged`` table from its CSV; the pickle is never opened.
 
-NSD ships the table twice. The pickle was written by an old pandas; a newer pandas may fail to read
-it, so the CSV is the fallback, and when both are readable the columns the labels use (``cocoId``,
-``cocoSplit``, ``cropBox``) must agree. The table is normalised so row position equals ``nsdId``.
+NSD ships the table twice, as a pandas pickle and as ``nsd_stim_info_merged.csv``. Unpickling runs
+whatever code the file names, and the file comes from a mirror or a clone: the CSV is the source of
+truth, read with ``pd.read_csv(path, index_col=0)`` (as tknapen/nsd_access reads it). The pickle
+adds nothing the CSV lacks: the two hold the same table (``tests/data``: pickles of pandas 0.19,
+0.24 and 1.5 against their CSV), a cross-check of two files from the same server proves nothing
+about either, and a restricted unpickler would still have to admit pandas' and numpy's private
+reconstructors (``_unpickle_block``, ``_reconstruct``, ``_new_Index``, ...; module paths that change
+between versions), which accept shapes and arguments of the file's choosing. The table is
+normalised so row position equals ``nsdId``.
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,82 +24,55 @@ import pandas as pd
 from nsdprep.core import nsd
 from nsdprep.core._io import require_content
 from nsdprep.core.errors import FormatError
-from nsdprep.stages.labels.crop import crop_boxes, object_column, parse_box_cell
+from nsdprep.stages.labels.crop import object_column, parse_box_cell
 from nsdprep.stages.labels.instances import (
     MAX_SHOWN,
 )
 
 log = logging.getLogger(__name__)
 
+#: The one reader of the stim info (recorded in the summary TSV).
+READER = "csv"
+
 
 @dataclass(frozen=True)
 class StimInfo:
-    """``nsd_stim_info_merged`` as read, and how: which file and reader gave the table."""
+    """``nsd_stim_info_merged`` as read, and from which file."""
 
     table: pd.DataFrame
     path: Path
-    #: ``"pickle"``, ``"pickle (latin1)"`` (a Python 2 pickle) or ``"csv"`` (fallback)
-    reader: str
-    #: why the pickle was not used (empty when it was)
-    fallback_reason: str = ""
+    #: always ``"csv"``: the pickle is never read
+    reader: str = READER
 
     def describe(self) -> str:
         """One line for logs and the summary TSV."""
-        reason = " ".join(self.fallback_reason.split())  # one line: it goes into a TSV cell
-        why = f" (pickle unreadable: {reason})" if reason else ""
-        return f"{self.path.name} via {self.reader}{why}"
+        return f"{self.path.name} via {self.reader}"
+
+
+def stim_info_csv_path(path: str | Path, csv: str | Path | None = None) -> Path:
+    """The CSV to read: ``csv`` if given, ``path`` itself if it is a CSV, else the CSV beside it.
+
+    NSD keeps ``nsd_stim_info_merged.csv`` next to ``nsd_stim_info_merged.pkl``; a ``.pkl`` path is
+    only ever used to find that neighbour.
+    """
+    if csv is not None:
+        return Path(csv)
+    path = Path(path)
+    return path if path.suffix.lower() == ".csv" else path.with_suffix(".csv")
 
 
 def load_stim_info(path: str | Path, csv: str | Path | None = None) -> StimInfo:
-    """Read ``nsd_stim_info_merged.pkl``, falling back to ``nsd_stim_info_merged.csv``.
+    """Read NSD's stim info from ``nsd_stim_info_merged.csv``, never from the pickle.
 
-    The released pickle was written by an old pandas. Readers tried in order: ``pd.read_pickle``;
-    ``pickle.load(encoding="latin1")`` (reads Python 2 pickles, whose numpy buffers are byte
-    strings); then, if ``csv`` is given, ``pd.read_csv(csv, index_col=0)`` (how tknapen/nsd_access
-    reads it). When both files are readable, the columns the labels use (``cocoId``,
-    ``cocoSplit``, ``cropBox``) must agree. Either way the table is normalized (see
+    ``path`` is the CSV, or the pickle whose neighbour ``.csv`` is read (see
+    :func:`stim_info_csv_path`); ``csv`` names the CSV explicitly. The table is normalized (see
     :func:`normalize_stim_info`) and checked.
     """
-    path = Path(path)
-    errors: list[str] = []
-    table = reader = None
-    if path.exists():
-        try:
-            table, reader = _read_pickle(path), "pickle"
-        except Exception as exc:  # noqa: BLE001 - unpickling can raise about anything
-            errors.append(f"pd.read_pickle: {exc!r}")
-            try:
-                with open(path, "rb") as fh:
-                    table, reader = pickle.load(fh, encoding="latin1"), "pickle (latin1)"
-            except Exception as exc2:  # noqa: BLE001
-                errors.append(f"pickle.load(encoding='latin1'): {exc2!r}")
-    else:
-        errors.append("content absent" if path.is_symlink() else "no such file")
-    csv = Path(csv) if csv is not None else None
-    csv_table = None
-    if csv is not None and table is None:
-        _require(csv, "nsd_stim_info_merged.csv")
-        csv_table = normalize_stim_info(_read_csv(csv), csv)
-    elif csv is not None and csv.exists():  # only for the cross-check: the pickle was read
-        try:
-            csv_table = normalize_stim_info(_read_csv(csv), csv)
-        except FormatError as exc:
-            log.warning("%s; the pickle was read, so it is used without the cross-check", exc)
-    if table is None:
-        if csv_table is None:
-            _require(path, "nsd_stim_info_merged.pkl")
-            raise FormatError(
-                f"{path} could not be read as a pandas pickle ({'; '.join(errors)}) and no CSV "
-                f"was given; pass --stim-info-csv {nsd.STIM_INFO_CSV_KEY.rsplit('/', 1)[-1]}."
-            )
-        reason = "; ".join(errors)
-        log.warning("%s could not be read (%s); using %s instead", path, reason, csv)
-        return StimInfo(csv_table, csv, "csv", reason)
-    table = normalize_stim_info(table, path)
-    if csv_table is not None:
-        _cross_check(table, path, csv_table, csv)
-    log.info("stim info: %s read with %s", path, reader)
-    return StimInfo(table, path, reader)
+    source = stim_info_csv_path(path, csv)
+    _require(source, "nsd_stim_info_merged.csv (the stim info is read from the CSV only)")
+    table = normalize_stim_info(_read_csv(source), source)
+    log.info("stim info: %s read with pd.read_csv", source)
+    return StimInfo(table, source)
 
 
 def normalize_stim_info(df: Any, path: str | Path) -> pd.DataFrame:
@@ -144,8 +122,8 @@ def normalize_stim_info(df: Any, path: str | Path) -> pd.DataFrame:
             f"{sorted({str(x) for x in splits[bad]})[:MAX_SHOWN]} (rows "
             f"{np.flatnonzero(bad)[:MAX_SHOWN].tolist()})."
         )
-    # One string object per split name, whichever reader made them: pickles of tables built
-    # from this one are then the same bytes whether the pickle or the CSV was read.
+    # One string object per split name, however the reader made them: pickles of tables built
+    # from this one then do not depend on how pandas shares its strings.
     canonical = {s: s for s in nsd.COCO_SPLITS}
     df["cocoSplit"] = object_column([canonical[x] for x in splits])
     if "nsdId" in df.columns:
@@ -168,42 +146,8 @@ def _require(path: Path, what: str) -> None:
     require_content(path, what, "it does not exist; run `make inputs` / check the path.")
 
 
-def _read_pickle(path: Path) -> Any:
-    return pd.read_pickle(path)
-
-
 def _read_csv(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path, index_col=0)
     except Exception as exc:  # noqa: BLE001 - the parser raises several types
         raise FormatError(f"{path} could not be read as CSV (pd.read_csv): {exc!r}") from exc
-
-
-#: Largest difference tolerated between the pickle's and the CSV's crop fractions (text rounding).
-CROP_ATOL = 1e-4
-
-
-def _cross_check(pkl: pd.DataFrame, pkl_path: Path, csv: pd.DataFrame, csv_path: Path) -> None:
-    """The columns the labels use must agree between the pickle and the CSV."""
-    if len(pkl) != len(csv):
-        raise FormatError(
-            f"{pkl_path} has {len(pkl)} rows but {csv_path} has {len(csv)}; they should be the "
-            "same table. Get both files again (`datalad drop` then `datalad get`)."
-        )
-    for col in ("cocoId", "cocoSplit", "cropBox"):
-        if (col in pkl.columns) != (col in csv.columns):
-            raise FormatError(f"column {col!r} is in only one of {pkl_path} and {csv_path}.")
-        if col not in pkl.columns:
-            continue
-        if col == "cropBox":
-            a, b = crop_boxes(pkl, pkl_path), crop_boxes(csv, csv_path)
-            differ = np.flatnonzero(np.any(np.abs(a - b) > CROP_ATOL, axis=1))
-        else:
-            differ = np.flatnonzero(pkl[col].to_numpy() != csv[col].to_numpy())
-        if differ.size:
-            i = differ[:MAX_SHOWN]
-            raise FormatError(
-                f"{pkl_path} and {csv_path} disagree on {col} in {differ.size} rows, e.g. nsdId "
-                f"{i.tolist()}: {pkl[col].iloc[i].tolist()} vs {csv[col].iloc[i].tolist()}. "
-                "They should be the same table; get both files again."
-            )
