@@ -65,6 +65,16 @@ DECODING_DIR = "derivatives/decoding"
 LabelMode = Literal["default", "legacy", "crop"]
 LABEL_MODES: tuple[str, ...] = get_args(LabelMode)
 
+#: NSD's sessions per subject (subj01..subj08), as released in full (the data manual).
+NSD_SESSIONS: tuple[int, ...] = (40, 40, 32, 30, 40, 32, 40, 30)
+#: The last sessions of each subject were held out at first and released later (2023): papers
+#: written before used 40 - 3 = 37 sessions of the complete subjects.
+LATE_RELEASED = 3
+
+_ROI_RE = re.compile(r"^nsddata/ppdata/subj(?P<subject>\d{2})/MNI/roi/(?P<atlas>[^/]+)\.nii\.gz$")
+#: An ROI (atlas) name as the bucket spells it: ``nsdgeneral``, ``prf-visualrois``, ``lh.floc-faces``.
+ROI_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
 _BETAS_RE = re.compile(
     r"^nsddata_betas/ppdata/subj(?P<subject>\d{2})/MNI/betas_fithrf/"
     r"(?P<kind>betas|valid)_session(?P<session>\d{2})\.nii\.gz$"
@@ -105,6 +115,40 @@ def parse_betas_key(key: str) -> tuple[str, int, int] | None:
     if m is None:
         return None
     return m["kind"], int(m["subject"]), int(m["session"])
+
+
+def roi_dir_key(subject: int) -> str:
+    """Bucket folder of one subject's ROI volumes in MNI space (what nsd_access reads)."""
+    return f"nsddata/ppdata/{subject_label(subject)}/MNI/roi"
+
+
+def roi_key(subject: int, atlas: str) -> str:
+    """Bucket key of one subject's MNI ROI volume, ``{ppdata}/subjXX/MNI/roi/{atlas}.nii.gz``.
+
+    NSD's convention for the values: -1 outside the brain, 0 not in the ROI, positive in the ROI
+    (the label number in a multi-label atlas).
+    """
+    if not ROI_NAME_RE.fullmatch(atlas) or atlas.endswith(".nii.gz"):
+        raise UsageError(f"ROI name must be a bare atlas name such as nsdgeneral, got {atlas!r}")
+    return f"{roi_dir_key(subject)}/{atlas}.nii.gz"
+
+
+def parse_roi_key(key: str) -> tuple[int, str] | None:
+    """Return ``(subject, atlas)`` for an MNI ROI key, or ``None`` for other keys."""
+    m = _ROI_RE.match(key)
+    return None if m is None else (int(m["subject"]), m["atlas"])
+
+
+def late_sessions(subject: int) -> tuple[int, ...]:
+    """The sessions of ``subject`` released late: the last :data:`LATE_RELEASED` of NSD's count.
+
+    Subjects beyond NSD's eight (synthetic data only) have none.
+    """
+    _check_index("subject", subject)
+    if subject > len(NSD_SESSIONS):
+        return ()
+    n = NSD_SESSIONS[subject - 1]
+    return tuple(range(n - LATE_RELEASED + 1, n + 1))
 
 
 def subject_label(subject: int) -> str:
