@@ -386,3 +386,37 @@ def read_expdesign(path: str | os.PathLike[str]) -> ExpDesign:
             f"has only {si.shape[1]} columns"
         )
     return ExpDesign(mo, si.astype(np.int64), si.dtype, str(path))
+
+
+def read_sharedix(path: str | os.PathLike[str]) -> np.ndarray:
+    """The shared images of ``nsd_expdesign.mat`` (``sharedix``, 1-based 73k ids), sorted, int64.
+
+    NSD: 1x1000, the images every subject was shown; the field's test set.
+    """
+    import numpy as np
+    import scipy.io
+
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(
+            f"experiment design {path} is absent (content not fetched?); "
+            f"run `datalad get {path}` or `make get`."
+        )
+    try:
+        mat = scipy.io.loadmat(path, variable_names=["sharedix"])
+    except Exception as exc:  # noqa: BLE001 - scipy raises several types for a bad file
+        raise FormatError(f"cannot read {path} as a MATLAB v5 file: {exc!r}") from exc
+    if "sharedix" not in mat:
+        raise FormatError(
+            f"{path}: field 'sharedix' missing; expected NSD's nsd_expdesign.mat with sharedix "
+            "(1x1000, 1-based 73k ids of the shared images)"
+        )
+    arr = np.asarray(mat["sharedix"])
+    if arr.ndim != 2 or 1 not in arr.shape or arr.size == 0:
+        raise FormatError(f"{path}: field 'sharedix' must be 1xN, found {arr.shape}")
+    if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)) or np.any(arr < 1):
+        raise FormatError(f"{path}: field 'sharedix' must hold 1-based integers")
+    ids = arr.reshape(-1).astype(np.int64)
+    if np.unique(ids).size != ids.size:
+        raise FormatError(f"{path}: field 'sharedix' repeats an image id")
+    return np.sort(ids)
