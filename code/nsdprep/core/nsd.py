@@ -224,7 +224,25 @@ TRIAL_COLUMNS = (
     "cocoId",
     "supercat",
     "cat",
+    "split",
 )
+#: Columns of ``sub-XX_trials.tsv`` of an averaged folder (``AVERAGE=1``): one row per image.
+#: ``trials``: the 1-based trial numbers averaged, comma-separated; ``session``/``run``: those of
+#: the image's first averaged trial.
+AVERAGED_COLUMNS = (
+    "subject",
+    "nsdId",
+    "cocoId",
+    "supercat",
+    "cat",
+    "split",
+    "n_repeats",
+    "trials",
+    "session",
+    "run",
+)
+#: Values of the ``split`` column: the shared images (``sharedix``) are the test set.
+SPLIT_TRAIN, SPLIT_TEST = "train", "test"
 
 
 #: Names of the curated 4D files, ``sub-XX.nii.gz`` (subject number in group 1).
