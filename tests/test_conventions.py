@@ -505,6 +505,14 @@ def test_synthetic_rois_follow_nsds_convention(synth_root: Path) -> None:
 # end to end: make curated with the options, recorded, rerun identically
 
 
+#: What a researcher copies to get the shared1000 split of the field's preparation (README).
+README_LINES = """\
+import nsdprep
+from nsdprep.stages.curate.split import train_test
+X_train, y_train, X_test, y_test = train_test(nsdprep.load_curated(1, zscore="session", average=True, roi="nsdgeneral"))
+"""
+
+
 @pytest.mark.datalad
 def test_make_curated_with_the_fields_options_reruns_identically(
     demo_built: Path, git_env, tmp_path: Path
@@ -551,11 +559,20 @@ def test_make_curated_with_the_fields_options_reruns_identically(
             again = subprocess.run([*make, *words], env=env, capture_output=True, text=True)
             assert again.returncode == 0 and "up to date" in again.stdout + again.stderr
             numbers[variant] = json.loads((folder / "dataset_description.json").read_text())
+    # the README lines a researcher copies, as written, in the clone
+    proc = subprocess.run(
+        [sys.executable, "-c", README_LINES + "\nprint(X_train.shape, X_test.shape, len(y_train), len(y_test))"],
+        cwd=ds, capture_output=True, text=True, check=True,
+        env={**git_env, "PYTHONPATH": str(ds / "code")},
+    )  # fmt: skip
+    desc = numbers["zscore-session_avg_roi-nsdgeneral"]
+    rows, vox = desc["Split"]["Rows"]["sub-01"], desc["Preparation"]["ROIVoxels"]["sub-01"]["Kept"]
+    want = f"({rows['train']}, {vox}) ({rows['test']}, {vox}) {rows['train']} {rows['test']}"
+    assert proc.stdout.strip() == want, proc.stdout + proc.stderr
     # the default folder: the split column is there, its other files untouched by these runs
     assert git_out(ds, "diff", "--stat", f"{git_out(demo_built, 'rev-parse', 'HEAD').strip()}",
                    "--", "derivatives/curated_3mm") == ""  # fmt: skip
     default = json.loads((ds / "derivatives/curated_3mm/dataset_description.json").read_text())
-    desc = numbers["zscore-session_avg_roi-nsdgeneral"]
     report = {
         bids: {
             "trials": default["Counts"]["Trials"][bids],

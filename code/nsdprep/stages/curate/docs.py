@@ -184,7 +184,7 @@ def description(
             "FewestRegisteredSessions": sel.fewest_registered,
         },
         "Sessions": {
-            "Rule": "every subject's output is made from its sessions 1..N (N = SessionsUsed); "
+            "Rule": "Every subject's output is made from its sessions 1..N (N = SessionsUsed); "
             f"the late-released sessions are the last {nsd.LATE_RELEASED} of each subject's "
             "NSD sessions (40, 40, 32, 30, 40, 32, 40, 30 for subj01..subj08), released in 2023",
             "PerSubject": {
@@ -401,7 +401,7 @@ def _file_lines(sel: Selection, prep: Preparation) -> list[str]:
     """The README's list of the per-subject files (the default folder's words when unprepared)."""
     lay = sel.layout
     runs = f"`(session - 1) * {lay.runs_per_session} + run_in_session` (1-based)"
-    roi = f" in ROI `{prep.roi}`" if prep.roi else ""
+    roi = f", the voxels of ROI `{prep.roi}` only" if prep.roi else ""
     mask = (
         "- `sub-XX_mask.nii.gz`: the 3 mm mask of the matrix columns (uint8 0/1): grey matter as "
         "the 3 mm stage applied it; with `make curated VALID=1` only the grey-matter voxels valid "
@@ -426,7 +426,7 @@ def _file_lines(sel: Selection, prep: Preparation) -> list[str]:
             + ", ".join(f"`{c}`" for c in TRIAL_COLUMNS)
             + " (`trial`, `trial_in_session`, `session`, runs: 1-based; `nsdId`: 0-based; "
             "`split`: `test` for the shared images, see Split).",
-            f"- `sub-XX_X.npy`: the same trials as a trials x voxels{roi} int16 matrix (rows in "
+            f"- `sub-XX_X.npy`: the same trials as a trials x voxels int16 matrix{roi} (rows in "
             "trial order, columns = the voxels of `sub-XX_mask.nii.gz` in C order of (i, j, k)); "
             "open it with `numpy.load(f, mmap_mode='r')` or `nsdprep.load_curated(XX)`: any trial "
             "is one read, nothing is decompressed. For a real subject (about 22.3k kept trials x "
@@ -434,7 +434,9 @@ def _file_lines(sel: Selection, prep: Preparation) -> list[str]:
             "for the 4D file, which must be read from its first byte.",
             mask,
         ]
-    what = "z-scores (see Preparation)" if prep.zscore == "session" else "beta x 300 (NSD units)"
+    what = (
+        "float32 z-scores, see Preparation" if prep.zscore == "session" else "float32, beta x 300"
+    )
     if prep.average:
         row = "image (the mean of its kept trials)"
         order = "images in the order of their first kept trial"
@@ -462,13 +464,12 @@ def _file_lines(sel: Selection, prep: Preparation) -> list[str]:
         )
         run_line = f"- `sub-XX_runs.npy`: run of each kept trial across the experiment, {runs}."
     return [
-        f"- `sub-XX.nii.gz`: one 3 mm volume per {row} (float32, {what}), {order}; 0 outside "
-        "the mask.",
+        f"- `sub-XX.nii.gz`: one 3 mm volume per {row} ({what}), {order}; 0 outside the mask.",
         f"- `sub-XX_labels.npy`: COCO supercategory of each {row.split(' (')[0]} (unicode array; "
         "`np.load(f)` with no pickle).",
         run_line,
         table,
-        f"- `sub-XX_X.npy`: the same rows as a rows x voxels{roi} float32 matrix (columns = the "
+        f"- `sub-XX_X.npy`: the same rows as a float32 matrix, rows x voxels{roi} (columns = the "
         "voxels of `sub-XX_mask.nii.gz` in C order of (i, j, k)); open it with "
         "`numpy.load(f, mmap_mode='r')` or `nsdprep.load_curated(XX, ...)`. " + FLOAT32_WHY,
         mask,

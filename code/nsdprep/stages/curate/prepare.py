@@ -45,8 +45,6 @@ class Prepared:
     n_voxels: int
     #: (voxel, session) pairs whose values did not vary in the session (z = 0 there)
     n_constant: int
-    #: rows per split
-    split_counts: dict[str, int]
 
 
 def zscore_rows(block: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, int]:
@@ -169,9 +167,7 @@ def write_prepared(
             np.save(fh, table["run"].to_numpy(dtype=np.int64))
     with atomic_path(files.trials) as tmp:
         table.to_csv(tmp, sep="\t", index=False, lineterminator="\n", na_rep="n/a")
-    split = table["split"].to_numpy(dtype=str)
-    counts = {k: int(np.sum(split == k)) for k in (nsd.SPLIT_TRAIN, nsd.SPLIT_TEST)}
-    return Prepared(subject, n_rows, n_cols, constant, counts)
+    return Prepared(subject, n_rows, n_cols, constant)
 
 
 def _session_block(path: Path, mask: np.ndarray) -> np.ndarray:

@@ -57,13 +57,6 @@ class Selection:
         """The sessions that feed the output, the same for every subject (1-based)."""
         return tuple(range(1, self.n_sessions + 1))
 
-    def split_counts(self) -> dict[int, dict[str, int]]:
-        """Kept trials per split (``train``, ``test``), per subject."""
-        return {
-            s: {k: int(np.sum(df["split"].to_numpy(dtype=str) == k)) for k in ("train", "test")}
-            for s, df in sorted(self.trials.items())
-        }
-
     @property
     def trials_per_subject(self) -> int:
         """Number of trials every subject keeps (identical across subjects)."""
