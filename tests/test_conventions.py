@@ -545,7 +545,7 @@ def test_make_curated_with_the_fields_options_reruns_identically(
             folder = ds / f"derivatives/curated_3mm_{variant}"
             assert (folder / "README.md").is_file()
             log = git_out(ds, "log", "-1", "--format=%s")
-            assert log.startswith(f"[nsdprep] curated {variant} sub-01 sub-02 sub-03 sub-04 ")
+            assert f"[nsdprep] curated {variant} sub-01 sub-02 sub-03 sub-04 (inputs " in log
             commit = git_out(ds, "rev-parse", "HEAD").strip()
             changed = git_out(ds, "diff-tree", "--no-commit-id", "--name-only", "-r", commit)
             assert changed.split() and all(
