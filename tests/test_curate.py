@@ -101,6 +101,11 @@ def make_inputs(
             "sharedix": np.arange(1, 11, dtype=float)[None, :],
         },
     )
+    # The stim info as CSV (row = nsdId), its shared1000 column = sharedix (1..10, 1-based).
+    pd.DataFrame(
+        {"cocoId": 5000 + 7 * np.arange(N_73K), "nsdId": np.arange(N_73K),
+         "shared1000": np.arange(N_73K) < 10},
+    ).to_csv(expdesign.with_name("nsd_stim_info_merged.csv"))  # fmt: skip
     _git(nsd, "add", ".")
     _git(nsd, "commit", "-q", "-m", "register")
 

@@ -34,6 +34,8 @@ def other_value(spec: options.Spec) -> object:
         return next(c for c in kind.choices if c != spec.default)
     if isinstance(kind, options.Subjects):
         return (2, 7)
+    if isinstance(kind, options.Name):
+        return "prf-visualrois"
     if isinstance(kind, options.IntPair):
         return (5, 4)
     if isinstance(kind, options.ShellWords):
@@ -54,6 +56,8 @@ def bad_text(spec: options.Spec) -> str | None:
         return "nonsense"
     if isinstance(kind, options.Subjects):
         return "1x"
+    if isinstance(kind, options.Name):
+        return "../nsdgeneral"
     if isinstance(kind, options.ShellWords):
         return "--comment='unbalanced"
     return None

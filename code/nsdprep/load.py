@@ -8,6 +8,12 @@ memory-mapped, so opening it costs nothing and any trial is one read. Example (r
     d = nsdprep.load_curated(1, dataset="path/to/dataset")
     scores = cross_val_score(LogisticRegression(C=0.01, max_iter=500), d.X[:, :5000], d.labels,
                              groups=d.runs, cv=GroupKFold(5), scoring="balanced_accuracy")
+
+The field's preparation and its held-out test set (the shared images)::
+
+    from nsdprep.stages.curate.split import train_test
+    d = nsdprep.load_curated(1, zscore="session", average=True, roi="nsdgeneral")
+    X_train, y_train, X_test, y_test = train_test(d)
 """
 
 from __future__ import annotations
@@ -19,12 +25,20 @@ import numpy as np
 
 from nsdprep import pipeline
 from nsdprep.core import nsd
-from nsdprep.core.errors import MissingInputError
+from nsdprep.core.errors import MissingInputError, UsageError
 from nsdprep.options import Options
 
 
 def load_curated(
-    subject: int, dataset: str | os.PathLike[str] = ".", labels: nsd.LabelMode = "default"
+    subject: int,
+    dataset: str | os.PathLike[str] = ".",
+    labels: nsd.LabelMode = "default",
+    *,
+    zscore: str = "none",
+    average: bool = False,
+    roi: str = "",
+    max_session: int = 0,
+    split: str | None = None,
 ) -> object:
     """Open one curated subject for analysis.
 
@@ -38,16 +52,25 @@ def load_curated(
         The label rule the curated folder was made with (``make curated LABELS=...``):
         ``"default"`` (``derivatives/curated_3mm``), ``"crop"`` (``curated_3mm_crop``) or
         ``"legacy"`` (``curated_3mm_legacy``).
+    zscore, average, roi, max_session
+        The other options the folder was made with (``make curated ZSCORE=session AVERAGE=1
+        ROI=nsdgeneral MAX_SESSION=37``); they name the folder
+        (``derivatives/curated_3mm_zscore-session_avg_roi-nsdgeneral_maxsession-37``).
+    split
+        ``"train"`` or ``"test"``: only the rows of that side of the shared1000 split (``test``:
+        the images every subject saw); ``None``: every row.
 
     Returns
     -------
     sklearn.utils.Bunch
-        ``X``: memory-mapped ``(n_trials, n_voxels)`` int16 matrix, read-only; values are the betas
-        (% signal change) x 300, as NSD stores them (divide by 300 for % change).
-        ``labels``: COCO supercategory per trial; ``runs``: run per trial across the experiment
-        (use as ``groups`` in cross-validation); ``trials``: the per-trial table (DataFrame);
-        ``mask_img``: 3 mm mask of the columns; ``to_img(rows)``: trials back to a 4D image;
-        ``subject``, ``files``.
+        ``X``: ``(n_rows, n_voxels)`` matrix; memory-mapped and read-only for all rows, read into
+        memory for one ``split``. int16 betas (% signal change) x 300 as NSD stores them (divide
+        by 300 for % change), or float32 for z-scored or averaged folders. Rows are trials, or
+        images with ``average``; columns are the voxels of the mask (the ROI's with ``roi``).
+        ``labels``: COCO supercategory per row; ``runs``: run per row (for averaged rows the run
+        of the image's first trial; use as ``groups`` in cross-validation); ``trials``: the
+        per-row table (DataFrame, with its ``split`` column); ``mask_img``: 3 mm mask of the
+        columns; ``to_img(rows)``: rows of ``X`` back to a 4D image; ``subject``, ``files``.
     """
     import nibabel as nib
     import pandas as pd
@@ -55,8 +78,12 @@ def load_curated(
 
     from nsdprep.core.matrix import open_matrix, unmask
     from nsdprep.core.nifti import read_header
+    from nsdprep.stages.curate.split import split_rows
 
-    opts = Options(labels=labels)  # checked like LABELS=...
+    if split not in (None, nsd.SPLIT_TRAIN, nsd.SPLIT_TEST):
+        raise UsageError(f"split must be None, 'train' or 'test', got {split!r}")
+    # checked like LABELS=... ZSCORE=... on the command line
+    opts = Options(labels=labels, zscore=zscore, average=average, roi=roi, max_session=max_session)
     rel = pipeline.curated_dir(opts)
     folder = Path(dataset) / rel
     files = nsd.curated_files(subject, folder)
@@ -75,10 +102,18 @@ def load_curated(
             f"{int(mask.sum())} mask voxels); rebuild with `make curated FORCE=1`."
         )
 
+    if split is not None:
+        rows = split_rows(trials, split)
+        X = np.asarray(X[rows])
+        lab, runs = lab[rows], runs[rows]
+        trials = trials.iloc[rows].reset_index(drop=True)
+
     def to_img(rows: np.ndarray | slice | list[int] | int) -> nib.Nifti1Image:
         """The given trials (row indices of ``X``) as a 4D image on the mask's grid."""
         data = unmask(np.asarray(X[rows]).reshape(-1, X.shape[1]), mask)
-        return nib.Nifti1Image(data, mask_img.affine, mask_img.header)
+        header = mask_img.header.copy()
+        header.set_data_dtype(data.dtype)  # the mask's uint8 would truncate the values when saved
+        return nib.Nifti1Image(data, mask_img.affine, header)
 
     return Bunch(
         X=X,

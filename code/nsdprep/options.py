@@ -147,6 +147,22 @@ class Text(Kind):
             raise UsageError(f"{var}={text!r} is not allowed: {var} takes {self.allowed}") from None
 
 
+class Name(Kind):
+    """A file-name-like word (letters, digits, ``.``, ``_``, ``-``; no path), or empty for none."""
+
+    allowed = "a name such as nsdgeneral (letters, digits, . _ -), or empty"
+
+    def convert(self, text: str) -> str:
+        if text and (
+            not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text) or text.endswith(".nii.gz")
+        ):
+            raise ValueError(text)
+        return text
+
+    def argv(self, flag: str, value: Any) -> list[str]:
+        return [flag, self.format(value)] if value else []
+
+
 class ShellWords(Text):
     """Words split as a shell splits them (``SLURM_OPTS="--time=1:00 --mem=8G"``)."""
 
@@ -284,6 +300,24 @@ class Options:
     )  # fmt: skip
     trials_per_run: tuple[int, int] = option(
         IntPair(), (63, 62), "experiment layout: trials per run A,B (odd runs, even runs)",
+        targets=("curated", "all"), changes_output=True,
+    )  # fmt: skip
+    zscore: str = option(
+        OneOf(("none", "session")), "none",
+        "curated: session = z-score each voxel within each session over its trials (float32)",
+        targets=("curated", "all"), changes_output=True,
+    )  # fmt: skip
+    average: bool = option(
+        YesNo(), False, "curated: one row per image, the mean of its kept repeats (float32)",
+        targets=("curated", "all"), changes_output=True,
+    )  # fmt: skip
+    roi: str = option(
+        Name(), "", "curated: keep only the voxels of this MNI ROI of NSD, e.g. nsdgeneral "
+        "(empty: all grey matter)",
+        targets=("curated", "all"), changes_output=True,
+    )  # fmt: skip
+    max_session: int = option(
+        Whole(0), 0, "curated: use sessions 1..N at most, e.g. 37 as papers before 2023 (0: all)",
         targets=("curated", "all"), changes_output=True,
     )  # fmt: skip
     subsample: int = option(

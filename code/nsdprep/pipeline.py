@@ -25,6 +25,7 @@ from typing import Literal
 
 from nsdprep import options
 from nsdprep.core import inventory, nsd
+from nsdprep.core.errors import MissingInputError
 from nsdprep.options import Options
 
 PY = ("python", "-m", "nsdprep")
@@ -195,9 +196,24 @@ def labels_table(opts: Options) -> str:
     return _suffixed(nsd.COCO_CATEGORIES, labels_variant(opts))
 
 
+def curated_variant(opts: Options) -> str:
+    """The curated folder's suffix, one part per output-changing option that is not at its default.
+
+    In this order: the label rule (``crop``, ``legacy``), ``zscore-session``, ``avg``,
+    ``roi-<name>``, ``maxsession-<N>``; ``""`` for the default, whose folder stays
+    ``derivatives/curated_3mm``. ``VALID=1`` keeps writing the folder of its other options.
+    """
+    parts = [labels_variant(opts)]
+    parts.append("" if opts.zscore == "none" else f"zscore-{opts.zscore}")
+    parts.append("avg" if opts.average else "")
+    parts.append(f"roi-{opts.roi}" if opts.roi else "")
+    parts.append(f"maxsession-{opts.max_session}" if opts.max_session else "")
+    return "_".join(p for p in parts if p)
+
+
 def curated_dir(opts: Options) -> str:
-    """The curated folder of the options (``derivatives/curated_3mm[_crop]``)."""
-    return _suffixed(nsd.CURATED_DIR, labels_variant(opts))
+    """The curated folder of the options (``derivatives/curated_3mm[_crop][_zscore-session]...``)."""
+    return _suffixed(nsd.CURATED_DIR, curated_variant(opts))
 
 
 def decoding_dir(opts: Options) -> str:
@@ -224,6 +240,7 @@ def _json_sizes(ds: Path, step: Step, total_in: int) -> int:
 
 
 _EXPDESIGN = f"{nsd.NSD_DATASET}/{nsd.EXPDESIGN_KEY}"
+_STIM_INFO_CSV = f"{nsd.NSD_DATASET}/{nsd.STIM_INFO_CSV_KEY}"
 
 
 # -- 3mm
@@ -263,7 +280,7 @@ RESAMPLE = Stage(
 def _labels_args(step: Step) -> tuple[str, ...]:
     opts = step.options
     args = ("--zip", f"{nsd.COCO_DATASET}/{nsd.COCO_ZIP_NAME}")
-    args += ("--stim-info", f"{nsd.NSD_DATASET}/{nsd.STIM_INFO_CSV_KEY}")  # CSV: never unpickled
+    args += ("--stim-info", _STIM_INFO_CSV)  # CSV: never unpickled
     args += ("--expdesign", _EXPDESIGN, "--out", labels_table(opts))
     if merged := merged_json(opts):
         args += ("--merged-out", merged)
@@ -291,7 +308,7 @@ LABELS = Stage(
         Input(p)
         for p in (
             f"{nsd.COCO_DATASET}/{nsd.COCO_ZIP_NAME}",
-            f"{nsd.NSD_DATASET}/{nsd.STIM_INFO_CSV_KEY}",
+            _STIM_INFO_CSV,
             _EXPDESIGN,
         )
     ),
@@ -309,6 +326,11 @@ def _curated_inputs(ds: Path, opts: Options, subjects: tuple[int, ...]) -> tuple
     # the TSV sidecar of the labels table: what curate reads (the pickle is never unpickled)
     out += (Input(nsd.table_sidecar(labels_table(opts)), LABELS.make_command(opts)),)
     out += (Input(_EXPDESIGN),)
+    # The split's cross-check: the stim info's shared1000 column, read from the CSV.
+    out += (Input(_STIM_INFO_CSV),)
+    if opts.roi:
+        _require_roi(nsd_ds, opts.roi, subjects)
+        out += tuple(Input(f"{nsd.NSD_DATASET}/{nsd.roi_key(s, opts.roi)}") for s in subjects)
     # Valid masks: counted in the README always, applied with VALID=1.
     out += tuple(
         Input(f"{nsd.NSD_DATASET}/{nsd.valid_key(s, ses)}")
@@ -318,10 +340,26 @@ def _curated_inputs(ds: Path, opts: Options, subjects: tuple[int, ...]) -> tuple
     return out
 
 
+def _require_roi(nsd_ds: Path, roi: str, subjects: tuple[int, ...]) -> None:
+    """Every subject has the ROI registered, or one error naming who lacks it and what they have."""
+    lacking = {s: inventory.registered_rois(nsd_ds, s) for s in subjects}
+    lacking = {s: have for s, have in lacking.items() if roi not in have}
+    if lacking:
+        listing = "; ".join(
+            f"{nsd.subject_label(s)} has {', '.join(have) if have else 'no MNI ROI'}"
+            for s, have in lacking.items()
+        )
+        raise MissingInputError(
+            f"ROI={roi}: not registered under {nsd.NSD_DATASET}/nsddata/ppdata/subjXX/MNI/roi/ "
+            f"for every subject ({listing}). Run `make inputs` to register the bucket's ROI "
+            "volumes, or choose other SUBJECTS or another ROI."
+        )
+
+
 def _curated_args(step: Step) -> tuple[str, ...]:
     args = ("--nsd", nsd.NSD_DATASET, "--resampled", nsd.RESAMPLED_DIR)
     args += ("--labels-table", nsd.table_sidecar(labels_table(step.options)))
-    args += ("--expdesign", _EXPDESIGN)
+    args += ("--expdesign", _EXPDESIGN, "--stim-info-csv", _STIM_INFO_CSV)
     return (*args, "--out", curated_dir(step.options), "--subjects", *map(str, step.subjects))
 
 
@@ -335,11 +373,11 @@ CURATE = Stage(
     target="curated",
     command="curate",
     module="nsdprep.stages.curate",
-    help="equalized trials per subject -> derivatives/curated_3mm (datalad run)",
+    help="equalized trials per subject -> derivatives/curated_3mm[_<options>] (datalad run)",
     needs=(nsd.NSD_DATASET,),
     fetches=False,
     cut="all",
-    variant=labels_variant,
+    variant=curated_variant,
     args=_curated_args,
     inputs=_curated_inputs,
     outputs=_curated_outputs,

@@ -62,3 +62,13 @@ def select_subjects(nsd_ds: str | Path, subjects: Iterable[int] | None) -> list[
             f"{', '.join(nsd.subject_label(s) for s in available)}."
         )
     return wanted
+
+
+def registered_rois(nsd_ds: str | Path, subject: int) -> list[str]:
+    """Names (sorted) of the MNI ROI volumes registered for ``subject`` (``nsdgeneral``, ...)."""
+    names = set()
+    for key in registered_keys(nsd_ds, nsd.roi_dir_key(subject) + "/"):
+        parsed = nsd.parse_roi_key(key)
+        if parsed is not None and parsed[0] == subject:
+            names.add(parsed[1])
+    return sorted(names)

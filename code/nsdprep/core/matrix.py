@@ -27,6 +27,8 @@ from nsdprep.core.errors import FormatError, UsageError
 
 #: On-disk dtype of the matrix (the curated betas' dtype; NSD units, beta x 300).
 MATRIX_DTYPE = np.dtype("<i2")
+#: On-disk dtype of a prepared matrix (z-scored or averaged values are not whole numbers).
+FLOAT_DTYPE = np.dtype("<f4")
 
 
 class MatrixWriter:
@@ -127,14 +129,88 @@ def _reserve(path: Path) -> None:
             # EOPNOTSUPP/EINVAL: no fallocate here; the pages are allocated as they are written
 
 
+class RowMatrix:
+    """An ``n_rows x n_cols`` float32 ``.npy`` matrix filled row by row in any order, then renamed.
+
+    Rows start at 0; :meth:`set` writes a row, :meth:`add` adds to it (a mean is summed, then
+    :meth:`divide`). The file is memory-mapped, so memory stays at what is being written; nothing
+    appears at ``path`` until the context exits without error.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], n_rows: int, n_cols: int) -> None:
+        self.path = Path(path)
+        if int(n_rows) < 0 or int(n_cols) < 0:
+            raise UsageError(f"{self.path}: shape must be >= 0, got ({n_rows}, {n_cols})")
+        self.shape = (int(n_rows), int(n_cols))
+        self._stack: contextlib.ExitStack | None = None
+        self._out: np.memmap | None = None
+
+    def __enter__(self) -> RowMatrix:
+        stack = contextlib.ExitStack()
+        try:
+            size = self.shape[0] * self.shape[1] * FLOAT_DTYPE.itemsize + 128
+            tmp = stack.enter_context(atomic_path(self.path, expected_size=lambda _w: size))
+            self._out = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=FLOAT_DTYPE, shape=self.shape
+            )
+            _reserve(tmp)
+        except BaseException:
+            if not stack.__exit__(*sys.exc_info()):
+                raise
+            raise  # pragma: no cover
+        self._stack = stack
+        return self
+
+    @property
+    def out(self) -> np.memmap:
+        """The matrix being written (only inside the ``with`` block)."""
+        if self._out is None:
+            raise RuntimeError("RowMatrix used outside its `with` block")
+        return self._out
+
+    def set(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Write ``values`` (``len(rows) x n_cols``) into ``rows``."""
+        self.out[np.asarray(rows)] = values
+
+    def add(self, row: int, values: np.ndarray) -> None:
+        """Add ``values`` (``n_cols``) to ``row``."""
+        self.out[row] += values
+
+    def divide(self, counts: np.ndarray) -> None:
+        """Divide each row by its count (``n_rows`` positive numbers)."""
+        counts = np.asarray(counts, dtype=FLOAT_DTYPE)
+        for r in range(self.shape[0]):  # row by row: memory stays at one row
+            self.out[r] /= counts[r]
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        stack, self._stack = self._stack, None
+        out, self._out = self._out, None
+        if stack is None:
+            return False
+        if out is not None:
+            out.flush()
+            del out
+        return bool(stack.__exit__(exc_type, exc, tb))
+
+
 def open_matrix(path: str | os.PathLike[str]) -> np.memmap:
-    """Memory-map a curated matrix read-only (no data is read until rows are indexed)."""
+    """Memory-map a curated matrix read-only (no data is read until rows are indexed).
+
+    int16 (NSD units, the default folder) or float32 (z-scored or averaged folders).
+    """
     try:
         X = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
         raise FormatError(f"{path}: not a .npy matrix ({exc})") from exc
-    if X.ndim != 2 or X.dtype != MATRIX_DTYPE:
-        raise FormatError(f"{path}: expected a 2D int16 matrix, found {X.ndim}D {X.dtype}")
+    if X.ndim != 2 or X.dtype not in (MATRIX_DTYPE, FLOAT_DTYPE):
+        raise FormatError(
+            f"{path}: expected a 2D int16 or float32 matrix, found {X.ndim}D {X.dtype}"
+        )
     return X
 
 

@@ -65,6 +65,16 @@ DECODING_DIR = "derivatives/decoding"
 LabelMode = Literal["default", "legacy", "crop"]
 LABEL_MODES: tuple[str, ...] = get_args(LabelMode)
 
+#: NSD's sessions per subject (subj01..subj08), as released in full (the data manual).
+NSD_SESSIONS: tuple[int, ...] = (40, 40, 32, 30, 40, 32, 40, 30)
+#: The last sessions of each subject were held out at first and released later (2023): papers
+#: written before used 40 - 3 = 37 sessions of the complete subjects.
+LATE_RELEASED = 3
+
+_ROI_RE = re.compile(r"^nsddata/ppdata/subj(?P<subject>\d{2})/MNI/roi/(?P<atlas>[^/]+)\.nii\.gz$")
+#: An ROI (atlas) name as the bucket spells it: ``nsdgeneral``, ``prf-visualrois``, ``lh.floc-faces``.
+ROI_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
 _BETAS_RE = re.compile(
     r"^nsddata_betas/ppdata/subj(?P<subject>\d{2})/MNI/betas_fithrf/"
     r"(?P<kind>betas|valid)_session(?P<session>\d{2})\.nii\.gz$"
@@ -105,6 +115,40 @@ def parse_betas_key(key: str) -> tuple[str, int, int] | None:
     if m is None:
         return None
     return m["kind"], int(m["subject"]), int(m["session"])
+
+
+def roi_dir_key(subject: int) -> str:
+    """Bucket folder of one subject's ROI volumes in MNI space (what nsd_access reads)."""
+    return f"nsddata/ppdata/{subject_label(subject)}/MNI/roi"
+
+
+def roi_key(subject: int, atlas: str) -> str:
+    """Bucket key of one subject's MNI ROI volume, ``{ppdata}/subjXX/MNI/roi/{atlas}.nii.gz``.
+
+    NSD's convention for the values: -1 outside the brain, 0 not in the ROI, positive in the ROI
+    (the label number in a multi-label atlas).
+    """
+    if not ROI_NAME_RE.fullmatch(atlas) or atlas.endswith(".nii.gz"):
+        raise UsageError(f"ROI name must be a bare atlas name such as nsdgeneral, got {atlas!r}")
+    return f"{roi_dir_key(subject)}/{atlas}.nii.gz"
+
+
+def parse_roi_key(key: str) -> tuple[int, str] | None:
+    """Return ``(subject, atlas)`` for an MNI ROI key, or ``None`` for other keys."""
+    m = _ROI_RE.match(key)
+    return None if m is None else (int(m["subject"]), m["atlas"])
+
+
+def late_sessions(subject: int) -> tuple[int, ...]:
+    """The sessions of ``subject`` released late: the last :data:`LATE_RELEASED` of NSD's count.
+
+    Subjects beyond NSD's eight (synthetic data only) have none.
+    """
+    _check_index("subject", subject)
+    if subject > len(NSD_SESSIONS):
+        return ()
+    n = NSD_SESSIONS[subject - 1]
+    return tuple(range(n - LATE_RELEASED + 1, n + 1))
 
 
 def subject_label(subject: int) -> str:
@@ -187,7 +231,25 @@ TRIAL_COLUMNS = (
     "cocoId",
     "supercat",
     "cat",
+    "split",
 )
+#: Columns of ``sub-XX_trials.tsv`` of an averaged folder (``AVERAGE=1``): one row per image.
+#: ``trials``: the 1-based trial numbers averaged, comma-separated; ``session``/``run``: those of
+#: the image's first averaged trial.
+AVERAGED_COLUMNS = (
+    "subject",
+    "nsdId",
+    "cocoId",
+    "supercat",
+    "cat",
+    "split",
+    "n_repeats",
+    "trials",
+    "session",
+    "run",
+)
+#: Values of the ``split`` column: the shared images (``sharedix``) are the test set.
+SPLIT_TRAIN, SPLIT_TEST = "train", "test"
 
 
 #: Names of the curated 4D files, ``sub-XX.nii.gz`` (subject number in group 1).
@@ -349,3 +411,37 @@ def read_expdesign(path: str | os.PathLike[str]) -> ExpDesign:
             f"has only {si.shape[1]} columns"
         )
     return ExpDesign(mo, si.astype(np.int64), si.dtype, str(path))
+
+
+def read_sharedix(path: str | os.PathLike[str]) -> np.ndarray:
+    """The shared images of ``nsd_expdesign.mat`` (``sharedix``, 1-based 73k ids), sorted, int64.
+
+    NSD: 1x1000, the images every subject was shown; the field's test set.
+    """
+    import numpy as np
+    import scipy.io
+
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(
+            f"experiment design {path} is absent (content not fetched?); "
+            f"run `datalad get {path}` or `make get`."
+        )
+    try:
+        mat = scipy.io.loadmat(path, variable_names=["sharedix"])
+    except Exception as exc:  # noqa: BLE001 - scipy raises several types for a bad file
+        raise FormatError(f"cannot read {path} as a MATLAB v5 file: {exc!r}") from exc
+    if "sharedix" not in mat:
+        raise FormatError(
+            f"{path}: field 'sharedix' missing; expected NSD's nsd_expdesign.mat with sharedix "
+            "(1x1000, 1-based 73k ids of the shared images)"
+        )
+    arr = np.asarray(mat["sharedix"])
+    if arr.ndim != 2 or 1 not in arr.shape or arr.size == 0:
+        raise FormatError(f"{path}: field 'sharedix' must be 1xN, found {arr.shape}")
+    if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)) or np.any(arr < 1):
+        raise FormatError(f"{path}: field 'sharedix' must hold 1-based integers")
+    ids = arr.reshape(-1).astype(np.int64)
+    if np.unique(ids).size != ids.size:
+        raise FormatError(f"{path}: field 'sharedix' repeats an image id")
+    return np.sort(ids)

@@ -57,7 +57,8 @@ def nsd_table(nsd_url: str, subjects: Iterable[int] | None = None) -> list[dict[
     """Rows ``filename, url, size`` for every NSD file to register, found by listing the bucket.
 
     Betas and valid masks of each subject's 1 mm MNI ``betas_fithrf`` folder (sessions as listed,
-    never assumed) plus the experiment design, stimulus info and stimuli files. ``subjects`` limits the
+    never assumed), its MNI ROI volumes (:func:`roi_rows`), plus the experiment design, stimulus
+    info and stimuli files. ``subjects`` limits the
     subjects (1-based); ``None`` = every ``subjXX`` folder in the bucket.
     """
     if subjects:
@@ -85,6 +86,7 @@ def nsd_table(nsd_url: str, subjects: Iterable[int] | None = None) -> list[dict[
                 f"for {nsd.subject_label(subject)}; expected the 1 mm MNI betas_fithrf files. "
                 "Check --nsd-url and the subject numbers."
             )
+        rows += roi_rows(nsd_url, subject)
         unpaired = sorted(found["betas"] ^ found["valid"])
         if unpaired:
             log.warning(
@@ -106,6 +108,32 @@ def nsd_table(nsd_url: str, subjects: Iterable[int] | None = None) -> list[dict[
             )
         rows.append({"filename": key, "url": object_url(nsd_url, key), "size": str(listed[key])})
     return sorted(rows, key=lambda r: r["filename"])
+
+
+def roi_rows(nsd_url: str, subject: int) -> list[dict[str, str]]:
+    """Rows of one subject's MNI ROI volumes (``nsddata/ppdata/subjXX/MNI/roi/<atlas>.nii.gz``).
+
+    Every ROI the bucket lists there is registered (by URL: small files, fetched only by a
+    ``make curated ROI=<atlas>``); a subject without any gets one warning line.
+    """
+    prefix = nsd.roi_dir_key(subject) + "/"
+    rows = [
+        {"filename": key, "url": object_url(nsd_url, key), "size": str(size)}
+        for key, size in list_bucket(nsd_url, prefix)
+        if (parsed := nsd.parse_roi_key(key)) is not None and parsed[0] == subject
+    ]
+    if rows:
+        names = sorted(nsd.parse_roi_key(r["filename"])[1] for r in rows)  # type: ignore[index]
+        log.info(
+            "%s: %d MNI ROI volumes (%s)", nsd.subject_label(subject), len(rows), ", ".join(names)
+        )
+    else:
+        log.warning(
+            "%s: no MNI ROI volumes under %s (ROI=... cannot be used for this subject)",
+            nsd.subject_label(subject),
+            object_url(nsd_url, prefix),
+        )
+    return rows
 
 
 def coco_table(coco_url: str) -> list[dict[str, str]]:

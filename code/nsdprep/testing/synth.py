@@ -3,6 +3,7 @@
 ``make_synthetic(outdir, SynthSpec(...))`` writes::
 
     OUTDIR/nsd/nsddata_betas/ppdata/subjXX/MNI/betas_fithrf/{betas,valid}_sessionNN.nii.gz
+    OUTDIR/nsd/nsddata/ppdata/subjXX/MNI/roi/nsdgeneral.nii.gz
     OUTDIR/nsd/nsddata/experiments/nsd/nsd_expdesign.mat
     OUTDIR/nsd/nsddata/experiments/nsd/nsd_stim_info_merged.pkl
     OUTDIR/nsd/nsddata/experiments/nsd/nsd_stim_info_merged.csv
@@ -47,6 +48,10 @@ TRUE COCO image (``cocoId``; ties -> first in annotation order; "unknown" if non
 smooth spatial pattern per supercategory (a sum of plane waves with wavelengths 16-40 mm, unit variance,
 so it survives a 3 mm resample and a grey-matter mask); a trial is
 ``amplitude * pattern[label] + noise_sd * N(0, 1)`` ("unknown" has no pattern), x300, rounded.
+
+ROIs. ``nsdgeneral.nii.gz`` per subject on the betas' grid and header, int16 in NSD's convention
+(-1 outside the brain, 0 not in the ROI, 1 in it): the posterior part of the MNI152 brain
+(:func:`roi_volume`), which the planted patterns cover.
 
 Design (``nsd_expdesign.mat``, all double, all 1-based as in NSD). ``subjectim`` rows start with the
 ``n_shared`` shared images (= ``sharedix``, sorted), then each subject's own images, all distinct;
@@ -344,6 +349,7 @@ def make_synthetic(outdir: Path, spec: SynthSpec = SynthSpec()) -> Path:  # noqa
     _write_stimuli(bucket / nsd.STIMULI_KEY, spec)
     _write_coco_zip(outdir / "coco" / "annotations" / nsd.COCO_ZIP_NAME, coco)
     _write_betas(bucket, spec, design, labels)
+    _write_rois(bucket, spec)
     _write_manifest(outdir / "synth_manifest.json", spec, design, coco)
     log.info("synthetic NSD + COCO written to %s", outdir)
     return outdir
@@ -942,10 +948,9 @@ def _write_manifest(
 # ------------------------------------------------------------------------------------------ betas
 
 
-def _liberal_mask(spec: SynthSpec) -> np.ndarray:
-    """MNI152 brain mask on the written grid (nearest), dilated by 4 mm: a liberal brain mask."""
+def _brain_mask(spec: SynthSpec) -> np.ndarray:
+    """MNI152 brain mask on the generated grid (nearest)."""
     from nilearn import datasets, image
-    from scipy import ndimage
 
     mni = datasets.load_mni152_brain_mask(resolution=1)
     res = image.resample_img(
@@ -956,8 +961,55 @@ def _liberal_mask(spec: SynthSpec) -> np.ndarray:
         force_resample=True,
         copy_header=True,
     )
-    mask = np.asarray(res.dataobj) > 0
-    return ndimage.binary_dilation(mask, iterations=4)
+    return np.asarray(res.dataobj) > 0
+
+
+def _liberal_mask(spec: SynthSpec) -> np.ndarray:
+    """MNI152 brain mask on the written grid (nearest), dilated by 4 mm: a liberal brain mask."""
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(_brain_mask(spec), iterations=4)
+
+
+#: Synthetic ROIs, written for every subject (``nsddata/ppdata/subjXX/MNI/roi/<name>.nii.gz``).
+ROI_NAMES = ("nsdgeneral",)
+
+
+def roi_volume(spec: SynthSpec, subject: int, brain: np.ndarray | None = None) -> np.ndarray:
+    """A subject's synthetic ``nsdgeneral`` on the generated grid, in NSD's value convention.
+
+    -1 outside the (MNI152) brain, 1 in the ROI, 0 elsewhere in the brain (int16). The ROI is the
+    posterior part of the brain, like NSD's visually responsive posterior cortex: the brain voxels
+    whose y (mm) lies in the lowest 50 % (crop grid; 15 % on the full grid, about nsdgeneral's
+    share of the grey matter) of the brain's y values, minus 3 points per subject number, so
+    subjects differ. The planted patterns cover the whole brain, so the ROI holds signal.
+    """
+    brain = _brain_mask(spec) if brain is None else brain
+    affine = spec.generation_affine()
+    ijk = np.argwhere(brain)
+    y = ijk @ affine[1, :3] + affine[1, 3]
+    share = (15.0 if spec.full else 50.0) - 3.0 * (subject - 1)
+    cut = np.percentile(y, share)
+    vol = np.full(spec.shape, -1, dtype=np.int16)
+    vol[brain] = 0
+    inside = ijk[y < cut]
+    vol[inside[:, 0], inside[:, 1], inside[:, 2]] = 1
+    return vol
+
+
+def _write_rois(bucket: Path, spec: SynthSpec) -> None:
+    """Every subject's ROI volumes, in the betas' header style (NSD's MNI ROI key layout)."""
+    from nsdprep.core.nifti import NiftiStreamWriter
+
+    store = (lambda v: v[::-1]) if spec.header == "nsd" else (lambda v: v)
+    brain = _brain_mask(spec)
+    for subject in range(1, spec.n_subjects + 1):
+        for name in ROI_NAMES:
+            target = bucket / nsd.roi_key(subject, name)
+            with NiftiStreamWriter(
+                target, spec.shape, spec.affine(), np.int16, None, **spec.writer_options()
+            ) as writer:
+                writer.write(store(roi_volume(spec, subject, brain)))
 
 
 def _patterns(spec: SynthSpec, subject: int, xyz: np.ndarray) -> np.ndarray:

@@ -47,6 +47,7 @@ from nsdprep.core._io import atomic_path, remove_stale_parts
 from nsdprep.core.errors import FormatError, MissingInputError, NsdPrepError
 from nsdprep.core.nsd import TRIAL_COLUMNS, Layout
 from nsdprep.stages.curate import docs as curate_docs
+from nsdprep.stages.curate import prepare
 from nsdprep.stages.curate.selection import Selection, select
 
 log = logging.getLogger(__name__)
@@ -295,6 +296,41 @@ def write_subject(
     return files
 
 
+@dataclass(frozen=True)
+class RoiVoxels:
+    """One subject's ROI on the 3 mm grid (nearest neighbour, positive values) and its counts."""
+
+    subject: int
+    roi: str
+    #: 3 mm voxels in the ROI, and those of them in the mask before the ROI (grey matter, or
+    #: grey matter valid in every session with ``VALID=1``)
+    n_roi: int
+    n_kept: int
+    voxels: np.ndarray = field(repr=False)
+
+
+def roi_voxels(
+    nsd_ds: str | os.PathLike[str], subject: int, roi: str, grid: Grid, base: np.ndarray
+) -> RoiVoxels:
+    """The ROI ``roi`` of ``subject`` (``inputs/nsd``, MNI space) on the 3 mm grid, within ``base``."""
+    from nsdprep.core._io import require_content
+
+    path = Path(nsd_ds) / nsd.roi_key(subject, roi)
+    require_content(
+        path,
+        f"ROI {roi} of {nsd.subject_label(subject)}",
+        f"`make inputs` registers the ROI volumes the bucket has under {nsd.roi_dir_key(subject)}/.",
+    )
+    in_roi = masks.roi_on_grid(path, grid.shape, grid.affine)
+    kept = in_roi & np.asarray(base, dtype=bool)
+    if not kept.any():
+        raise NsdPrepError(
+            f"{nsd.subject_label(subject)}: no voxel of ROI {roi} is in the grey-matter mask on "
+            "the 3 mm grid; check the ROI file"
+        )
+    return RoiVoxels(subject, roi, int(in_roi.sum()), int(kept.sum()), kept)
+
+
 def curate(
     nsd_ds: str | os.PathLike[str],
     resampled: str | os.PathLike[str],
@@ -306,26 +342,53 @@ def curate(
     label_mode: nsd.LabelMode = "default",
     command: str = "",
     valid: bool = False,
+    *,
+    stim_info_csv: str | os.PathLike[str] | None = None,
+    zscore: str = "none",
+    average: bool = False,
+    roi: str = "",
+    max_session: int = 0,
 ) -> Selection:
     """Build the curated derivative for ``subjects`` (default: all registered) into ``out``.
 
-    Checks every input (registry, design, labels, 3 mm files and grids, valid masks) before
-    writing anything. ``labels`` is the table ``make coco-labels`` wrote under ``label_mode``
-    (the legacy table is keyed by the 1-based 73k id). ``valid``: keep only grey-matter voxels
-    valid in every session used.
+    Checks every input (registry, design, stim info, labels, 3 mm files and grids, valid masks,
+    ROIs) before writing anything. ``labels`` is the table ``make coco-labels`` wrote under
+    ``label_mode`` (the legacy table is keyed by the 1-based 73k id). ``valid``: keep only
+    grey-matter voxels valid in every session used. ``stim_info_csv``: the split's cross-check
+    (default: next to ``expdesign``). ``zscore`` (``"none"``/``"session"``), ``average``,
+    ``roi`` (an NSD MNI ROI name, ``""``: none) and ``max_session`` (0: no cap): see
+    :mod:`nsdprep.stages.curate.prepare` and the folder's README.
     """
+    if zscore not in ("none", "session"):
+        raise NsdPrepError(f"zscore must be 'none' or 'session', got {zscore!r}")
     legacy = label_mode == "legacy"
     layout = layout or Layout()
     expdesign = Path(expdesign) if expdesign else Path(nsd_ds) / nsd.EXPDESIGN_KEY
     chosen = inventory.select_subjects(nsd_ds, list(subjects) if subjects else None)
-    selection = select(nsd_ds, expdesign, labels, layout, legacy=legacy)
+    selection = select(
+        nsd_ds,
+        expdesign,
+        labels,
+        layout,
+        legacy=legacy,
+        stim_info_csv=stim_info_csv,
+        max_session=max_session,
+    )
     grid = check_resampled(resampled, chosen, selection.n_sessions, layout)
     validity = {s: valid_voxels(nsd_ds, s, selection.n_sessions, grid) for s in chosen}
     keep = {s: validity[s].mask() for s in chosen} if valid else {}
+    rois: dict[int, RoiVoxels] = {}
+    if roi:
+        for s in chosen:
+            base = keep[s] if valid else validity[s].grey_matter
+            rois[s] = roi_voxels(nsd_ds, s, roi, grid, base)
+            keep[s] = rois[s].voxels
+    prepared_run = zscore != "none" or average
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_parts(out)
+    prepared: dict[int, prepare.Prepared] = {}
     for s in chosen:
         log.info(
             "%s: writing %d trials from %d sessions",
@@ -337,18 +400,47 @@ def curate(
             log.info(
                 "%s: keeping %d of %d grey-matter voxels (valid in every session)",
                 nsd.bids_subject_label(s),
-                int(keep[s].sum()),
+                int(validity[s].mask().sum()),
                 validity[s].n_grey_matter,
             )
-        write_subject(out, resampled, s, selection.trials[s], grid, keep.get(s))
+        if roi:
+            log.info(
+                "%s: ROI %s: %d voxels at 3 mm, %d of them kept (in the mask)",
+                nsd.bids_subject_label(s), roi, rois[s].n_roi, rois[s].n_kept,
+            )  # fmt: skip
+        if prepared_run:
+            mask = keep[s] if s in keep else validity[s].grey_matter
+            files = {ses: resampled_file(resampled, s, ses) for ses in selection.sessions_used}
+            prepared[s] = prepare.write_prepared(
+                out,
+                files,
+                s,
+                selection.trials[s],
+                grid,
+                mask,
+                zscore=zscore == "session",
+                average=average,
+            )
+        else:
+            write_subject(out, resampled, s, selection.trials[s], grid, keep.get(s))
 
+    preparation = curate_docs.Preparation(
+        zscore=zscore,
+        average=average,
+        roi=roi,
+        max_session=max_session,
+        rois=rois,
+        prepared=prepared,
+    )
     description = curate_docs.description(
-        selection, grid, labels, expdesign, legacy, command, validity, valid
+        selection, grid, labels, expdesign, legacy, command, validity, valid, preparation
     )
     with atomic_path(out / "dataset_description.json") as tmp:
         tmp.write_text(json.dumps(description, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     with atomic_path(out / "README.md") as tmp:
-        tmp.write_text(curate_docs.readme(selection, description, out), encoding="utf-8")
+        tmp.write_text(
+            curate_docs.readme(selection, description, out, preparation), encoding="utf-8"
+        )
     return selection
 
 
@@ -363,6 +455,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--expdesign",
         default=None,
         help=f"experiment design (default: NSD/{nsd.EXPDESIGN_KEY})",
+    )
+    parser.add_argument(
+        "--stim-info-csv",
+        default=None,
+        help="stim info CSV, the split's cross-check (default: next to the experiment design)",
     )
     parser.add_argument("--out", required=True, help="output directory (derivatives/curated_3mm)")
     parser.add_argument(
@@ -385,6 +482,11 @@ def main(args: argparse.Namespace) -> int:
         label_mode=opts.labels,
         command=provenance.command_of(args),
         valid=opts.valid,
+        stim_info_csv=args.stim_info_csv,
+        zscore=opts.zscore,
+        average=opts.average,
+        roi=opts.roi,
+        max_session=opts.max_session,
     )
     print(
         f"curated: {selection.trials_per_subject} trials per subject "

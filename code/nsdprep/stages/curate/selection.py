@@ -18,6 +18,10 @@ from nsdprep.core import inventory, nsd, tables
 from nsdprep.core._io import require_content
 from nsdprep.core.errors import FormatError, MissingInputError, NsdPrepError
 from nsdprep.core.nsd import PERSON, TRIAL_COLUMNS, UNKNOWN, Layout
+from nsdprep.stages.curate import split
+
+#: The stim info as CSV, next to ``nsd_expdesign.mat`` in NSD's bucket.
+_STIM_INFO_CSV = Path(nsd.STIM_INFO_CSV_KEY).name
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,17 @@ class Selection:
     trials: dict[int, pd.DataFrame] = field(repr=False)
     #: subject -> kept trials whose supercategory differs under the default rule (crop labels only)
     n_label_changed: dict[int, int] = field(default_factory=dict)
+    #: ``MAX_SESSION``: sessions 1..max_session at most (0: no cap)
+    max_session: int = 0
+    #: fewest sessions registered over all registered subjects (before ``max_session``)
+    fewest_registered: int = 0
+    #: 0-based nsdIds of the shared images (the test split), sorted
+    shared: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+
+    @property
+    def sessions_used(self) -> tuple[int, ...]:
+        """The sessions that feed the output, the same for every subject (1-based)."""
+        return tuple(range(1, self.n_sessions + 1))
 
     @property
     def trials_per_subject(self) -> int:
@@ -151,20 +166,29 @@ def select(
     labels_path: str | os.PathLike[str],
     layout: Layout,
     legacy: bool = False,
+    *,
+    stim_info_csv: str | os.PathLike[str] | None = None,
+    max_session: int = 0,
 ) -> Selection:
-    """Compute the selection for every subject registered in ``nsd_ds`` (no betas are read)."""
+    """Compute the selection for every subject registered in ``nsd_ds`` (no betas are read).
+
+    ``stim_info_csv`` (default: ``nsd_stim_info_merged.csv`` next to ``expdesign``) cross-checks
+    the shared images of the split; ``max_session`` caps the sessions used (0: no cap).
+    """
     subjects = inventory.registered_subjects(nsd_ds)
     if not subjects:
         raise MissingInputError(f"no betas registered in {nsd_ds}; run `make inputs` first.")
     sessions = {s: inventory.registered_sessions(nsd_ds, s) for s in subjects}
-    n_sessions = min(len(v) for v in sessions.values())
+    fewest_registered = min(len(v) for v in sessions.values())
+    n_sessions = min(fewest_registered, max_session) if max_session else fewest_registered
     S = layout.trials_per_session
     n_trials = n_sessions * S
-    fewest = [nsd.subject_label(s) for s, v in sessions.items() if len(v) == n_sessions]
+    fewest = [nsd.subject_label(s) for s, v in sessions.items() if len(v) == fewest_registered]
     log.info(
-        "N = %d sessions (fewest registered: %s) x %d trials = %d trials per subject",
+        "N = %d sessions (fewest registered: %s%s) x %d trials = %d trials per subject",
         n_sessions,
         ", ".join(fewest),
+        f"; MAX_SESSION={max_session}" if max_session else "",
         S,
         n_trials,
     )
@@ -197,8 +221,14 @@ def select(
                 "supercat": lab["supercat"].to_numpy(dtype=str),
                 "cat": lab["cat"].to_numpy(dtype=str),
             },
-            columns=list(TRIAL_COLUMNS),
         )
+    # The split, once the design's trial arrays are known to be sound.
+    csv = Path(stim_info_csv) if stim_info_csv else Path(expdesign).with_name(_STIM_INFO_CSV)
+    shared = split.shared_images(expdesign, csv)
+    for df in rows.values():
+        df["split"] = split.split_of(df["nsdId"].to_numpy(), shared)
+        if list(df.columns) != list(TRIAL_COLUMNS):
+            raise NsdPrepError(f"trial table columns {list(df.columns)} != {TRIAL_COLUMNS}")
     supercats = {s: df["supercat"].to_numpy(dtype=str) for s, df in rows.items()}
     kept, dropped = equalize(supercats)
     return Selection(
@@ -210,4 +240,7 @@ def select(
         n_person_dropped=dropped,
         trials={s: rows[s].iloc[kept[s]].reset_index(drop=True) for s in subjects},
         n_label_changed={s: int(changed[s][kept[s]].sum()) for s in changed},
+        max_session=max_session,
+        fewest_registered=fewest_registered,
+        shared=shared,
     )
