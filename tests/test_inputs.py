@@ -424,3 +424,98 @@ def test_subdataset_killed_inside_git_init_is_created_again(
     assert dataset.is_own_repository(coco)
     assert (coco / nsdp.COCO_ZIP_KEY.rsplit("/", 1)[-1]).is_symlink()
     assert (ds / "notes.txt").read_text() == "the user's own file, not to be cleaned away\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# odd keys in the listing
+
+
+def _odd_bucket(root: Path) -> Path:
+    """The tiny bucket (subj01: 2 sessions, subj02: 3) plus ``root/ds``, a new dataset."""
+    build_bucket(root / "bucket")
+    new_dataset(root / "ds")
+    return root / "bucket"
+
+
+def _registered_betas(ds: Path) -> list[str]:
+    return inventory.registered_keys(ds / nsdp.NSD_DATASET)
+
+
+def _skip_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "do not fit" in r.getMessage()]
+
+
+def test_key_with_a_trailing_newline_is_skipped_with_one_warning(
+    git_env, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``$`` matches before a final newline: such a key must not be taken for a betas file."""
+    bucket = _odd_bucket(tmp_path)
+    good = bucket_betas_keys(bucket)
+    odd = bucket / BETAS_DIR.format(s=1) / "betas_session03.nii.gz\n"
+    odd.write_bytes(b"not a betas file")
+    caplog.set_level("WARNING")
+    with Mirror(bucket) as m:
+        inputs.register_inputs(tmp_path / "ds", f"{m.url}/nsd", f"{m.url}/coco/{nsdp.COCO_ZIP_KEY}")
+    assert _registered_betas(tmp_path / "ds") == good
+    warnings = _skip_warnings(caplog)
+    assert len(warnings) == 1 and "skipped 1 listed key" in warnings[0], warnings
+    assert "\n" not in warnings[0] and "betas_session03.nii.gz\\n" in warnings[0]
+    for repo in (tmp_path / "ds", tmp_path / "ds" / nsdp.NSD_DATASET):
+        assert git(repo, "status", "--porcelain").stdout == ""
+
+
+def test_an_odd_subject_folder_does_not_stop_the_others(
+    git_env, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bucket = _odd_bucket(tmp_path)
+    good = bucket_betas_keys(bucket)
+    for folder in ("subj100", "subjXY", "subj00", "subj03"):  # subj03: no betas files at all
+        d = bucket / "nsd/nsddata_betas/ppdata" / folder / "MNI/betas_fithrf"
+        d.mkdir(parents=True)
+        (d / ("R2.nii.gz" if folder == "subj03" else "betas_session01.nii.gz")).write_bytes(b"x")
+    caplog.set_level("WARNING")
+    with Mirror(bucket) as m:
+        inputs.register_inputs(tmp_path / "ds", f"{m.url}/nsd", f"{m.url}/coco/{nsdp.COCO_ZIP_KEY}")
+    assert _registered_betas(tmp_path / "ds") == good
+    assert inventory.registered_subjects(tmp_path / "ds" / nsdp.NSD_DATASET) == [1, 2]
+    warnings = _skip_warnings(caplog)
+    assert len(warnings) == 1 and "skipped 4 listed" in warnings[0], warnings
+    assert git(tmp_path / "ds", "status", "--porcelain").stdout == ""
+
+
+#: Keys a hostile listing may hold: S3 keys are any UTF-8 text.
+HOSTILE_KEYS = (
+    "../../x",
+    "/abs/betas_session01.nii.gz",
+    "nsddata_betas/ppdata/subj01/../../../etc",
+    "nsddata_betas/ppdata/subj01/MNI/betas_fithrf/../../../../../../x/betas_session04.nii.gz",
+    "nsddata_betas/ppdata/subj01/MNI/betas_fithrf//betas_session05.nii.gz",
+    "nsddata_betas/ppdata/subj01/MNI/betas_fithrf/./betas_session06.nii.gz",
+    "nsddata_betas/ppdata/subj01/MNI/betas_fithrf/sub/betas_session07.nii.gz",
+    "nsddata_betas/ppdata/subj01/MNI/betas_fithrf/betas_session08.nii.gz/../../../../x",
+    "nsddata_betas/ppdata/../betas_session09.nii.gz",
+    "nsddata_betas/ppdata/subj01\n/MNI/betas_fithrf/betas_session10.nii.gz",
+)
+#: How many of them lie where the listing looks: under ppdata/ (as a folder) or a betas folder.
+HOSTILE_SEEN = 7
+
+
+def test_hostile_keys_never_write_outside_inputs(
+    git_env, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bucket = _odd_bucket(tmp_path)
+    good = bucket_betas_keys(bucket)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if ".git" not in p.parts)
+    caplog.set_level("WARNING")
+    with Mirror(bucket, objects={f"nsd/{k}": b"hostile" for k in HOSTILE_KEYS}) as m:
+        listed = [k for k, _ in inputs.list_bucket(f"{m.url}/nsd", "")]
+        assert set(HOSTILE_KEYS) <= set(listed)
+        inputs.register_inputs(tmp_path / "ds", f"{m.url}/nsd", f"{m.url}/coco/{nsdp.COCO_ZIP_KEY}")
+    assert _registered_betas(tmp_path / "ds") == good
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if ".git" not in p.parts)
+    new = [p for p in after if p not in before]
+    outside = [p for p in new if p.parts[:2] != ("ds", "inputs") and p != Path("ds/.gitmodules")]
+    assert new and outside == [], outside
+    assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()
+    warnings = _skip_warnings(caplog)
+    assert len(warnings) == 1 and f"skipped {HOSTILE_SEEN} listed" in warnings[0], warnings

@@ -13,9 +13,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # numpy is imported where it is used: make reads this module before the venv exists
+if (
+    TYPE_CHECKING
+):  # numpy is imported where it is used: make reads this module before the venv exists
     import numpy as np
 
 from nsdprep.core.errors import FormatError, MissingInputError, UsageError
@@ -65,10 +67,14 @@ DECODING_CROP_DIR = "derivatives/decoding_crop"
 #: original defective lookup (legacy), largest annotation inside the crop NSD showed (crop).
 LABEL_MODES = ("default", "legacy", "crop")
 
+#: A 1 mm MNI betas or valid-mask key, matched whole (``fullmatch``: a ``$`` would also accept a
+#: key that ends in a newline, which S3 allows). Digits are ASCII only.
 _BETAS_RE = re.compile(
-    r"^nsddata_betas/ppdata/subj(?P<subject>\d{2})/MNI/betas_fithrf/"
-    r"(?P<kind>betas|valid)_session(?P<session>\d{2})\.nii\.gz$"
+    r"nsddata_betas/ppdata/subj(?P<subject>[0-9]{2})/MNI/betas_fithrf/"
+    r"(?P<kind>betas|valid)_session(?P<session>[0-9]{2})\.nii\.gz"
 )
+#: A subject folder under :data:`BETAS_ROOT_KEY`, as listed with the delimiter ``/``.
+_SUBJECT_PREFIX_RE = re.compile(r"subj(?P<subject>[0-9]{2})/")
 
 
 def _check_index(name: str, value: int, high: int = 99) -> int:
@@ -100,11 +106,25 @@ def valid_key(subject: int, session: int) -> str:
 
 
 def parse_betas_key(key: str) -> tuple[str, int, int] | None:
-    """Return ``(kind, subject, session)`` for a betas/valid key, or ``None`` for other keys."""
-    m = _BETAS_RE.match(key)
-    if m is None:
+    """Return ``(kind, subject, session)`` for a betas/valid key, or ``None`` for other keys.
+
+    The whole key must match (subject and session 01..99); anything else, a key with a trailing
+    newline or a ``..`` segment included, is not a betas key.
+    """
+    m = _BETAS_RE.fullmatch(key)
+    if m is None or int(m["subject"]) == 0 or int(m["session"]) == 0:
         return None
     return m["kind"], int(m["subject"]), int(m["session"])
+
+
+def parse_subject_prefix(prefix: str) -> int | None:
+    """The subject of a listed folder ``nsddata_betas/ppdata/subjNN/`` (01..99), else ``None``."""
+    if not prefix.startswith(BETAS_ROOT_KEY):
+        return None
+    m = _SUBJECT_PREFIX_RE.fullmatch(prefix[len(BETAS_ROOT_KEY) :])
+    if m is None or int(m["subject"]) == 0:
+        return None
+    return int(m["subject"])
 
 
 def subject_label(subject: int) -> str:

@@ -57,33 +57,49 @@ def nsd_table(nsd_url: str, subjects: Iterable[int] | None = None) -> list[dict[
 
     Betas and valid masks of each subject's 1 mm MNI ``betas_fithrf`` folder (sessions as listed,
     never assumed) plus the experiment design, stimulus info and stimuli files. ``subjects`` limits the
-    subjects (1-based); ``None`` = every ``subjXX`` folder in the bucket.
+    subjects (1-based); ``None`` = every ``subjNN`` folder in the bucket.
+
+    Keys are matched whole (:func:`nsd.parse_betas_key`): a listed key or subject folder that looks
+    like NSD's but does not fit exactly (a trailing newline, ``..`` or ``//`` segments, ``subj100/``,
+    a subject folder without betas) is skipped, and one warning counts them, so one odd entry never
+    stops the others. Only keys that fit become file names, so nothing is written outside ``inputs/``.
     """
+    skipped: list[str] = []
     if subjects:
         wanted = sorted({int(s) for s in subjects})
     else:
-        wanted = sorted(
-            int(p[len(BETAS_ROOT_KEY) + 4 : -1])
-            for p in list_prefixes(nsd_url, BETAS_ROOT_KEY)
-            if p[len(BETAS_ROOT_KEY) :].startswith("subj")
-            and p[len(BETAS_ROOT_KEY) + 4 : -1].isdigit()
-        )
+        wanted = []
+        for prefix in list_prefixes(nsd_url, BETAS_ROOT_KEY):
+            subject = nsd.parse_subject_prefix(prefix)
+            if subject is None:
+                skipped.append(prefix)
+            else:
+                wanted.append(subject)
     rows: list[dict[str, str]] = []
-    for subject in wanted:
+    for subject in sorted(set(wanted)):
         prefix = nsd.subject_dir_key(subject) + "/"
         found: dict[str, set[int]] = {"betas": set(), "valid": set()}
+        subject_rows = []
         for key, size in list_bucket(nsd_url, prefix):
             parsed = nsd.parse_betas_key(key)
             if parsed is None or parsed[1] != subject:
+                if _looks_like_betas(key[len(prefix) :]):
+                    skipped.append(key)
                 continue
             found[parsed[0]].add(parsed[2])
-            rows.append({"filename": key, "url": object_url(nsd_url, key), "size": str(size)})
-        if not found["betas"]:
-            raise RemoteError(
-                f"no betas_sessionNN.nii.gz found under {object_url(nsd_url, prefix)} "
-                f"for {nsd.subject_label(subject)}; expected the 1 mm MNI betas_fithrf files. "
-                "Check --nsd-url and the subject numbers."
+            subject_rows.append(
+                {"filename": key, "url": object_url(nsd_url, key), "size": str(size)}
             )
+        if not found["betas"]:
+            if subjects:  # asked for by name: say so
+                raise RemoteError(
+                    f"no betas_sessionNN.nii.gz found under {object_url(nsd_url, prefix)} "
+                    f"for {nsd.subject_label(subject)}; expected the 1 mm MNI betas_fithrf files. "
+                    "Check --nsd-url and the subject numbers."
+                )
+            skipped.append(prefix)
+            continue
+        rows += subject_rows
         unpaired = sorted(found["betas"] ^ found["valid"])
         if unpaired:
             log.warning(
@@ -91,6 +107,15 @@ def nsd_table(nsd_url: str, subjects: Iterable[int] | None = None) -> list[dict[
                 nsd.subject_label(subject),
                 unpaired,
             )
+    if skipped:
+        shown = ", ".join(ascii(k) for k in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        log.warning(
+            "listing of %s: skipped %d listed key(s) that do not fit the NSD layout "
+            "(nsddata_betas/ppdata/subjNN/MNI/betas_fithrf/{betas,valid}_sessionNN.nii.gz): %s",
+            nsd_url,
+            len(skipped),
+            shown,
+        )
     if not rows:
         raise RemoteError(
             f"no betas found under {object_url(nsd_url, BETAS_ROOT_KEY)}: expected folders "
@@ -104,7 +129,42 @@ def nsd_table(nsd_url: str, subjects: Iterable[int] | None = None) -> list[dict[
                 "experiment file. Check --nsd-url."
             )
         rows.append({"filename": key, "url": object_url(nsd_url, key), "size": str(listed[key])})
+    for row in rows:
+        _require_safe_filename(row["filename"])
     return sorted(rows, key=lambda r: r["filename"])
+
+
+def _looks_like_betas(name: str) -> bool:
+    """True for a key (below a subject's betas folder) that NSD's layout cannot explain.
+
+    Other files of the folder (``R2.nii.gz`` and the like) are ignored silently; names that look
+    like betas or valid files without being one, and names with path tricks or control characters,
+    are reported.
+    """
+    parts = name.split("/")
+    return (
+        not name.isprintable()
+        or any(p in ("", ".", "..") for p in parts)
+        or re.search(r"(betas|valid)_session", name) is not None
+    )
+
+
+def _require_safe_filename(name: str) -> None:
+    """Refuse a file name that could leave the subdataset (absolute, ``..``, ``//``, control chars).
+
+    :func:`nsd_table` admits only names that fit NSD's layout, so this never fires; it keeps a
+    future change from writing where no input belongs (``//`` is also addurls' subdataset mark).
+    """
+    parts = name.split("/")
+    if (
+        not name
+        or not name.isprintable()
+        or "\\" in name
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise RemoteError(
+            f"refusing to register the listed key {ascii(name)}: it is not a plain relative path"
+        )
 
 
 def coco_table(coco_url: str) -> list[dict[str, str]]:
