@@ -30,7 +30,9 @@ pytestmark = pytest.mark.datalad
 MiB = 1024 * 1024
 PART = 5 * MiB
 #: betas sizes (before gzip) per subject: 12 MiB = 3 parts of 5 MiB, 6 MiB = 2; small: single-part
-BETAS_SIZES = {1: 12 * MiB, 2: 3000, 3: 6 * MiB, 4: 6 * MiB, 5: 6 * MiB, 6: 4000, 7: 6 * MiB}
+BETAS_SIZES = {
+    1: 12 * MiB, 2: 3000, 3: 6 * MiB, 4: 6 * MiB, 5: 6 * MiB, 6: 4000, 7: 6 * MiB, 8: 6 * MiB,
+}  # fmt: skip
 
 
 def betas(subject: int) -> str:
@@ -260,6 +262,41 @@ def test_prefetcher_refuses_a_tampered_session(served: Registered) -> None:
     assert isinstance(fetcher.error, RemoteError), fetcher.error
     assert f"{rel}: Verification of content failed" in str(fetcher.error)
     assert rel not in present(reg.nsd) and leftovers(reg.nsd) == []
+
+
+def test_make_inputs_pins_files_registered_before_etags_were(
+    served: Registered, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dataset registered by an older ``make inputs`` (VURL keys, no ETags): its first downloads
+    were trusted as they came. ``make inputs`` now records the listed ETags for those files too,
+    and a download that was taken from a tampered server is found out."""
+    import datalad.api as dl
+
+    from conftest import register_as_before_etags
+
+    reg, rel = served, betas(8)
+    register_as_before_etags(reg.ds, [rel])
+    assert pins.read_pins(reg.nsd).get(rel) is None
+    reg.mirror.tamper(f"nsd/{rel}")
+    dl.get(str(reg.nsd / rel), dataset=str(reg.ds), result_renderer="disabled")
+    caplog.set_level("WARNING")
+    unchecked = pins.verify_fetched(reg.ds, [reg.nsd / rel])  # nothing to check it against
+    assert unchecked.unpinned == [f"inputs/nsd/{rel}"] and unchecked.problems == []
+    assert any("no ETag recorded" in r.getMessage() for r in caplog.records)
+    key = reg.key_of(rel)
+    nsd_url, coco_url = f"{reg.mirror.url}/nsd", f"{reg.mirror.url}/coco/{nsdp.COCO_ZIP_KEY}"
+    inputs.register_inputs(reg.ds, nsd_url, coco_url, subjects=[8])
+    assert reg.key_of(rel) == key  # the registration is kept, its ETag now recorded
+    assert pins.read_pins(reg.nsd)[rel].etag == s3_etag(reg.data(rel))
+    assert git(reg.ds, "status", "--porcelain") == ""
+    with pytest.raises(RemoteError) as info:
+        pins.verify_fetched(reg.ds, [reg.nsd / rel])
+    assert f"inputs/nsd/{rel}: Verification of content failed" in _one_line(info)
+    assert rel not in present(reg.nsd) and dataset.equivalent_keys(reg.nsd, [key])[key] == []
+    reg.mirror.clear_faults()
+    inputs.get_subjects(reg.ds, [8])
+    assert (reg.nsd / rel).read_bytes() == reg.data(rel)
+    inputs.drop_subjects(reg.ds, [8])
 
 
 # -- make repair ----------------------------------------------------------------------------------
