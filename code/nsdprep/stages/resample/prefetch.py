@@ -198,7 +198,7 @@ class Prefetcher:
                     if rel in journaled:  # fetched by an interrupted run: ours to drop
                         with self._lock:
                             self._ours.add(s)
-                    pins.verify_fetched(self.nsd_ds, [src])  # present: checked once, if never
+                    pins.verify_fetched(self.nsd_ds, [src.absolute()])  # checked once, if never
                 else:
                     with self._lock:
                         self._ours.add(s)
@@ -206,7 +206,8 @@ class Prefetcher:
                     self.stats.event("fetch", s)
                     t0 = time.monotonic()
                     log.info("datalad get %s", src)
-                    pins.fetch_verified(self.nsd_ds, [src])  # a mismatch is removed and raised
+                    # a mismatch is removed and raised (absolute: ``src`` is relative to the cwd)
+                    pins.fetch_verified(self.nsd_ds, [src.absolute()])
                     self._fetched(s, src, time.monotonic() - t0)
                 self._ready.put(s)
         except BaseException as exc:  # handed to the main thread, which stops the run
