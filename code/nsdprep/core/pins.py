@@ -322,10 +322,9 @@ def verify_fetched(
     ds = Path(os.path.abspath(ds))
     result = Verification()
     for repo, rels in _by_repository(ds, paths).items():
-        pins = read_pins(repo)
         if not read_table(repo):
             continue  # not an input subdataset
-        _verify_repo(ds, repo, rels, pins, result)
+        _verify_repo(ds, repo, rels, read_pins(repo), result)
     if result.unpinned:
         log.warning(
             "%d input file(s) have no ETag recorded (registered before ETags were, or listed "
@@ -455,7 +454,6 @@ def _verify_repo(
 ) -> None:
     present, _ = dataset.annex_json(repo, "find", "--in", "here", "--", *rels)
     absent, _ = dataset.annex_json(repo, "find", "--not", "--in", "here", "--", *rels)
-    dataset.commit_annex_journal(repo)
     # present content with a VURL key and a pin: checked unless checked before
     todo = []
     for rec in present:
@@ -467,6 +465,8 @@ def _verify_repo(
             result.unpinned.append(shown)
         else:
             todo.append((rel, key))
+    if todo:
+        dataset.commit_annex_journal(repo)  # the checksum records are read from the branch
     eks = dataset.equivalent_keys(repo, [k for _, k in todo])
     meta = dataset.key_metadata(repo, [r for r, _ in todo])
     ek_changes: dict[str, tuple[list[str], list[str]]] = {}

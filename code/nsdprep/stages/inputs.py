@@ -4,8 +4,10 @@ Nothing is downloaded here: files are listed in the bucket (S3 ``ListObjectsV2``
 ``urllib``; the NSD bucket is an AWS Open Data bucket, readable without credentials) and registered with
 ``datalad addurls``, which records each file's URL and size. Each object's ETag from the listing is
 pinned (:mod:`nsdprep.core.pins`): a single-part upload's ETag is its MD5, so the file gets an MD5E key
-(``--key 'et:MD5-s{size}--{md5}'``) and git-annex verifies every download in every clone; a multipart
-upload keeps a VURL key (``--fast``) and its first download is checked against the ETag. The addurls
+(``--key '{annex_key}'``, a column holding ``et:MD5-s<size>--<md5>``: datalad migrates it to MD5E)
+and git-annex verifies every download in every clone; a multipart upload keeps a VURL key (its
+``annex_key`` is empty: ``--fast``) and its first download is checked against the ETag. One table
+serves both because addurls falls back to ``--fast`` for a row whose ``--key`` fields are all empty. The addurls
 table, with the ETags, is kept in each subdataset (``.nsdprep/addurls.csv``, in git) and the exact
 command lines are in the commit message, so the registration can be redone or audited. Content is
 fetched per subject with :func:`get_subjects` (verified) and freed again with :func:`drop_subjects`.
