@@ -125,3 +125,34 @@ def demo_built(git_env, tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("e2e")
     venv = Path(sys.executable).parent.parent
     return build_demo(work, venv, REPO_ROOT, TEST_SPEC, overlay=True, env=git_env, share=True)
+
+
+def register_as_before_etags(ds: Path, rels: list[str]) -> None:
+    """Turn files of ``ds``'s ``inputs/nsd`` into what ``make inputs`` registered before it recorded
+    ETags: a VURL key (URL and size only) and no ETag in the table, committed in the subdataset and
+    the superdataset. For tests of datasets registered that way (a damaged first download gets
+    recorded, and ``make repair`` is the way out)."""
+    import csv
+
+    nsd = ds / "inputs/nsd"
+    table = nsd / ".nsdprep/addurls.csv"
+    with table.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        if row["filename"] not in rels:
+            continue
+        rel, url = row["filename"], row["url"]
+        vurl = f"VURL-s{row['size']}--{url}"
+        git_out(nsd, "rm", "-q", "--cached", "--", rel)
+        (nsd / rel).unlink()
+        git_out(nsd, "annex", "fromkey", "--force", vurl, rel)
+        git_out(nsd, "annex", "registerurl", vurl, url)
+        row["etag"] = row["annex_key"] = ""
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    git_out(nsd, "add", "--", ".nsdprep/addurls.csv", *rels)
+    git_out(nsd, "commit", "-q", "-m", "as registered before ETags were recorded")
+    git_out(ds, "add", "inputs/nsd")
+    git_out(ds, "commit", "-q", "-m", "inputs/nsd as registered before ETags were recorded")

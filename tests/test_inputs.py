@@ -8,6 +8,7 @@ synthetic tree served by the ``mirror`` fixture.
 from __future__ import annotations
 
 import csv
+import hashlib
 import random
 import subprocess
 from pathlib import Path
@@ -146,8 +147,10 @@ def test_register_matches_bucket_without_download(setup: Setup) -> None:
     assert stimuli.is_symlink() and not stimuli.exists()
     whereis = git(nsd, "annex", "whereis", nsdp.STIMULI_KEY).stdout
     assert f"{setup.nsd_url}/{nsdp.STIMULI_KEY}" in whereis
+    # a single-part ETag is the MD5: the file is registered with its MD5E key from the start
     key = git(nsd, "annex", "lookupkey", nsdp.STIMULI_KEY).stdout.strip()
-    assert key.startswith("VURL-s900--")
+    stimuli_md5 = hashlib.md5((setup.bucket / "nsd" / nsdp.STIMULI_KEY).read_bytes()).hexdigest()
+    assert key == f"MD5E-s900--{stimuli_md5}.hdf5"
     coco_whereis = git(coco, "annex", "whereis", nsdp.COCO_ZIP_NAME).stdout
     assert setup.coco_url in coco_whereis
 
@@ -159,15 +162,21 @@ def test_register_matches_bucket_without_download(setup: Setup) -> None:
         rows = list(csv.DictReader(f))
     assert [r["filename"] for r in rows] == sorted(registered + list(inputs.NSD_EXTRA_KEYS))
     for r in rows:
+        data = (setup.bucket / "nsd" / r["filename"]).read_bytes()
         assert r["url"] == f"{setup.nsd_url}/{r['filename']}"
-        assert int(r["size"]) == (setup.bucket / "nsd" / r["filename"]).stat().st_size
+        assert int(r["size"]) == len(data)
+        assert r["etag"] == hashlib.md5(data).hexdigest()  # the listing's ETag, pinned
+        assert r["annex_key"] == f"et:MD5-s{len(data)}--{r['etag']}"
 
     # How it was built is in the history; the superdataset is clean and records both subdatasets.
     message = git(nsd, "log", "-1", "--format=%B").stdout
     assert f"python -m nsdprep inputs --nsd-url {setup.nsd_url} --coco-url {setup.coco_url}" in (
         message
     )
-    assert "datalad addurls --fast --ifexists skip -d inputs/nsd" in message
+    assert (
+        "datalad addurls --fast --ifexists skip --key '{annex_key}' --exclude-autometa annex_key "
+        "-d inputs/nsd inputs/nsd/.nsdprep/addurls.csv '{url}' '{filename}'" in message
+    )
     assert git(setup.ds, "status", "--porcelain").stdout == ""
     subs = git(setup.ds, "config", "-f", ".gitmodules", "--get-regexp", "path").stdout
     assert nsdp.NSD_DATASET in subs and nsdp.COCO_DATASET in subs
@@ -223,7 +232,7 @@ def test_unregistered_subject_is_named(setup: Setup) -> None:
 
 
 def test_changed_source_after_first_get_fails_and_keeps_nothing(setup: Setup) -> None:
-    """A VURL key records the checksum at the first get; later downloads must match it."""
+    """The MD5 key pinned at registration: later downloads must match it."""
     key = "nsddata_betas/ppdata/subj01/MNI/betas_fithrf/betas_session01.nii.gz"
     inputs.get_subjects(setup.ds, [1])
     inputs.drop_subjects(setup.ds, [1])
@@ -235,10 +244,14 @@ def test_changed_source_after_first_get_fails_and_keeps_nothing(setup: Setup) ->
     try:
         fsck = git(setup.nsd, "annex", "fsck", "--from", "web", key, check=False)
         assert fsck.returncode != 0
-        with pytest.raises(RemoteError, match="Verification of content failed"):
+        with pytest.raises(RemoteError, match="Verification of content failed") as info:
             inputs.get_subjects(setup.ds, [1])
+        assert str(info.value).count("\n") == 0, str(info.value)
+        assert f"expected MD5 {hashlib.md5(original).hexdigest()}" in str(info.value)
+        assert f"got MD5 {hashlib.md5(bytes(tampered)).hexdigest()}" in str(info.value)
         assert key not in present(setup.nsd)
         assert not (setup.nsd / key).exists()
+        assert list((setup.nsd / ".git/annex/tmp").glob("*")) == []  # nothing kept
         # The rest of the subject arrived and verifies.
         assert "nsddata_betas/ppdata/subj01/MNI/betas_fithrf/betas_session02.nii.gz" in present(
             setup.nsd
@@ -252,12 +265,8 @@ def test_changed_source_after_first_get_fails_and_keeps_nothing(setup: Setup) ->
 
 
 def test_changed_on_server_before_first_get(setup: Setup) -> None:
-    """A never-fetched VURL key has no checksum yet, only a size.
-
-    A size change on the server is caught before anything is downloaded (git-annex would otherwise
-    record the wrong content's checksum for the key). Same size, other bytes cannot be told apart
-    (known limit) and from then on that content's checksum is the recorded one.
-    """
+    """A size change on the server is caught before anything is downloaded; same size, other
+    bytes are refused by the MD5 key pinned from the listing (before, a VURL key took them)."""
     rng = random.Random(9)
     d = setup.bucket / BETAS_DIR.format(s=3)  # a subject that appears later, used only here
     _write(d / "betas_session01.nii.gz", 2044, rng)
@@ -276,19 +285,17 @@ def test_changed_on_server_before_first_get(setup: Setup) -> None:
             inputs.get_subjects(setup.ds, [3])
         assert not [k for k in present(setup.nsd) if "/subj03/" in k]
         (setup.bucket / "nsd" / bigger).write_bytes(originals[bigger])
-        inputs.get_subjects(setup.ds, [3])
-        # Same size, other bytes: accepted, and fsck agrees (the checksum was recorded from it).
+        with pytest.raises(RemoteError, match=rf"{same}: Verification of content failed"):
+            inputs.get_subjects(setup.ds, [3])
+        assert same not in present(setup.nsd)
         assert (setup.nsd / bigger).read_bytes() == originals[bigger]
-        assert (setup.nsd / same).read_bytes() == originals[same][::-1]
-        assert git(setup.nsd, "annex", "fsck", same, check=False).returncode == 0
     finally:
         for k, data in originals.items():
             (setup.bucket / "nsd" / k).write_bytes(data)
-    inputs.drop_subjects(setup.ds, [3])
-    # The real file now fails verification against the checksum recorded from the wrong one.
-    with pytest.raises(RemoteError, match="Verification of content failed"):
-        inputs.get_subjects(setup.ds, [3])
-    assert same not in present(setup.nsd)
+    # nothing was recorded from the wrong bytes: the real file is accepted
+    inputs.get_subjects(setup.ds, [3])
+    assert (setup.nsd / same).read_bytes() == originals[same]
+    assert git(setup.nsd, "annex", "fsck", same, check=False).returncode == 0
     inputs.drop_subjects(setup.ds, [3])
 
 
@@ -424,3 +431,89 @@ def test_subdataset_killed_inside_git_init_is_created_again(
     assert dataset.is_own_repository(coco)
     assert (coco / nsdp.COCO_ZIP_KEY.rsplit("/", 1)[-1]).is_symlink()
     assert (ds / "notes.txt").read_text() == "the user's own file, not to be cleaned away\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# odd keys in the listing
+
+
+def _odd_bucket(root: Path) -> Path:
+    """The tiny bucket (subj01: 2 sessions, subj02: 3) plus ``root/ds``, a new dataset."""
+    build_bucket(root / "bucket")
+    new_dataset(root / "ds")
+    return root / "bucket"
+
+
+def _registered_betas(ds: Path) -> list[str]:
+    return inventory.registered_keys(ds / nsdp.NSD_DATASET)
+
+
+def _skip_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "do not fit" in r.getMessage()]
+
+
+def test_key_with_a_trailing_newline_is_skipped_with_one_warning(
+    git_env, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``$`` matches before a final newline: such a key must not be taken for a betas file."""
+    bucket = _odd_bucket(tmp_path)
+    good = bucket_betas_keys(bucket)
+    odd = bucket / BETAS_DIR.format(s=1) / "betas_session03.nii.gz\n"
+    odd.write_bytes(b"not a betas file")
+    caplog.set_level("WARNING")
+    with Mirror(bucket) as m:
+        inputs.register_inputs(tmp_path / "ds", f"{m.url}/nsd", f"{m.url}/coco/{nsdp.COCO_ZIP_KEY}")
+    assert _registered_betas(tmp_path / "ds") == good
+    warnings = _skip_warnings(caplog)
+    assert len(warnings) == 1 and "skipped 1 listed key" in warnings[0], warnings
+    assert "\n" not in warnings[0] and "betas_session03.nii.gz\\n" in warnings[0]
+    for repo in (tmp_path / "ds", tmp_path / "ds" / nsdp.NSD_DATASET):
+        assert git(repo, "status", "--porcelain").stdout == ""
+
+
+#: Keys a hostile listing may hold: S3 keys are any UTF-8 text.
+HOSTILE_KEYS = (
+    "../../x",
+    "/abs/betas_session01.nii.gz",
+    "nsddata_betas/ppdata/subj01/../../../etc",
+    "nsddata_betas/ppdata/subj01/MNI/betas_fithrf/../../../../../../x/betas_session04.nii.gz",
+    "nsddata_betas/ppdata/subj01/MNI/betas_fithrf//betas_session05.nii.gz",
+    "nsddata_betas/ppdata/subj01/MNI/betas_fithrf/./betas_session06.nii.gz",
+    "nsddata_betas/ppdata/subj01/MNI/betas_fithrf/sub/betas_session07.nii.gz",
+    "nsddata_betas/ppdata/subj01/MNI/betas_fithrf/betas_session08.nii.gz/../../../../x",
+    "nsddata_betas/ppdata/../betas_session09.nii.gz",
+    "nsddata_betas/ppdata/subj01\n/MNI/betas_fithrf/betas_session10.nii.gz",
+)
+#: How many of them lie where the listing looks: under ppdata/ (as a folder) or a betas folder.
+HOSTILE_SEEN = 7
+
+
+def test_odd_subjects_and_hostile_keys_never_stop_the_others_nor_leave_inputs(
+    git_env, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``subj100/``, ``subj00/``, a folder without betas, and keys a hostile listing may hold:
+    skipped with one warning that counts them; the real subjects are registered; nothing is
+    written outside ``inputs/``."""
+    bucket = _odd_bucket(tmp_path)
+    good = bucket_betas_keys(bucket)
+    for folder in ("subj100", "subjXY", "subj00", "subj03"):  # subj03: no betas files at all
+        d = bucket / "nsd/nsddata_betas/ppdata" / folder / "MNI/betas_fithrf"
+        d.mkdir(parents=True)
+        (d / ("R2.nii.gz" if folder == "subj03" else "betas_session01.nii.gz")).write_bytes(b"x")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if ".git" not in p.parts)
+    caplog.set_level("WARNING")
+    with Mirror(bucket, objects={f"nsd/{k}": b"hostile" for k in HOSTILE_KEYS}) as m:
+        listed = [k for k, _ in inputs.list_bucket(f"{m.url}/nsd", "")]
+        assert set(HOSTILE_KEYS) <= set(listed)
+        inputs.register_inputs(tmp_path / "ds", f"{m.url}/nsd", f"{m.url}/coco/{nsdp.COCO_ZIP_KEY}")
+    assert _registered_betas(tmp_path / "ds") == good
+    assert inventory.registered_subjects(tmp_path / "ds" / nsdp.NSD_DATASET) == [1, 2]
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if ".git" not in p.parts)
+    new = [p for p in after if p not in before]
+    outside = [p for p in new if p.parts[:2] != ("ds", "inputs") and p != Path("ds/.gitmodules")]
+    assert new and outside == [], outside
+    assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()
+    warnings = _skip_warnings(caplog)
+    assert len(warnings) == 1 and f"skipped {4 + HOSTILE_SEEN} listed" in warnings[0], warnings
+    assert "\n" not in warnings[0]
+    assert git(tmp_path / "ds", "status", "--porcelain").stdout == ""

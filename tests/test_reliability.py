@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, git_out
+from conftest import REPO_ROOT, git_out, register_as_before_etags
 from nsdprep.core.nsd import Layout
 from nsdprep.testing.demo import DemoSpec, build_demo, clone_dataset
 from nsdprep.testing.serve import Mirror
@@ -216,8 +216,10 @@ def _make_3mm_from_damaged_server(
 
 
 def test_corrupted_betas_fail_naming_the_file(clone: Path, served: Mirror, env) -> None:
-    """Same-size damage on the server is accepted by the first download (a VURL key knows only the
-    size); reading the gzip stream must then fail with the file named and nothing recorded."""
+    """A file registered before ETags were recorded (a VURL key knows only the size): same-size
+    damage on the server is accepted by the first download; reading the gzip stream must then fail
+    with the file named and nothing recorded."""
+    register_as_before_etags(clone, [_key(2, 1)])
     head = _head(clone)
     rc, text, damaged = _make_3mm_from_damaged_server(clone, served, env)
     assert rc != 0
@@ -235,8 +237,11 @@ def test_corrupted_betas_recover_after_drop(clone: Path, served: Mirror, env) ->
     (A plain drop + get, the old advice, fails verification against that checksum: see
     ``test_faults.py::test_repair_of_a_poisoned_key_whose_content_is_absent``.) `make repair` finds
     the damaged copy, drops it, fetches a fresh one without the recorded checksum, checks it (gzip
-    stream and CRC, the server's MD5 ETag) and re-keys the file to MD5E of the good copy.
+    stream and CRC; the file has no recorded ETag, and the server's word is not taken) and re-keys
+    the file to MD5E of the good copy. The file is one registered before ETags were recorded: since
+    then a single-part file has its MD5 key from the start and this cannot happen.
     """
+    register_as_before_etags(clone, [_key(2, 1)])
     betas = BETAS.format(s=2, n=1)
     rc, text, damaged = _make_3mm_from_damaged_server(clone, served, env)
     assert rc != 0

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.parse
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -265,3 +266,72 @@ def test_cli_prints_urls_and_stops_on_ctrl_c(tree: Path) -> None:
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=20)
     assert rc == 0, proc.stderr.read()
+
+
+def _s3_multipart_etag(data: bytes, part: int) -> str:
+    """S3's multipart ETag, computed here independently of the mirror."""
+    digests = [hashlib.md5(data[i : i + part]).digest() for i in range(0, len(data), part)]
+    return f'"{hashlib.md5(b"".join(digests)).hexdigest()}-{len(digests)}"'
+
+
+def _listed_etags(m: Mirror, bucket: str, prefix: str) -> dict[str, str]:
+    """``{key: ETag}`` of one listing page (the trees here hold fewer than 1000 keys)."""
+    q = urllib.parse.urlencode({"list-type": "2", "prefix": prefix})
+    resp, body = request(m, "GET", f"/{bucket}/?{q}")
+    assert resp.status == 200
+    page = ET.fromstring(body)
+    assert page.findtext("s3:IsTruncated", namespaces=NS) == "false"
+    return {
+        c.findtext("s3:Key", namespaces=NS): c.findtext("s3:ETag", namespaces=NS)
+        for c in page.findall("s3:Contents", NS)
+    }
+
+
+def test_multipart_etags_above_the_threshold(tree: Path) -> None:
+    small, big = (tree / "bkt/x/b.txt").read_bytes(), (tree / "bkt/z/only").read_bytes()
+    assert len(small) < 300 < len(big)
+    with Mirror(tree, multipart_threshold=300, part_size=64) as m:
+        listed = _listed_etags(m, "bkt", "")
+        assert listed["x/b.txt"] == f'"{hashlib.md5(small).hexdigest()}"'
+        assert listed["z/only"] == _s3_multipart_etag(big, 64)
+        assert listed["z/only"].endswith(f'-{-(-len(big) // 64)}"')
+        assert request(m, "HEAD", "/bkt/z/only")[0].headers["ETag"] == listed["z/only"]
+    # An object exactly at the threshold is still one part; the default threshold is 8 MiB.
+    with Mirror(tree, multipart_threshold=len(big), part_size=64) as m:
+        assert _listed_etags(m, "bkt", "z/")["z/only"] == f'"{hashlib.md5(big).hexdigest()}"'
+    with Mirror(tree) as m:
+        assert (m.multipart_threshold, m.part_size) == (8 * 1024 * 1024, 8 * 1024 * 1024)
+
+
+@pytest.mark.parametrize("threshold", [10_000, 100])  # single-part, multipart
+def test_tamper_serves_other_bytes_of_the_same_size(tree: Path, threshold: int) -> None:
+    true = (tree / "bkt/z/only").read_bytes()
+    with Mirror(tree, multipart_threshold=threshold, part_size=64) as m:
+        honest = _listed_etags(m, "bkt", "z/")["z/only"]
+        m.tamper("bkt/z/*")
+        resp, body = request(m, "GET", "/bkt/z/only")
+        assert resp.status == 200 and len(body) == len(true) and body != true
+        assert sum(a != b for a, b in zip(body, true, strict=True)) == 64
+        # the listing keeps the true ETag; the object's own headers lie consistently
+        assert _listed_etags(m, "bkt", "z/")["z/only"] == honest
+        expected = (
+            f'"{hashlib.md5(body).hexdigest()}"' if len(true) <= threshold
+            else _s3_multipart_etag(body, 64)
+        )  # fmt: skip
+        assert resp.headers["ETag"] == expected != honest
+        # a resumed download gets the same altered bytes
+        resp, part = request(m, "GET", "/bkt/z/only", {"Range": "bytes=200-"})
+        assert resp.status == 206 and part == body[200:]
+        assert request(m, "GET", "/bkt/y.bin")[1] == (tree / "bkt/y.bin").read_bytes()
+        m.clear_faults()
+        assert request(m, "GET", "/bkt/z/only")[1] == true
+
+
+def test_in_memory_objects_are_listed_verbatim(tree: Path) -> None:
+    odd = {"bkt/x/../../up": b"1", "bkt/x/line\n": b"22", "bkt//lead": b"333"}
+    with Mirror(tree, objects=odd) as m:
+        listed = _listed_etags(m, "bkt", "")
+        for k, data in odd.items():
+            assert listed[k.partition("/")[2]] == f'"{hashlib.md5(data).hexdigest()}"'
+        resp, body = request(m, "GET", "/bkt/" + urllib.parse.quote("x/line\n"))
+        assert resp.status == 200 and body == b"22"

@@ -12,7 +12,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 from nsdprep.core import nsd
 from nsdprep.core.errors import RemoteError
@@ -25,6 +26,20 @@ NSD_403_HINT = (
     f"is {nsd.NSD_BASE_URL}). Accepting the NSD terms (http://naturalscenesdataset.org/) is a legal "
     "condition of using the data, not an S3 permission."
 )
+
+
+class ListedObject(NamedTuple):
+    """One object of a listing: its key, size in bytes and ETag (quotes removed; "" if none)."""
+
+    key: str
+    size: int
+    etag: str
+
+
+def list_objects(base_url: str, prefix: str, *, max_keys: int | None = None) -> list[ListedObject]:
+    """Like :func:`list_bucket`, with each object's ETag (S3: the MD5 of a single-part upload)."""
+    objects, _ = _list(base_url, prefix, delimiter=None, max_keys=max_keys)
+    return objects
 
 
 def list_bucket(
@@ -47,8 +62,8 @@ def list_bucket(
     list of (str, int)
         Keys in the server's order (S3: by UTF-8 bytes) with their sizes in bytes.
     """
-    keys, _ = _list(base_url, prefix, delimiter=None, max_keys=max_keys)
-    return keys
+    objects, _ = _list(base_url, prefix, delimiter=None, max_keys=max_keys)
+    return [(o.key, o.size) for o in objects]
 
 
 def list_prefixes(base_url: str, prefix: str, delimiter: str = "/") -> list[str]:
@@ -64,17 +79,40 @@ def object_url(base_url: str, key: str) -> str:
 
 def remote_size(url: str, *, hint: str = "") -> int:
     """``HEAD`` ``url`` and return its ``Content-Length`` (clear :class:`RemoteError` otherwise)."""
+    return remote_head(url, hint=hint)[0]
+
+
+def remote_head(url: str, *, hint: str = "") -> tuple[int, str]:
+    """``HEAD`` ``url``: its ``Content-Length`` and ``ETag`` (quotes removed; "" if none)."""
     with _open(url, method="HEAD", hint=hint) as resp:
         length = resp.headers.get("Content-Length")
+        etag = resp.headers.get("ETag") or ""
     if length is None or not length.isdigit():
         raise RemoteError(f"{url}: the server sent no Content-Length; expected a downloadable file")
-    return int(length)
+    return int(length), _unquote_etag(etag)
+
+
+def read_url(url: str, *, hint: str = "", block: int = 8 << 20) -> Iterator[bytes]:
+    """The body of ``url`` in blocks (``GET``; failures as :class:`RemoteError`)."""
+    with _open(url, hint=hint) as resp:
+        while chunk := resp.read(block):
+            yield chunk
+
+
+def _unquote_etag(text: str) -> str:
+    """An ETag without its quotes (``"abc"`` -> ``abc``); a weak one (``W/...``) keeps its mark."""
+    text = text.strip()
+    weak = text.startswith("W/")
+    text = text.removeprefix("W/").strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1]
+    return ("W/" if weak else "") + text
 
 
 def _list(
     base_url: str, prefix: str, delimiter: str | None, max_keys: int | None
-) -> tuple[list[tuple[str, int]], list[str]]:
-    keys: list[tuple[str, int]] = []
+) -> tuple[list[ListedObject], list[str]]:
+    keys: list[ListedObject] = []
     prefixes: list[str] = []
     token: str | None = None
     seen_tokens: set[str] = set()
@@ -113,9 +151,7 @@ def _child_text(elem: ET.Element, name: str) -> str | None:
     return None
 
 
-def _parse_listing(
-    body: bytes, url: str
-) -> tuple[list[tuple[str, int]], list[str], bool, str | None]:
+def _parse_listing(body: bytes, url: str) -> tuple[list[ListedObject], list[str], bool, str | None]:
     try:
         root = ET.fromstring(body)
     except ET.ParseError as exc:
@@ -135,7 +171,8 @@ def _parse_listing(
             key, size = _child_text(child, "Key"), _child_text(child, "Size")
             if key is None or size is None or not size.isdigit():
                 raise RemoteError(f"{url}: <Contents> without Key/Size in the listing")
-            keys.append((key, int(size)))
+            etag = _unquote_etag(_child_text(child, "ETag") or "")
+            keys.append(ListedObject(key, int(size), etag))
         elif name == "CommonPrefixes":
             p = _child_text(child, "Prefix")
             if p:

@@ -75,10 +75,14 @@ _ROI_RE = re.compile(r"^nsddata/ppdata/subj(?P<subject>\d{2})/MNI/roi/(?P<atlas>
 #: An ROI (atlas) name as the bucket spells it: ``nsdgeneral``, ``prf-visualrois``, ``lh.floc-faces``.
 ROI_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
+#: A 1 mm MNI betas or valid-mask key, matched whole (``fullmatch``: a ``$`` would also accept a
+#: key that ends in a newline, which S3 allows). Digits are ASCII only.
 _BETAS_RE = re.compile(
-    r"^nsddata_betas/ppdata/subj(?P<subject>\d{2})/MNI/betas_fithrf/"
-    r"(?P<kind>betas|valid)_session(?P<session>\d{2})\.nii\.gz$"
+    r"nsddata_betas/ppdata/subj(?P<subject>[0-9]{2})/MNI/betas_fithrf/"
+    r"(?P<kind>betas|valid)_session(?P<session>[0-9]{2})\.nii\.gz"
 )
+#: A subject folder under :data:`BETAS_ROOT_KEY`, as listed with the delimiter ``/``.
+_SUBJECT_PREFIX_RE = re.compile(r"subj(?P<subject>[0-9]{2})/")
 
 
 def _check_index(name: str, value: int, high: int = 99) -> int:
@@ -110,9 +114,13 @@ def valid_key(subject: int, session: int) -> str:
 
 
 def parse_betas_key(key: str) -> tuple[str, int, int] | None:
-    """Return ``(kind, subject, session)`` for a betas/valid key, or ``None`` for other keys."""
-    m = _BETAS_RE.match(key)
-    if m is None:
+    """Return ``(kind, subject, session)`` for a betas/valid key, or ``None`` for other keys.
+
+    The whole key must match (subject and session 01..99); anything else, a key with a trailing
+    newline or a ``..`` segment included, is not a betas key.
+    """
+    m = _BETAS_RE.fullmatch(key)
+    if m is None or int(m["subject"]) == 0 or int(m["session"]) == 0:
         return None
     return m["kind"], int(m["subject"]), int(m["session"])
 
@@ -149,6 +157,16 @@ def late_sessions(subject: int) -> tuple[int, ...]:
         return ()
     n = NSD_SESSIONS[subject - 1]
     return tuple(range(n - LATE_RELEASED + 1, n + 1))
+
+
+def parse_subject_prefix(prefix: str) -> int | None:
+    """The subject of a listed folder ``nsddata_betas/ppdata/subjNN/`` (01..99), else ``None``."""
+    if not prefix.startswith(BETAS_ROOT_KEY):
+        return None
+    m = _SUBJECT_PREFIX_RE.fullmatch(prefix[len(BETAS_ROOT_KEY) :])
+    if m is None or int(m["subject"]) == 0:
+        return None
+    return int(m["subject"])
 
 
 def subject_label(subject: int) -> str:

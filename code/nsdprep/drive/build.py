@@ -11,12 +11,16 @@ stage's ``datalad run`` steps (:mod:`nsdprep.drive.steps`) here, or as SLURM job
 from __future__ import annotations
 
 import argparse
+import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from nsdprep import options, pipeline
-from nsdprep.core import dataset, inventory, nsd, signals
+from nsdprep.core import dataset, inventory, nsd, pins, signals
+from nsdprep.core.bucket import NSD_403_HINT
 from nsdprep.core.errors import DatasetStateError, NsdPrepError, UsageError
+from nsdprep.drive import steps
 from nsdprep.drive.steps import run_plan, steps_for
 from nsdprep.options import Options
 
@@ -50,6 +54,10 @@ def run_target(target: str, ds: Path, opts: Options, command: str = "") -> int:
         if target == "rerun":
             commit = check_rerun_rev(ds, opts.rev)
             dataset.clear_stale_index_lock(ds)
+            # datalad rerun fetches the recorded inputs itself: fetch and check them first
+            recorded = steps.expand(ds, recorded_inputs(ds, commit))
+            if recorded:
+                pins.fetch_verified(ds, recorded, hint_403=NSD_403_HINT)
             if not dataset.rerun(ds, commit):
                 raise NsdPrepError(f"`datalad rerun {opts.rev}` failed (see the messages above)")
             return 0
@@ -119,6 +127,28 @@ def ensure_inputs(ds: Path, needed: Sequence[str]) -> None:
                 "(it lists the NSD bucket and registers every file by URL, without downloading)."
             )
         inputs.ensure_subdataset(ds, rel)
+
+
+def recorded_inputs(ds: Path, rev: str) -> list[str]:
+    """The inputs the ``datalad run`` record(s) of ``rev`` (a commit or a range) declare."""
+    commits = dataset.git(ds, "rev-list", rev).split() if ".." in rev else [rev]
+    found: list[str] = []
+    for commit in commits:
+        body = dataset.git(ds, "log", "-1", "--format=%B", commit)
+        m = _RECORD_RE.search(body)
+        if m is None:
+            continue
+        try:
+            found += [str(p) for p in json.loads(m.group(1)).get("inputs", [])]
+        except (ValueError, AttributeError):
+            continue  # not a record we can read: datalad rerun will say so
+    return list(dict.fromkeys(found))
+
+
+#: The JSON of a ``datalad run`` record inside its commit message.
+_RECORD_RE = re.compile(
+    r"=== Do not change lines below ===\n(.*?)\n\^\^\^ Do not change lines above", re.S
+)
 
 
 def check_rerun_rev(ds: Path, rev: str) -> str:

@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Literal
 
 from nsdprep import pipeline
-from nsdprep.core import dataset, nsd, signals
+from nsdprep.core import dataset, nsd, pins, signals
 from nsdprep.core._io import require_free_space
+from nsdprep.core.bucket import NSD_403_HINT
 from nsdprep.core.errors import DatasetStateError, NsdPrepError
 from nsdprep.options import Options
 from nsdprep.pipeline import TAG, Step
@@ -171,9 +172,15 @@ def expand(ds: Path, patterns: Sequence[str]) -> list[Path]:
 
 
 def fetch_inputs(ds: Path, step: Step) -> None:
-    """Fetch the content of the step's declared inputs (what ``datalad run -i`` would fetch)."""
+    """Fetch the content of the step's declared inputs (what ``datalad run -i`` would fetch).
+
+    Files of the input subdatasets are checked against the checksums recorded when they were
+    registered (:func:`nsdprep.core.pins.fetch_verified`); derivatives come from the dataset's own
+    siblings, where git-annex checks them against their keys.
+    """
     paths = expand(ds, step.input_paths)
     if paths:
+        pins.fetch_verified(ds, paths, hint_403=NSD_403_HINT)
         dataset.get(ds, paths)
 
 

@@ -2,11 +2,15 @@
 
 Nothing is downloaded here: files are listed in the bucket (S3 ``ListObjectsV2`` over plain https with
 ``urllib``; the NSD bucket is an AWS Open Data bucket, readable without credentials) and registered with
-``datalad addurls --fast``, which records each file's URL and size (git-annex VURL keys; the checksum is
-recorded at the first ``datalad get`` and verified by ``git annex fsck`` from then on). The addurls table is
-kept in each subdataset (``.nsdprep/addurls.csv``, in git) and the exact command lines are in the commit
-message, so the registration can be redone or audited. Content is fetched per subject with
-:func:`get_subjects` and freed again with :func:`drop_subjects`.
+``datalad addurls``, which records each file's URL and size. Each object's ETag from the listing is
+pinned (:mod:`nsdprep.core.pins`): a single-part upload's ETag is its MD5, so the file gets an MD5E key
+(``--key '{annex_key}'``, a column holding ``et:MD5-s<size>--<md5>``: datalad migrates it to MD5E)
+and git-annex verifies every download in every clone; a multipart upload keeps a VURL key (its
+``annex_key`` is empty: ``--fast``) and its first download is checked against the ETag. One table
+serves both because addurls falls back to ``--fast`` for a row whose ``--key`` fields are all empty. The addurls
+table, with the ETags, is kept in each subdataset (``.nsdprep/addurls.csv``, in git) and the exact
+command lines are in the commit message, so the registration can be redone or audited. Content is
+fetched per subject with :func:`get_subjects` (verified) and freed again with :func:`drop_subjects`.
 
 Transfers: each input subdataset gets git-annex's retry and stall-detection settings
 (:data:`nsdprep.core.dataset.TRANSFER_SETTINGS`), so a reset or hung connection is retried and resumed.
@@ -33,16 +37,26 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from nsdprep import options
-from nsdprep.core import dataset, inventory, nsd, provenance
+from nsdprep.core import dataset, inventory, nsd, pins, provenance
 from nsdprep.core._io import atomic_path
-from nsdprep.core.bucket import NSD_403_HINT, list_bucket, list_prefixes, object_url, remote_size
+from nsdprep.core.bucket import (
+    NSD_403_HINT,
+    list_bucket,  # noqa: F401 (re-exported: inputs.list_bucket)
+    list_objects,
+    list_prefixes,
+    object_url,
+    remote_head,
+    remote_size,
+)
 from nsdprep.core.errors import DatasetStateError, RemoteError
 from nsdprep.core.provenance import command_line
 
 log = logging.getLogger(__name__)
 
-TABLE_PATH = nsd.ADDURLS_TABLE
-TABLE_COLUMNS = ("filename", "url", "size")
+TABLE_PATH = pins.TABLE_PATH
+TABLE_COLUMNS = pins.TABLE_COLUMNS
+#: The addurls ``--key`` format: the table's ``annex_key`` column (empty: a VURL key, ``--fast``).
+KEY_FORMAT = "{annex_key}"
 BETAS_ROOT_KEY = nsd.BETAS_ROOT_KEY
 #: NSD files registered besides the betas (never fetched by default; the stimuli are ~37 GB).
 NSD_EXTRA_KEYS = (nsd.EXPDESIGN_KEY, nsd.STIM_INFO_KEY, nsd.STIM_INFO_CSV_KEY, nsd.STIMULI_KEY)
@@ -54,38 +68,52 @@ _KEY_SIZE_RE = re.compile(r"^[A-Z0-9]+-s(?P<size>\d+)--")
 
 # -- what to register -----------------------------------------------------------------------------
 def nsd_table(nsd_url: str, subjects: Iterable[int] | None = None) -> list[dict[str, str]]:
-    """Rows ``filename, url, size`` for every NSD file to register, found by listing the bucket.
+    """Rows of :data:`TABLE_COLUMNS` for every NSD file to register, found by listing the bucket.
 
     Betas and valid masks of each subject's 1 mm MNI ``betas_fithrf`` folder (sessions as listed,
     never assumed), its MNI ROI volumes (:func:`roi_rows`), plus the experiment design, stimulus
-    info and stimuli files. ``subjects`` limits the
-    subjects (1-based); ``None`` = every ``subjXX`` folder in the bucket.
+    info and stimuli files. ``subjects`` limits the subjects (1-based); ``None`` = every ``subjNN``
+    folder in the bucket.
+
+    Keys are matched whole (:func:`nsd.parse_betas_key`): a listed key or subject folder that looks
+    like NSD's but does not fit exactly (a trailing newline, ``..`` or ``//`` segments, ``subj100/``,
+    a subject folder without betas) is skipped, and one warning counts them, so one odd entry never
+    stops the others. Only keys that fit become file names, so nothing is written outside ``inputs/``.
     """
+    skipped: list[str] = []
     if subjects:
         wanted = sorted({int(s) for s in subjects})
     else:
-        wanted = sorted(
-            int(p[len(BETAS_ROOT_KEY) + 4 : -1])
-            for p in list_prefixes(nsd_url, BETAS_ROOT_KEY)
-            if p[len(BETAS_ROOT_KEY) :].startswith("subj")
-            and p[len(BETAS_ROOT_KEY) + 4 : -1].isdigit()
-        )
+        wanted = []
+        for prefix in list_prefixes(nsd_url, BETAS_ROOT_KEY):
+            subject = nsd.parse_subject_prefix(prefix)
+            if subject is None:
+                skipped.append(prefix)
+            else:
+                wanted.append(subject)
     rows: list[dict[str, str]] = []
-    for subject in wanted:
+    for subject in sorted(set(wanted)):
         prefix = nsd.subject_dir_key(subject) + "/"
         found: dict[str, set[int]] = {"betas": set(), "valid": set()}
-        for key, size in list_bucket(nsd_url, prefix):
+        subject_rows = []
+        for key, size, etag in list_objects(nsd_url, prefix):
             parsed = nsd.parse_betas_key(key)
             if parsed is None or parsed[1] != subject:
+                if _looks_like_betas(key[len(prefix) :]):
+                    skipped.append(key)
                 continue
             found[parsed[0]].add(parsed[2])
-            rows.append({"filename": key, "url": object_url(nsd_url, key), "size": str(size)})
+            subject_rows.append(table_row(key, object_url(nsd_url, key), size, etag))
         if not found["betas"]:
-            raise RemoteError(
-                f"no betas_sessionNN.nii.gz found under {object_url(nsd_url, prefix)} "
-                f"for {nsd.subject_label(subject)}; expected the 1 mm MNI betas_fithrf files. "
-                "Check --nsd-url and the subject numbers."
-            )
+            if subjects:  # asked for by name: say so
+                raise RemoteError(
+                    f"no betas_sessionNN.nii.gz found under {object_url(nsd_url, prefix)} "
+                    f"for {nsd.subject_label(subject)}; expected the 1 mm MNI betas_fithrf files. "
+                    "Check --nsd-url and the subject numbers."
+                )
+            skipped.append(prefix)
+            continue
+        rows += subject_rows
         rows += roi_rows(nsd_url, subject)
         unpaired = sorted(found["betas"] ^ found["valid"])
         if unpaired:
@@ -94,19 +122,30 @@ def nsd_table(nsd_url: str, subjects: Iterable[int] | None = None) -> list[dict[
                 nsd.subject_label(subject),
                 unpaired,
             )
+    if skipped:
+        shown = ", ".join(ascii(k) for k in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        log.warning(
+            "listing of %s: skipped %d listed key(s) that do not fit the NSD layout "
+            "(nsddata_betas/ppdata/subjNN/MNI/betas_fithrf/{betas,valid}_sessionNN.nii.gz): %s",
+            nsd_url,
+            len(skipped),
+            shown,
+        )
     if not rows:
         raise RemoteError(
             f"no betas found under {object_url(nsd_url, BETAS_ROOT_KEY)}: expected folders "
             "subjXX/MNI/betas_fithrf/ with betas_sessionNN.nii.gz. Check --nsd-url."
         )
     for key in NSD_EXTRA_KEYS:
-        listed = dict(list_bucket(nsd_url, key))
+        listed = {o.key: o for o in list_objects(nsd_url, key)}
         if key not in listed:
             raise RemoteError(
                 f"{object_url(nsd_url, key)} not found in the bucket listing; expected this NSD "
                 "experiment file. Check --nsd-url."
             )
-        rows.append({"filename": key, "url": object_url(nsd_url, key), "size": str(listed[key])})
+        rows.append(table_row(key, object_url(nsd_url, key), listed[key].size, listed[key].etag))
+    for row in rows:
+        _require_safe_filename(row["filename"])
     return sorted(rows, key=lambda r: r["filename"])
 
 
@@ -118,8 +157,8 @@ def roi_rows(nsd_url: str, subject: int) -> list[dict[str, str]]:
     """
     prefix = nsd.roi_dir_key(subject) + "/"
     rows = [
-        {"filename": key, "url": object_url(nsd_url, key), "size": str(size)}
-        for key, size in list_bucket(nsd_url, prefix)
+        table_row(key, object_url(nsd_url, key), size, etag)
+        for key, size, etag in list_objects(nsd_url, prefix)
         if (parsed := nsd.parse_roi_key(key)) is not None and parsed[0] == subject
     ]
     if rows:
@@ -136,10 +175,58 @@ def roi_rows(nsd_url: str, subject: int) -> list[dict[str, str]]:
     return rows
 
 
+def _looks_like_betas(name: str) -> bool:
+    """True for a key (below a subject's betas folder) that NSD's layout cannot explain.
+
+    Other files of the folder (``R2.nii.gz`` and the like) are ignored silently; names that look
+    like betas or valid files without being one, and names with path tricks or control characters,
+    are reported.
+    """
+    parts = name.split("/")
+    return (
+        not name.isprintable()
+        or any(p in ("", ".", "..") for p in parts)
+        or re.search(r"(betas|valid)_session", name) is not None
+    )
+
+
+def _require_safe_filename(name: str) -> None:
+    """Refuse a file name that could leave the subdataset (absolute, ``..``, ``//``, control chars).
+
+    :func:`nsd_table` admits only names that fit NSD's layout, so this never fires; it keeps a
+    future change from writing where no input belongs (``//`` is also addurls' subdataset mark).
+    """
+    parts = name.split("/")
+    if (
+        not name
+        or not name.isprintable()
+        or "\\" in name
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise RemoteError(
+            f"refusing to register the listed key {ascii(name)}: it is not a plain relative path"
+        )
+
+
 def coco_table(coco_url: str) -> list[dict[str, str]]:
-    """The one COCO row: the annotations zip, checked to be reachable (``HEAD``)."""
-    size = remote_size(coco_url, hint="Check --coco-url (a public COCO annotations zip URL).")
-    return [{"filename": nsd.COCO_ZIP_NAME, "url": coco_url, "size": str(size)}]
+    """The one COCO row: the annotations zip, checked to be reachable (``HEAD``).
+
+    A single URL has no listing: its size and ETag are what ``HEAD`` answers at registration.
+    """
+    size, etag = remote_head(coco_url, hint="Check --coco-url (a public COCO annotations zip URL).")
+    return [table_row(nsd.COCO_ZIP_NAME, coco_url, size, etag)]
+
+
+def table_row(filename: str, url: str, size: int, etag: str) -> dict[str, str]:
+    """One addurls row: the ETag as listed and, for a single-part one, the MD5 key to register."""
+    pin = pins.Pin.parse(size, etag)
+    return {
+        "filename": filename,
+        "url": url,
+        "size": str(size),
+        "etag": etag,
+        "annex_key": pin.annex_key_spec() if pin else "",
+    }
 
 
 # -- registering ----------------------------------------------------------------------------------
@@ -195,44 +282,142 @@ def _register(
         dataset.configure_transfers(sub)
         _allow_loopback(sub, nsd_url if rel == nsd.NSD_DATASET else coco_url)
         _keep_table_in_git(sub)
+        table_rows = _merge_table(sub, rows)
+        new = [r["filename"] for r in table_rows if not os.path.lexists(sub / r["filename"])]
         table = sub / TABLE_PATH
         with atomic_path(table) as tmp, tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS, lineterminator="\n")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(table_rows)
         addurls_cmd = [
-            "datalad", "addurls", "--fast", "--ifexists", "skip", "-d", rel,
-            f"{rel}/{TABLE_PATH}", "{url}", "{filename}",
+            "datalad", "addurls", "--fast", "--ifexists", "skip", "--key", KEY_FORMAT,
+            "--exclude-autometa", "annex_key", "-d", rel, f"{rel}/{TABLE_PATH}", "{url}",
+            "{filename}",
         ]  # fmt: skip
-        results = dataset.api_call(
-            "addurls",
-            f"registering files in {rel} (datalad addurls)",
-            urlfile=str(table),
-            urlformat="{url}",
-            filenameformat="{filename}",
-            dataset=str(sub),
-            fast=True,
-            ifexists="skip",
-            save=False,
-        )
-        n_new = sum(
-            1 for r in results if r.get("action") == "addurl" and r.get("status") == "ok"
-        ) or sum(1 for r in results if r.get("action") == "addurls" and r.get("status") == "ok")
+        try:
+            dataset.api_call(
+                "addurls",
+                f"registering files in {rel} (datalad addurls)",
+                urlfile=str(table),
+                urlformat="{url}",
+                filenameformat="{filename}",
+                dataset=str(sub),
+                fast=True,
+                ifexists="skip",
+                key=KEY_FORMAT,
+                exclude_autometa="annex_key",
+                save=False,
+            )
+            n_checksum = _check_keys(sub, table_rows, new)
+        except BaseException:
+            _undo_interrupted(sub)  # a failed registration leaves the subdataset as it was
+            raise
+        n_new = sum(1 for name in new if os.path.lexists(sub / name))
         added[rel] = n_new
         message = (
             f"Register {rel} files by URL (no download)\n\n"
-            f"{len(rows)} files listed, table {TABLE_PATH} (columns {','.join(TABLE_COLUMNS)}).\n"
+            f"{len(table_rows)} files, table {TABLE_PATH} (columns {','.join(TABLE_COLUMNS)}): "
+            f"{n_checksum} with an MD5 key from their single-part ETag, the others VURL keys "
+            "checked against their ETag at the first download.\n"
             f"Command: {command}\n"
             f"Redo from the table (in the superdataset): {shlex.join(addurls_cmd)}\n"
         )
         dataset.save(sub, message)
-        log.info("%s: %d files listed, %d newly registered", rel, len(rows), n_new)
+        log.info(
+            "%s: %d files listed, %d newly registered (%d with a checksum key)",
+            rel, len(rows), n_new, n_checksum,
+        )  # fmt: skip
     dataset.save(
         ds_root,
         f"Update input subdatasets by URL\n\nCommand: {command}\n",
         paths=[ds_root / rel for rel in tables],
     )
     return added
+
+
+def _merge_table(sub: Path, listed: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The new addurls table: the listing, with the recorded rows of registered files kept.
+
+    A registered file keeps the ETag it was registered with (its pin; if the bucket lists another
+    one now, a warning says so and downloads are checked against the recorded one). A file
+    registered before ETags were recorded gets the listing's ETag now. Rows of registered files
+    that are not listed now (another ``SUBJECTS``, or gone from the bucket) are kept.
+    """
+    old = pins.read_table(sub)
+    merged: dict[str, dict[str, str]] = {}
+    changed, pinned_now = [], 0
+    for row in listed:
+        name = row["filename"]
+        prev = old.get(name)
+        registered = os.path.lexists(sub / name)
+        if registered and prev and prev.get("etag"):
+            merged[name] = {c: prev.get(c, "") for c in TABLE_COLUMNS}
+            if (prev["etag"], prev.get("size")) != (row["etag"], row["size"]):
+                changed.append(name)
+            continue
+        pinned_now += registered and bool(row["etag"])
+        merged[name] = row
+    for name, prev in old.items():
+        if name not in merged and os.path.lexists(sub / name):
+            merged[name] = {c: prev.get(c, "") for c in TABLE_COLUMNS}
+    if changed:
+        log.warning(
+            "%s: %d registered file(s) are listed with another ETag or size than when they were "
+            "registered (e.g. %s); the registered version is kept and downloads are checked "
+            "against it. If the change is legitimate, `git rm` them in %s and run `make inputs`.",
+            sub.name, len(changed), changed[0], sub,
+        )  # fmt: skip
+    if pinned_now:
+        log.info(
+            "%s: recorded the listed ETag of %d file(s) registered before ETags were",
+            sub.name,
+            pinned_now,
+        )
+    return [merged[name] for name in sorted(merged)]
+
+
+def _check_keys(sub: Path, rows: list[dict[str, str]], new: list[str]) -> int:
+    """Check each registered file's key against its row; return how many have a checksum key.
+
+    A newly registered file must have the MD5E key of its single-part ETag, or a VURL key of its
+    size; anything else raises. Files registered before ETags were recorded keep their VURL key
+    (their downloads are checked against the recorded ETag instead).
+    """
+    records, proc = dataset.annex_json(sub, "find", "--include=*")
+    if proc.returncode != 0:
+        raise DatasetStateError(f"`git annex find` failed in {sub}: {proc.stderr.strip()[-300:]}")
+    keys = {r.get("file"): r.get("key", "") for r in records}
+    fresh, wrong, legacy, n_checksum = set(new), [], 0, 0
+    for row in rows:
+        name, key = row["filename"], keys.get(row["filename"], "")
+        pin = pins.Pin.parse(row["size"], row["etag"])
+        if pin is not None and pin.md5:
+            ok = (
+                key.startswith(f"MD5E-s{pin.size}--{pin.md5}")
+                or key == f"MD5-s{pin.size}--{pin.md5}"
+            )
+        else:
+            ok = key.startswith((f"VURL-s{row['size']}--", f"URL-s{row['size']}--"))
+        n_checksum += dataset.key_is_checksum(key) and bool(key)
+        if ok:
+            continue
+        if name in fresh or not key:
+            wrong.append(f"{name}: {key or 'not registered'}")
+        else:
+            legacy += 1
+    if wrong:
+        raise DatasetStateError(
+            f"{sub}: {len(wrong)} file(s) were not registered with the expected key, e.g. "
+            f"{wrong[0]}; nothing was recorded. Run `make inputs` again; if it persists, report it."
+        )
+    if legacy:
+        log.info(
+            "%s: %d file(s) keep the VURL key they were registered with before ETags were "
+            "recorded; their downloads are checked against the recorded ETag",
+            sub.name,
+            legacy,
+        )
+    return n_checksum
 
 
 def ensure_subdataset(ds_root: str | Path, rel: str) -> Path:
@@ -276,8 +461,10 @@ def get_subjects(ds_root: str | Path, subjects: Iterable[int] | None) -> list[in
     Installs ``inputs/nsd`` first if needed; raises :class:`DatasetStateError` naming subjects that are
     not registered and :class:`RemoteError` if a download fails or does not verify. Integrity: before
     downloading, the server's sizes are compared with the registered ones (``HEAD``); git-annex checks
-    the checksum recorded at a file's first download; afterwards ``fsck --fast`` checks sizes again.
-    Content that fails is never left in place (partial downloads stay in ``.git/annex/tmp`` to resume).
+    MD5 keys and the checksum recorded at a VURL file's first download, and that first download is
+    checked against the ETag recorded at registration (:func:`nsdprep.core.pins.fetch_verified`);
+    afterwards ``fsck --fast`` checks sizes again. Content that fails is never left in place
+    (partial downloads stay in ``.git/annex/tmp`` to resume).
     """
     ds_root = Path(ds_root).resolve()
     nsd_ds = ensure_subdataset(ds_root, nsd.NSD_DATASET)
@@ -294,7 +481,7 @@ def get_subjects(ds_root: str | Path, subjects: Iterable[int] | None) -> list[in
         )
     get_error: RemoteError | None = None
     try:
-        dataset.get(ds_root, [nsd_ds / r for r in rel], hint_403=NSD_403_HINT)
+        pins.fetch_verified(ds_root, [nsd_ds / r for r in rel], hint_403=NSD_403_HINT)
     except RemoteError as exc:
         get_error = exc
     try:  # also after a failed get: what did arrive must not stay if it is wrong

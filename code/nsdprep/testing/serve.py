@@ -13,9 +13,12 @@ S3; this one is a few hundred lines of standard library (no extra dependency in 
 exact control of the faults the tests need (``403 AccessDenied`` for chosen keys, a download cut short
 after N bytes, a connection reset or a stall in the middle of a transfer for the first K requests, a
 bandwidth cap that models a real link) and its listing answers are the documented ListObjectsV2 XML,
-so nothing in the client is written for the mirror. ETags are the content MD5 for files up to 16 MiB (as S3 for single-part uploads)
-and a size/mtime fingerprint in S3's multipart form (``"<hex>-1"``) above that, which clients must not
-read as an MD5 anyway.
+so nothing in the client is written for the mirror.
+
+ETags are S3's: the content MD5 for objects up to ``multipart_threshold`` (a single-part upload), and
+above it the multipart form ``md5(md5(part 1) + ... + md5(part N))-N`` with parts of ``part_size``
+(defaults: 8 MiB and 8 MiB, what ``aws s3 cp`` uses). A hostile mirror can be played with
+:meth:`Mirror.tamper`: same size, other bytes, the listing still showing the true ETag.
 
 Only loopback addresses are accepted: this is a test and demo tool, never a public server.
 """
@@ -39,7 +42,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -52,7 +55,12 @@ log = logging.getLogger(__name__)
 
 S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
 MAX_KEYS = 1000
-_MD5_LIMIT = 16 * 1024 * 1024
+MiB = 1024 * 1024
+#: ``aws s3 cp``'s defaults: objects above 8 MiB are uploaded in parts of 8 MiB.
+DEFAULT_MULTIPART_THRESHOLD = 8 * MiB
+DEFAULT_PART_SIZE = 8 * MiB
+#: How many bytes :meth:`Mirror.tamper` alters (in the middle of the object).
+TAMPER_BYTES = 64
 _CHUNK = 1024 * 1024
 #: Block size while a rate cap applies (small blocks keep the rate smooth).
 _THROTTLED_CHUNK = 64 * 1024
@@ -81,6 +89,13 @@ class Mirror:
     connection_rate_mb_s
         Cap per connection in MB/s (one download stream, as S3 limits a single GET); None = only the
         shared cap applies (a single stream then gets all of it).
+    multipart_threshold, part_size
+        Objects larger than ``multipart_threshold`` bytes get a multipart ETag of ``part_size`` parts.
+    objects
+        ``{"<bucket>/<key>": bytes}`` served and listed besides the files, keys taken verbatim (S3
+        keys are any text: ``../x``, a leading ``/``, a trailing newline), for hostile listings.
+    tamper
+        Glob patterns (as ``deny``) of objects served altered, see :meth:`tamper`.
 
     Flaky-network faults (:meth:`reset_after`, :meth:`stall_after`) hit only the first K downloads of
     a matching object, then it is served normally, as a transient network fault would be.
@@ -98,6 +113,10 @@ class Mirror:
         truncate: dict[str, int] | None = None,
         rate_mb_s: float | None = None,
         connection_rate_mb_s: float | None = None,
+        multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+        part_size: int = DEFAULT_PART_SIZE,
+        objects: dict[str, bytes] | None = None,
+        tamper: Iterable[str] = (),
     ) -> None:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
@@ -108,7 +127,15 @@ class Mirror:
         self._deny: list[str] = list(deny)
         self._truncate: dict[str, int] = dict(truncate or {})
         self._flaky: list[_Flaky] = []
-        self._etags: dict[tuple[str, int, int], str] = {}
+        if part_size < 1 or multipart_threshold < 0:
+            raise NsdPrepError(
+                f"part_size must be >= 1 and multipart_threshold >= 0 bytes, got {part_size} "
+                f"and {multipart_threshold}"
+            )
+        self.multipart_threshold, self.part_size = int(multipart_threshold), int(part_size)
+        self._objects: dict[str, bytes] = dict(objects or {})
+        self._tamper: list[str] = list(tamper)
+        self._etags: dict[tuple[str, int, int, bool], str] = {}
         self._rate: _Throttle | None = None
         self._connection_rate: float | None = None
         self.limit(rate_mb_s, connection_rate_mb_s)
@@ -125,6 +152,16 @@ class Mirror:
         """Cut downloads of objects matching ``pattern`` after ``n_bytes`` of body from now on."""
         with self._lock:
             self._truncate[pattern] = int(n_bytes)
+
+    def tamper(self, pattern: str) -> None:
+        """Serve objects matching ``pattern`` altered from now on: same size, other bytes.
+
+        :data:`TAMPER_BYTES` bytes in the middle are inverted. Listings keep the true ETag (what
+        the bucket lists), while ``GET``/``HEAD`` send the ETag of the altered bytes, as a mirror
+        that lies consistently would: only a checksum recorded from the listing tells them apart.
+        """
+        with self._lock:
+            self._tamper.append(pattern)
 
     def reset_after(self, pattern: str, n_bytes: int, times: int = 1) -> None:
         """Reset the connection (TCP RST) after ``n_bytes`` of body, for the next ``times`` downloads.
@@ -155,6 +192,7 @@ class Mirror:
             self._deny.clear()
             self._truncate.clear()
             self._flaky.clear()
+            self._tamper.clear()
 
     def limit(self, rate_mb_s: float | None, connection_rate_mb_s: float | None = None) -> None:
         """Cap object downloads at ``rate_mb_s`` in total and ``connection_rate_mb_s`` per connection.
@@ -178,6 +216,10 @@ class Mirror:
     def _denied(self, path: str) -> bool:
         with self._lock:
             return any(fnmatch.fnmatchcase(path, p) for p in self._deny)
+
+    def _tampered(self, path: str) -> bool:
+        with self._lock:
+            return any(fnmatch.fnmatchcase(path, p) for p in self._tamper)
 
     def _cut_after(self, path: str) -> int | None:
         with self._lock:
@@ -260,16 +302,24 @@ class Mirror:
         path = self.root / bucket
         return path if path.is_dir() else None
 
-    def iter_keys(self, bucket: str, prefix: str) -> list[tuple[str, Path]]:
-        """All ``(key, path)`` of ``bucket`` starting with ``prefix``, sorted like S3 (UTF-8 bytes)."""
+    def memory_object(self, bucket: str, key: str) -> bytes | None:
+        """The bytes of an object given in ``objects`` (keys verbatim), or ``None``."""
+        return self._objects.get(f"{bucket}/{key}")
+
+    def iter_keys(self, bucket: str, prefix: str) -> list[tuple[str, Path | bytes]]:
+        """All ``(key, path or bytes)`` of ``bucket`` under ``prefix``, sorted like S3 (UTF-8 bytes)."""
         bdir = self.bucket_dir(bucket)
         if bdir is None:
             return []
+        found: list[tuple[str, Path | bytes]] = [
+            (k.partition("/")[2], data)
+            for k, data in self._objects.items()
+            if k.partition("/")[0] == bucket and k.partition("/")[2].startswith(prefix)
+        ]
         # Walk only the directory part of the prefix (a large tree stays cheap to list).
         head = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = bdir / head if head else bdir
-        found = []
-        if start.is_dir():
+        if ".." not in head.split("/") and start.is_dir():
             for dirpath, dirnames, filenames in os.walk(start):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 for name in filenames:
@@ -280,26 +330,81 @@ class Mirror:
         found.sort(key=lambda kp: kp[0].encode("utf-8"))
         return found
 
-    def etag(self, path: Path) -> str:
-        """Quoted ETag: content MD5 up to 16 MiB (cached by size+mtime), else a fingerprint."""
-        st = path.stat()
-        cache_key = (str(path), st.st_size, st.st_mtime_ns)
+    def etag(self, obj: Path | bytes, *, tampered: bool = False) -> str:
+        """Quoted S3 ETag of a file or in-memory object (``tampered``: of its altered bytes).
+
+        Single-part (the content MD5) up to ``multipart_threshold`` bytes, multipart above
+        (``md5(concatenated part MD5s)-N``, parts of ``part_size``); cached by size and mtime.
+        """
+        if isinstance(obj, bytes):
+            return self._compute_etag(obj, len(obj), tampered)
+        st = obj.stat()
+        cache_key = (str(obj), st.st_size, st.st_mtime_ns, tampered)
         with self._lock:
             cached = self._etags.get(cache_key)
         if cached is not None:
             return cached
-        if st.st_size <= _MD5_LIMIT:
-            md5 = hashlib.md5(usedforsecurity=False)
-            with path.open("rb") as f:
-                for block in iter(lambda: f.read(_CHUNK), b""):
-                    md5.update(block)
-            tag = f'"{md5.hexdigest()}"'
-        else:
-            fp = hashlib.md5(f"{st.st_size}:{st.st_mtime_ns}".encode(), usedforsecurity=False)
-            tag = f'"{fp.hexdigest()}-1"'
+        tag = self._compute_etag(obj, st.st_size, tampered)
         with self._lock:
             self._etags[cache_key] = tag
         return tag
+
+    def _compute_etag(self, obj: Path | bytes, size: int, tampered: bool) -> str:
+        part = size if size <= self.multipart_threshold else self.part_size
+        digests, whole = [], hashlib.md5(usedforsecurity=False)
+        current, filled = hashlib.md5(usedforsecurity=False), 0
+        for block in read_object(obj, 0, size, tampered=tampered):
+            view = memoryview(block)
+            while view:
+                take = view[: part - filled]
+                current.update(take)
+                whole.update(take)
+                filled += len(take)
+                view = view[len(take) :]
+                if filled == part:
+                    digests.append(current.digest())
+                    current, filled = hashlib.md5(usedforsecurity=False), 0
+        if filled or not digests:
+            digests.append(current.digest())
+        if size <= self.multipart_threshold:
+            return f'"{whole.hexdigest()}"'
+        joined = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+        return f'"{joined}-{len(digests)}"'
+
+
+def tamper_window(size: int) -> tuple[int, int]:
+    """``(start, end)`` of the bytes :meth:`Mirror.tamper` inverts in an object of ``size`` bytes."""
+    start = max(size // 2 - TAMPER_BYTES // 2, 0)
+    return start, min(start + TAMPER_BYTES, size)
+
+
+def read_object(
+    obj: Path | bytes, start: int, length: int, *, tampered: bool = False, chunk: int = _CHUNK
+) -> Iterator[bytes]:
+    """Blocks of ``length`` bytes of ``obj`` from ``start``.
+
+    ``tampered``: as :meth:`Mirror.tamper` serves them (the same bytes inverted whatever range is
+    asked for, so a resumed download gets the same altered object).
+    """
+    size = len(obj) if isinstance(obj, bytes) else obj.stat().st_size
+    lo, hi = tamper_window(size) if tampered else (0, 0)
+    with contextlib.ExitStack() as stack:
+        f = None if isinstance(obj, bytes) else stack.enter_context(obj.open("rb"))
+        if f is not None:
+            f.seek(start)
+        pos, end = start, start + length
+        while pos < end:
+            n = min(chunk, end - pos)
+            block = obj[pos : pos + n] if f is None else f.read(n)
+            if not block:
+                return
+            if hi > pos and lo < pos + len(block):
+                altered = bytearray(block)
+                for i in range(max(lo, pos), min(hi, pos + len(block))):
+                    altered[i - pos] ^= 0xFF
+                block = bytes(altered)
+            yield block
+            pos += len(block)
 
 
 class _Flaky:
@@ -369,6 +474,16 @@ def _check_loopback(host: str) -> str:
             "(127.0.0.1, ::1); it is a test and demo tool, not a public server"
         )
     return str(addr)
+
+
+def _size_mtime(path: Path) -> tuple[int, float]:
+    st = path.stat()
+    return st.st_size, st.st_mtime
+
+
+def _xml_text(text: str) -> str:
+    """``text`` escaped for XML, line breaks as character references (kept by any XML parser)."""
+    return escape(text, {"\n": "&#10;", "\r": "&#13;"})
 
 
 def _http_date(ts: float) -> str:
@@ -510,7 +625,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
 
         # Entries in S3 order: keys and (with a delimiter) rolled-up common prefixes.
-        entries: list[tuple[str, Path | None]] = []
+        entries: list[tuple[str, Path | bytes | None]] = []
         seen_prefixes: set[str] = set()
         for key, p in self.mirror.iter_keys(bucket, prefix):
             if delimiter:
@@ -543,13 +658,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             parts.append(f"<NextContinuationToken>{nxt}</NextContinuationToken>")
         for name, p in page:
             if p is None:
-                parts.append(f"<CommonPrefixes><Prefix>{escape(name)}</Prefix></CommonPrefixes>")
+                parts.append(f"<CommonPrefixes><Prefix>{_xml_text(name)}</Prefix></CommonPrefixes>")
                 continue
-            st = p.stat()
+            size, mtime = (len(p), 0.0) if isinstance(p, bytes) else _size_mtime(p)
             parts.append(
-                f"<Contents><Key>{escape(name)}</Key>"
-                f"<LastModified>{_iso_date(st.st_mtime)}</LastModified>"
-                f"<ETag>{escape(self.mirror.etag(p))}</ETag><Size>{st.st_size}</Size>"
+                f"<Contents><Key>{_xml_text(name)}</Key>"
+                f"<LastModified>{_iso_date(mtime)}</LastModified>"
+                f"<ETag>{escape(self.mirror.etag(p))}</ETag><Size>{size}</Size>"
                 "<StorageClass>STANDARD</StorageClass></Contents>"
             )
         parts.append("</ListBucketResult>")
@@ -557,12 +672,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _object(self, bucket: str, key: str, head: bool) -> None:
         resource = f"/{bucket}/{key}"
-        path = self.mirror.object_path(bucket, key)
-        if path is None:
+        obj: Path | bytes | None = self.mirror.memory_object(bucket, key)
+        if obj is None:
+            obj = self.mirror.object_path(bucket, key)
+        if obj is None:
             self._error(404, "NoSuchKey", "The specified key does not exist.", resource, head)
             return
-        st = path.stat()
-        size = st.st_size
+        size, mtime = (len(obj), 0.0) if isinstance(obj, bytes) else _size_mtime(obj)
+        tampered = self.mirror._tampered(f"{bucket}/{key}")
         start, end, status = 0, size - 1, 200
         range_header = self.headers.get("Range")
         if range_header and size > 0:
@@ -581,8 +698,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(length))
-        self.send_header("Last-Modified", _http_date(st.st_mtime))
-        self.send_header("ETag", self.mirror.etag(path))
+        self.send_header("Last-Modified", _http_date(mtime))
+        self.send_header("ETag", self.mirror.etag(obj, tampered=tampered))
         self.send_header("Accept-Ranges", "bytes")
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
@@ -594,24 +711,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if head:
             return
         if flaky is not None:
-            self._send_flaky(path, start, length, flaky)
+            self._send_flaky(obj, start, length, flaky, tampered)
             return
         remaining = length if cut is None else min(length, cut)
         total, per_connection = self.mirror._throttles()
         own = None if per_connection is None else _Throttle(per_connection)
-        with path.open("rb") as f:
-            f.seek(start)
-            while remaining > 0:
-                total, _ = self.mirror._throttles()
-                limited = total is not None or own is not None
-                block = f.read(min(_THROTTLED_CHUNK if limited else _CHUNK, remaining))
-                if not block:
+        blocks = read_object(obj, start, remaining, tampered=tampered, chunk=_THROTTLED_CHUNK)
+        pending = b""
+        while remaining > 0:
+            total, _ = self.mirror._throttles()
+            limited = total is not None or own is not None
+            want = min(_THROTTLED_CHUNK if limited else _CHUNK, remaining)
+            while len(pending) < want:
+                more = next(blocks, b"")
+                if not more:
                     break
-                for throttle in (own, total):
-                    if throttle is not None:
-                        throttle.take(len(block))
-                self.wfile.write(block)
-                remaining -= len(block)
+                pending += more
+            block, pending = pending[:want], pending[want:]
+            if not block:
+                break
+            for throttle in (own, total):
+                if throttle is not None:
+                    throttle.take(len(block))
+            self.wfile.write(block)
+            remaining -= len(block)
         if cut is not None and cut < length:
             log.debug("cut %s short after %d of %d bytes", resource, cut, length)
             self.wfile.flush()
@@ -621,18 +744,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             except OSError:
                 pass
 
-    def _send_flaky(self, path: Path, start: int, length: int, fault: _Flaky) -> None:
+    def _send_flaky(
+        self, obj: Path | bytes, start: int, length: int, fault: _Flaky, tampered: bool
+    ) -> None:
         """Send ``fault.n_bytes`` of the body, then reset the connection or stall and close it."""
-        n = min(fault.n_bytes, length)
-        with path.open("rb") as f:
-            f.seek(start)
-            while n > 0:
-                block = f.read(min(_CHUNK, n))
-                if not block:
-                    break
-                self.wfile.write(block)
-                n -= len(block)
+        for block in read_object(obj, start, min(fault.n_bytes, length), tampered=tampered):
+            self.wfile.write(block)
         self.wfile.flush()
+        path = "<in-memory object>" if isinstance(obj, bytes) else obj
         self.close_connection = True
         if fault.kind == "stall":
             log.debug("stalling %s for %.1f s", path, fault.seconds)
@@ -649,7 +768,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 # -- CLI ----------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``python -m nsdprep serve DIR [--port 0] [--host 127.0.0.1] [--rate MB/S]``."""
+    """``python -m nsdprep serve DIR [--port 0] [--host 127.0.0.1] [--rate MB/S] [--tamper P]``."""
     parser.add_argument(
         "root", metavar="DIR", help="directory of buckets (e.g. synth output: nsd/, coco/)"
     )
@@ -668,6 +787,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="MB/S",
         help="cap each connection at MB/s too (default: only the total cap)",
+    )
+    parser.add_argument(
+        "--multipart-threshold",
+        type=float,
+        default=DEFAULT_MULTIPART_THRESHOLD / MiB,
+        metavar="MiB",
+        help="objects above this size get a multipart ETag, as S3 gives them (default: 8)",
+    )
+    parser.add_argument(
+        "--part-size",
+        type=float,
+        default=DEFAULT_PART_SIZE / MiB,
+        metavar="MiB",
+        help="part size of multipart ETags (default: 8, as `aws s3 cp`)",
+    )
+    parser.add_argument(
+        "--tamper",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="serve objects matching <bucket>/<key> glob PATTERN altered (same size, true ETag "
+        "listed); repeatable",
     )
 
 
@@ -693,6 +834,9 @@ def main(args: argparse.Namespace) -> int:
             port=args.port,
             rate_mb_s=args.rate,
             connection_rate_mb_s=args.rate_per_connection,
+            multipart_threshold=int(args.multipart_threshold * MiB),
+            part_size=int(args.part_size * MiB),
+            tamper=args.tamper,
         ) as mirror:
             print(f"NSD_URL={mirror.url}/nsd", flush=True)
             print(f"COCO_URL={mirror.url}/coco/{nsd.COCO_ZIP_KEY}", flush=True)

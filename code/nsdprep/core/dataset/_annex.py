@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import subprocess
+import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from nsdprep.core.dataset._repo import annex, annex_json, git
+from nsdprep.core.dataset._repo import annex, annex_json, git, git_dir
 from nsdprep.core.errors import DatasetStateError
 
 log = logging.getLogger(__package__)  # one logger for the whole adapter: nsdprep.core.dataset
@@ -164,3 +168,199 @@ def ensure_annex(ds: str | Path) -> bool:
             "Is git-annex installed (`make venv`) and the folder writable?"
         )
     return True
+
+
+# -- equivalent keys, metadata and failed downloads of keys --------------------------------------
+def object_names(repo: str | Path, keys: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """``{key: (hashdirlower, object file name)}`` of ``keys`` (one ``examinekey --batch``)."""
+    if not keys:
+        return {}
+    proc = subprocess.run(
+        ["git", "-C", str(repo), "annex", "examinekey", "--batch", "--json"],
+        input="".join(f"{k}\n" for k in keys), capture_output=True, text=True,
+    )  # fmt: skip
+    found = {}
+    for line in proc.stdout.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "key" in rec and "objectpath" in rec:
+            found[rec["key"]] = (rec.get("hashdirlower", ""), Path(rec["objectpath"]).name)
+    missing = [k for k in keys if k not in found]
+    if missing:
+        raise DatasetStateError(
+            f"`git annex examinekey` gave no answer for {missing[0]} in {repo}: "
+            f"{proc.stderr.strip()[-300:]}"
+        )
+    return found
+
+
+def _ek_log(names: tuple[str, str]) -> str:
+    """Path, in the ``git-annex`` branch, of the log of a key's equivalent keys."""
+    return f"{names[0]}{names[1]}.log.ek"
+
+
+def _presence_log(text: str) -> dict[str, tuple[float, bool]]:
+    """``{value: (timestamp, present)}``: the newest line of each value of a git-annex presence log."""
+    state: dict[str, tuple[float, bool]] = {}
+    for line in text.splitlines():
+        fields = line.split(" ", 2)
+        if len(fields) != 3 or not fields[0].endswith("s") or fields[1] not in ("0", "1"):
+            continue
+        try:
+            ts = float(fields[0][:-1])
+        except ValueError:
+            continue
+        if fields[2] not in state or ts >= state[fields[2]][0]:
+            state[fields[2]] = (ts, fields[1] == "1")
+    return state
+
+
+def _branch_files(repo: str | Path, rev: str, paths: Sequence[str]) -> dict[str, str]:
+    """``{path: text}`` of ``paths`` in ``rev`` (one ``git cat-file --batch``; absent ones "")."""
+    if not paths:
+        return {}
+    proc = subprocess.run(
+        ["git", "-C", str(repo), "cat-file", "--batch"],
+        input="".join(f"{rev}:{p}\n" for p in paths).encode(), capture_output=True, check=True,
+    )  # fmt: skip
+    out, pos, texts = proc.stdout, 0, {}
+    for path in paths:
+        end = out.index(b"\n", pos)
+        header = out[pos:end].split()
+        pos = end + 1
+        if len(header) == 3 and header[1] == b"blob":
+            size = int(header[2])
+            texts[path] = out[pos : pos + size].decode("utf-8", "replace")
+            pos += size + 1
+        else:
+            texts[path] = ""
+    return texts
+
+
+def commit_annex_journal(repo: str | Path) -> None:
+    """Commit git-annex's pending journal into the ``git-annex`` branch (``git annex merge``)."""
+    git(repo, "annex", "merge")
+
+
+def equivalent_keys(repo: str | Path, keys: Sequence[str]) -> dict[str, list[str]]:
+    """``{key: [checksum keys]}`` git-annex recorded for VURL ``keys`` (the first download records one).
+
+    git-annex verifies later downloads of a VURL key against these and has no command to list them:
+    they are read from their logs in the ``git-annex`` branch (presence logs, ``*.log.ek``, see
+    git-annex's internals page). Call :func:`commit_annex_journal` first.
+    """
+    names = object_names(repo, keys)
+    texts = _branch_files(repo, "refs/heads/git-annex", [_ek_log(names[k]) for k in keys])
+    return {
+        k: sorted(v for v, (_, on) in _presence_log(texts[_ek_log(names[k])]).items() if on)
+        for k in keys
+    }
+
+
+def update_equivalent_keys(
+    repo: str | Path, changes: dict[str, tuple[Sequence[str], Sequence[str]]]
+) -> None:
+    """Record and retract checksum keys of VURL keys: ``{key: (add, remove)}``, in one commit.
+
+    git-annex records the checksum of whatever a VURL key's first download brings and has no
+    command to take it back; a download found wrong afterwards must not stay the reference. One
+    commit on the ``git-annex`` branch appends the lines (the newest line of a value wins in a
+    presence log; git-annex merges the branch as usual); the ref is updated compare-and-swap, so a
+    concurrent git-annex commit is never lost (retried instead).
+    """
+    changes = {k: (list(a), list(r)) for k, (a, r) in changes.items() if a or r}
+    if not changes:
+        return
+    repo = Path(repo)
+    logs = {k: _ek_log(n) for k, n in object_names(repo, list(changes)).items()}
+    for _attempt in range(5):
+        commit_annex_journal(repo)
+        old = git(repo, "rev-parse", "--verify", "refs/heads/git-annex").strip()
+        texts = _branch_files(repo, old, list(logs.values()))
+        with tempfile.TemporaryDirectory(dir=git_dir(repo) / "annex") as tmp:
+            env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            _git_env(repo, env, "read-tree", old)
+            for key, (add, remove) in changes.items():
+                text = texts[logs[key]]
+                newest = max((ts for ts, _ in _presence_log(text).values()), default=0.0)
+                stamp = max(int(time.time()), int(newest) + 1)
+                lines = [f"{stamp}s 0 {ek}" for ek in remove] + [f"{stamp}s 1 {ek}" for ek in add]
+                body = (
+                    (text if not text or text.endswith("\n") else text + "\n")
+                    + "\n".join(lines)
+                    + "\n"
+                )
+                blob = _git_env(repo, env, "hash-object", "-w", "--stdin", stdin=body)
+                _git_env(repo, env, "update-index", "--add", "--cacheinfo",
+                         f"100644,{blob},{logs[key]}")  # fmt: skip
+            tree = _git_env(repo, env, "write-tree")
+        what = "; ".join(
+            f"{k}: " + " ".join([*(f"-{e}" for e in r), *(f"+{e}" for e in a)])
+            for k, (a, r) in changes.items()
+        )
+        commit = git(repo, "commit-tree", tree, "-p", old, "-m", f"equivalent keys: {what}")
+        proc = subprocess.run(
+            ["git", "-C", str(repo), "update-ref", "refs/heads/git-annex", commit.strip(), old],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if proc.returncode == 0:
+            return
+    raise DatasetStateError(
+        f"could not update the checksum records in {repo}: its git-annex branch kept changing; "
+        "run again when no other git-annex command works in this dataset"
+    )
+
+
+def _git_env(repo: Path, env: dict[str, str], *args: str, stdin: str | None = None) -> str:
+    proc = subprocess.run(
+        ["git", "-C", str(repo), *args], env=env, input=stdin, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise DatasetStateError(f"`git {' '.join(args[:2])}` failed in {repo}: {proc.stderr}")
+    return proc.stdout.strip()
+
+
+def key_metadata(repo: str | Path, files: Sequence[str]) -> dict[str, dict[str, list[str]]]:
+    """``{key: {field: [values]}}``: git-annex metadata of the keys of annexed ``files``."""
+    if not files:
+        return {}
+    records, _ = annex_json(repo, "metadata", "--", *files)
+    return {
+        r["key"]: {
+            k: list(v) for k, v in r.get("fields", {}).items() if not k.endswith("lastchanged")
+        }
+        for r in records
+        if "key" in r
+    }
+
+
+def set_key_metadata(repo: str | Path, key: str, fields: dict[str, Sequence[str]]) -> None:
+    """Set git-annex metadata fields of ``key`` (each field's values replaced; none: removed)."""
+    args: list[str] = []
+    for name, values in fields.items():
+        if not values:
+            args += ["-r", name]
+            continue
+        args += ["-s", f"{name}={values[0]}"]  # replaces the field's values
+        args += [a for v in values[1:] for a in ("-s", f"{name}+={v}")]
+    if args:
+        annex(repo, "metadata", "--key", key, *args, what=key)
+
+
+def failed_downloads(repo: str | Path, keys: Sequence[str]) -> dict[str, Path]:
+    """``{key: file}``: complete-size downloads of ``keys`` git-annex left in ``.git/annex/tmp``.
+
+    git-annex keeps a failed download there to resume it; one that has the key's full size
+    failed its checksum verification: it must not stay, nor be resumed from.
+    """
+    tmp = git_dir(repo) / "annex" / "tmp"
+    if not tmp.is_dir() or not keys:
+        return {}
+    found = {}
+    for key, (_, name) in object_names(repo, keys).items():
+        path, size = tmp / name, key_size(key)
+        if path.is_file() and (size is None or path.stat().st_size == size):
+            found[key] = path
+    return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 from collections.abc import Sequence
@@ -60,7 +61,8 @@ def check_results(
     else:
         message = f"{what} failed for {len(files)} item(s):\n  " + "\n  ".join(lines) + more + "\n"
     if remote:
-        if any(s in message for s in ("403", "Forbidden", "AccessDenied")):
+        # "403" as a status, not inside a number (a loopback port such as :40377 in a URL)
+        if re.search(r"(?<![\d:])403(?!\d)|Forbidden|AccessDenied", message):
             message += " " + (hint_403 or "Access denied: check the URL.")
         elif "Verification of content failed" in message:
             message += (
@@ -100,14 +102,24 @@ def api_call(
     return results
 
 
-def get(ds: str | Path, paths: Sequence[str | Path], *, hint_403: str = "") -> list[dict[str, Any]]:
+def get(
+    ds: str | Path, paths: Sequence[str | Path], *, hint_403: str = "", check: bool = True
+) -> list[dict[str, Any]]:
     """``datalad get`` ``paths`` of dataset ``ds`` (a failed download is a :class:`RemoteError`).
 
-    The error names each failing file with the URL(s) it was fetched from.
+    The error names each failing file with the URL(s) it was fetched from. ``check=False``
+    returns the result records unchecked (see :func:`check_get_results`).
     """
     import datalad.api as dl
 
     results = dl.get(path=[os.path.abspath(p) for p in paths], dataset=str(ds), **QUIET)
+    if check:
+        check_get_results(results, hint_403=hint_403)
+    return results
+
+
+def check_get_results(results: Sequence[dict[str, Any]], *, hint_403: str = "") -> None:
+    """:func:`check_results` for ``datalad get`` results, naming the URLs of failing files."""
     failed = [
         str(r["path"])
         for r in results
@@ -115,7 +127,6 @@ def get(ds: str | Path, paths: Sequence[str | Path], *, hint_403: str = "") -> l
     ]
     urls = web_urls(failed[:10]) if failed else {}
     check_results(results, "datalad get", remote=True, hint_403=hint_403, urls=urls)
-    return results
 
 
 def drop(ds: str | Path, paths: Sequence[str | Path]) -> list[dict[str, Any]]:

@@ -1,7 +1,9 @@
 """The bounded-disk mode of the 3 mm stage (``make 3mm DROP=1``): fetch ahead, process, drop.
 
 A fetcher thread gets sessions through DataLad (checksums, provenance) ahead of the workers, at most
-``jobs + prefetch`` sessions on disk; a dropper frees each one once processed. A journal in the NSD
+``jobs + prefetch`` sessions on disk, each checked against the checksum recorded at registration
+(:func:`nsdprep.core.pins.fetch_verified`) before a worker sees it; a dropper frees each one once
+processed. A journal in the NSD
 git directory lists what was fetched and not yet dropped, so the next run drops what a killed run left.
 """
 
@@ -15,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nsdprep.core import dataset
+from nsdprep.core import dataset, pins
 from nsdprep.core._io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -180,6 +182,7 @@ class Prefetcher:
                     if rel in journaled:  # fetched by an interrupted run: ours to drop
                         with self._lock:
                             self._ours.add(s)
+                    pins.verify_fetched(self.nsd_ds, [src.absolute()])  # checked once, if never
                 else:
                     with self._lock:
                         self._ours.add(s)
@@ -187,7 +190,8 @@ class Prefetcher:
                     self.stats.event("fetch", s)
                     t0 = time.monotonic()
                     log.info("datalad get %s", src)
-                    dataset.get(self.nsd_ds, [src])
+                    # a mismatch is removed and raised (absolute: ``src`` is relative to the cwd)
+                    pins.fetch_verified(self.nsd_ds, [src.absolute()])
                     self._fetched(s, src, time.monotonic() - t0)
                 self._ready.put(s)
         except BaseException as exc:  # handed to the main thread, which stops the run
