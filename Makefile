@@ -32,7 +32,7 @@ endif
 BUILD_TARGETS := $(wordlist 2,$(words $(MAKE_SPEC)),$(MAKE_SPEC))
 
 .PHONY: help venv check-identity demo test test-slow test-slurm lint format bench bench-load \
-	bench-pipeline $(BUILD_TARGETS)
+	bench-pipeline bench-decode bench-conventions $(BUILD_TARGETS)
 
 help:
 	@PYTHONPATH='$(CURDIR)/code' $(PYTHON_BOOT) -m nsdprep.makefile --help
@@ -77,5 +77,7 @@ format: venv
 bench: BENCH := resample
 bench-load: BENCH := load
 bench-pipeline: BENCH := pipeline
-bench bench-load bench-pipeline: venv
+bench-decode: BENCH := decode
+bench-conventions: BENCH := conventions
+bench bench-load bench-pipeline bench-decode bench-conventions: venv
 	$(PY) bench/bench_$(BENCH).py $(OPTIONS)

@@ -18,8 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 
-from nsdprep import options
-from nsdprep.options import Options
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))  # as the Makefile sets it
+
+from nsdprep import options  # noqa: E402
+from nsdprep.options import Options  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -154,7 +154,9 @@ def main() -> int:
     parser.add_argument("--clean", action="store_true", help="remove the data afterwards")
     parser.add_argument("--write-only", action="store_true", help="write the data, measure nothing")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    _shared.add_make_options(parser)
     args = parser.parse_args()
+    _shared.make_options(args)  # none changes this benchmark; a wrong one is refused
     if args.child:
         return _shared.answer_child({"curate": child}, ["curate", *args.child])
     info_file = args.data / "info.json"

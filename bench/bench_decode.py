@@ -262,14 +262,18 @@ def main() -> int:
     parser.add_argument(
         "--scale", type=float, default=1.0, help="trials and voxels x S (quick check)"
     )
-    parser.add_argument("--jobs", type=int, default=2, help="decoder worker threads (default 2)")
+    parser.add_argument("--jobs", type=int, default=None, help="worker threads (default: JOBS)")
     parser.add_argument("--data", type=Path, default=ROOT / "bench/data/decode")
     parser.add_argument("--no-logistic", action="store_true", help="skip the logistic comparison")
     parser.add_argument(
         "--clean", action="store_true", help="remove the synthetic subject at the end"
     )
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    _shared.add_make_options(parser)
     args = parser.parse_args()
+    if not args.child:
+        opts = _shared.make_options(args)
+        args.jobs = opts.jobs if args.jobs is None else args.jobs
     if args.child:
         return _shared.answer_child(CHILDREN, args.child)
     if not 0 < args.scale <= 1:

@@ -17,7 +17,7 @@ from sklearn.model_selection._validation import _shuffle
 from sklearn.utils import check_random_state
 
 from nsdprep.core import nsd
-from nsdprep.core.errors import FormatError, MissingInputError
+from nsdprep.core.errors import FormatError, MissingInputError, UsageError
 from nsdprep.stages import decode as dec
 from nsdprep.stages.decode import data as decode_data
 from nsdprep.stages.decode import linalg, ridge
@@ -414,3 +414,39 @@ def test_config_checks_classifier_and_alpha() -> None:
     with pytest.raises(ValueError, match="--alpha must be > 0, got 0"):
         dec.DecodeConfig(alpha=0)
     assert dec.DecodeConfig().classifier == "ridge"
+
+
+def test_shared1000_split_trains_on_train_and_tests_on_test(tmp_path: Path) -> None:
+    """SPLIT=shared1000: one fit on the train rows, scored on the test rows only; the same
+    predictions as scikit-learn's RidgeClassifier on the session-z-scored data."""
+    import pandas as pd
+
+    folder = tmp_path / "curated"
+    truth = make_curated(folder, 1, seed=7)
+    table_path = folder / "sub-01_trials.tsv"
+    table = pd.read_csv(table_path, sep="\t")
+    n = len(table)
+    test = np.zeros(n, bool)
+    test[np.random.default_rng(2).choice(n, size=n // 4, replace=False)] = True
+    table["split"] = np.where(test, "test", "train")
+    table.to_csv(table_path, sep="\t", index=False)
+    cfg = dec.DecodeConfig(permutations=10, alpha=0.5, split="shared1000")
+    res = dec.decode(folder, tmp_path / "out", [1], cfg)["subjects"]["sub-01"]
+    assert (res["split"], res["n_train"], res["n_test"]) == (
+        "shared1000",
+        n - test.sum(),
+        test.sum(),
+    )
+    assert res["n_trials"] == test.sum() and len(res["fold_balanced_accuracy"]) == 1
+    X = np.load(folder / "sub-01_X.npy").astype(np.float64)
+    Z = zscore_by_session(X, table["session"].to_numpy())
+    y = np.load(folder / "sub-01_labels.npy")
+    Zs = Z[:, np.any(X != 0, axis=0)]
+    clf = RidgeClassifier(alpha=0.5 * Zs.shape[1]).fit(Zs[~test], y[~test])
+    expected = balanced_accuracy_score(y[test], clf.predict(Zs[test]))
+    assert res["mean_balanced_accuracy"] == pytest.approx(expected, abs=1e-6)
+    assert res["mean_balanced_accuracy"] > 1 / res["n_classes"] + 0.2  # the planted signal
+    assert res["permutation_p_value"] == pytest.approx(1 / 11)
+    assert truth["labels"].size == n
+    with pytest.raises(UsageError, match="CLASSIFIER=ridge"):
+        dec.DecodeConfig(split="shared1000", classifier="logistic")

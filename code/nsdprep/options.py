@@ -227,8 +227,9 @@ class Spec:
     targets: tuple[str, ...]
     #: a different value gives different output bytes (part of the run fingerprint)
     changes_output: bool
-    #: passed to the stage command of its targets (else read by ``nsdprep build`` itself)
-    passed: bool
+    #: passed to the stage command of its targets as a flag (``True``), of these targets only
+    #: (a tuple), or of none (``False``: read by ``nsdprep build`` itself)
+    passed: bool | tuple[str, ...]
 
     @property
     def var(self) -> str:
@@ -248,7 +249,7 @@ def option(
     *,
     targets: Sequence[str],
     changes_output: bool,
-    passed: bool = True,
+    passed: bool | tuple[str, ...] = True,
 ) -> Any:
     """Declare one option: a dataclass field of :class:`Options` carrying its :class:`Spec`."""
     meta = {"kind": kind, "help": help, "targets": tuple(targets)}
@@ -285,6 +286,7 @@ class Options:
         OneOf(nsd.LABEL_MODES), "default",
         "label rule: default (largest annotation), crop (inside the shown crop), legacy",
         targets=("coco-labels", "curated", "decode", "all"), changes_output=True,
+        passed=("coco-labels", "curated"),
     )  # fmt: skip
     coco_max_mb: int = option(
         Whole(1), 2048, "coco-labels: largest inflated COCO JSON accepted from the zip (MiB)",
@@ -305,20 +307,24 @@ class Options:
     zscore: str = option(
         OneOf(("none", "session")), "none",
         "curated: session = z-score each voxel within each session over its trials (float32)",
-        targets=("curated", "all"), changes_output=True,
+        targets=("curated", "decode", "all"), changes_output=True,
+        passed=("curated",),
     )  # fmt: skip
     average: bool = option(
         YesNo(), False, "curated: one row per image, the mean of its kept repeats (float32)",
-        targets=("curated", "all"), changes_output=True,
+        targets=("curated", "decode", "all"), changes_output=True,
+        passed=("curated",),
     )  # fmt: skip
     roi: str = option(
         Name(), "", "curated: keep only the voxels of this MNI ROI of NSD, e.g. nsdgeneral "
         "(empty: all grey matter)",
-        targets=("curated", "all"), changes_output=True,
+        targets=("curated", "decode", "all"), changes_output=True,
+        passed=("curated",),
     )  # fmt: skip
     max_session: int = option(
         Whole(0), 0, "curated: use sessions 1..N at most, e.g. 37 as papers before 2023 (0: all)",
-        targets=("curated", "all"), changes_output=True,
+        targets=("curated", "decode", "all"), changes_output=True,
+        passed=("curated",),
     )  # fmt: skip
     subsample: int = option(
         Whole(0), 0, "decode: trials per subject for a quick look (0: all)",
@@ -331,6 +337,12 @@ class Options:
     classifier: str = option(
         OneOf(("ridge", "logistic")), "ridge",
         "decode: ridge (dual form, one factorization for all permutations) or logistic",
+        targets=("decode", "all"), changes_output=True,
+    )  # fmt: skip
+    split: str = option(
+        OneOf(("cv", "shared1000")), "cv",
+        "decode: cv (run-grouped folds) or shared1000 (train on the train rows, test on the "
+        "shared 1000 images)",
         targets=("decode", "all"), changes_output=True,
     )  # fmt: skip
     alpha: float = option(
@@ -510,7 +522,11 @@ def neutral(opts: Options) -> Options:
 
 def passed_to(target: str) -> tuple[Spec, ...]:
     """The options a stage command of ``target`` takes as flags."""
-    return tuple(s for s in SPECS if s.passed and target in s.targets)
+    return tuple(
+        s
+        for s in SPECS
+        if target in s.targets and (s.passed is True or (s.passed and target in s.passed))
+    )
 
 
 def to_argv(opts: Options, target: str) -> list[str]:

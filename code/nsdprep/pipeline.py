@@ -216,9 +216,15 @@ def curated_dir(opts: Options) -> str:
     return _suffixed(nsd.CURATED_DIR, curated_variant(opts))
 
 
+def decoding_variant(opts: Options) -> str:
+    """The decoding folder's suffix: the curated folder's, then ``split-shared1000`` if set."""
+    split = "" if opts.split == "cv" else f"split-{opts.split}"
+    return "_".join(p for p in (curated_variant(opts), split) if p)
+
+
 def decoding_dir(opts: Options) -> str:
-    """The decoding folder of the options (``derivatives/decoding[_crop]``)."""
-    return _suffixed(nsd.DECODING_DIR, labels_variant(opts))
+    """The decoding folder of the options (``derivatives/decoding[_crop][_zscore-session]...``)."""
+    return _suffixed(nsd.DECODING_DIR, decoding_variant(opts))
 
 
 def merged_json(opts: Options) -> str:
@@ -403,7 +409,7 @@ DECODE = Stage(
     fetches=False,
     cut="all",
     names_subjects=False,
-    variant=labels_variant,
+    variant=decoding_variant,
     args=_decode_args,
     inputs=lambda ds, opts, subjects: tuple(
         Input(
@@ -465,6 +471,8 @@ MAKE_TARGETS: dict[str, str] = {
     "bench": "benchmark the 3 mm resample on a full-geometry synthetic session (bench/results/)",
     "bench-load": "curated matrix vs streaming the 4D NIfTI on a full-size subject",
     "bench-pipeline": "benchmark make 3mm DROP=1 (downloads overlapping compute) + NSD projection",
+    "bench-decode": "the ridge decoder on a full-size synthetic subject, 100 and 1000 permutations",
+    "bench-conventions": "make curated ZSCORE=session AVERAGE=1 ROI=nsdgeneral, full-size subject",
 }
 
 #: Tools for the demo and the tests (``python -m nsdprep <tool>``), not pipeline stages.

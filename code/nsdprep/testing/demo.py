@@ -29,6 +29,10 @@ from nsdprep.testing.synth import SynthSpec, make_synthetic
 log = logging.getLogger(__name__)
 
 PIPELINE = ("coco-labels", "3mm", "curated", "decode")
+#: The field's preparation (session z-scores, repeats averaged, nsdgeneral) and its decoding,
+#: trained on the train images and tested on the shared 1000: what ``make demo`` adds.
+FIELD = "ZSCORE=session AVERAGE=1 ROI=nsdgeneral"
+DEMO_TARGETS = (*PIPELINE, f"curated {FIELD}", f"decode {FIELD} SPLIT=shared1000")
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,8 @@ def build_demo(
 ) -> Path:
     """Synthesize, serve, clone ``source``, register inputs and make ``targets``; return the clone.
 
+    A target may carry make words of its own (``"curated ZSCORE=session"``).
+
     With ``share``, then publish to a RIA store in ``workdir`` and play a colleague who clones it
     (:func:`colleague_flow`); what they saw is written to ``workdir/share.json``.
     """
@@ -178,8 +184,9 @@ def build_demo(
         nsd_url = f"{mirror.url}/nsd"
         coco_url = f"{mirror.url}/coco/annotations/annotations_trainval2017.zip"
         make(ds, "inputs", run_env, venv, [f"NSD_URL={nsd_url}", f"COCO_URL={coco_url}"])
-        for target in targets:
-            make(ds, target, run_env, venv, [*spec.make_vars(), f"JOBS={jobs}"])
+        for item in targets:
+            target, *words = item.split()
+            make(ds, target, run_env, venv, [*spec.make_vars(), f"JOBS={jobs}", *words])
         if share:
             facts = colleague_flow(ds, workdir, run_env, venv, spec)
             (workdir / "share.json").write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
@@ -298,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     venv = (args.venv or source / ".venv").resolve()
     workdir = (args.workdir or source / ".demo").resolve()
-    ds = build_demo(workdir, venv, source, jobs=args.jobs, share=True)
+    ds = build_demo(workdir, venv, source, targets=DEMO_TARGETS, jobs=args.jobs, share=True)
     minutes = (time.monotonic() - start) / 60
     print(f"\nDemo finished in {minutes:.1f} min. Results in the scratch dataset {ds}:")
     for rel in (
@@ -308,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         "derivatives/coco_categories.pkl",
         "derivatives/curated_3mm",
         "derivatives/decoding/report.md",
+        "derivatives/curated_3mm_zscore-session_avg_roi-nsdgeneral",
+        "derivatives/decoding_zscore-session_avg_roi-nsdgeneral_split-shared1000/report.md",
     ):
         print(f"  {ds / rel}")
     print(

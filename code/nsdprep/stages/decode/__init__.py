@@ -67,6 +67,7 @@ from nsdprep.stages.decode.data import (
     load_labels_runs,
     load_masked,
     load_sessions,
+    load_split,
     select_trials,
     subject_files,
 )
@@ -91,6 +92,12 @@ CLASSIFIERS = ("ridge", "logistic")
 #: ~10% for 0.003-0.1 and fell to chance above ~0.3 with unbalanced classes (strong shrinkage leaves
 #: the intercept's class prior to decide: the largest class every time); 0.03 is inside the plateau.
 DEFAULT_ALPHA = options.Options().alpha
+#: How the rows are split for testing (``split`` of :class:`DecodeConfig`).
+SPLIT_RULE = {
+    "cv": "GroupKFold by run (no shuffling)",
+    "shared1000": "held out: trained on the rows of split 'train', tested on the rows of split "
+    "'test' (the shared 1000 images, sharedix)",
+}
 #: Memory budget used to cap the number of jobs run at once (the machine has 24 GB, shared).
 DEFAULT_MEMORY_GB = 16.0
 CLASSIFIER_DETAIL = {
@@ -125,8 +132,16 @@ class DecodeConfig:
     classifier: str = options.Options().classifier
     #: ridge only: penalty per voxel; the ridge's alpha is ``alpha x n_voxels``
     alpha: float = DEFAULT_ALPHA
+    #: "cv" (run-grouped folds) or "shared1000" (train on the ``train`` rows, test on ``test``)
+    split: str = options.Options().split
 
     def __post_init__(self) -> None:
+        if self.split not in SPLIT_RULE:
+            raise UsageError(f"--split must be one of {', '.join(SPLIT_RULE)}, got {self.split!r}")
+        if self.split != "cv" and self.classifier != "ridge":
+            raise UsageError(
+                f"SPLIT={self.split} is decoded with CLASSIFIER=ridge (logistic: run-grouped folds)"
+            )
         minimum = {"n_folds": 2, "permutations": 0, "subsample": 0, "jobs": 1, "max_iter": 1}
         for name, value in asdict(self).items():
             flag = "--" + name.replace("_", "-")
@@ -267,7 +282,11 @@ def permutation_seed(seed: int, subject: int) -> int:
 
 
 def cross_validate(
-    X: np.ndarray, y: np.ndarray, runs: np.ndarray, config: DecodeConfig, subject: int = 0
+    X: np.ndarray,
+    y: np.ndarray,
+    runs: np.ndarray,
+    config: DecodeConfig,
+    subject: int = 0,
 ) -> dict[str, Any]:
     """Classifier, stratified dummy and within-run permutation test on the same run-grouped folds.
 
@@ -328,6 +347,7 @@ def cross_validate_ridge(
     n_volumes: int,
     config: DecodeConfig,
     timings: dict[str, float] | None = None,
+    held_out: list[Split] | None = None,
 ) -> dict[str, Any]:
     """The ridge decoder on one subject's selected trials: the fields of :func:`cross_validate`.
 
@@ -338,7 +358,7 @@ def cross_validate_ridge(
     from nsdprep.stages.decode.linalg import Workers
 
     sessions = load_sessions(files, n_volumes)[trials]
-    splits = run_grouped_splits(runs, config.n_folds)
+    splits = held_out or run_grouped_splits(runs, config.n_folds)
     _check_ridge_memory(trials.size, splits, config.memory_gb)
     t0 = time.perf_counter()
     with ColumnReader(files, trials, n_volumes) as read, Workers(config.jobs) as workers:
@@ -425,14 +445,32 @@ def decode_subject(
     log.info(
         "%s: %d of %d trials, %d classes, %d runs", label, y.size, n_volumes, classes.size, n_runs
     )
+    held_out = None
+    if config.split == "shared1000":
+        part = load_split(files, n_volumes)[trials]
+        train, test = (
+            np.flatnonzero(part == nsd.SPLIT_TRAIN),
+            np.flatnonzero(part == nsd.SPLIT_TEST),
+        )
+        if train.size == 0 or test.size == 0:
+            raise FormatError(
+                f"{files.trials}: SPLIT=shared1000 needs train and test rows, found "
+                f"{train.size} and {test.size}"
+            )
+        held_out = [(train, test)]  # split by image: an image's repeats are on one side only
     if config.classifier == "ridge":
-        cv = cross_validate_ridge(files, trials, y, runs, n_volumes, config, timings)
+        cv = cross_validate_ridge(files, trials, y, runs, n_volumes, config, timings, held_out)
         n_voxels, extra = cv["n_voxels"], {"alpha": float(cv["alpha"])}
     else:
         X, mask, _ = load_masked(files, trials, desc=label)
         cv = cross_validate(X, y, runs, config, files.subject)
         del X
         n_voxels, extra = int(mask.sum()), {}
+    if held_out:  # scored on the test rows only
+        ((train, test),) = held_out
+        cv = {**cv, "y_pred": cv["y_pred"][test], "splits": [(train, np.arange(test.size))]}
+        y, runs = y[test], runs[test]
+        extra |= {"split": config.split, "n_train": int(train.size), "n_test": int(test.size)}
     res = subject_results(label, y, runs, cv, n_available=n_volumes, n_voxels=n_voxels)
     res.update(extra)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
@@ -476,7 +514,7 @@ def decode(
             "alpha_rule": "alpha x n_voxels (per subject: `alpha` in its record)"
             if config.classifier == "ridge"
             else None,
-            "cv": "GroupKFold by run (no shuffling)",
+            "cv": SPLIT_RULE[config.split],
             "metric": "balanced accuracy",
             "mask": MASK_RULE,
             "subsample_rule": subsample_rule,
@@ -529,6 +567,7 @@ def main(args: argparse.Namespace) -> int:
         memory_gb=args.memory_gb,
         classifier=opts.classifier,
         alpha=opts.alpha,
+        split=opts.split,
     )
     results = decode(args.curated, args.out, args.subjects, config, provenance.command_of(args))
     for r in results["subjects"].values():

@@ -218,6 +218,26 @@ def load_sessions(files: CuratedFiles, n_volumes: int) -> np.ndarray:
     return sessions.astype(np.int64)
 
 
+def load_split(files: CuratedFiles, n_volumes: int) -> np.ndarray:
+    """``train``/``test`` of every row, from the ``split`` column of ``sub-XX_trials.tsv``."""
+    import pandas as pd
+
+    require_content(files.trials, "curated trial table", "build it with `make curated`")
+    try:
+        split = pd.read_csv(files.trials, sep="\t", usecols=["split"])["split"].to_numpy(str)
+    except ValueError as exc:
+        raise FormatError(
+            f"{files.trials}: expected a `split` column ({exc}); rebuild it with `make curated`"
+        ) from None
+    allowed = {nsd.SPLIT_TRAIN, nsd.SPLIT_TEST}
+    if split.shape != (n_volumes,) or not set(split.tolist()) <= allowed:
+        raise FormatError(
+            f"{files.trials}: expected {n_volumes} rows of {sorted(allowed)} in `split`, found "
+            f"{split.shape[0]} with {sorted(set(split.tolist()) - allowed)[:3]}"
+        )
+    return split
+
+
 class ColumnReader:
     """The selected trials of a subject, read as blocks of voxel columns (``reader(a, b)``).
 
@@ -237,7 +257,7 @@ class ColumnReader:
         self._fd: int | None = None
         self._X: np.ndarray | None = None
         if files.mask.is_file() and files.matrix.is_file():
-            offset, shape = _npy_layout(files.matrix)
+            offset, shape, self._dtype = _npy_layout(files.matrix)
             if shape[0] != n_volumes:
                 raise FormatError(
                     f"{files.matrix}: {shape[0]} rows, expected one per volume of "
@@ -270,9 +290,10 @@ class ColumnReader:
             return self._X[:, a:b]
         if self._fd is None:
             raise RuntimeError(f"{self.path}: reader closed")
-        out = np.empty((self.n_rows, b - a), dtype="<i2")
-        row_bytes, want = self.n_cols * 2, (b - a) * 2
-        start = self._offset + a * 2
+        size = self._dtype.itemsize
+        out = np.empty((self.n_rows, b - a), dtype=self._dtype)
+        row_bytes, want = self.n_cols * size, (b - a) * size
+        start = self._offset + a * size
         for k, r in enumerate(self.trials.tolist()):
             if os.preadv(self._fd, [out[k]], start + r * row_bytes) != want:
                 raise FormatError(
@@ -295,8 +316,12 @@ class ColumnReader:
         self.close()
 
 
-def _npy_layout(path: Path) -> tuple[int, tuple[int, int]]:
-    """Data offset and shape of a 2D C-order little-endian int16 ``.npy`` (the curated matrix)."""
+def _npy_layout(path: Path) -> tuple[int, tuple[int, int], np.dtype]:
+    """Data offset, shape and dtype of a 2D C-order ``.npy`` (the curated matrix).
+
+    int16 (betas x 300, as NSD stores them) or float32 (z-scored or averaged, ``make curated
+    ZSCORE=session`` / ``AVERAGE=1``), little-endian.
+    """
     from numpy.lib import format as npy
 
     try:
@@ -309,6 +334,8 @@ def _npy_layout(path: Path) -> tuple[int, tuple[int, int]]:
             offset = fh.tell()
     except ValueError as exc:
         raise FormatError(f"{path}: not a .npy matrix ({exc})") from None
-    if len(shape) != 2 or fortran or dtype != np.dtype("<i2"):
-        raise FormatError(f"{path}: expected a 2D C-order int16 matrix, found {shape} {dtype}")
-    return offset, (int(shape[0]), int(shape[1]))
+    if len(shape) != 2 or fortran or dtype not in (np.dtype("<i2"), np.dtype("<f4")):
+        raise FormatError(
+            f"{path}: expected a 2D C-order int16 or float32 matrix, found {shape} {dtype}"
+        )
+    return offset, (int(shape[0]), int(shape[1])), dtype

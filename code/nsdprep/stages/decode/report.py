@@ -62,7 +62,7 @@ def subject_results(
         "permutation_mean": _r(np.mean(perm)) if perm else None,
         "permutation_p_value": _r(cv["p_value"]) if perm else None,
         "permutation_p_min": _r(1.0 / (len(perm) + 1)) if perm else None,
-        "confusion_matrix": _r((cm / cm.sum(axis=1, keepdims=True)).tolist()),
+        "confusion_matrix": _r((cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)).tolist()),
         "confusion_counts": cm.astype(int).tolist(),
     }
 

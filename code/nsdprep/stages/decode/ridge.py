@@ -240,7 +240,7 @@ def cross_validate_ridge(
     del perms
     V = labels.shape[0]
     scores = np.empty((len(splits), V))
-    y_pred = np.empty(y.size, dtype=np.intp)
+    y_pred = np.zeros(y.size, dtype=np.intp)  # rows in no test fold (a held-out split) stay 0
     t_factor = t_solve = 0.0
     for f, (train, test) in enumerate(splits):
         t0 = time.perf_counter()
