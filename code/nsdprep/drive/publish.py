@@ -3,7 +3,7 @@
 - The superdataset gets a git sibling and an ORA storage sibling in the store
   (``datalad create-sibling-ria``), and an alias so it can be cloned by name; its history and the
   derivatives' annexed content are pushed (``datalad push --data anything``).
-- Each installed input subdataset gets a git sibling only (``--storage-sibling off``) and is pushed with
+- Each installed input subdataset gets a git sibling only (no storage sibling) and is pushed with
   ``--data nothing``: its history and file registrations travel, its content stays at its web URLs
   (the NSD bucket, the COCO site), so nobody re-hosts NSD.
 - Running it again pushes only what is new (``datalad push`` compares with the sibling).
@@ -62,18 +62,18 @@ def publish(
     ]
     for sub in subs:
         rel = sub.relative_to(ds).as_posix()
-        _sibling(sub, ria_url, sibling, storage="off", alias=f"{alias}-{rel.replace('/', '-')}")
+        _sibling(sub, ria_url, sibling, storage=False, alias=f"{alias}-{rel.replace('/', '-')}")
         log.info("pushing %s (history and URL registrations; content stays at its web URLs)", rel)
         dataset.api_call(
             "push", f"datalad push {rel}", dataset=str(sub), to=sibling, data="nothing"
         )
-    _sibling(ds, ria_url, sibling, storage="on", alias=alias)
+    _sibling(ds, ria_url, sibling, storage=True, alias=alias)
     log.info("pushing the dataset and its derivatives' content to %s", ria_url)
     dataset.api_call("push", "datalad push", dataset=str(ds), to=sibling, data="anything")
     return clone_url(ria_url, alias)
 
 
-def _sibling(ds: Path, url: str, name: str, *, storage: str, alias: str) -> None:
+def _sibling(ds: Path, url: str, name: str, *, storage: bool, alias: str) -> None:
     """Create the RIA sibling ``name`` of ``ds`` unless it exists."""
     known = dataset.api_call("siblings", "datalad siblings", action="query", dataset=str(ds))
     if any(r.get("name") == name for r in known):
