@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -301,3 +304,76 @@ def test_uncreatable_store_with_reconfigure_changes_nothing(
     with pytest.raises(NsdPrepError, match="afile"):
         publish.publish(ds, ria(tmp_path / "afile/store"), reconfigure=True)
     assert remotes(ds) == before
+
+
+# -- interrupts -----------------------------------------------------------------------------------
+def test_interrupt_inside_datalad_is_an_interrupt_not_its_error_text(
+    ds: Path, tmp_path: Path, git_env, monkeypatch, capsys
+) -> None:
+    """A child killed by the Ctrl-C leaves its traceback in a failed result; that is no error."""
+    import datalad.api
+
+    from nsdprep import cli
+
+    def push(**kwargs):
+        try:
+            signal.raise_signal(signal.SIGINT)  # the terminal's Ctrl-C reaches us too
+        except KeyboardInterrupt:
+            pass  # ...but a library in between caught it and carried on
+        return [
+            {
+                "action": "publish",
+                "status": "error",
+                "path": kwargs["dataset"],
+                "type": "dataset",
+                "message": 'Traceback (most recent call last):\n  File "ora_remote.py", line '
+                "12, in <module>\nKeyboardInterrupt",
+            }
+        ]
+
+    monkeypatch.setattr(datalad.api, "push", push)
+    code = cli.main(["publish", "--ria", ria(tmp_path / "store"), "--dataset", str(ds)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("nsdprep publish:")]
+    assert code == 130, err[-1500:]
+    assert len(lines) == 1 and "interrupted" in lines[0], lines
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_ctrl_c_during_publish_one_line_then_resumes(ds: Path, tmp_path: Path, git_env) -> None:
+    """SIGINT to the whole process group (what the terminal sends) while the content is pushed."""
+    (ds / "derivatives/big.bin").write_bytes(os.urandom(64 * 1024 * 1024))
+    subprocess.run(
+        ["datalad", "save", "-d", str(ds), "-m", "big"],
+        check=True,
+        env=git_env,
+        capture_output=True,
+    )
+    store = tmp_path / "store"
+    proc = subprocess.Popen(
+        [*PUBLISH, "--ria", ria(store), "--dataset", str(ds)],
+        cwd=ds, env=git_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    seen: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            seen.append(line)
+            if "derivatives' content" in line:
+                started.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert started.wait(180), "".join(seen)[-2000:]
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(120)
+    reader.join()
+    ours = [ln for ln in seen if ln.startswith("nsdprep publish:")]
+    assert proc.returncode == 130, "".join(seen)[-2000:]
+    assert len(ours) == 1 and "interrupted" in ours[0], ours
+    assert not any("Traceback" in ln or "Error:" in ln for ln in ours), ours
+    again = publish_cli(ds, ria(store), git_env)
+    assert_same_content(clone_as_printed(again, tmp_path, git_env), ds)

@@ -18,6 +18,8 @@ It goes where it says, or nowhere:
   be written), a folder that is neither empty nor a store, or an alias that already names another
   dataset in the store is refused before anything is created.
 - A sibling whose repository vanished from the store (a wiped store) is set up again there.
+- An interrupt is an interrupt: if Ctrl-C reaches DataLad's children and their failure comes back
+  as a result or an exception, it is raised as :class:`KeyboardInterrupt`, not as their text.
 
 A clone from the store finds the subdatasets there by their dataset ID (DataLad configures the store as
 a subdataset source when cloning from it), so ``datalad get -n inputs/nsd`` works from a clone.
@@ -26,17 +28,21 @@ a subdataset source when cloning from it), so ``datalad get -n inputs/nsd`` work
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
 import shlex
+import signal
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nsdprep.core import dataset, nsd
-from nsdprep.core.errors import DatasetStateError, UsageError
+from nsdprep.core.errors import DatasetStateError, NsdPrepError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +292,38 @@ def _repository_missing(member: _Member, ria_url: str) -> bool:
     return not (path / dsid[:3] / dsid[3:] / "config").is_file()
 
 
-# -- DataLad calls ----------------------------------------------------------------------------------
+# -- interrupts ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _noting_interrupts() -> Iterator[Callable[[], bool]]:
+    """Note a SIGINT while DataLad works, so a child's failure from it is not taken for an error.
+
+    The previous handler still runs (Python's raises :class:`KeyboardInterrupt`); the note
+    matters when a library in between catches that and reports the failed child instead.
+    """
+    seen = False
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous in (
+        signal.SIG_IGN,
+        None,
+    ):
+        yield lambda: False
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        nonlocal seen
+        seen = True
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield lambda: seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _one_line(text: str) -> str:
     """A child's error output on one line: its last few distinct lines, no traceback frames."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -296,13 +333,19 @@ def _one_line(text: str) -> str:
     return " / ".join(unique[-3:])[-400:]
 
 
-def _call(command: str, what: str, **kwargs: Any) -> list[dict[str, Any]]:
-    """:func:`dataset.api_call`, with DataLad's exceptions (a failed git command) on one line."""
+def _call(
+    command: str, what: str, interrupted: Callable[[], bool], **kwargs: Any
+) -> list[dict[str, Any]]:
+    """:func:`dataset.api_call`, with an interrupt kept an interrupt and DataLad's exceptions on one line."""
     from datalad.runner.exception import CommandError
 
     try:
         return dataset.api_call(command, what, **kwargs)
-    except (CommandError, OSError) as exc:
+    except (NsdPrepError, CommandError, OSError) as exc:
+        if interrupted():
+            raise KeyboardInterrupt from None
+        if isinstance(exc, NsdPrepError):
+            raise
         if isinstance(exc, CommandError):
             detail = _one_line(exc.stderr or exc.stdout or str(exc.msg or ""))
             raise DatasetStateError(
@@ -354,31 +397,32 @@ def publish(
         _resolve(members, ria_url, sibling)
     check_store(ria_url)
     check_alias(ria_url, alias, dataset.dataset_id(ds))
-    recheck = set()
-    for m in members:
-        if _set_up(m, ria_url, sibling):
-            recheck.add(m.rel)
-    for m in members:
-        what = m.where
-        force = "checkdatapresent" if m.rel in recheck else None
-        if m.storage:
-            log.info("pushing %s and its derivatives' content to %s", what, ria_url)
-            data = "anything"
-        else:
-            log.info(
-                "pushing %s (history and URL registrations; content stays at its web URLs)",
-                what,
-            )
-            data = "nothing"
-        _call(
-            "push", f"datalad push of {what}",
-            dataset=str(m.path), to=sibling, data=data, force=force,
-        )  # fmt: skip
+    with _noting_interrupts() as interrupted:
+        recheck = set()
+        for m in members:
+            if _set_up(m, ria_url, sibling, interrupted):
+                recheck.add(m.rel)
+        for m in members:
+            what = m.where
+            force = "checkdatapresent" if m.rel in recheck else None
+            if m.storage:
+                log.info("pushing %s and its derivatives' content to %s", what, ria_url)
+                data = "anything"
+            else:
+                log.info(
+                    "pushing %s (history and URL registrations; content stays at its web URLs)",
+                    what,
+                )
+                data = "nothing"
+            _call(
+                "push", f"datalad push of {what}", interrupted,
+                dataset=str(m.path), to=sibling, data=data, force=force,
+            )  # fmt: skip
     _check_published(ds, ria_url, alias)
     return clone_url(ria_url, alias)
 
 
-def _set_up(m: _Member, ria_url: str, sibling: str) -> bool:
+def _set_up(m: _Member, ria_url: str, sibling: str, interrupted: Callable[[], bool]) -> bool:
     """Make ``m``'s sibling point at ``ria_url``; True if content must be checked, not assumed."""
     git_url = dataset.git(m.path, "config", "--get", f"remote.{sibling}.url", check=False).strip()
     in_place = (
@@ -395,7 +439,7 @@ def _set_up(m: _Member, ria_url: str, sibling: str) -> bool:
         "setting up" if m.configured else "creating", sibling, m.where, ria_url, m.alias,
     )  # fmt: skip
     _call(
-        "create_sibling_ria", f"datalad create-sibling-ria for {m.where}",
+        "create_sibling_ria", f"datalad create-sibling-ria for {m.where}", interrupted,
         url=ria_url, name=sibling, dataset=str(m.path), storage_sibling=m.storage,
         alias=m.alias, new_store_ok=True, existing=existing,
     )  # fmt: skip
