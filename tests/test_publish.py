@@ -148,6 +148,11 @@ def test_fresh_publish_printed_clone_command_works(ds: Path, tmp_path: Path, git
     assert_same_content(mate, ds)
     for sub in SUBS:  # found in the one store, by dataset ID
         assert git_out(mate / sub, "config", "remote.origin.url").startswith(str(store))
+        # history only: no storage sibling for content that stays at its web URLs
+        storage = _run(
+            ["git", "config", "--get-regexp", r"^remote\.ria-storage\."], ds / sub, git_env
+        )
+        assert storage.stdout == "", storage.stdout
 
 
 def test_mixed_state_subdatasets_follow_the_superdataset(ds: Path, tmp_path: Path, git_env) -> None:
