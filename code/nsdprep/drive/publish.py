@@ -54,7 +54,7 @@ ALIAS_OPTION = "ALIAS"
 RECONFIGURE_OPTION = "RIA_RECONFIGURE=1"
 _RIA_RE = re.compile(r"^ria\+(file|ssh|http|https)://")
 _FILE_PREFIX = "ria+file://"
-#: Layout of a dataset's repository in a RIA store (v1): ``<store>/<id[:3]>/<id[3:]>``.
+#: A clone's ``origin`` may point at ``<store>/alias/<name>`` (a sibling at ``<store>/<id[:3]>/<id[3:]>``).
 _ALIAS_TAIL_RE = re.compile(r"/alias/[^/]+$")
 
 
