@@ -137,3 +137,19 @@ def test_publish_without_ria_url_says_how(origin: Path, git_env) -> None:
     )  # fmt: skip
     assert proc.returncode != 0
     assert "make publish needs RIA=<store URL>" in proc.stdout + proc.stderr
+
+
+def test_publish_to_another_store_is_refused(origin: Path, facts: dict, git_env, tmp_path) -> None:
+    """``make publish RIA=<another store>`` with the ``ria`` sibling in place: one line, nothing made."""
+    other = tmp_path / "other-store"
+    env = {**git_env, "PATH": f"{VENV / 'bin'}:{git_env['PATH']}"}
+    before = git_out(origin, "config", "--get-regexp", r"^remote\.")
+    proc = subprocess.run(
+        ["make", "-C", str(origin), "publish", f"VENV={VENV}", f"RIA=ria+file://{other}"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode != 0, proc.stdout[-1500:]
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("nsdprep publish:")]
+    assert len(ours) == 1 and facts["ria"] in ours[0] and "RIA_SIBLING=" in ours[0], ours
+    assert not other.exists()
+    assert git_out(origin, "config", "--get-regexp", r"^remote\.") == before

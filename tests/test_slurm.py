@@ -375,7 +375,7 @@ def test_submit_without_slurm_commands_says_where_to_run(monkeypatch, tmp_path: 
 
 def test_backend_slurm_runs_only_datalad_run_targets(git_env, tmp_path: Path) -> None:
     ds = _git_init(tmp_path / "ds")
-    with pytest.raises(UsageError, match="BACKEND=slurm runs 3mm, coco-labels, curated, decode"):
+    with pytest.raises(UsageError, match="BACKEND=slurm runs coco-labels, 3mm, curated, decode"):
         build.run_target("rerun", ds, Options(backend="slurm"))
     proc = subprocess.run(
         [sys.executable, "-m", "nsdprep", "build", "3mm", "BACKEND=cloud"],

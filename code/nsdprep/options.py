@@ -381,6 +381,10 @@ class Options:
         Text(), "nsdprep", "publish: the dataset's alias in the store",
         targets=(*CLUSTER, "publish"), changes_output=False, passed=False,
     )  # fmt: skip
+    ria_reconfigure: bool = option(
+        YesNo(), False, "publish: move the sibling to RIA= (content copied and checked there)",
+        targets=("publish",), changes_output=False, passed=False,
+    )  # fmt: skip
     nsd_url: str = option(
         Text(), nsd.NSD_BASE_URL, "inputs: base URL of the NSD bucket (or a mirror of it)",
         targets=("inputs",), changes_output=True,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -101,8 +102,10 @@ def _publish(ds: Path, opts: Options) -> int:
 
     if not opts.ria:
         raise UsageError("make publish needs RIA=<store URL>, e.g. RIA=ria+file:///data/ria-store")
-    url = publish.publish(ds, opts.ria, sibling=opts.ria_sibling, alias=opts.alias)
-    print(f"published. Clone it with:\n  datalad clone '{url}' nsd-decoding")
+    url = publish.publish(
+        ds, opts.ria, sibling=opts.ria_sibling, alias=opts.alias, reconfigure=opts.ria_reconfigure
+    )
+    print(f"published. Clone it with:\n  datalad clone {shlex.quote(url)} nsd-decoding")
     return 0
 
 

@@ -41,20 +41,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nsdprep import options
 from nsdprep.core import dataset, nsd
 from nsdprep.core.errors import DatasetStateError, NsdPrepError, UsageError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIBLING = "ria"
-DEFAULT_ALIAS = "nsdprep"
+DEFAULT_SIBLING = options.Options().ria_sibling
+DEFAULT_ALIAS = options.Options().alias
 #: How messages name the choices a user has (the make variables of ``make publish``).
 SIBLING_OPTION = "RIA_SIBLING"
 ALIAS_OPTION = "ALIAS"
 RECONFIGURE_OPTION = "RIA_RECONFIGURE=1"
 _RIA_RE = re.compile(r"^ria\+(file|ssh|http|https)://")
 _FILE_PREFIX = "ria+file://"
-#: Layout of a dataset's repository in a RIA store (v1): ``<store>/<id[:3]>/<id[3:]>``.
+#: A clone's ``origin`` may point at ``<store>/alias/<name>`` (a sibling at ``<store>/<id[:3]>/<id[3:]>``).
 _ALIAS_TAIL_RE = re.compile(r"/alias/[^/]+$")
 
 
@@ -403,7 +404,7 @@ def publish(
             if _set_up(m, ria_url, sibling, interrupted):
                 recheck.add(m.rel)
         for m in members:
-            what = "the dataset" if m.rel == "." else m.rel
+            what = m.where
             force = "checkdatapresent" if m.rel in recheck else None
             if m.storage:
                 log.info("pushing %s and its derivatives' content to %s", what, ria_url)
@@ -477,18 +478,20 @@ def _check_published(ds: Path, ria_url: str, alias: str) -> None:
 
 # -- CLI ------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``python -m nsdprep publish --ria URL [--sibling ria] [--alias nsdprep] [--dataset .]``."""
-    parser.add_argument("--ria", required=True, help="RIA store URL, e.g. ria+file:///data/store")
-    parser.add_argument("--sibling", default=DEFAULT_SIBLING, help="sibling name (default: ria)")
-    parser.add_argument("--alias", default=DEFAULT_ALIAS, help="name to clone the dataset by")
+    """``python -m nsdprep publish --ria URL [--ria-sibling ria] [--alias nsdprep] [--dataset .]``."""
     parser.add_argument("--dataset", type=Path, default=Path("."), help="superdataset root")
+    names = ("ria", "ria_sibling", "alias", "ria_reconfigure")
+    options.add_arguments(parser, [options.spec(n) for n in names])
 
 
 def main(args: argparse.Namespace) -> int:
     """Publish and print the clone command."""
+    opts = options.from_args(args)
+    if not opts.ria:
+        raise UsageError("publish needs --ria <store URL>, e.g. --ria ria+file:///data/ria-store")
     url = publish(
-        args.dataset, args.ria, sibling=args.sibling, alias=args.alias,
-        reconfigure=bool(getattr(args, "reconfigure", False)),
+        args.dataset, opts.ria, sibling=opts.ria_sibling, alias=opts.alias,
+        reconfigure=opts.ria_reconfigure,
     )  # fmt: skip
     print(f"published. Clone it with:\n  datalad clone {shlex.quote(url)} nsd-decoding")
     return 0

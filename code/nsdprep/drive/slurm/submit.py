@@ -75,13 +75,8 @@ def submit(target: str, ds: Path, opts: Options) -> int:
 
 def store_url(ds: Path, opts: Options) -> str:
     """The RIA store the jobs clone from and push to: the sibling's store, else ``RIA``."""
-    known = dataset.storage_url(ds, f"{opts.ria_sibling}-storage")
-    if known and opts.ria and known.rstrip("/") != opts.ria.rstrip("/"):
-        raise UsageError(
-            f"RIA={opts.ria} differs from the store {known} of the sibling {opts.ria_sibling!r}; "
-            "leave RIA out to use that store, or name another sibling (RIA_SIBLING=...)."
-        )
-    url = known or opts.ria
+    # the same rule as `make publish`: the one store the dataset and its subdatasets go to
+    url = publish.resolve_store(ds, opts.ria or None, sibling=opts.ria_sibling)
     if not url:
         raise UsageError(
             "BACKEND=slurm needs an output store that the compute nodes and this dataset both reach: "
