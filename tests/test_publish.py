@@ -197,7 +197,7 @@ def test_mixed_state_another_store_is_refused_before_anything(
 def test_another_sibling_name_publishes_there_too(ds: Path, tmp_path: Path, git_env) -> None:
     first, other = tmp_path / "store", tmp_path / "other"
     assert publish_cli(ds, ria(first), git_env).returncode == 0
-    proc = publish_cli(ds, ria(other), git_env, "--sibling", "other")
+    proc = publish_cli(ds, ria(other), git_env, "--ria-sibling", "other")
     mate = clone_as_printed(proc, tmp_path, git_env)
     assert_same_content(mate, ds)
     assert git_out(ds, "config", "remote.ria.url").startswith(str(first))
