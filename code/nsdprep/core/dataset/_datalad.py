@@ -99,14 +99,19 @@ def api_call(
     return results
 
 
-def get(ds: str | Path, paths: Sequence[str | Path], *, hint_403: str = "") -> list[dict[str, Any]]:
+def get(
+    ds: str | Path, paths: Sequence[str | Path], *, hint_403: str = "", jobs: int = 1
+) -> list[dict[str, Any]]:
     """``datalad get`` ``paths`` of dataset ``ds`` (a failed download is a :class:`RemoteError`).
 
-    The error names each failing file with the URL(s) it was fetched from.
+    ``jobs`` > 1 downloads that many files at once (``datalad get -J``, i.e. ``git annex get -J``:
+    git-annex's own parallel transfers, started in the order of the files). The error names each
+    failing file with the URL(s) it was fetched from.
     """
     import datalad.api as dl
 
-    results = dl.get(path=[os.path.abspath(p) for p in paths], dataset=str(ds), **QUIET)
+    more = {"jobs": jobs} if jobs > 1 else {}
+    results = dl.get(path=[os.path.abspath(p) for p in paths], dataset=str(ds), **more, **QUIET)
     failed = [
         str(r["path"])
         for r in results
