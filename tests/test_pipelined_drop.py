@@ -312,7 +312,8 @@ def test_failed_stream_stops_the_others_and_drops_everything(
     naming the file and its URL."""
     nsd = clone / "inputs/nsd"
     key = BETAS.format(n=3)
-    served.limit(None, connection_rate_mb_s=slow_links / 4)  # the others are still downloading
+    git_out(nsd, "config", "annex.retry", "0")  # fail at once: the others are 10 s from the end
+    served.limit(None, connection_rate_mb_s=slow_links / 10)
     served.deny(f"nsd/{key}")
     stats = resample.PipelineStats()
     try:
@@ -327,7 +328,9 @@ def test_failed_stream_stops_the_others_and_drops_everything(
     assert "\n" not in message, message
     assert key in message and f"{served.url}/nsd/{key}" in message, message
     assert "403" in message or "Forbidden" in message, message
-    assert watch.peak_partial >= 2, stats.events  # the failure hit while others were downloading
+    # the failure hit while the others were downloading: they were stopped, none completed
+    assert watch.peak_partial >= 3, stats.events  # sessions 1, 2 and 4
+    assert [s for _t, kind, s in stats.events if kind == "fetched"] == [], stats.events
     assert _present(nsd) == [] and _annex_files(nsd) == 0, os.listdir(
         dataset.git_dir(nsd) / "annex/tmp"
     )
