@@ -182,14 +182,18 @@ def test_prefetch_option_checks() -> None:
 
 
 def test_prefetch_and_jobs_are_not_in_the_fingerprint(origin: Path) -> None:
-    """PREFETCH, JOBS and DROP change no output byte: the step's identity must not depend on them."""
+    """PREFETCH, JOBS, DROP and STREAMS change no output byte: the step's identity must not depend
+    on them."""
     plans = [
-        steps.steps_for("3mm", origin, Options(drop=d, prefetch=p, jobs=j, subjects=(1,)))
-        for p, j, d in ((0, 1, True), (1, 2, True), (4, 3, False))
+        steps.steps_for(
+            "3mm", origin, Options(drop=d, prefetch=p, jobs=j, streams=n, subjects=(1,))
+        )
+        for p, j, d, n in ((0, 1, True, 1), (1, 2, True, 4), (4, 3, False, 4), (1, 2, True, 8))
     ]
-    assert len({plan[0].command for plan in plans}) == 3  # each run records what it did
+    assert len({plan[0].command for plan in plans}) == 4  # each run records what it did
     assert len({tuple(plan[0].identity()) for plan in plans}) == 1
     assert "--prefetch" in plans[0][0].command
+    assert "--streams" in plans[0][0].command
 
 
 # ------------------------------------------------------------------------------------------------
@@ -466,6 +470,7 @@ def test_interrupted_pipelined_run_drops_what_it_fetched(
     log = (tmp_path / "make.log").read_text()
     assert git_out(clone, "rev-parse", "HEAD").strip() == head
     assert _present(nsd) == [], log
+    assert _annex_files(nsd) == 0, log  # no partial download of a stopped stream either
     assert not _journal(nsd).exists(), log
     assert not list((clone / "derivatives").rglob("*.part")), log
     assert all(line.startswith("?? derivatives/3mm/subj01/") for line in _status(clone))
