@@ -263,7 +263,7 @@ class Options:
     streams: int = option(
         Whole(1), 4,
         "3mm DROP=1 and get: downloads at once (parallel connections), in order of need",
-        targets=("3mm", "get", "all", "bench-pipeline"), changes_output=False,
+        targets=("3mm", "get", "all"), changes_output=False,
     )  # fmt: skip
     force: bool = option(
         YesNo(), False, "rebuild although the inputs or options changed since the last run",
