@@ -510,6 +510,10 @@ def test_rate_cap_total_and_per_connection(tmp_path: Path) -> None:
         # per connection: each stream 1 MB/s, so two streams together still take >= 0.6 s,
         # less each stream's 64 KiB burst
         assert fetch_all(f"{m.url}/b/f", 2) >= (size - 65_536) / 1e6 - 0.01
+        # both, as S3 over a link: each stream 1 MB/s, all of them 1.5 MB/s, so three streams
+        # together take >= 1.2 s (the total cap binds), less its 0.05 s burst
+        m.limit(1.5, connection_rate_mb_s=1.0)
+        assert fetch_all(f"{m.url}/b/f", 3) >= (3 * size - 75_000) / 1.5e6 - 0.01
     assert fast < 0.5
     with pytest.raises(Exception, match="positive"):
         Mirror(tmp_path, rate_mb_s=0)
