@@ -150,6 +150,23 @@ def test_present_content_is_kept_and_journaled_content_is_dropped(clone: Path, e
     assert not _journal(nsd).exists()
 
 
+def test_partial_download_of_an_interrupted_run_is_removed(clone: Path, env) -> None:
+    """A session a killed run was downloading, and that this run does not need: its partial
+    download goes too (git-annex keeps it in .git/annex/tmp under its key's file name)."""
+    nsd = clone / "inputs/nsd"
+    left = BETAS.format(n=4)
+    partial = dataset.partial_downloads(nsd, [left])[left]
+    assert partial.parent == dataset.git_dir(nsd) / "annex/tmp"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(b"\0" * 1000)
+    _journal(nsd).write_text(f"{left}\n")
+    resample.resample_subject(
+        nsd, 1, clone / "out", jobs=1, drop=True, sessions=[1], progress=False
+    )
+    assert not partial.exists()
+    assert _annex_files(nsd) == 0 and not _journal(nsd).exists()
+
+
 def test_failed_session_stops_fetching_and_drops(
     clone: Path, env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
