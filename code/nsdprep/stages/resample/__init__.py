@@ -337,9 +337,10 @@ def resample_subject(
     stats.jobs, stats.prefetch, stats.streams = jobs, prefetch, streams
     if drop and streams > jobs + prefetch:
         log.info(
-            "STREAMS=%d, but at most JOBS + PREFETCH = %d sessions are on disk (downloads "
-            "included): up to %d downloads at once; a larger PREFETCH allows more",
-            streams, jobs + prefetch, jobs + prefetch,
+            "up to %d downloads at once, not STREAMS=%d: at most JOBS + PREFETCH = %d sessions "
+            "are on disk, downloads included (PREFETCH=%d lets %d streams run while the workers "
+            "compute)",
+            jobs + prefetch, streams, jobs + prefetch, streams, streams,
         )  # fmt: skip
     t_start = stats.t0 = time.monotonic()
     ctx = mp.get_context("fork")
