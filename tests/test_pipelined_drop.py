@@ -26,7 +26,7 @@ import pytest
 from conftest import REPO_ROOT, git_out
 from nsdprep import options
 from nsdprep.core import dataset
-from nsdprep.core.errors import RemoteError, UsageError
+from nsdprep.core.errors import DatasetStateError, RemoteError, UsageError
 from nsdprep.core.nsd import Layout
 from nsdprep.drive import steps
 from nsdprep.options import Options
@@ -165,6 +165,17 @@ def test_partial_download_of_an_interrupted_run_is_removed(clone: Path, env) -> 
     )
     assert not partial.exists()
     assert _annex_files(nsd) == 0 and not _journal(nsd).exists()
+
+
+def test_fetcher_that_cannot_start_fails_with_its_own_error(
+    clone: Path, env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(repo, rels):  # type: ignore[no-untyped-def]
+        raise DatasetStateError("examinekey failed on purpose")
+
+    monkeypatch.setattr(dataset, "partial_downloads", broken)
+    with pytest.raises(DatasetStateError, match="on purpose"):
+        resample.resample_subject(clone / "inputs/nsd", 1, clone / "out", drop=True, progress=False)
 
 
 def test_failed_session_stops_fetching_and_drops(

@@ -166,6 +166,8 @@ class Prefetcher:
     def close(self) -> None:
         """Stop, wait for the threads, and drop what this mode fetched (content and partials)."""
         self.stop()
+        if self._fetch_thread.ident is None or self._drop_thread.ident is None:
+            return  # :meth:`start` failed before fetching anything
         self._fetch_thread.join()
         with self._lock:
             left = sorted(self._ours)
