@@ -196,6 +196,8 @@ def get_file(
     from nsdprep.core.dataset._datalad import check_results, web_urls
 
     repo = Path(repo)
+    if cancel is not None and cancel.is_set():
+        return False
     # the retry and stall settings, where the repository has none of its own (as datalad does)
     defaults = [
         item
