@@ -751,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
             str(n): by[n]["cpu_seconds"] / total_mb * 1e3 for n in by
         },
         "download_first_arrival_s_by_streams": {str(n): by[n]["first_arrival_s"] for n in by},
+        "download_server_cpu_s_by_streams": {str(n): by[n]["server_cpu_seconds"] for n in by},
         "download_loadavg_after_by_streams": {str(n): by[n]["loadavg_after"] for n in by},
         "best_streams": best,
         "jobs": args.jobs,
