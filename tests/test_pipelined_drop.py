@@ -26,7 +26,7 @@ import pytest
 from conftest import REPO_ROOT, git_out
 from nsdprep import options
 from nsdprep.core import dataset
-from nsdprep.core.errors import UsageError
+from nsdprep.core.errors import DatasetStateError, RemoteError, UsageError
 from nsdprep.core.nsd import Layout
 from nsdprep.drive import steps
 from nsdprep.options import Options
@@ -98,20 +98,21 @@ def _digests(out: Path) -> dict[str, str]:
 def test_disk_bound_and_overlap(
     clone: Path, env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, jobs: int, prefetch: int
 ) -> None:
+    """One download at a time (STREAMS=1): the bound, the look-ahead, the same bytes."""
     nsd = clone / "inputs/nsd"
     seen: list[int] = []
-    real_get = dataset.get
+    real_get = dataset.get_file
 
-    def counting_get(ds, paths, **kw):  # type: ignore[no-untyped-def]
-        result = real_get(ds, paths, **kw)
+    def counting_get(ds, rel, **kw):  # type: ignore[no-untyped-def]
+        result = real_get(ds, rel, **kw)
         seen.append(_annex_files(nsd))  # a download just ended: the most content on disk
         return result
 
-    monkeypatch.setattr(dataset, "get", counting_get)
+    monkeypatch.setattr(dataset, "get_file", counting_get)
     stats = resample.PipelineStats()
     results = resample.resample_subject(
-        nsd, 1, tmp_path / "drop", jobs=jobs, drop=True, prefetch=prefetch, progress=False,
-        stats=stats,
+        nsd, 1, tmp_path / "drop", jobs=jobs, drop=True, prefetch=prefetch, streams=1,
+        progress=False, stats=stats,
     )  # fmt: skip
     assert len(results) == LAYOUT.sessions[0]
     assert len(seen) == LAYOUT.sessions[0]  # every session fetched once
@@ -131,7 +132,7 @@ def test_disk_bound_and_overlap(
         assert all(t["fetch", s + 1] < t["dropped", s] for s in sessions[:-1]), stats.events
 
     # same bytes as the ordinary mode (content fetched up front)
-    monkeypatch.setattr(dataset, "get", real_get)
+    monkeypatch.setattr(dataset, "get_file", real_get)
     dataset.get(nsd, [nsd / BETAS.format(n=s) for s in sessions])
     resample.resample_subject(nsd, 1, tmp_path / "plain", jobs=2, progress=False)
     assert _digests(tmp_path / "drop") == _digests(tmp_path / "plain")
@@ -147,6 +148,34 @@ def test_present_content_is_kept_and_journaled_content_is_dropped(clone: Path, e
     resample.resample_subject(nsd, 1, clone / "out", jobs=2, drop=True, progress=False)
     assert _present(nsd) == [mine]
     assert not _journal(nsd).exists()
+
+
+def test_partial_download_of_an_interrupted_run_is_removed(clone: Path, env) -> None:
+    """A session a killed run was downloading, and that this run does not need: its partial
+    download goes too (git-annex keeps it in .git/annex/tmp under its key's file name)."""
+    nsd = clone / "inputs/nsd"
+    left = BETAS.format(n=4)
+    partial = dataset.partial_downloads(nsd, [left])[left]
+    assert partial.parent == dataset.git_dir(nsd) / "annex/tmp"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(b"\0" * 1000)
+    _journal(nsd).write_text(f"{left}\n")
+    resample.resample_subject(
+        nsd, 1, clone / "out", jobs=1, drop=True, sessions=[1], progress=False
+    )
+    assert not partial.exists()
+    assert _annex_files(nsd) == 0 and not _journal(nsd).exists()
+
+
+def test_fetcher_that_cannot_start_fails_with_its_own_error(
+    clone: Path, env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(repo, rels):  # type: ignore[no-untyped-def]
+        raise DatasetStateError("examinekey failed on purpose")
+
+    monkeypatch.setattr(dataset, "partial_downloads", broken)
+    with pytest.raises(DatasetStateError, match="on purpose"):
+        resample.resample_subject(clone / "inputs/nsd", 1, clone / "out", drop=True, progress=False)
 
 
 def test_failed_session_stops_fetching_and_drops(
@@ -181,14 +210,187 @@ def test_prefetch_option_checks() -> None:
 
 
 def test_prefetch_and_jobs_are_not_in_the_fingerprint(origin: Path) -> None:
-    """PREFETCH, JOBS and DROP change no output byte: the step's identity must not depend on them."""
+    """PREFETCH, JOBS, DROP and STREAMS change no output byte: the step's identity must not depend
+    on them."""
     plans = [
-        steps.steps_for("3mm", origin, Options(drop=d, prefetch=p, jobs=j, subjects=(1,)))
-        for p, j, d in ((0, 1, True), (1, 2, True), (4, 3, False))
+        steps.steps_for(
+            "3mm", origin, Options(drop=d, prefetch=p, jobs=j, streams=n, subjects=(1,))
+        )
+        for p, j, d, n in ((0, 1, True, 1), (1, 2, True, 4), (4, 3, False, 4), (1, 2, True, 8))
     ]
-    assert len({plan[0].command for plan in plans}) == 3  # each run records what it did
+    assert len({plan[0].command for plan in plans}) == 4  # each run records what it did
     assert len({tuple(plan[0].identity()) for plan in plans}) == 1
     assert "--prefetch" in plans[0][0].command
+    assert "--streams" in plans[0][0].command
+
+
+# ------------------------------------------------------------------------------------------------
+# STREAMS: several downloads at once, in order of need, within the same disk bound
+
+
+class DiskWatch:
+    """Samples the NSD annex every few ms while a run goes: content files on disk (objects plus
+    partial downloads) and partial downloads alone (= downloads under way), at their peak.
+    """
+
+    def __init__(self, nsd: Path) -> None:
+        self.annex = dataset.git_dir(nsd) / "annex"
+        self.peak_files = self.peak_partial = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _keys(self, sub: str) -> set[str]:
+        """Content files under ``sub``, by key (git-annex's ``*.lck`` lock files, made while
+        dropping, hold no content)."""
+        return {
+            name
+            for _r, _d, files in os.walk(self.annex / sub)
+            for name in files
+            if not name.endswith(".lck")
+        }
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            partial = self._keys("tmp")
+            self.peak_partial = max(self.peak_partial, len(partial))
+            # by key: a download moving from tmp/ to objects/ between the two walks counts once
+            self.peak_files = max(self.peak_files, len(partial | self._keys("objects")))
+            time.sleep(0.003)
+
+    def __enter__(self) -> DiskWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+@pytest.fixture
+def slow_links(served: Mirror) -> Iterator[float]:
+    """Each connection capped so that one session takes about a second: downloads overlap."""
+    size = max(p.stat().st_size for p in (served.root / "nsd").rglob("betas_session*.nii.gz"))
+    served.limit(None, connection_rate_mb_s=size / 1e6)
+    yield size / 1e6
+    served.limit(None)
+
+
+@pytest.mark.parametrize(
+    ("jobs", "prefetch", "streams"),
+    [(1, 2, 4), (1, 3, 2)],
+    ids=["bound-binds", "streams-bind"],
+)
+def test_streams_keep_the_disk_bound_counting_partial_downloads(
+    clone: Path, env, slow_links: float, tmp_path: Path, jobs: int, prefetch: int, streams: int
+) -> None:
+    """Downloads under way count: at most JOBS + PREFETCH content files (objects + partial
+    downloads) are ever on disk, and min(STREAMS, JOBS + PREFETCH) downloads do run at once."""
+    nsd = clone / "inputs/nsd"
+    stats = resample.PipelineStats()
+    with DiskWatch(nsd) as watch:
+        results = resample.resample_subject(
+            nsd, 1, tmp_path / "out", jobs=jobs, drop=True, prefetch=prefetch, streams=streams,
+            progress=False, stats=stats,
+        )  # fmt: skip
+    assert len(results) == LAYOUT.sessions[0]
+    assert watch.peak_files <= jobs + prefetch, (watch.peak_files, stats.events)
+    assert watch.peak_partial == min(streams, jobs + prefetch), (watch.peak_partial, stats.events)
+    assert stats.peak_sessions_on_disk <= jobs + prefetch
+    assert _present(nsd) == [] and _annex_files(nsd) == 0
+    assert not _journal(nsd).exists()
+
+
+def test_streams_start_in_order_of_need(
+    clone: Path, env, slow_links: float, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Several downloads at once, each started only after every session needed before it (and
+    seen so by the mirror); the outputs are the bytes of the one-at-a-time mode."""
+    nsd = clone / "inputs/nsd"
+    stats = resample.PipelineStats()
+    caplog.set_level("DEBUG", logger="nsdprep.testing.serve")
+    with DiskWatch(nsd) as watch:
+        resample.resample_subject(
+            nsd, 1, tmp_path / "streams", jobs=1, drop=True, prefetch=3, streams=3,
+            progress=False, stats=stats,
+        )  # fmt: skip
+    sessions = list(range(1, LAYOUT.sessions[0] + 1))
+    assert watch.peak_partial == 3, stats.events  # three downloads did run at once
+    started = [s for _t, kind, s in stats.events if kind == "fetch"]
+    assert started == sessions, stats.events
+    requested = [
+        int(m.group(1))
+        for r in caplog.records
+        if (m := re.search(r'"GET /nsd/\S*betas_session(\d\d)\.nii\.gz', r.getMessage()))
+    ]
+    # three git-annex processes started within milliseconds may reach the server in any order,
+    # but no session is asked for before every session needed STREAMS places earlier was
+    assert sorted(requested) == sessions, requested
+    assert all(s <= i + 3 for i, s in enumerate(requested, start=1)), requested
+    # each download started no later than any later session's
+    t = {(kind, s): when for when, kind, s in stats.events}
+    assert all(t["fetch", s] <= t["fetch", s + 1] for s in sessions[:-1])
+    resample.resample_subject(
+        nsd, 1, tmp_path / "one", jobs=1, drop=True, prefetch=1, streams=1, progress=False
+    )
+    assert _digests(tmp_path / "streams") == _digests(tmp_path / "one")
+    assert len(_digests(tmp_path / "one")) == len(sessions)
+
+
+def test_failed_stream_stops_the_others_and_drops_everything(
+    clone: Path, env, served: Mirror, slow_links: float, tmp_path: Path
+) -> None:
+    """One of several downloads fails (403): the others are stopped, every fetched byte (content
+    and partial downloads) is dropped, no output is left half-written, and the error is one line
+    naming the file and its URL."""
+    nsd = clone / "inputs/nsd"
+    key = BETAS.format(n=3)
+    git_out(nsd, "config", "annex.retry", "0")  # fail at once: the others are 10 s from the end
+    served.limit(None, connection_rate_mb_s=slow_links / 10)
+    served.deny(f"nsd/{key}")
+    stats = resample.PipelineStats()
+    try:
+        with DiskWatch(nsd) as watch, pytest.raises(RemoteError) as err:
+            resample.resample_subject(
+                nsd, 1, tmp_path / "out", jobs=1, drop=True, prefetch=3, streams=4,
+                progress=False, stats=stats,
+            )  # fmt: skip
+    finally:
+        served.clear_faults()
+    message = str(err.value)
+    assert "\n" not in message, message
+    assert key in message and f"{served.url}/nsd/{key}" in message, message
+    assert "403" in message or "Forbidden" in message, message
+    # the failure hit while the others were downloading: they were stopped, none completed
+    assert watch.peak_partial >= 3, stats.events  # sessions 1, 2 and 4
+    assert [s for _t, kind, s in stats.events if kind == "fetched"] == [], stats.events
+    assert _present(nsd) == [] and _annex_files(nsd) == 0, os.listdir(
+        dataset.git_dir(nsd) / "annex/tmp"
+    )
+    assert not _journal(nsd).exists()
+    assert not list((tmp_path / "out").glob("*.part"))
+    assert not (tmp_path / "out" / "betas_session03.nii.gz").exists()
+
+
+def test_make_get_downloads_streams_at_once(clone: Path, env, slow_links: float) -> None:
+    """make get: STREAMS files at once through git-annex's own parallel transfers, all verified."""
+    from nsdprep.stages import inputs
+
+    nsd = clone / "inputs/nsd"
+    with DiskWatch(nsd) as watch:
+        inputs.get_subjects(clone, [1], streams=3)
+    assert watch.peak_partial == 3
+    assert sum("betas_session" in f for f in _present(nsd)) == LAYOUT.sessions[0]
+    git_out(nsd, "annex", "fsck", "--", SUBJ01)  # every file verified against its key
+
+
+def test_streams_option_checks() -> None:
+    assert options.from_words(["STREAMS=8"]).streams == 8
+    assert Options().streams == resample.DEFAULT_STREAMS == 4
+    for bad in ("0", "four"):
+        with pytest.raises(UsageError, match=r"^STREAMS=.* STREAMS takes a whole number >= 1"):
+            options.from_words([f"STREAMS={bad}"])
+    assert not options.spec("streams").changes_output
+    assert {"3mm", "get", "all"} <= set(options.spec("streams").targets)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,6 +498,7 @@ def test_interrupted_pipelined_run_drops_what_it_fetched(
     log = (tmp_path / "make.log").read_text()
     assert git_out(clone, "rev-parse", "HEAD").strip() == head
     assert _present(nsd) == [], log
+    assert _annex_files(nsd) == 0, log  # no partial download of a stopped stream either
     assert not _journal(nsd).exists(), log
     _assert_reported_interrupt(clone, log)
     _finish_and_compare(clone, env, head, plain=False)
@@ -413,6 +616,10 @@ def test_rate_cap_total_and_per_connection(tmp_path: Path) -> None:
         # per connection: each stream 1 MB/s, so two streams together still take >= 0.6 s,
         # less each stream's 64 KiB burst
         assert fetch_all(f"{m.url}/b/f", 2) >= (size - 65_536) / 1e6 - 0.01
+        # both, as S3 over a link: each stream 1 MB/s, all of them 1.5 MB/s, so three streams
+        # together take >= 1.2 s (the total cap binds), less its 0.05 s burst
+        m.limit(1.5, connection_rate_mb_s=1.0)
+        assert fetch_all(f"{m.url}/b/f", 3) >= (3 * size - 75_000) / 1.5e6 - 0.01
     assert fast < 0.5
     with pytest.raises(Exception, match="positive"):
         Mirror(tmp_path, rate_mb_s=0)

@@ -277,6 +277,11 @@ class Options:
         Whole(0), 1, "3mm DROP=1: sessions fetched ahead (disk: JOBS + PREFETCH sessions)",
         targets=("3mm", "all", "bench-pipeline"), changes_output=False,
     )  # fmt: skip
+    streams: int = option(
+        Whole(1), 4,
+        "3mm DROP=1 and get: downloads at once (parallel connections), in order of need",
+        targets=("3mm", "get", "all"), changes_output=False,
+    )  # fmt: skip
     force: bool = option(
         YesNo(), False, "rebuild although the inputs or options changed since the last run",
         targets=("3mm", "coco-labels", "curated", "decode", "all"), changes_output=False,

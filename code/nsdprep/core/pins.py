@@ -338,7 +338,7 @@ def verify_fetched(
 
 
 def fetch_verified(
-    ds: str | Path, paths: Sequence[str | Path], *, hint_403: str = ""
+    ds: str | Path, paths: Sequence[str | Path], *, hint_403: str = "", jobs: int = 1
 ) -> Verification:
     """``datalad get`` ``paths`` of ``ds``, then :func:`verify_fetched` them (also after a failure).
 
@@ -354,7 +354,7 @@ def fetch_verified(
     ]  # fmt: skip
     if not wanted:
         return Verification()
-    results = dataset.get(ds, wanted, check=False)
+    results = dataset.get(ds, wanted, check=False, jobs=jobs)
     outcome = verify_fetched(ds, wanted, check=False)
     refused = [
         str(r["path"])

@@ -67,12 +67,12 @@ def run_target(target: str, ds: Path, opts: Options, command: str = "") -> int:
             from nsdprep.stages import inputs
 
             subjects = inventory.select_subjects(ds / nsd.NSD_DATASET, opts.subjects)
-            fn = {
-                "get": inputs.get_subjects,
-                "drop": inputs.drop_subjects,
-                "repair": repair.repair_subjects,
-            }[target]
-            fn(ds, subjects)
+            if target == "get":
+                inputs.get_subjects(ds, subjects, streams=opts.streams)
+            elif target == "drop":
+                inputs.drop_subjects(ds, subjects)
+            else:
+                repair.repair_subjects(ds, subjects)
             return 0
         run_plan(ds, steps_for(target, ds, opts), force=opts.force)
     return 0

@@ -64,6 +64,8 @@ NSD_EXTRA_KEYS = (nsd.EXPDESIGN_KEY, nsd.STIM_INFO_KEY, nsd.STIM_INFO_CSV_KEY, n
 NSD_EXPERIMENT_KEYS = (nsd.EXPDESIGN_KEY, nsd.STIM_INFO_KEY, nsd.STIM_INFO_CSV_KEY)
 
 _KEY_SIZE_RE = re.compile(r"^[A-Z0-9]+-s(?P<size>\d+)--")
+#: Files downloaded at once by ``make get`` (``STREAMS``).
+DEFAULT_STREAMS: int = options.spec("streams").default
 
 
 # -- what to register -----------------------------------------------------------------------------
@@ -455,8 +457,13 @@ def ensure_subdataset(ds_root: str | Path, rel: str) -> Path:
 
 
 # -- fetching and freeing -------------------------------------------------------------------------
-def get_subjects(ds_root: str | Path, subjects: Iterable[int] | None) -> list[int]:
+def get_subjects(
+    ds_root: str | Path, subjects: Iterable[int] | None, *, streams: int = DEFAULT_STREAMS
+) -> list[int]:
     """``datalad get`` the betas of ``subjects`` (1-based; empty = all) and the experiment files.
+
+    ``streams`` files download at once (``datalad get -J``: git-annex's own parallel transfers,
+    started in path order, so sessions in the order they are processed).
 
     Installs ``inputs/nsd`` first if needed; raises :class:`DatasetStateError` naming subjects that are
     not registered and :class:`RemoteError` if a download fails or does not verify. Integrity: before
@@ -481,7 +488,7 @@ def get_subjects(ds_root: str | Path, subjects: Iterable[int] | None) -> list[in
         )
     get_error: RemoteError | None = None
     try:
-        pins.fetch_verified(ds_root, [nsd_ds / r for r in rel], hint_403=NSD_403_HINT)
+        pins.fetch_verified(ds_root, [nsd_ds / r for r in rel], hint_403=NSD_403_HINT, jobs=streams)
     except RemoteError as exc:
         get_error = exc
     try:  # also after a failed get: what did arrive must not stay if it is wrong

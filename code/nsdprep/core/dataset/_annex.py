@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -364,3 +365,134 @@ def failed_downloads(repo: str | Path, keys: Sequence[str]) -> dict[str, Path]:
         if path.is_file() and (size is None or path.stat().st_size == size):
             found[key] = path
     return found
+
+
+# ------------------------------------------------------------------------------------------------
+# one download that can be stopped (the parallel streams of ``make 3mm DROP=1``)
+
+#: Seconds a stopped ``git annex get`` has to exit after SIGTERM before it is killed.
+STOP_GRACE_SECONDS = 10.0
+
+
+def get_file(
+    repo: str | Path,
+    rel: str,
+    *,
+    cancel: threading.Event | None = None,
+    hint_403: str = "",
+) -> bool:
+    """``git annex get rel`` in ``repo`` as one transfer that ``cancel`` can stop.
+
+    Returns True once the content is present, False if ``cancel`` was set first: the transfer is
+    then stopped (SIGTERM, then SIGKILL after :data:`STOP_GRACE_SECONDS`) and its partial download
+    stays in ``.git/annex/tmp`` (see :func:`discard_partial`). git-annex verifies the content as for
+    any ``get`` (``annex.verify``: against the checksum recorded for the key, or, at a VURL key's
+    first download, recording it) with the repository's retry and stall settings (else those of
+    :data:`TRANSFER_SETTINGS`); a failure raises
+    :class:`~nsdprep.core.errors.RemoteError` naming the file and its URL(s), one line per file.
+    Each call is its own git-annex process, so several run at once (git-annex locks its own state).
+    """
+    from nsdprep.core.dataset._datalad import check_results, web_urls
+
+    repo = Path(repo)
+    if cancel is not None and cancel.is_set():
+        return False
+    # the retry and stall settings, where the repository has none of its own (as datalad does)
+    defaults = [
+        item
+        for key, value in TRANSFER_SETTINGS.items()
+        if not git(repo, "config", "--get", key, check=False).strip()
+        for item in ("-c", f"{key}={value}")
+    ]
+    cmd = ["git", "-C", str(repo), *defaults, "annex", "get", "--json", "--json-error-messages"]
+    proc = subprocess.Popen(
+        [*cmd, "--", rel],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while True:
+            try:
+                out, err = proc.communicate(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                if cancel is not None and cancel.is_set():
+                    _stop(proc)
+                    return False
+    except BaseException:  # interrupted (Ctrl-C in this thread): no orphaned transfer
+        _stop(proc)
+        raise
+    if proc.returncode != 0 and cancel is not None and cancel.is_set():
+        return False  # stopped from outside while it was being stopped here
+    failed = []
+    for line in out.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not rec.get("success", True):
+            text = " / ".join(m.strip() for m in rec.get("error-messages", []) if m.strip())
+            failed.append(text or "failed")
+    path = str(repo / rel)
+    if proc.returncode != 0 and not failed:
+        failed.append(" / ".join(ln.strip() for ln in err.splitlines() if ln.strip()) or "failed")
+    if failed:
+        record = {"status": "error", "type": "file", "path": path, "message": " / ".join(failed)}
+        check_results(
+            [record], "git annex get", remote=True, hint_403=hint_403, urls=web_urls([path])
+        )
+    return True
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """Stop a running git-annex (its partial download stays where git-annex resumes it)."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.communicate(timeout=STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
+def partial_downloads(repo: str | Path, rels: Sequence[str]) -> dict[str, Path]:
+    """``{rel: path}``: where git-annex keeps a partial download of each annexed file ``rels``.
+
+    ``.git/annex/tmp/<key file name>`` (the key escaped as in the object store; the file exists
+    only while a download is under way or was interrupted).
+    """
+    if not rels:
+        return {}
+    records, _ = annex_json(repo, "find", "--include=*", "--", *rels)
+    keys = {rec["file"]: rec["key"] for rec in records if rec.get("file") and rec.get("key")}
+    if not keys:
+        return {}
+    order = list(keys)
+    proc = subprocess.run(
+        ["git", "-C", str(repo), "annex", "examinekey", "--batch", "--format=${objectpath}\\n"],
+        input="".join(f"{keys[r]}\n" for r in order),
+        capture_output=True,
+        text=True,
+    )
+    paths = proc.stdout.splitlines()
+    if proc.returncode != 0 or len(paths) != len(order):
+        raise DatasetStateError(
+            f"`git annex examinekey` failed in {repo}: {proc.stderr.strip() or 'unexpected output'}"
+        )
+    tmp = git_dir(repo) / "annex" / "tmp"
+    return {rel: tmp / Path(objpath).name for rel, objpath in zip(order, paths, strict=True)}
+
+
+def discard_partial(path: Path) -> int:
+    """Remove the partial download ``path`` (from :func:`partial_downloads`); the bytes freed.
+
+    Only for a download no git-annex process is working on any more (a stopped or failed one).
+    """
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    log.info("removed the partial download %s (%d bytes)", path.name, size)
+    return size

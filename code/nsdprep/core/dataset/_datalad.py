@@ -103,16 +103,24 @@ def api_call(
 
 
 def get(
-    ds: str | Path, paths: Sequence[str | Path], *, hint_403: str = "", check: bool = True
+    ds: str | Path,
+    paths: Sequence[str | Path],
+    *,
+    hint_403: str = "",
+    check: bool = True,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """``datalad get`` ``paths`` of dataset ``ds`` (a failed download is a :class:`RemoteError`).
 
     The error names each failing file with the URL(s) it was fetched from. ``check=False``
-    returns the result records unchecked (see :func:`check_get_results`).
+    returns the result records unchecked (see :func:`check_get_results`). ``jobs`` > 1 downloads
+    that many files at once (``datalad get -J``, i.e. git-annex's own parallel transfers, started
+    in the order of the files).
     """
     import datalad.api as dl
 
-    results = dl.get(path=[os.path.abspath(p) for p in paths], dataset=str(ds), **QUIET)
+    more = {"jobs": jobs} if jobs > 1 else {}
+    results = dl.get(path=[os.path.abspath(p) for p in paths], dataset=str(ds), **more, **QUIET)
     if check:
         check_get_results(results, hint_403=hint_403)
     return results

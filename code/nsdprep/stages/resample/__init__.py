@@ -28,12 +28,13 @@ Two paths, chosen from the affines (never from the data):
 
 Not reproduced: nilearn's NaN handling for float input with non-finite values (NSD betas are int16).
 
-Bounded disk (``--drop``, ``make 3mm DROP=1``): a fetcher thread ``datalad get``s the sessions one at a
-time, in order, ahead of the workers, and a session's content is ``datalad drop``ped as soon as its
-worker is done. At most ``jobs + prefetch`` sessions are on disk at any time (the one downloading
-included), so the link works while the CPUs do. Sessions this mode fetched are listed in a journal
-in the NSD subdataset's git directory until dropped; a later ``--drop`` run drops what a killed run
-left. Content that was present before is never dropped.
+Bounded disk (``--drop``, ``make 3mm DROP=1``): a fetcher starts the sessions' downloads in order, ahead
+of the workers, up to ``streams`` at once (each one ``git annex get``, one connection), and a
+session's content is ``datalad drop``ped as soon as its worker is done. At most ``jobs + prefetch``
+sessions are on disk at any time (the ones downloading included, partial downloads counted), so the
+link works while the CPUs do. Sessions this mode fetched are listed in a journal in the NSD
+subdataset's git directory until dropped; a later ``--drop`` run drops what a killed run left.
+Content that was present before is never dropped.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from nsdprep.core.nifti import (
 )
 from nsdprep.stages.resample.prefetch import (  # noqa: F401 (re-exported for users of the stage)
     DEFAULT_PREFETCH,
+    DEFAULT_STREAMS,
     JOURNAL_NAME,
     PipelineStats,
     Prefetcher,
@@ -236,6 +238,7 @@ def main(args: argparse.Namespace) -> int:
         jobs=opts.jobs,
         drop=opts.drop,
         prefetch=opts.prefetch,
+        streams=opts.streams,
         sessions=args.sessions,
         progress=not args.no_progress,
         stats=stats,
@@ -261,13 +264,15 @@ def resample_subject(
     sessions: Sequence[int] | None = None,
     progress: bool = True,
     stats: PipelineStats | None = None,
+    streams: int = DEFAULT_STREAMS,
 ) -> list[SessionResult]:
     """Resample the registered sessions of ``subject`` from ``nsd_ds`` into ``out`` with ``jobs`` workers.
 
     All headers are checked first (without ``drop``); a failing session stops the run with its file
     named, leaves no output for it and keeps the outputs of sessions already finished. With ``drop``
-    the inputs are fetched ahead of the workers and dropped after them, at most ``jobs + prefetch``
-    on disk (module docstring); on any failure or interruption what this run fetched is dropped.
+    the inputs are fetched ahead of the workers and dropped after them, up to ``streams`` downloads
+    at once and at most ``jobs + prefetch`` sessions on disk (module docstring); on any failure or
+    interruption what this run fetched is dropped, partial downloads included.
     """
     from nsdprep.core.inventory import registered_sessions
 
@@ -276,6 +281,8 @@ def resample_subject(
         raise UsageError(f"--jobs must be >= 1, got {jobs}")
     if prefetch < 0:
         raise UsageError(f"--prefetch must be >= 0, got {prefetch}")
+    if streams < 1:
+        raise UsageError(f"--streams must be >= 1, got {streams}")
     registered = registered_sessions(nsd_ds, subject)
     if not registered:
         raise MissingInputError(
@@ -322,7 +329,14 @@ def resample_subject(
             n_volumes[s] = volume_count(hdr)
 
     stats = stats if stats is not None else PipelineStats()
-    stats.jobs, stats.prefetch = jobs, prefetch
+    stats.jobs, stats.prefetch, stats.streams = jobs, prefetch, streams
+    if drop and streams > jobs + prefetch:
+        log.info(
+            "up to %d downloads at once, not STREAMS=%d: at most JOBS + PREFETCH = %d sessions "
+            "are on disk, downloads included (PREFETCH=%d lets %d streams run while the workers "
+            "compute)",
+            jobs + prefetch, streams, jobs + prefetch, streams, streams,
+        )  # fmt: skip
     t_start = stats.t0 = time.monotonic()
     ctx = mp.get_context("fork")
     events = ctx.Queue()
@@ -350,7 +364,9 @@ def resample_subject(
             if drop:
                 # Fork every worker now, before the fetcher's threads exist.
                 pool.submit(int).result()
-                fetcher = Prefetcher(nsd_ds, [(s, srcs[s]) for s in todo], jobs + prefetch, stats)
+                fetcher = Prefetcher(
+                    nsd_ds, [(s, srcs[s]) for s in todo], jobs + prefetch, stats, streams=streams
+                )
                 fetcher.start()
             else:
                 for s in todo:

@@ -1,10 +1,11 @@
 """The bounded-disk mode of the 3 mm stage (``make 3mm DROP=1``): fetch ahead, process, drop.
 
-A fetcher thread gets sessions through DataLad (checksums, provenance) ahead of the workers, at most
-``jobs + prefetch`` sessions on disk, each checked against the checksum recorded at registration
-(:func:`nsdprep.core.pins.fetch_verified`) before a worker sees it; a dropper frees each one once
-processed. A journal in the NSD
-git directory lists what was fetched and not yet dropped, so the next run drops what a killed run left.
+A fetcher starts the sessions' downloads in the order the workers need them, up to ``streams`` at
+once (each its own ``git annex get``: one connection, content verified by git-annex, then checked
+against the checksum recorded at registration, :func:`nsdprep.core.pins.verify_fetched`, before a
+worker sees it), at most ``jobs + prefetch`` sessions on disk, partial downloads included; a
+dropper frees each one once processed. A journal in the NSD git directory lists what was fetched and not yet dropped, so the
+next run drops what a killed run left.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nsdprep import options
 from nsdprep.core import dataset, pins
 from nsdprep.core._io import atomic_path
 
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: Sessions fetched ahead of the ones being processed in ``--drop`` mode (``PREFETCH``).
 DEFAULT_PREFETCH = 1
+#: Downloads at once in ``--drop`` mode (``STREAMS``; each is one connection).
+DEFAULT_STREAMS: int = options.spec("streams").default
 #: Journal of sessions fetched by ``--drop`` mode and not yet dropped (in the NSD git directory).
 JOURNAL_NAME = "nsdprep-prefetched"
 
@@ -34,11 +38,15 @@ class PipelineStats:
 
     ``events`` are ``(seconds since start, kind, session)`` with kinds ``fetch``, ``fetched``,
     ``start`` (handed to a worker), ``done`` and ``dropped``. Disk figures are the sizes of the
-    sessions' content files, taken when a download ends (when the most sessions are on disk).
+    sessions' content files and partial downloads, taken when a download ends (when the most
+    sessions are on disk).
     """
 
     jobs: int = 0
     prefetch: int = 0
+    streams: int = 1
+    #: most downloads running at once
+    peak_streams: int = 0
     fetched: int = 0
     fetched_bytes: int = 0
     fetch_seconds: float = 0.0
@@ -59,19 +67,24 @@ class PipelineStats:
             f"{self.fetch_seconds:.1f} s of downloads) while processing, in {self.wall_seconds:.1f} s; "
             f"peak on disk {self.peak_sessions_on_disk} sessions "
             f"({self.peak_bytes_on_disk / 1e6:.0f} MB; bound jobs + prefetch = "
-            f"{self.jobs + self.prefetch})"
+            f"{self.jobs + self.prefetch}); up to {self.peak_streams} of STREAMS={self.streams} "
+            "downloads at once"
         )
 
 
 class Prefetcher:
     """Fetch sessions ahead of the workers and drop them after, never more than ``slots`` on disk.
 
-    One fetch thread ``datalad get``s the sessions one at a time, in processing order: one download
-    at a time gets the session needed next soonest (the link is shared; git-annex cannot split one
-    file over connections), and a slot is taken before each download, so partial downloads count
-    too. One drop thread ``datalad drop``s each processed session and frees its slot; drops never
-    hold up the workers or the downloads. Content that was present before (and is not in the
-    journal of an interrupted run) is processed but neither counted as fetched nor dropped.
+    One fetch thread starts the downloads in processing order, up to ``streams`` at once: a
+    session's download starts only after every session before it has started, and only once it
+    holds one of the ``slots`` (taken before the download, so partial downloads count too) and one
+    of the ``streams``. Each download is its own ``git annex get`` (one connection; a single S3
+    connection is slow, several fill a fast link; git-annex cannot split one file over
+    connections), run by a thread of its own so that it can be stopped. One drop thread ``datalad
+    drop``s each processed session and frees its slot; drops never hold up the workers or the
+    downloads. On a failed download, :meth:`stop` or :meth:`close` the running downloads are
+    stopped and their partial downloads removed. Content that was present before (and is not in
+    the journal of an interrupted run) is processed but neither counted as fetched nor dropped.
     """
 
     def __init__(
@@ -80,12 +93,18 @@ class Prefetcher:
         sessions: Sequence[tuple[int, Path]],
         slots: int,
         stats: PipelineStats,
+        streams: int = 1,
     ) -> None:
         self.nsd_ds = nsd_ds
         self.sessions = list(sessions)
         self.stats = stats
         self.error: BaseException | None = None
         self._slots = threading.Semaphore(slots)
+        self._streams = threading.Semaphore(streams)
+        self._cancel = threading.Event()  # stops the running downloads
+        self._downloads: list[threading.Thread] = []
+        self._downloading = 0
+        self._partial: dict[int, Path] = {}
         self._ready: queue_mod.Queue[int | None] = queue_mod.Queue()
         self._drops: queue_mod.Queue[int | None] = queue_mod.Queue()
         self._stop = threading.Event()
@@ -109,7 +128,13 @@ class Prefetcher:
             )
             dataset.drop(self.nsd_ds, [self.nsd_ds / rel for rel in present])
         if stale:
+            partial = dataset.partial_downloads(self.nsd_ds, stale)
+            for path in partial.values():
+                dataset.discard_partial(path)
             self._journal.remove(*stale)
+        rels = {s: src.relative_to(self.nsd_ds).as_posix() for s, src in self.sessions}
+        where = dataset.partial_downloads(self.nsd_ds, list(rels.values()))
+        self._partial = {s: where[rel] for s, rel in rels.items() if rel in where}
         self._fetch_thread.start()
         self._drop_thread.start()
 
@@ -135,16 +160,17 @@ class Prefetcher:
         self._drops.put(session)
 
     def stop(self) -> None:
-        """Start no further download (the current one finishes; :meth:`close` drops it)."""
+        """Start no further download and stop the running ones (:meth:`close` cleans up)."""
         self._stop.set()
+        self._cancel.set()
 
     def close(self) -> None:
-        """Stop, wait for the threads, and drop every session this mode fetched and still holds.
-
-        An interrupt arriving meanwhile waits until the drops are done (then it is raised): the
-        clean-up it asks for is this one.
-        """
-        self._stop.set()
+        """Stop, wait for the threads, and drop what this mode fetched (content and partials)."""
+        self.stop()
+        if self._fetch_thread.ident is None or self._drop_thread.ident is None:
+            return  # :meth:`start` failed before fetching anything
+        # an interrupt arriving meanwhile waits until the drops are done (then it is raised):
+        # the clean-up it asks for is this one
         pending = _uninterrupted(self._fetch_thread.join)
         with self._lock:
             left = sorted(self._ours)
@@ -165,40 +191,78 @@ class Prefetcher:
             raise pending
 
     # -- threads ------------------------------------------------------------------------------
+    def _take(self, sem: threading.Semaphore) -> bool:
+        """Acquire ``sem`` unless the run stops first (False)."""
+        while not sem.acquire(timeout=0.1):
+            if self._stop.is_set():
+                return False
+        if self._stop.is_set():
+            sem.release()
+            return False
+        return True
+
     def _fetch_loop(self) -> None:
         try:
             journaled = set(self._journal.read())
             for s, src in self.sessions:
-                while not self._slots.acquire(timeout=0.1):
-                    if self._stop.is_set():
-                        return
-                if self._stop.is_set():
-                    self._slots.release()
+                if not self._take(self._slots):
                     return
                 rel = src.relative_to(self.nsd_ds).as_posix()
-                with self._lock:
-                    self._on_disk.add(s)
                 if src.exists():
-                    if rel in journaled:  # fetched by an interrupted run: ours to drop
-                        with self._lock:
+                    with self._lock:
+                        self._on_disk.add(s)
+                        if rel in journaled:  # fetched by an interrupted run: ours to drop
                             self._ours.add(s)
                     pins.verify_fetched(self.nsd_ds, [src.absolute()])  # checked once, if never
-                else:
-                    with self._lock:
-                        self._ours.add(s)
-                    self._journal.add(rel)
-                    self.stats.event("fetch", s)
-                    t0 = time.monotonic()
-                    log.info("datalad get %s", src)
-                    # a mismatch is removed and raised (absolute: ``src`` is relative to the cwd)
-                    pins.fetch_verified(self.nsd_ds, [src.absolute()])
-                    self._fetched(s, src, time.monotonic() - t0)
-                self._ready.put(s)
+                    self._ready.put(s)
+                    continue
+                if not self._take(self._streams):
+                    self._slots.release()
+                    return
+                with self._lock:
+                    self._on_disk.add(s)
+                    self._ours.add(s)
+                self._journal.add(rel)
+                self.stats.event("fetch", s)  # here, so that the events keep the start order
+                thread = threading.Thread(
+                    target=self._download, args=(s, src, rel), name=f"get-{s}", daemon=True
+                )
+                self._downloads.append(thread)
+                thread.start()
         except BaseException as exc:  # handed to the main thread, which stops the run
-            self.error = exc
+            self._fail(exc)
         finally:
+            for thread in self._downloads:
+                thread.join()
             self._delivering = False
             self._ready.put(None)
+
+    def _download(self, session: int, src: Path, rel: str) -> None:
+        """One stream: ``git annex get`` one session, hand it over, free the stream."""
+        try:
+            with self._lock:
+                self._downloading += 1
+                self.stats.peak_streams = max(self.stats.peak_streams, self._downloading)
+            t0 = time.monotonic()
+            log.info("git annex get %s", src)
+            if dataset.get_file(self.nsd_ds, rel, cancel=self._cancel):
+                # a mismatch with the pinned checksum is removed and raised (absolute path:
+                # ``src`` may be relative to the working directory)
+                pins.verify_fetched(self.nsd_ds, [src.absolute()])
+                self._fetched(session, src, time.monotonic() - t0)
+                self._ready.put(session)
+        except BaseException as exc:  # the first failure stops the run and every other stream
+            self._fail(exc)
+        finally:
+            with self._lock:
+                self._downloading -= 1
+            self._streams.release()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = exc
+        self.stop()
 
     def _fetched(self, session: int, src: Path, seconds: float) -> None:
         st = self.stats
@@ -207,10 +271,20 @@ class Prefetcher:
             st.fetched += 1
             st.fetched_bytes += src.stat().st_size
             st.fetch_seconds += seconds
-            held = [self._src[s] for s in self._on_disk]
+            held = list(self._on_disk)
             st.peak_sessions_on_disk = max(st.peak_sessions_on_disk, len(held))
-            on_disk = sum(p.stat().st_size for p in held if p.exists())
+            on_disk = sum(self._bytes_on_disk(s) for s in held)
             st.peak_bytes_on_disk = max(st.peak_bytes_on_disk, on_disk)
+
+    def _bytes_on_disk(self, session: int) -> int:
+        """Bytes of ``session``'s content, or of its partial download."""
+        for path in (self._src[session], self._partial.get(session)):
+            try:
+                if path is not None:
+                    return path.stat().st_size
+            except FileNotFoundError:
+                continue
+        return 0
 
     def _drop_loop(self) -> None:
         while (s := self._drops.get()) is not None:
@@ -219,12 +293,13 @@ class Prefetcher:
             if ours:
                 src = self._src[s]
                 try:
-                    log.info("datalad drop %s", src)
-                    dataset.drop(self.nsd_ds, [src])
+                    if src.exists():
+                        log.info("datalad drop %s", src)
+                        dataset.drop(self.nsd_ds, [src])
+                    if s in self._partial:  # a stopped or failed download
+                        dataset.discard_partial(self._partial[s])
                 except BaseException as exc:
-                    if self.error is None:
-                        self.error = exc
-                    self._stop.set()
+                    self._fail(exc)
                     continue
                 self._journal.remove(src.relative_to(self.nsd_ds).as_posix())
                 self.stats.event("dropped", s)
