@@ -1,7 +1,7 @@
 """What the benchmark scripts share: a fresh process per measurement, and where results go.
 
-Each measurement runs in its own interpreter (:func:`run_child`) so that its peak RSS (``wait4``'s
-``ru_maxrss``) is its own; the child prints its result as JSON on standard output. Results are
+Each measurement runs in its own interpreter (:func:`run_child`) so that its peak RSS is its own
+(:func:`nsdprep.testing.measure.run_measured`); the child prints its result as JSON on standard output. Results are
 written as ``bench/results/<kind>_<stamp>.json`` plus ``<kind>_latest.json`` (:func:`save_results`).
 """
 
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))  # as the 
 
 from nsdprep import options  # noqa: E402
 from nsdprep.options import Options  # noqa: E402
+from nsdprep.testing.measure import run_measured  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -41,16 +40,12 @@ def make_options(args: argparse.Namespace) -> Options:
 def run_child(
     script: str, args: Sequence[str], env: Mapping[str, str] | None = None
 ) -> tuple[dict, float]:
-    """Run ``python script --child args...``; return its JSON result and its peak RSS in MB."""
-    proc = subprocess.Popen(
-        [sys.executable, script, "--child", *args], stdout=subprocess.PIPE, env=env
-    )
-    out = proc.stdout.read()  # type: ignore[union-attr]
-    _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"benchmark child {' '.join(args)} failed ({code})")
-    return json.loads(out), usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    """Run ``python script --child args...``; return its JSON result and its own peak RSS in MB."""
+    run = run_measured([sys.executable, script, "--child", *args], env=env, capture=True)
+    sys.stderr.write(run.stderr)
+    if run.returncode != 0:
+        raise SystemExit(f"benchmark child {' '.join(args)} failed ({run.returncode})")
+    return json.loads(run.stdout), run.peak_mb
 
 
 def answer_child(children: Mapping[str, Callable[..., dict]], argv: Sequence[str]) -> int:

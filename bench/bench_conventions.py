@@ -7,7 +7,7 @@ registry (plain git) with the 1 mm valid masks and the 1 mm MNI ``nsdgeneral`` o
 :func:`nsdprep.testing.synth.roi_volume`, an experiment design with NSD's sizes (10,000 images per
 subject shown 3 times, 1,000 shared), the stim info CSV and a labels table. Then runs the stage
 command ``make curated`` records (``python -m nsdprep curate ...``), each variant in a fresh child
-process (peak RSS = ``wait4``'s ``ru_maxrss`` of that child, imports included; the memory-mapped
+process (peak RSS of that child alone, imports included: ``run_measured``; the memory-mapped
 output's pages count while they are mapped):
 
 - ``default``: ``make curated`` (int16, grey matter), for comparison;

@@ -9,7 +9,7 @@ stage computes it), 12 classes with NSD-like unbalanced counts, a weak planted p
 session offsets, shared low-rank noise. ``--scale S`` scales trials and voxels (0.1: ~1000x less
 work) for a quick check; the written subject is kept for later runs (``--clean`` removes it).
 
-Then, each in a fresh process (peak RSS from ``wait4``; the process's BLAS set to one thread as
+Then, each in a fresh process (its own peak RSS, ``run_measured``; the process's BLAS set to one thread as
 the Makefile does; the decoder runs ``--jobs`` worker threads):
 
 - ``sgemm``: the machine's float32 matrix product rate (numpy ``matmul`` of 4096-square matrices

@@ -373,7 +373,7 @@ CHILDREN = {
 
 
 def run_child(env: dict[str, str], *args: str) -> dict:
-    """Run this script as ``--child ...``; return its JSON plus its peak RSS (``wait4``)."""
+    """Run this script as ``--child ...``; return its JSON plus its own peak RSS."""
     result, peak_rss_mb = _shared.run_child(__file__, args, env)
     result["process_peak_rss_mb"] = peak_rss_mb
     result["loadavg_after"] = os.getloadavg()

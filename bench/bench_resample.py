@@ -1,6 +1,6 @@
 """Benchmark of the 3 mm stage on full-geometry synthetic sessions (182x218x182, NSD affine, int16).
 
-Three methods, each run in its own subprocess (peak RSS of that child alone, from ``wait4``):
+Three methods, each run in its own subprocess (peak RSS of that child alone, ``run_measured``):
 
 * ``reference`` -- nilearn as in the original processing (``resample_img`` to ``diag(3, 3, 3)``,
   GM mask resampled nearest, ``NiftiMasker`` round trip; the oracle of tests/test_resample.py),
@@ -220,7 +220,7 @@ CHILDREN = {
 
 
 def run_child(*args: str) -> dict:
-    """Run this script as ``--child ...``; return its JSON plus its own peak RSS (wait4)."""
+    """Run this script as ``--child ...``; return its JSON plus its own peak RSS."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     result, peak_rss_mb = _shared.run_child(__file__, args, env)
     result["peak_rss_mb"] = peak_rss_mb

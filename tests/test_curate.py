@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from nsdprep.core.nsd import Layout
 from nsdprep.stages import curate
 from nsdprep.stages.curate import selection as curate_select
 from nsdprep.stages.labels import write_table
+from nsdprep.testing.measure import run_measured
 
 RUNS = 4
 TPR = (8, 7)
@@ -509,16 +509,6 @@ def test_no_content_for_unfetched(small: Inputs, tmp_path: Path):
         _curate(small, tmp_path / "o")
 
 
-_RSS_SCRIPT = textwrap.dedent(
-    """
-    import resource, sys
-    from nsdprep.cli import main
-    rc = main(sys.argv[1:])
-    print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rc)
-    """
-)
-
-
 def test_peak_rss_does_not_grow_with_trials(tmp_path: Path, git_env):
     """Two runs over 2 and 10 sessions of a 48x56x48 grid (80 vs 400 volumes, 21 MB vs 103 MB of
     int16): peak memory must not follow the number of volumes."""
@@ -546,8 +536,8 @@ def test_peak_rss_does_not_grow_with_trials(tmp_path: Path, git_env):
         out = tmp_path / f"out_{label.split()[0]}"
         cmd = [
             sys.executable,
-            "-c",
-            _RSS_SCRIPT,
+            "-m",
+            "nsdprep",
             "curate",
             "--nsd",
             str(nsd),
@@ -564,10 +554,9 @@ def test_peak_rss_does_not_grow_with_trials(tmp_path: Path, git_env):
             "--trials-per-run",
             "20,20",
         ]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=git_env, check=False)
+        res = run_measured(cmd, env=git_env, capture=True)
         assert res.returncode == 0, res.stderr
-        line = [x for x in res.stdout.splitlines() if x.startswith("MAXRSS_KB")][-1]
-        rss[label] = int(line.split()[1]) / 1024
+        rss[label] = res.peak_mb
         n = nib.load(out / "sub-01.nii.gz").shape[3]
         assert n == int(label.split()[0]) * 40
         rss[label + " volumes"] = n

@@ -10,12 +10,10 @@
 from __future__ import annotations
 
 import gzip
-import os
 import pickle
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 import zlib
@@ -31,6 +29,7 @@ from nsdprep.core.errors import FormatError, HeaderError, MissingInputError, Usa
 from nsdprep.core.nifti import NiftiStreamWriter, check_betas_header, iter_volumes, read_header
 from nsdprep.options import Options
 from nsdprep.stages import labels as coco
+from nsdprep.testing.measure import run_measured
 
 
 def _forged_pickle(genuine: pd.DataFrame, marker: Path) -> bytes:
@@ -259,19 +258,13 @@ def bomb_zip(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def _run_coco(
     zip_path: Path, synth_root: Path, out: Path, *extra: str
 ) -> tuple[int, str, float, int]:
-    """``python -m nsdprep coco`` in a child: (exit code, stderr, seconds, peak RSS in bytes)."""
+    """``python -m nsdprep coco`` in a child: (exit code, stderr, seconds, its own peak RSS)."""
     bucket = synth_root / "nsd"
     cmd = [sys.executable, "-m", "nsdprep", "coco", "--zip", str(zip_path)]
     cmd += ["--stim-info", str(bucket / nsd.STIM_INFO_CSV_KEY), "--merged-out", str(out / "m.json")]
     cmd += ["--out", str(out / "labels.pkl"), *extra]
-    t0 = time.monotonic()
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.monotonic() - t0
-        err.seek(0)
-        stderr = err.read().decode()
-    return os.waitstatus_to_exitcode(status), stderr, seconds, usage.ru_maxrss * 1024
+    run = run_measured(cmd, capture=True)
+    return run.returncode, run.stderr, run.seconds, run.peak_bytes
 
 
 def test_zip_bomb_is_refused_quickly_in_little_memory(

@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     debug = args.verbose or bool(os.environ.get(DEBUG_ENV))
     prefix = f"nsdprep {args.command}"
+    previous = signals.install()
     try:
-        signals.install()
         if args.command in WRITES_DATASET:
             from nsdprep.core.dataset import require_writable
 
@@ -121,3 +121,5 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_BUG
+    finally:
+        signals.restore(previous)

@@ -24,10 +24,20 @@ class Interrupted(KeyboardInterrupt):
         self.detail = detail
 
 
-def install() -> None:
-    """SIGINT and SIGTERM raise :class:`KeyboardInterrupt` in the main thread, the first time."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _handler)
+def install() -> dict[int, object]:
+    """SIGINT and SIGTERM raise :class:`KeyboardInterrupt` in the main thread, the first time.
+
+    Signals noted by an earlier command in this process are forgotten. Returns the handlers it
+    replaced, for :func:`restore`.
+    """
+    _received.clear()
+    return {sig: signal.signal(sig, _handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore(previous: dict[int, object]) -> None:
+    """Put back the handlers :func:`install` replaced (a command run inside a longer process)."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
 def _handler(signum: int, _frame: FrameType | None) -> None:
