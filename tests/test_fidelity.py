@@ -210,7 +210,10 @@ def test_the_run_records_which_stim_info_file_was_read(demo_built: Path) -> None
         ["git", "-C", str(demo_built), "log", "--format=%B", "-n1", "--", str(summary)],
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
-    assert "[nsdprep] coco-labels" in log and "--stim-info-csv" in log
+    assert log.startswith("[DATALAD RUNCMD] [nsdprep] coco-labels"), log
+    record = json.loads(log.split("=== Do not change lines below ===")[1].split("^^^")[0])
+    assert f"--stim-info {nsd.NSD_DATASET}/{nsd.STIM_INFO_CSV_KEY}" in record["cmd"], record
+    assert nsd.STIM_INFO_KEY not in record["cmd"] + " ".join(record["inputs"]), record
 
 
 # ---------------------------------------------------------------------------- NSD's header

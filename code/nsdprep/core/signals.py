@@ -55,17 +55,20 @@ def received() -> str:
 def stop(proc: subprocess.Popen, grace: float = 5.0, patience: float = 120.0) -> None:
     """End ``proc`` and its descendants after an interrupt, letting them clean up first.
 
-    A signal sent to the whole process group (Ctrl-C in a terminal, ``kill -- -PGID``) reached
-    them too: wait ``grace`` seconds for ``proc`` to end by itself. Otherwise (only this process
-    was signalled) send them SIGTERM, wait ``patience`` seconds for their clean-up, then kill.
+    After SIGINT, which Ctrl-C in a terminal sends to the whole process group, they may be
+    cleaning up already: wait ``grace`` seconds for ``proc`` to end by itself. Otherwise (only
+    this process was signalled, or the signal was SIGTERM, whose second copy changes nothing for
+    a process that got the first) send them SIGTERM at once, so that no more work is done and
+    recorded, wait ``patience`` seconds for their clean-up, then kill.
     """
     import psutil
 
-    try:
-        proc.wait(timeout=grace)
-        return
-    except subprocess.TimeoutExpired:
-        pass
+    if received() != "SIGTERM":
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            pass
     try:
         family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:

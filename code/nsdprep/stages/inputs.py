@@ -61,7 +61,9 @@ BETAS_ROOT_KEY = nsd.BETAS_ROOT_KEY
 #: NSD files registered besides the betas (never fetched by default; the stimuli are ~37 GB).
 NSD_EXTRA_KEYS = (nsd.EXPDESIGN_KEY, nsd.STIM_INFO_KEY, nsd.STIM_INFO_CSV_KEY, nsd.STIMULI_KEY)
 #: Small experiment files fetched together with any subject's betas.
-NSD_EXPERIMENT_KEYS = (nsd.EXPDESIGN_KEY, nsd.STIM_INFO_KEY, nsd.STIM_INFO_CSV_KEY)
+#: The experiment files ``make get`` fetches with the betas: the design and the stim info CSV
+#: (the pickle beside it stays registered, never fetched: nothing here opens it).
+NSD_EXPERIMENT_KEYS = (nsd.EXPDESIGN_KEY, nsd.STIM_INFO_CSV_KEY)
 
 _KEY_SIZE_RE = re.compile(r"^[A-Z0-9]+-s(?P<size>\d+)--")
 #: Files downloaded at once by ``make get`` (``STREAMS``).

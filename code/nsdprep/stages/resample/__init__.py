@@ -46,6 +46,7 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import resource
+import signal
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
@@ -446,7 +447,15 @@ _STOP: Any = None
 
 
 def _worker_init(events: Any, stop: Any) -> None:
+    """A worker's set-up: its queues, and signals left to the parent.
+
+    Ctrl-C and SIGTERM reach the workers too (the process group, or :func:`signals.stop`); the
+    parent answers them by setting ``stop``, which a worker checks at every volume, so a worker
+    itself ignores them instead of dying with a traceback in the middle of a write.
+    """
     global _EVENTS, _STOP
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _EVENTS, _STOP = events, stop
 
 
