@@ -4,11 +4,13 @@
 noted and ignored, so the clean-up they started (temporaries removed, fetched content dropped,
 unrecorded outputs restored) is not itself interrupted. :func:`received` tells the command line
 that whatever error came out was caused by the signal, so it reports the interrupt, never the
-child's exception text. :func:`stop` ends a child process and everything it started.
+child's exception text. :func:`stop` passes the signal on to a child's process group and waits
+for all of it to end.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from types import FrameType
@@ -52,36 +54,34 @@ def received() -> str:
     return signal.Signals(_received[0]).name if _received else ""
 
 
-def stop(proc: subprocess.Popen, grace: float = 5.0, patience: float = 120.0) -> None:
-    """End ``proc`` and its descendants after an interrupt, letting them clean up first.
+def stop(proc: subprocess.Popen, patience: float = 120.0) -> None:
+    """End ``proc``, started as the leader of its own process group, and everything in that group.
 
-    After SIGINT, which Ctrl-C in a terminal sends to the whole process group, they may be
-    cleaning up already: wait ``grace`` seconds for ``proc`` to end by itself. Otherwise (only
-    this process was signalled, or the signal was SIGTERM, whose second copy changes nothing for
-    a process that got the first) send them SIGTERM at once, so that no more work is done and
-    recorded, wait ``patience`` seconds for their clean-up, then kill.
+    The signal this process received is passed on to the group (a terminal's Ctrl-C reaches only
+    the foreground group, and ``kill PID`` only one process), so each member cleans up as it would
+    had it been signalled itself. Returns when the whole group has ended, so that nothing the
+    caller cleans up next is still being written; members still there after ``patience`` seconds
+    are killed.
     """
-    import psutil
+    import time
 
-    if received() != "SIGTERM":
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    for p in family:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(family, timeout=patience)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    sig = signal.SIGTERM if received() == "SIGTERM" else signal.SIGINT
+    for current in (sig, signal.SIGKILL):
+        _signal_group(proc.pid, current)
+        end = time.monotonic() + (patience if current == sig else 10.0)
+        while time.monotonic() < end:
+            proc.poll()  # reap the leader; the others are reaped by whoever adopted them
+            if not _signal_group(proc.pid, 0):
+                proc.wait()
+                return
+            time.sleep(0.05)
     proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to process group ``pgid`` (0: only check); False if the group is gone."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
