@@ -514,6 +514,7 @@ X_train, y_train, X_test, y_test = train_test(nsdprep.load_curated(1, zscore="se
 """
 
 
+@pytest.mark.slow
 @pytest.mark.datalad
 def test_make_curated_with_the_fields_options_reruns_identically(
     demo_built: Path, git_env, tmp_path: Path

@@ -201,6 +201,7 @@ def test_get_survives_connection_resets(ds: Path, served: Mirror, env) -> None:
     git_out(nsd, "annex", "fsck", "--", "nsddata_betas/ppdata/subj01")
 
 
+@pytest.mark.slow
 def test_3mm_drop_survives_a_stalled_transfer(ds: Path, served: Mirror, env) -> None:
     # the project's stall threshold is 1 MiB per minute; a test cannot wait a minute
     git_out(ds / "inputs/nsd", "config", "annex.stalldetection", "1KiB/2s")
@@ -254,6 +255,7 @@ def damaged(served: Mirror, key: str) -> Iterator[bytes]:
         src.write_bytes(good)
 
 
+@pytest.mark.slow
 def test_repair_of_a_poisoned_key_whose_content_is_absent(ds: Path, served: Mirror, env) -> None:
     """A file registered before ETags were recorded (VURL key, size only): a damaged first download
     is recorded; `make repair` is the way out. (Since ETags are recorded at `make inputs`, such a

@@ -397,6 +397,7 @@ def demo_nsd_header(git_env, tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"ds": ds, "keys": keys, "refused": refused, "synth": work / "synth"}
 
 
+@pytest.mark.slow
 @pytest.mark.datalad
 def test_both_headers_give_identical_derivatives(demo_built: Path, demo_nsd_header: dict) -> None:
     ds = demo_nsd_header["ds"]
@@ -410,6 +411,7 @@ def test_both_headers_give_identical_derivatives(demo_built: Path, demo_nsd_head
     assert int(hdr["sform_code"]) == 4 == int(hdr["qform_code"])
 
 
+@pytest.mark.slow
 @pytest.mark.datalad
 def test_make_curated_valid_then_decode_with_its_mask(demo_nsd_header: dict) -> None:
     ds, before = demo_nsd_header["ds"], demo_nsd_header["keys"]["derivatives/curated_3mm/sub-*"]
@@ -441,6 +443,7 @@ def test_make_curated_valid_then_decode_with_its_mask(demo_nsd_header: dict) -> 
     assert "--valid" in log
 
 
+@pytest.mark.slow
 @pytest.mark.datalad
 def test_make_crop_labels_counts_changed_images_and_trials(demo_nsd_header: dict) -> None:
     ds = demo_nsd_header["ds"]

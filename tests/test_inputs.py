@@ -412,6 +412,7 @@ def test_register_synthetic_mirror(git_env, mirror, synth_root: Path, tmp_path: 
     assert present(nsd) == [] and present(ds / nsdp.COCO_DATASET) == []
 
 
+@pytest.mark.slow
 def test_subdataset_killed_inside_git_init_is_created_again(
     git_env, mirror, synth_root: Path, tmp_path: Path
 ) -> None:

@@ -469,6 +469,7 @@ def _finish_and_compare(clone: Path, env, head: str, plain: bool = True) -> None
     assert git_out(clone, "ls-files", "-s", "derivatives/3mm/subj01") == keys
 
 
+@pytest.mark.slow
 def test_killed_pipelined_run_is_cleaned_by_the_next(clone: Path, env, tmp_path: Path) -> None:
     """SIGKILL (no clean-up possible): at most JOBS + PREFETCH sessions stay, journaled; the next
     DROP run drops them and gives the same outputs as an uninterrupted run."""

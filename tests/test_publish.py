@@ -155,6 +155,7 @@ def test_fresh_publish_printed_clone_command_works(ds: Path, tmp_path: Path, git
         assert storage.stdout == "", storage.stdout
 
 
+@pytest.mark.slow
 def test_mixed_state_subdatasets_follow_the_superdataset(ds: Path, tmp_path: Path, git_env) -> None:
     store = tmp_path / "store"
     push_super_only(ds, store, git_env)
@@ -194,6 +195,7 @@ def test_mixed_state_another_store_is_refused_before_anything(
     assert remotes(ds) == before
 
 
+@pytest.mark.slow
 def test_another_sibling_name_publishes_there_too(ds: Path, tmp_path: Path, git_env) -> None:
     first, other = tmp_path / "store", tmp_path / "other"
     assert publish_cli(ds, ria(first), git_env).returncode == 0
@@ -203,6 +205,7 @@ def test_another_sibling_name_publishes_there_too(ds: Path, tmp_path: Path, git_
     assert git_out(ds, "config", "remote.ria.url").startswith(str(first))
 
 
+@pytest.mark.slow
 def test_reconfigure_moves_everything_to_the_new_store(ds: Path, tmp_path: Path, git_env) -> None:
     from nsdprep.drive import publish
 
@@ -220,6 +223,7 @@ def test_reconfigure_moves_everything_to_the_new_store(ds: Path, tmp_path: Path,
     assert_same_content(clone_as_printed(fake, tmp_path, git_env), ds)
 
 
+@pytest.mark.slow
 def test_store_wiped_since_last_publish_is_recreated(ds: Path, tmp_path: Path, git_env) -> None:
     store = tmp_path / "store"
     assert publish_cli(ds, ria(store), git_env).returncode == 0

@@ -149,6 +149,7 @@ def _readable(path: Path) -> bool:
 # 1. interrupted run
 
 
+@pytest.mark.slow
 def test_interrupted_3mm_recovers_to_identical_outputs(
     origin: Path, clone: Path, env, tmp_path: Path
 ) -> None:
@@ -231,6 +232,7 @@ def test_corrupted_betas_fail_naming_the_file(clone: Path, served: Mirror, env) 
     _assert_untouched(clone, head)
 
 
+@pytest.mark.slow
 def test_corrupted_betas_recover_after_drop(clone: Path, served: Mirror, env) -> None:
     """The damaged first download recorded its checksum (VURL key); `make repair` recovers.
 
@@ -350,6 +352,7 @@ def test_bounded_disk_mode_gets_processes_and_drops(clone: Path, env) -> None:
 # 5. two invocations at once
 
 
+@pytest.mark.slow
 def test_concurrent_make_is_refused(origin: Path, clone: Path, env, tmp_path: Path) -> None:
     lock = clone / ".git/nsdprep-run.holder"
     start = _head(clone)
@@ -436,6 +439,7 @@ def test_float32_betas_fail_before_work(clone: Path, served: Mirror, env) -> Non
     _assert_untouched(clone, head)
 
 
+@pytest.mark.slow
 def test_interrupted_curated_recovers(clone: Path, env, tmp_path: Path) -> None:
     rc, text = make(clone, env, "3mm")
     assert rc == 0, text
