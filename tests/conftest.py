@@ -156,3 +156,18 @@ def register_as_before_etags(ds: Path, rels: list[str]) -> None:
     git_out(nsd, "commit", "-q", "-m", "as registered before ETags were recorded")
     git_out(ds, "add", "inputs/nsd")
     git_out(ds, "commit", "-q", "-m", "inputs/nsd as registered before ETags were recorded")
+
+
+#: The xdist group of the test files that use the shared end-to-end dataset (``demo_built``).
+DEMO_GROUP = "demo_built"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``make test`` (pytest-xdist, ``--dist loadgroup``) a test file runs on one worker, so
+    its module fixtures are built once, and the files sharing the end-to-end demo dataset run on
+    the same worker, so it is built once too."""
+    demo_files = {item.path for item in items if "demo_built" in item.fixturenames}
+    for item in items:
+        group = DEMO_GROUP if item.path in demo_files else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))

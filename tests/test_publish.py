@@ -349,6 +349,7 @@ def test_interrupt_inside_datalad_is_an_interrupt_not_its_error_text(
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_publish_one_line_then_resumes(ds: Path, tmp_path: Path, git_env) -> None:
     """SIGINT to the whole process group (what the terminal sends) while the content is pushed."""
     (ds / "derivatives/big.bin").write_bytes(os.urandom(64 * 1024 * 1024))

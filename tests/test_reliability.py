@@ -327,6 +327,7 @@ def test_missing_content_named_by_stage_fetched_by_make(clone: Path, env) -> Non
     )
 
 
+@pytest.mark.slow
 def test_bounded_disk_mode_gets_processes_and_drops(clone: Path, env) -> None:
     """make 3mm DROP=1: each session is fetched, processed and dropped; nothing stays in the annex."""
     nsd = clone / "inputs/nsd"
