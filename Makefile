@@ -63,7 +63,7 @@ test: MARKS := not slow and not slurm
 test-slow: MARKS := slow and not slurm
 test-slurm: MARKS := slurm
 test test-slow test-slurm: venv
-	@rc=0; $(PY) -m pytest -q -n auto --dist loadgroup -m "$(MARKS)" $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(PY) -m pytest -q -n auto -m "$(MARKS)" $(PYTEST_ARGS) || rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is an error here"; fi; exit $$rc
 
 lint: venv

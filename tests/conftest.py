@@ -158,16 +158,21 @@ def register_as_before_etags(ds: Path, rels: list[str]) -> None:
     git_out(ds, "commit", "-q", "-m", "inputs/nsd as registered before ETags were recorded")
 
 
-#: The xdist group of the test files that use the shared end-to-end dataset (``demo_built``).
-DEMO_GROUP = "demo_built"
+#: The test files that use the shared end-to-end dataset (``demo_built``): one worker runs them all.
+DEMO_FILES = frozenset(
+    p.name for p in Path(__file__).parent.glob("test_*.py") if "demo_built" in p.read_text()
+)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``make test`` (pytest-xdist, ``--dist loadgroup``) a test file runs on one worker, so
-    its module fixtures are built once, and the files sharing the end-to-end demo dataset run on
-    the same worker, so it is built once too."""
-    demo_files = {item.path for item in items if "demo_built" in item.fixturenames}
-    for item in items:
-        group = DEMO_GROUP if item.path in demo_files else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Under ``make test`` (pytest-xdist): each test file runs on one worker, so its module fixtures
+    are built once, and the files sharing the end-to-end dataset run on the same worker, so it is
+    built once too."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesAndDemo(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "demo_built" if Path(path).name in DEMO_FILES else path
+
+    return FilesAndDemo(config, log)
