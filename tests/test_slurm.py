@@ -3,8 +3,8 @@
 Two ``git clone``s of this checkout register the same synthetic inputs from one loopback mirror. One
 makes every derivative locally (in a background thread, meanwhile); the other makes them with
 ``BACKEND=slurm WAIT=1`` through an output RIA store. Once the local run has fetched its inputs, the
-mirror serves one session of subject 02 damaged (same size, so the download is accepted and the
-3 mm step fails reading it):
+mirror serves one session of subject 02 damaged (same size; the task refuses it against the checksum
+pinned at registration, and the 3 mm step of subject 02 fails):
 
 1. ``make coco-labels`` (no wait) and ``make 3mm WAIT=1``: subject 02's task fails, 01 is merged;
 2. the mirror is repaired and the same ``make 3mm`` resubmits subject 02 alone;
@@ -127,7 +127,7 @@ def run(cluster: SlurmCluster, git_env, tmp_path_factory: pytest.TempPathFactory
 
         rc, out, _ = _make(ds, env, "coco-labels", *slurm)  # no WAIT: runs beside 3mm
         assert rc == 0, out
-        # 1. one session of the failing subject damaged on the server (same size: accepted)
+        # 1. one session of the failing subject damaged on the server (same size: refused by its pin)
         local_has_inputs.wait(timeout=300)
         src = mirror.root / "nsd" / nsd.betas_key(FAILING, 1)
         original = src.read_bytes()
@@ -207,8 +207,12 @@ def test_failing_task_is_reported_with_node_log_and_resubmit_command(run: dict) 
     failed = next(ln for ln in out.splitlines() if "FAILED" in ln and "task" in ln)
     assert "3mm subj02" in failed and "node localhost" in failed, out
     assert re.search(r"SLURM \d+_1: FAILED, exit 2:0, node localhost", out), out
-    # the stage's own error, from the end of the task's log
-    assert re.search(r"nsdprep resample: error: .*subj02/.*betas_session01.nii.gz: gzip", out), out
+    # the task's own error, from the end of its log: the download does not match its pin
+    assert re.search(
+        r"nsdprep slurm task: error: .*subj02/.*betas_session01.nii.gz: Verification of content "
+        r"failed: expected MD5 [0-9a-f]{32} \(recorded at registration\), got MD5 [0-9a-f]{32}",
+        out,
+    ), out
     again = options.from_words(_resubmit_words(out, "3mm"))
     assert again.subjects == (FAILING,) and again.jobs == 1 and again.backend == "slurm", out
     assert again.layout == SPEC.layout and again.slurm_opts == "--time=10 --comment=nsdprep-test"

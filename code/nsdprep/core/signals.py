@@ -4,15 +4,18 @@
 noted and ignored, so the clean-up they started (temporaries removed, fetched content dropped,
 unrecorded outputs restored) is not itself interrupted. :func:`received` tells the command line
 that whatever error came out was caused by the signal, so it reports the interrupt, never the
-child's exception text. :func:`stop` passes the signal on to a child's process group and waits
-for all of it to end.
+child's exception text. :func:`stop` ends a child and everything it started, and waits for all
+of it to end.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import subprocess
+import time
 from types import FrameType
 
 _received: list[int] = []
@@ -29,10 +32,12 @@ class Interrupted(KeyboardInterrupt):
 def install() -> dict[int, object]:
     """SIGINT and SIGTERM raise :class:`KeyboardInterrupt` in the main thread, the first time.
 
-    Signals noted by an earlier command in this process are forgotten. Returns the handlers it
-    replaced, for :func:`restore`.
+    Signals noted by an earlier command in this process are forgotten, and this process adopts
+    its orphaned descendants from now on (:func:`adopt_orphans`, for :func:`stop`). Returns the
+    handlers it replaced, for :func:`restore`.
     """
     _received.clear()
+    adopt_orphans()
     return {sig: signal.signal(sig, _handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
@@ -54,34 +59,67 @@ def received() -> str:
     return signal.Signals(_received[0]).name if _received else ""
 
 
-def stop(proc: subprocess.Popen, patience: float = 120.0) -> None:
-    """End ``proc``, started as the leader of its own process group, and everything in that group.
+def stop(proc: subprocess.Popen, grace: float = 5.0, patience: float = 120.0) -> None:
+    """End ``proc`` and everything it started after an interrupt, letting them clean up first.
 
-    The signal this process received is passed on to the group (a terminal's Ctrl-C reaches only
-    the foreground group, and ``kill PID`` only one process), so each member cleans up as it would
-    had it been signalled itself. Returns when the whole group has ended, so that nothing the
-    caller cleans up next is still being written; members still there after ``patience`` seconds
-    are killed.
+    Returns only once all of them have ended, so that nothing the caller cleans up next is still
+    being written. After SIGINT, which Ctrl-C in a terminal sends to the whole process group,
+    they may be cleaning up already: if ``proc`` ends within ``grace`` seconds, the rest are
+    waited for. Otherwise (only this process was signalled, or the signal was SIGTERM, whose
+    second copy changes nothing for a process that got the first) they get SIGTERM at once, so
+    that no more work is done and recorded. Either way, whatever is left after ``patience``
+    seconds is killed. A descendant whose parent ended first is still waited for, once
+    :func:`install` has made this process adopt such orphans.
     """
-    import time
+    import psutil
 
-    sig = signal.SIGTERM if received() == "SIGTERM" else signal.SIGINT
-    for current in (sig, signal.SIGKILL):
-        _signal_group(proc.pid, current)
-        end = time.monotonic() + (patience if current == sig else 10.0)
-        while time.monotonic() < end:
-            proc.poll()  # reap the leader; the others are reaped by whoever adopted them
-            if not _signal_group(proc.pid, 0):
-                proc.wait()
-                return
-            time.sleep(0.05)
+    family = _descendants(proc.pid)
+    signalled_too = False
+    if received() != "SIGTERM":
+        try:
+            proc.wait(timeout=grace)
+            signalled_too = True
+        except subprocess.TimeoutExpired:
+            pass
+    if not signalled_too:
+        for p in family + _descendants(proc.pid):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+    deadline = time.monotonic() + patience
+    while _descendants(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for p in _descendants(proc.pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
     proc.wait()
 
 
-def _signal_group(pgid: int, sig: int) -> bool:
-    """Send ``sig`` to process group ``pgid`` (0: only check); False if the group is gone."""
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    return True
+def adopt_orphans() -> None:
+    """Become the parent of descendants whose own parent ends (Linux' child subreaper).
+
+    So a stage still cleaning up after ``datalad run`` exited can be waited for. Elsewhere a no-op.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _descendants(own: int) -> list:
+    """The living descendants of this process; adopted orphans that have ended are reaped.
+
+    ``own`` (a child that ``subprocess`` waits for itself) is left to it.
+    """
+    import psutil
+
+    living = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                living.append(p)
+            elif p.pid != own and p.ppid() == os.getpid():
+                os.waitpid(p.pid, os.WNOHANG)
+        except (psutil.NoSuchProcess, ChildProcessError):
+            continue
+    return living

@@ -171,12 +171,11 @@ def run(
     if assume_inputs_ready:
         cmd += ["--assume-ready", "inputs"]
     cmd.append(shlex.join(command))
-    # its own process group: an interrupt reaches it once, from us, and we can wait for all of it
-    proc = subprocess.Popen(cmd, cwd=ds, process_group=0)
+    proc = subprocess.Popen(cmd, cwd=ds)
     try:
         return proc.wait() == 0
     except KeyboardInterrupt:
-        signals.stop(proc)  # the command cleans up before anything else happens
+        signals.stop(proc)  # the command cleans up (or is ended) before anything else happens
         raise
 
 
