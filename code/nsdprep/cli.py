@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, KeyboardInterrupt) or signals.received():
             # whatever failed after a signal failed because of it: report the interrupt only
             detail = exc.detail if isinstance(exc, signals.Interrupted) else ""
+            signals.settle()  # e.g. a download's git-annex still ending: nothing outlives us
             print(f"{prefix}: interrupted{'; ' + detail if detail else ''}", file=sys.stderr)
             return EXIT_INTERRUPTED
         if isinstance(exc, NsdPrepError):

@@ -94,6 +94,23 @@ def stop(proc: subprocess.Popen, grace: float = 5.0, patience: float = 120.0) ->
     proc.wait()
 
 
+def settle(grace: float = 5.0, patience: float = 30.0) -> None:
+    """After an interrupt, leave no process behind; the command line calls it before it exits.
+
+    Waits ``grace`` seconds for every descendant of this process (adopted orphans included) to
+    end by itself, then SIGTERMs the rest, waits up to ``patience`` seconds, and kills what is left.
+    """
+    import psutil
+
+    for wait, end in ((grace, "terminate"), (patience, "kill")):
+        deadline = time.monotonic() + wait
+        while _descendants(-1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for p in _descendants(-1):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                getattr(p, end)()
+
+
 def adopt_orphans() -> None:
     """Become the parent of descendants whose own parent ends (Linux' child subreaper).
 
