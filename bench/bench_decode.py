@@ -138,6 +138,7 @@ def make_subject(folder: Path, scale: float, seed: int = 0) -> dict:
             "subject": 1, "session": session, "run_in_session": ris, "run": run, "trial": trial,
             "trial_in_session": (trial - 1) % 750 + 1, "nsdId": 0, "cocoId": 0,
             "supercat": labels, "cat": labels,
+            "split": "train",  # no shared images modelled: the bench decodes with SPLIT=cv
         }
     )  # fmt: skip
     table.loc[:, list(nsd.TRIAL_COLUMNS)].to_csv(
