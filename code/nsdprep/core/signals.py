@@ -85,12 +85,7 @@ def stop(proc: subprocess.Popen, grace: float = 5.0, patience: float = 120.0) ->
         for p in family + _descendants(proc.pid):
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.terminate()
-    deadline = time.monotonic() + patience
-    while _descendants(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for p in _descendants(proc.pid):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
+    _outlast(proc.pid, patience, "kill")
     proc.wait()
 
 
@@ -100,15 +95,23 @@ def settle(grace: float = 5.0, patience: float = 30.0) -> None:
     Waits ``grace`` seconds for every descendant of this process (adopted orphans included) to
     end by itself, then SIGTERMs the rest, waits up to ``patience`` seconds, and kills what is left.
     """
+    _outlast(-1, grace, "terminate")
+    _outlast(-1, patience, "kill")
+
+
+def _outlast(own: int, seconds: float, end: str) -> None:
+    """Wait up to ``seconds`` for the descendants to end, then ``end`` the rest.
+
+    ``end`` is ``"terminate"`` or ``"kill"``; ``own`` as in :func:`_descendants`.
+    """
     import psutil
 
-    for wait, end in ((grace, "terminate"), (patience, "kill")):
-        deadline = time.monotonic() + wait
-        while _descendants(-1) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for p in _descendants(-1):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                getattr(p, end)()
+    deadline = time.monotonic() + seconds
+    while _descendants(own) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for p in _descendants(own):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            getattr(p, end)()
 
 
 def adopt_orphans() -> None:
