@@ -47,9 +47,17 @@ def _present(nsd: Path) -> list[str]:
 
 
 def _annex_files(nsd: Path) -> int:
-    """Content files on disk in the annex: objects plus partial downloads."""
+    """Content files on disk in the annex: objects plus partial downloads.
+
+    git-annex's ``KEY.lck`` files (made next to an object while it is being dropped) hold no content.
+    """
     annex = dataset.git_dir(nsd) / "annex"
-    return sum(len(files) for sub in ("objects", "tmp") for _r, _d, files in os.walk(annex / sub))
+    return sum(
+        not name.endswith(".lck")
+        for sub in ("objects", "tmp")
+        for _r, _d, files in os.walk(annex / sub)
+        for name in files
+    )
 
 
 def _journal(nsd: Path) -> Path:
