@@ -14,6 +14,8 @@ Slow (about a minute per target and more on a busy machine): ``make test-slow``.
 
 from __future__ import annotations
 
+import difflib
+import gzip
 import os
 import random
 import shutil
@@ -114,6 +116,31 @@ def keys(ds: Path, paths: tuple[str, ...]) -> str:
         kept = [x for x in listing if not x.endswith(tuple("\t" + n for n in NOT_REPRODUCIBLE))]
         out.append(f"# {rel}\n" + "".join(x + "\n" for x in kept))
     return "".join(out)
+
+
+def compare_content(ref: Path, ds: Path, expected: str, got: str) -> str:
+    """For each file whose key differs: do the bytes differ only in their gzip coding, or in data?"""
+    out = []
+    for line in sorted(set(got.splitlines()) - set(expected.splitlines())):
+        if "\t" not in line:
+            continue
+        rel = line.split("\t", 1)[1]
+        try:
+            a, b = (ref / rel).read_bytes(), (ds / rel).read_bytes()
+        except OSError as exc:
+            out.append(f"{rel}: content not readable ({exc})")
+            continue
+        if rel.endswith(".gz"):
+            a, b = gzip.decompress(a), gzip.decompress(b)
+            what = "decompressed"
+        else:
+            what = "raw"
+        first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        out.append(
+            f"{rel}: {what} sizes {len(a)} / {len(b)}, "
+            + ("identical" if a == b else f"first difference at byte {first}")
+        )
+    return "\n" + "\n".join(out)
 
 
 def session_pids(sid: int) -> list[int]:
@@ -217,7 +244,16 @@ def test_kill_at_any_moment_recovers(
         )
         assert rc == 0, f"{label}: the next run failed:\n{text}"
         assert "Traceback" not in text, f"{label}:\n{text}"
-        assert keys(ds, paths) == expected, f"{label}: keys differ from the uninterrupted run"
+        got = keys(ds, paths)
+        assert got == expected, (
+            f"{label}: keys differ from the uninterrupted run:\n"
+            + "".join(
+                difflib.unified_diff(
+                    expected.splitlines(True), got.splitlines(True), "reference", "rerun"
+                )
+            )
+            + compare_content(ref, ds, expected, got)
+        )
         check_clean(ds)
         report.append(label)
         shutil.rmtree(ds, ignore_errors=True)
