@@ -15,7 +15,7 @@ import pytest
 
 from conftest import git_out
 from nsdprep.core import nsd as nsd_keys
-from nsdprep.testing.demo import loopback_env
+from nsdprep.testing.demo import PIPELINE, loopback_env
 
 VENV = Path(sys.executable).parent.parent
 pytestmark = pytest.mark.datalad
@@ -107,6 +107,16 @@ def test_clone_is_small_until_content_is_fetched(facts: dict) -> None:
     # git history only; the fetched curated files of one subject are what grows .git
     assert facts["git_du_before_get"] < 5_000_000
     assert facts["git_du_after_get"] > facts["git_du_before_get"]
+
+
+def test_demo_times_every_step(demo_built: Path) -> None:
+    """``timings.json``: one row per step the demo took, in order, each with its seconds."""
+    rows = json.loads((demo_built.parent / "timings.json").read_text())
+    steps = [r["step"] for r in rows]
+    assert steps[:3] == ["synthetic data", "clone", "make inputs"]
+    assert steps[3:-1] == [f"make {t}" for t in PIPELINE]
+    assert steps[-1] == "publish + colleague"
+    assert all(r["seconds"] > 0 for r in rows)
 
 
 def test_second_publish_pushes_nothing_new(origin: Path, facts: dict, git_env) -> None:

@@ -138,11 +138,15 @@ def _ignore_caches(_dir: str, names: list[str]) -> list[str]:
 
 def make(
     ds: Path, target: str, env: Mapping[str, str], venv: Path, args: Sequence[str] = ()
-) -> None:
-    """Run one make target in ``ds`` with the given environment."""
+) -> float:
+    """Run one make target in ``ds`` with the given environment; return its wall seconds."""
     cmd = ["make", "--no-print-directory", "-C", str(ds), target, f"VENV={venv}", *args]
     log.info("$ %s", " ".join(cmd))
+    t0 = time.monotonic()
     subprocess.run(cmd, check=True, env=env)
+    seconds = time.monotonic() - t0
+    log.info("make %s: %.1f s", target, seconds)
+    return seconds
 
 
 #: the end-to-end tests: the demo with 20 permutations (p down to 1/21) to keep ``make test`` short
@@ -166,8 +170,11 @@ def build_demo(
     A target may carry make words of its own (``"curated ZSCORE=session"``).
 
     With ``share``, then publish to a RIA store in ``workdir`` and play a colleague who clones it
-    (:func:`colleague_flow`); what they saw is written to ``workdir/share.json``.
+    (:func:`colleague_flow`); what they saw is written to ``workdir/share.json``. The seconds of
+    each step (synthesis, clone, each make target) go to ``workdir/timings.json``.
     """
+    timings: list[tuple[str, float]] = []
+    t0 = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     run_env = loopback_env(env)
     run_env["PATH"] = f"{venv / 'bin'}{os.pathsep}{run_env.get('PATH', '')}"
@@ -176,20 +183,29 @@ def build_demo(
     if synth.exists():
         shutil.rmtree(synth)
     make_synthetic(synth, spec.synth_spec())
+    timings.append(("synthetic data", time.monotonic() - t0))
     ds = workdir / "dataset"
     if ds.exists():
         _rmtree_annex(ds)
+    t0 = time.monotonic()
     user_clone(source, ds, run_env, overlay)
+    timings.append(("clone", time.monotonic() - t0))
     with Mirror(synth) as mirror:
         nsd_url = f"{mirror.url}/nsd"
         coco_url = f"{mirror.url}/coco/annotations/annotations_trainval2017.zip"
-        make(ds, "inputs", run_env, venv, [f"NSD_URL={nsd_url}", f"COCO_URL={coco_url}"])
+        urls = [f"NSD_URL={nsd_url}", f"COCO_URL={coco_url}"]
+        timings.append(("make inputs", make(ds, "inputs", run_env, venv, urls)))
         for item in targets:
             target, *words = item.split()
-            make(ds, target, run_env, venv, [*spec.make_vars(), f"JOBS={jobs}", *words])
+            seconds = make(ds, target, run_env, venv, [*spec.make_vars(), f"JOBS={jobs}", *words])
+            timings.append((f"make {item}", seconds))
         if share:
+            t0 = time.monotonic()
             facts = colleague_flow(ds, workdir, run_env, venv, spec)
+            timings.append(("publish + colleague", time.monotonic() - t0))
             (workdir / "share.json").write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
+    rows = [{"step": name, "seconds": round(sec, 2)} for name, sec in timings]
+    (workdir / "timings.json").write_text(json.dumps(rows, indent=1) + "\n")
     return ds
 
 
@@ -307,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = (args.workdir or source / ".demo").resolve()
     ds = build_demo(workdir, venv, source, targets=DEMO_TARGETS, jobs=args.jobs, share=True)
     minutes = (time.monotonic() - start) / 60
+    print("\nTime per step:")
+    for row in json.loads((workdir / "timings.json").read_text()):
+        print(f"  {row['seconds']:6.1f} s  {row['step']}")
     print(f"\nDemo finished in {minutes:.1f} min. Results in the scratch dataset {ds}:")
     for rel in (
         "inputs/nsd",
