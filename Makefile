@@ -37,11 +37,9 @@ BUILD_TARGETS := $(wordlist 2,$(words $(MAKE_SPEC)),$(MAKE_SPEC))
 help:
 	@PYTHONPATH='$(CURDIR)/code' $(PYTHON_BOOT) -m nsdprep.makefile --help
 
-# --no-compile: Python compiles what is imported, when it is first imported (pip compiling every
-# module of every package up front took 33 of the 78 s of a fresh install here).
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-compile --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	@touch $@
 
 venv: $(STAMP)
