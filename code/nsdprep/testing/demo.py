@@ -9,6 +9,7 @@ mirror's URLs. The same function drives the end-to-end tests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,15 +139,21 @@ def _ignore_caches(_dir: str, names: list[str]) -> list[str]:
 
 def make(
     ds: Path, target: str, env: Mapping[str, str], venv: Path, args: Sequence[str] = ()
-) -> float:
-    """Run one make target in ``ds`` with the given environment; return its wall seconds."""
+) -> None:
+    """Run one make target in ``ds`` with the given environment."""
     cmd = ["make", "--no-print-directory", "-C", str(ds), target, f"VENV={venv}", *args]
     log.info("$ %s", " ".join(cmd))
-    t0 = time.monotonic()
     subprocess.run(cmd, check=True, env=env)
+
+
+@contextlib.contextmanager
+def _timed(timings: list[tuple[str, float]], step: str) -> Iterator[None]:
+    """Append ``(step, wall seconds)`` to ``timings`` once the block has run."""
+    t0 = time.monotonic()
+    yield
     seconds = time.monotonic() - t0
-    log.info("make %s: %.1f s", target, seconds)
-    return seconds
+    log.info("%s: %.1f s", step, seconds)
+    timings.append((step, seconds))
 
 
 #: the end-to-end tests: the demo with 20 permutations (p down to 1/21) to keep ``make test`` short
@@ -174,7 +181,6 @@ def build_demo(
     each step (synthesis, clone, each make target) go to ``workdir/timings.json``.
     """
     timings: list[tuple[str, float]] = []
-    t0 = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     run_env = loopback_env(env)
     run_env["PATH"] = f"{venv / 'bin'}{os.pathsep}{run_env.get('PATH', '')}"
@@ -182,27 +188,26 @@ def build_demo(
     synth = workdir / "synth"
     if synth.exists():
         shutil.rmtree(synth)
-    make_synthetic(synth, spec.synth_spec())
-    timings.append(("synthetic data", time.monotonic() - t0))
+    with _timed(timings, "synthetic data"):
+        make_synthetic(synth, spec.synth_spec())
     ds = workdir / "dataset"
     if ds.exists():
         _rmtree_annex(ds)
-    t0 = time.monotonic()
-    user_clone(source, ds, run_env, overlay)
-    timings.append(("clone", time.monotonic() - t0))
+    with _timed(timings, "clone"):
+        user_clone(source, ds, run_env, overlay)
     with Mirror(synth) as mirror:
         nsd_url = f"{mirror.url}/nsd"
         coco_url = f"{mirror.url}/coco/annotations/annotations_trainval2017.zip"
         urls = [f"NSD_URL={nsd_url}", f"COCO_URL={coco_url}"]
-        timings.append(("make inputs", make(ds, "inputs", run_env, venv, urls)))
+        with _timed(timings, "make inputs"):
+            make(ds, "inputs", run_env, venv, urls)
         for item in targets:
             target, *words = item.split()
-            seconds = make(ds, target, run_env, venv, [*spec.make_vars(), f"JOBS={jobs}", *words])
-            timings.append((f"make {item}", seconds))
+            with _timed(timings, f"make {item}"):
+                make(ds, target, run_env, venv, [*spec.make_vars(), f"JOBS={jobs}", *words])
         if share:
-            t0 = time.monotonic()
-            facts = colleague_flow(ds, workdir, run_env, venv, spec)
-            timings.append(("publish + colleague", time.monotonic() - t0))
+            with _timed(timings, "publish + colleague"):
+                facts = colleague_flow(ds, workdir, run_env, venv, spec)
             (workdir / "share.json").write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
     rows = [{"step": name, "seconds": round(sec, 2)} for name, sec in timings]
     (workdir / "timings.json").write_text(json.dumps(rows, indent=1) + "\n")
