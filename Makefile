@@ -28,8 +28,10 @@ STAMP := $(abspath $(VENV))/.nsdprep-installed
 
 # The variables of make's command line, as shell words NAME='value', for nsdprep.
 OPTIONS = $(foreach v,$(sort $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))),$(v)='$(subst ','\'',$($(v)))')
-# nsdprep checks them (with the system Python, before anything runs) and names the targets it makes.
-MAKE_SPEC := $(shell PYTHONPATH='$(CURDIR)/code' $(PYTHON_BOOT) -m nsdprep.makefile $(OPTIONS) 2>&1)
+# nsdprep checks them (standard library only: with the venv's Python once it exists, which starts
+# faster than a version manager's python3 shim, else the system's) and names the targets it makes.
+CHECK_PY := $(firstword $(wildcard $(PY)) $(PYTHON_BOOT))
+MAKE_SPEC := $(shell PYTHONPATH='$(CURDIR)/code' $(CHECK_PY) -m nsdprep.makefile $(OPTIONS) 2>&1)
 ifneq ($(firstword $(MAKE_SPEC)),targets:)
 $(error $(MAKE_SPEC))
 endif
@@ -39,7 +41,7 @@ BUILD_TARGETS := $(wordlist 2,$(words $(MAKE_SPEC)),$(MAKE_SPEC))
 	bench-pipeline bench-decode bench-conventions $(BUILD_TARGETS)
 
 help:
-	@PYTHONPATH='$(CURDIR)/code' $(PYTHON_BOOT) -m nsdprep.makefile --help
+	@PYTHONPATH='$(CURDIR)/code' $(CHECK_PY) -m nsdprep.makefile --help
 
 # uv (pinned in requirements.txt too) installs the pins with parallel downloads: about 12 s where pip
 # takes 75 s. Where uv cannot run, pip installs the same pins.

@@ -3,8 +3,8 @@
 The Makefile owns no option: it hands the variables of its command line to this module, which
 checks them against :mod:`nsdprep.options` and prints either ``targets: <the targets nsdprep
 builds>`` or the one-line reason make must stop (an unknown variable, a bad value). ``--help``
-prints ``make help``. Standard library only: make runs it with the system Python, before the
-environment exists.
+prints ``make help``. Standard library only: make runs it with the system Python until the
+environment exists (then with the environment's, which starts faster).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import shlex
 import shutil
@@ -221,7 +222,9 @@ def outputs_present(ds: Path, step: Step) -> bool:
     return True
 
 
-def space_needed(ds: Path, step: Step) -> tuple[int, str]:
+def space_needed(
+    ds: Path, step: Step, sizes: Sequence[tuple[int, bool]] | None = None
+) -> tuple[int, str]:
     """``(bytes, folder)``: what ``step`` will write into ``ds`` (estimated), and where.
 
     Inputs whose content is absent are downloaded first (their size is in their keys; when the
@@ -232,7 +235,7 @@ def space_needed(ds: Path, step: Step) -> tuple[int, str]:
     first = step.outputs[0] if step.outputs else "."
     is_file = any(c in first for c in "*?[") or bool(Path(first).suffix)
     folder = str(Path(first).parent) if is_file else first
-    sizes = _input_sizes(ds, step)
+    sizes = _input_sizes(ds, step) if sizes is None else sizes
     absent = [size for size, present in sizes if not present]
     if step.inputs_ready:
         at_once = step.options.jobs + step.options.prefetch
@@ -246,7 +249,11 @@ def space_needed(ds: Path, step: Step) -> tuple[int, str]:
 
 
 def _input_sizes(ds: Path, step: Step) -> list[tuple[int, bool]]:
-    """``(bytes, content present)`` of every annexed file among the step's declared inputs."""
+    """``(bytes, content present)`` of every annexed file among the step's declared inputs.
+
+    A file counts as present only if git-annex says so and its link resolves (content removed
+    behind git-annex's back is absent).
+    """
     by_repo: dict[Path, list[str]] = {}
     for item in step.inputs:
         repo, inner = _repo_of(ds, item.path)
@@ -256,9 +263,25 @@ def _input_sizes(ds: Path, step: Step) -> list[tuple[int, bool]]:
         for present, selector in ((True, ("--in", "here")), (False, ("--not", "--in", "here"))):
             records, _ = dataset.annex_json(repo, "find", *selector, "--", *paths)
             sizes += [
-                (int(r["bytesize"]), present) for r in records if r.get("bytesize", "").isdigit()
+                (int(r["bytesize"]), present and (repo / r.get("file", "")).exists())
+                for r in records
+                if r.get("bytesize", "").isdigit()
             ]
     return sizes
+
+
+def inputs_at_hand(ds: Path, step: Step, sizes: Sequence[tuple[int, bool]]) -> bool:
+    """True if nothing is to fetch for ``step`` (``sizes``: :func:`_input_sizes`).
+
+    That is: every declared input exists, in an installed repository, with the content of each of
+    its annexed files. Then the step skips ``datalad get`` (about a second of imports and queries per step).
+    """
+    repos = {_repo_of(ds, path)[0] for path in step.input_paths}
+    if not all((repo / ".git").exists() for repo in repos):
+        return False
+    if not all(os.path.lexists(p) for p in expand(ds, step.input_paths)):
+        return False
+    return all(present for _, present in sizes)
 
 
 def to_run(ds: Path, step: Step, *, force: bool = False) -> str | None:
@@ -305,7 +328,8 @@ def _run_step(ds: Path, step: Step, *, force: bool) -> Outcome:
     fp = to_run(ds, step, force=force)
     if fp is None:
         return "up-to-date"
-    needed, folder = space_needed(ds, step)
+    sizes = _input_sizes(ds, step)
+    needed, folder = space_needed(ds, step, sizes)
     if needed:
         require_free_space(
             ds / folder, needed, f"{step.name} (inputs to fetch + outputs, estimated)"
@@ -313,7 +337,7 @@ def _run_step(ds: Path, step: Step, *, force: bool) -> Outcome:
     log.info("%s: %s", step.name, shlex.join(step.command))
     head = dataset.head(ds)
     try:
-        if not step.inputs_ready:
+        if not step.inputs_ready and not inputs_at_hand(ds, step, sizes):
             # fetched here, not by `datalad run`: an interrupt while fetching never starts the
             # command, and every fetch goes through the same checks
             fetch_inputs(ds, step)

@@ -527,7 +527,7 @@ def decode(
     for f in tqdm(files, desc="subjects", unit="subject", disable=None):
         res = decode_subject(f, config)
         results["subjects"][res["subject"]] = res
-    write_outputs(results, out_dir)
+    write_outputs(results, out_dir, jobs=config.jobs)
     return results
 
 

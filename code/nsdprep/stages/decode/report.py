@@ -9,6 +9,9 @@ rewriting the same results gives byte-identical files (``datalad rerun`` makes n
 from __future__ import annotations
 
 import json
+import multiprocessing
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +70,22 @@ def subject_results(
     }
 
 
-def write_outputs(results: dict[str, Any], out_dir: str | Path) -> None:
-    """Write ``results.json``, one confusion PNG per subject, the accuracy PNG and ``report.md``."""
+def write_outputs(results: dict[str, Any], out_dir: str | Path, jobs: int = 1) -> None:
+    """Write ``results.json``, one confusion PNG per subject, the accuracy PNG and ``report.md``.
+
+    With ``jobs`` > 1 the plots are drawn by that many forked processes (text layout makes each
+    confusion matrix take most of a second; the bytes do not depend on the process).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / RESULTS_NAME) as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    for res in results["subjects"].values():
-        plot_confusion(res, out_dir / f"confusion_{res['subject']}.png")
-    plot_accuracy_vs_chance(results["subjects"], out_dir / ACCURACY_PLOT_NAME)
+    plots: list[tuple[Callable[[Any, Path], None], Any, Path]] = [
+        (plot_confusion, res, out_dir / f"confusion_{res['subject']}.png")
+        for res in results["subjects"].values()
+    ]
+    plots.append((plot_accuracy_vs_chance, results["subjects"], out_dir / ACCURACY_PLOT_NAME))
+    _draw_all(plots, jobs)
     with atomic_path(out_dir / REPORT_NAME) as tmp:
         tmp.write_text(render_report(results), encoding="utf-8")
 
@@ -240,6 +250,20 @@ def plot_accuracy_vs_chance(subjects: dict[str, dict[str, Any]], target: str | P
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     _save_png(fig, target)
+
+
+def _draw_all(plots: Sequence[tuple[Callable[[Any, Path], None], Any, Path]], jobs: int) -> None:
+    """Run each ``plot(data, target)``, in ``jobs`` forked processes when there is more than one."""
+    jobs = min(jobs, len(plots))
+    if jobs <= 1:
+        for plot, data, target in plots:
+            plot(data, target)
+        return
+    _pyplot()  # imported once here; the forked processes inherit it
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        for done in [pool.submit(plot, data, target) for plot, data, target in plots]:
+            done.result()
 
 
 def _pyplot() -> Any:

@@ -328,6 +328,7 @@ def resample_subject(
                 _path_name(gmap),
             )
             n_volumes[s] = volume_count(hdr)
+            gm_mask(gmap)  # made once here (cached): the forked workers inherit it
 
     stats = stats if stats is not None else PipelineStats()
     stats.jobs, stats.prefetch, stats.streams = jobs, prefetch, streams
