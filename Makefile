@@ -18,10 +18,9 @@ export OMP_NUM_THREADS := 1
 export OPENBLAS_NUM_THREADS := 1
 export MKL_NUM_THREADS := 1
 export PYTHONHASHSEED := 0
-# Python's default: each module's bytecode is written once, at its first import, into .venv (code/'s
-# __pycache__ is ignored by git). Where PYTHONDONTWRITEBYTECODE is set, every process would compile
-# datalad, numpy, scikit-learn, ... from source again: the demo took 149 s instead of 81 s.
-unexport PYTHONDONTWRITEBYTECODE
+# No process writes bytecode: a .pyc cut short by a full disk would break every later import.
+# It is written once, when the environment is installed (nsdprep.drive.bytecode).
+export PYTHONDONTWRITEBYTECODE := 1
 
 PY := $(abspath $(VENV))/bin/python
 STAMP := $(abspath $(VENV))/.nsdprep-installed
@@ -51,6 +50,7 @@ $(STAMP): requirements.txt
 	  UV_LINK_MODE=copy $(PY) -m uv pip install --quiet --python $(PY) -r requirements.txt || { \
 	  echo "uv could not install the environment; installing with pip" >&2; \
 	  $(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt; }
+	@PYTHONDONTWRITEBYTECODE= $(PY) -m nsdprep.drive.bytecode code tests
 	@touch $@
 
 venv: $(STAMP)

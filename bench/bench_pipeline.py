@@ -622,6 +622,24 @@ def main(argv: list[str] | None = None) -> int:
             compute_s = compute[args.jobs]["seconds"]
             drop_all(nsd_ds, env)
 
+            def pipelined_runs(jobs: int, prefetch: int, streams: int, label: str) -> list:
+                """``--repeats`` pipelined DROP runs, each from an empty annex."""
+                runs = []
+                for rep in range(args.repeats):
+                    print(
+                        f"pipelined DROP run {rep + 1}/{args.repeats}, JOBS={jobs} "
+                        f"PREFETCH={prefetch} STREAMS={streams}, {label} ...",
+                        file=sys.stderr,
+                    )
+                    runs.append(
+                        run_child(env, "pipeline", str(nsd_ds), fresh_out(), str(jobs),
+                                  str(prefetch), str(streams))
+                    )  # fmt: skip
+                    if runs[-1]["left_on_disk_bytes"]:
+                        print("WARNING: content left in the annex after DROP", file=sys.stderr)
+                    drop_all(nsd_ds, env)
+                return runs
+
             def measure_streams() -> dict:
                 """Download alone with each stream count, then the pipelined run at the best."""
                 mirror.limit(args.total_rate, args.per_connection)
@@ -635,20 +653,7 @@ def main(argv: list[str] | None = None) -> int:
                     drop_all(nsd_ds, env)
                 best = min(by, key=lambda n: (by[n]["seconds"], n))
                 prefetch = max(args.prefetch, best)
-                runs = []
-                for rep in range(args.repeats):
-                    print(
-                        f"pipelined DROP run {rep + 1}/{args.repeats}, JOBS={args.jobs} "
-                        f"PREFETCH={prefetch} STREAMS={best}, {caps} ...",
-                        file=sys.stderr,
-                    )
-                    runs.append(
-                        run_child(env, "pipeline", str(nsd_ds), fresh_out(), str(args.jobs),
-                                  str(prefetch), str(best))
-                    )  # fmt: skip
-                    if runs[-1]["left_on_disk_bytes"]:
-                        print("WARNING: content left in the annex after DROP", file=sys.stderr)
-                    drop_all(nsd_ds, env)
+                runs = pipelined_runs(args.jobs, prefetch, best, caps)
                 mirror.limit(None)
                 return {"by": by, "best": best, "prefetch": prefetch, "runs": runs}
 
@@ -684,20 +689,7 @@ def main(argv: list[str] | None = None) -> int:
                 fetch = run_child(env, "fetch", str(nsd_ds))
                 fetch["server_cpu_seconds"] = _own_cpu() - cpu0
                 drop_all(nsd_ds, env)
-                runs = []
-                for rep in range(args.repeats):
-                    print(
-                        f"pipelined DROP run {rep + 1}/{args.repeats}, JOBS={jobs} "
-                        f"PREFETCH={args.prefetch} STREAMS=1, {label} ...",
-                        file=sys.stderr,
-                    )
-                    runs.append(
-                        run_child(env, "pipeline", str(nsd_ds), fresh_out(), str(jobs),
-                                  str(args.prefetch), "1")
-                    )  # fmt: skip
-                    if runs[-1]["left_on_disk_bytes"]:
-                        print("WARNING: content left in the annex after DROP", file=sys.stderr)
-                    drop_all(nsd_ds, env)
+                runs = pipelined_runs(jobs, args.prefetch, 1, label)
                 mirror.limit(None)
                 return {
                     "jobs": jobs,

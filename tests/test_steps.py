@@ -175,3 +175,55 @@ def test_unregistered_input_is_a_clear_error(ds: Path) -> None:
     step = script_step("x", ("true",), ("missing.txt",), "out")
     with pytest.raises(DatasetStateError, match="input missing.txt has not been made yet"):
         steps.execute(ds, step)
+
+
+def _annexed_input_step(ds: Path, git_env) -> Step:
+    """A step whose one input, ``blob.bin``, is an annexed (binary) file of ``ds``."""
+    (ds / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    subprocess.run(["datalad", "save", "-d", str(ds), "-m", "blob"], check=True, env=git_env)
+    assert (ds / "blob.bin").is_symlink()  # annexed, locked
+    copy = "import shutil; shutil.copy('blob.bin', 'copy.bin')"
+    return script_step("copy", (sys.executable, "-c", copy), ("blob.bin",), "copy.bin")
+
+
+def test_inputs_at_hand_skip_the_fetch_absent_content_is_fetched(
+    ds: Path, git_env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step = _annexed_input_step(ds, git_env)
+    fetched: list[str] = []
+    real_fetch = steps.fetch_inputs
+    monkeypatch.setattr(steps, "fetch_inputs", lambda d, s: fetched.append(s.name))
+    assert steps.inputs_at_hand(ds, step, steps._input_sizes(ds, step))
+    assert steps.execute(ds, step) == "ran"
+    assert fetched == []  # content present: no `datalad get`
+
+    # content gone from this clone (git-annex knows it): the step fetches before it runs
+    subprocess.run(["git", "annex", "drop", "--force", "blob.bin"], cwd=ds, check=True, env=git_env)
+    assert not steps.inputs_at_hand(ds, step, steps._input_sizes(ds, step))
+    with pytest.raises(NsdPrepError):
+        steps.execute(ds, step, force=True)  # fake fetch: the content stays absent, the copy fails
+    assert fetched == ["copy"]
+    monkeypatch.setattr(steps, "fetch_inputs", real_fetch)
+    with pytest.raises(Exception, match="blob.bin"):
+        steps.execute(ds, step, force=True)  # no copy anywhere: a real fetch says which file
+
+
+def test_content_removed_behind_git_annex_is_not_at_hand(ds: Path, git_env) -> None:
+    step = _annexed_input_step(ds, git_env)
+    obj = (ds / "blob.bin").resolve()
+    obj.parent.chmod(0o755)
+    obj.unlink()  # the location log still says here; the link no longer resolves
+    sizes = steps._input_sizes(ds, step)
+    assert [present for _, present in sizes] == [False]
+    assert not steps.inputs_at_hand(ds, step, sizes)
+
+
+def test_missing_input_subdataset_or_path_is_not_at_hand(ds: Path, git_env) -> None:
+    step = _annexed_input_step(ds, git_env)
+    sizes = steps._input_sizes(ds, step)
+    assert steps.inputs_at_hand(ds, step, sizes)
+    nowhere = script_step("copy2", ("true",), ("blob.bin", "absent.bin"), "copy2.bin")
+    assert not steps.inputs_at_hand(ds, nowhere, steps._input_sizes(ds, nowhere))
+    (ds / "inputs" / "nsd").mkdir(parents=True)  # an input subdataset not installed: empty folder
+    uninstalled = script_step("copy3", ("true",), ("inputs/nsd/x.nii.gz",), "copy3.bin")
+    assert not steps.inputs_at_hand(ds, uninstalled, [])

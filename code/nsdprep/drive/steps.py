@@ -274,7 +274,7 @@ def inputs_at_hand(ds: Path, step: Step, sizes: Sequence[tuple[int, bool]]) -> b
     """True if nothing is to fetch for ``step`` (``sizes``: :func:`_input_sizes`).
 
     That is: every declared input exists, in an installed repository, with the content of each of
-    its annexed files. Then the step skips ``datalad get`` (about a second of imports and queries per step).
+    its annexed files. Then the step skips ``datalad get`` (about a second per step).
     """
     repos = {_repo_of(ds, path)[0] for path in step.input_paths}
     if not all((repo / ".git").exists() for repo in repos):
