@@ -2,7 +2,7 @@
 
 Every nsdprep process imports datalad, numpy, scikit-learn, nilearn, ...; without bytecode each
 would compile them from source again (the demo took 149 s instead of about 90 s). The Makefile runs
-every command with ``PYTHONDONTWRITEBYTECODE=1``: a Python before 3.13 that writes a ``.pyc`` on a
+every command with ``PYTHONDONTWRITEBYTECODE=1``: Python 3.11 (CPython gh-126606) writing a ``.pyc`` on a
 disk that fills mid-write keeps the truncated file, and every later import fails with "marshal data
 too short". So bytecode is written here only, at install time, for the modules nsdprep and its tests
 import (found in their source, lazy imports included), and each file written is read back: one
