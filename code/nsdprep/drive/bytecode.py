@@ -1,10 +1,10 @@
-"""Write the environment's bytecode once, when it is installed: ``python -m nsdprep.drive.bytecode``.
+"""Write the environment's bytecode once, at install time: ``python -m nsdprep.drive.bytecode``.
 
 Every nsdprep process imports datalad, numpy, scikit-learn, nilearn, ...; without bytecode each
 would compile them from source again (the demo took 149 s instead of about 90 s). The Makefile runs
-every command with ``PYTHONDONTWRITEBYTECODE=1``: Python 3.11 (CPython gh-126606) writing a ``.pyc`` on a
-disk that fills mid-write keeps the truncated file, and every later import fails with "marshal data
-too short". So bytecode is written here only, at install time, for the modules nsdprep and its tests
+every command with ``PYTHONDONTWRITEBYTECODE=1``: Python 3.11 (CPython gh-126606) keeps a ``.pyc``
+cut short by a disk that fills mid-write, and every later import fails with "marshal data too
+short". So bytecode is written here only, at install time, for the modules nsdprep and its tests
 import (found in their source, lazy imports included), and each file written is read back: one
 that does not load is removed (that module is then compiled at each import, which is only slower).
 """
