@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import py_compile
 import subprocess
@@ -55,16 +56,28 @@ def test_a_truncated_pyc_breaks_imports_until_it_is_removed(tmp_path: Path) -> N
     broken = _import_value(tmp_path, "cut")
     assert broken.returncode != 0 and "marshal data too short" in broken.stderr
 
-    assert bytecode.check_written([tmp_path], since) == (1, 1)
+    assert bytecode.check_written([whole, cut], since) == (1, 1)
     assert whole.exists() and not cut.exists()
     assert _import_value(tmp_path, "cut").stdout.strip() == "42"
+
+
+def test_bytecode_files_name_the_pyc_of_each_imported_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pyc = _module(tmp_path, "listed_here")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        importlib.import_module("listed_here")
+        assert pyc in bytecode.bytecode_files()
+    finally:
+        sys.modules.pop("listed_here", None)
 
 
 def test_files_written_before_the_install_are_left_alone(tmp_path: Path) -> None:
     old = _module(tmp_path, "old")
     old.write_bytes(old.read_bytes()[:-20])
     os.utime(old, (time.time() - 3600,) * 2)
-    assert bytecode.check_written([tmp_path], time.time() - 1) == (0, 0)
+    assert bytecode.check_written([old, tmp_path / "never.pyc"], time.time() - 1) == (0, 0)
     assert old.exists()
 
 

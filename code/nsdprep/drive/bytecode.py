@@ -58,22 +58,29 @@ def import_all(names: Iterable[str], package: str) -> list[str]:
     return sorted({name.partition(".")[0] for name in names} - set(sys.modules))
 
 
-def check_written(roots: Iterable[Path], since: float) -> tuple[int, int]:
-    """Read back each ``.pyc`` under ``roots`` written after ``since``; remove those that fail.
+def bytecode_files() -> list[Path]:
+    """The ``.pyc`` file of every module imported in this process (written or read by the import)."""
+    cached = (getattr(module, "__cached__", None) for module in list(sys.modules.values()))
+    return sorted({Path(path) for path in cached if path})
+
+
+def check_written(files: Iterable[Path], since: float) -> tuple[int, int]:
+    """Read back each of ``files`` written after ``since``; remove those that do not load.
 
     Returns (files that load, files removed).
     """
     good = removed = 0
-    for root in roots:
-        for path in Path(root).rglob("*.pyc"):
-            try:
-                if path.stat().st_mtime < since:
-                    continue
-                marshal.loads(path.read_bytes()[_PYC_HEADER:])
-                good += 1
-            except (EOFError, ValueError, TypeError, OSError):
-                path.unlink(missing_ok=True)
-                removed += 1
+    for path in files:
+        try:
+            if path.stat().st_mtime < since:
+                continue
+            marshal.loads(path.read_bytes()[_PYC_HEADER:])
+            good += 1
+        except FileNotFoundError:
+            continue  # not written (a read-only folder)
+        except (EOFError, ValueError, TypeError, OSError):
+            path.unlink(missing_ok=True)
+            removed += 1
     return good, removed
 
 
@@ -85,12 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sys.dont_write_bytecode:
         parser.error("bytecode writing is off here (PYTHONDONTWRITEBYTECODE is set)")
     os.environ.setdefault("MPLBACKEND", "Agg")
-    start = time.time() - 1  # file systems with coarse mtimes
+    started = time.time()
     failed = import_all(imported_names(args.sources), "nsdprep")
-    roots = {Path(p) for p in sys.path if p and Path(p).is_dir()} - {Path.cwd()}
-    good, removed = check_written(sorted(roots), start)
+    good, removed = check_written(bytecode_files(), since=started - 1)  # coarse mtimes
     print(
-        f"bytecode: {good} modules compiled in {time.time() - start - 1:.1f} s"
+        f"bytecode: {good} modules compiled in {time.time() - started:.1f} s"
         + (f"; {removed} unreadable removed" if removed else "")
         + (f"; not available: {', '.join(failed)}" if failed else "")
     )
