@@ -22,7 +22,7 @@ import pytest
 import scipy.io
 
 from conftest import git_out
-from nsdprep.testing.demo import TEST_SPEC, loopback_env
+from nsdprep.testing.demo import TEST_SPEC, loopback_env, user_clone
 
 LAYOUT = TEST_SPEC
 VENV = Path(sys.executable).parent.parent
@@ -190,6 +190,24 @@ def test_user_clone_had_no_annex_branch(built: Path) -> None:
     origin_refs = git_out(built, "for-each-ref", "--format=%(refname)", "refs/remotes/origin")
     assert "git-annex" not in origin_refs
     assert git_out(built, "config", "--local", "annex.uuid").strip()
+
+
+def test_user_clone_of_a_detached_checkout_is_on_a_branch(tmp_path: Path, git_env) -> None:
+    """`make demo` from a checked-out tag: the scratch clone has a branch to publish."""
+    source = tmp_path / "source"
+    subprocess.run(["git", "init", "--quiet", str(source)], check=True, env=git_env)
+    (source / "f.txt").write_text("x\n")
+    for args in (
+        ("add", "f.txt"),
+        ("commit", "--quiet", "-m", "one"),
+        ("tag", "v1"),
+        ("commit", "--quiet", "--allow-empty", "-m", "two"),
+    ):  # no branch points at v1
+        subprocess.run(["git", "-C", str(source), *args], check=True, env=git_env)
+    subprocess.run(["git", "-C", str(source), "checkout", "--quiet", "v1"], check=True, env=git_env)
+    dest = user_clone(source, tmp_path / "clone", git_env, overlay=False)
+    assert git_out(dest, "symbolic-ref", "--short", "HEAD").strip() == "main"
+    assert git_out(dest, "rev-parse", "HEAD") == git_out(source, "rev-parse", "HEAD")
 
 
 def test_every_derivative_binary_is_annexed_and_locked(built: Path) -> None:

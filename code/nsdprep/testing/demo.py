@@ -99,13 +99,20 @@ def user_clone(source: Path, dest: Path, env: Mapping[str, str], overlay: bool) 
     """``git clone`` the project's branch into ``dest``, as a new user does (no ``git-annex`` branch).
 
     With ``overlay``, uncommitted code of ``source`` is carried over and committed (for tests of the
-    working tree). Nothing here initialises git-annex: the make targets must do it.
+    working tree). Nothing here initialises git-annex: the make targets must do it. A ``source`` at a
+    detached HEAD (a tag checked out) gives a clone on a branch ``main`` at that commit: publishing
+    pushes a branch.
     """
     subprocess.run(
         ["git", "clone", "--quiet", "--single-branch", "--no-hardlinks", str(source), str(dest)],
         check=True,
         env=env,
     )
+    on_branch = ["git", "-C", str(dest), "symbolic-ref", "--quiet", "HEAD"]
+    if subprocess.run(on_branch, env=env, capture_output=True).returncode:
+        subprocess.run(
+            ["git", "-C", str(dest), "switch", "--quiet", "-c", "main"], check=True, env=env
+        )
     if overlay:
         _overlay_code(source, dest, env)
     return dest
